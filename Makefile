@@ -1,0 +1,35 @@
+# Two commands matter: `make reproduce` and `make test`. Both install first (exact versions from uv.lock).
+SHELL := /bin/bash
+PY := .venv/bin/python
+USER_BIN := $(shell python3 -c 'import site; print(site.getuserbase())')/bin
+UV := $(shell command -v uv 2>/dev/null || echo $(USER_BIN)/uv)
+PROFILE ?= cpu
+
+.PHONY: setup test reproduce smoke bench lab clean-venv
+
+setup: .venv/.installed
+
+# uv is bootstrapped with pip when missing; the environment comes from the lock, never re-resolved.
+.venv/.installed: pyproject.toml uv.lock
+	@test -x "$(UV)" || python3 -m pip install --user --quiet uv \
+		|| python3 -m pip install --user --quiet --break-system-packages uv
+	"$(UV)" sync --locked --extra dev
+	@touch $@
+
+test: setup
+	$(PY) -m pytest -q
+
+reproduce: setup
+	$(PY) -m sodlib reproduce --profile $(PROFILE)
+
+smoke: setup
+	$(PY) -m sodlib reproduce --profile smoke
+
+bench: setup
+	$(PY) -m sodlib bench data
+
+lab: setup
+	$(PY) -m jupyter lab notebooks/
+
+clean-venv:
+	rm -rf .venv

@@ -1,0 +1,3 @@
+from sodlib.cli import main
+
+raise SystemExit(main())

@@ -1,0 +1,195 @@
+"""The ``sodlib`` command: train, eval, predict, data, bench, reproduce.
+
+Each sub-command is a thin argparse front over a library function; heavy imports happen inside
+the handlers so ``sodlib --help`` is instant. Errors raised by the library are printed as one line
+and give exit status 2 (no traceback unless ``SODLIB_DEBUG=1``).
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import os
+import sys
+from pathlib import Path
+
+
+def _cmd_data_synth(args) -> int:
+    from sodlib import synth
+
+    path = synth.write_split(args.out, args.split, args.num_images, args.size, seed=args.seed,
+                             ignore_regions=args.ignore_regions)
+    print(f"wrote {args.num_images} {args.split} images and {path}")
+    return 0
+
+
+def _cmd_data_stats(args) -> int:
+    from sodlib import synth
+
+    out_png = Path(args.out) if args.out else _results() / "figures" / "synthsod_stats.png"
+    summary = synth.plot_stats(args.dirs, out_png)
+    print(synth.format_stats(summary))
+    print(f"figure: {out_png}")
+    return 0
+
+
+def _config(args):
+    from sodlib.config import get_profile, override
+
+    return override(get_profile(args.profile), *args.set)
+
+
+def _cmd_train(args) -> int:
+    import json
+
+    from sodlib.engine import train
+    from sodlib.runs import run_dir
+
+    cfg = _config(args)
+    out = Path(args.out) if args.out else run_dir(cfg)
+    print(f"run folder: {out}")
+    metrics = train(cfg, out, data_root=args.data, resume=not args.no_resume, protocol=args.protocol)
+    print(json.dumps(metrics, indent=2))
+    return 0
+
+
+def _cmd_predict(args) -> int:
+    from sodlib.inference import predict_files
+
+    path = predict_files(args.checkpoint, args.images, args.out, device=args.device, slice_size=args.slice,
+                         overlap=args.overlap, score_thr=args.score_thr)
+    print(f"wrote {path} and {len(args.images)} drawn image(s)")
+    return 0
+
+
+def _cmd_eval(args) -> int:
+    from sodlib import evaluation
+
+    if args.checkpoint:
+        from sodlib.datasets import build_dataset
+        from sodlib.inference import evaluate_model, load_model
+        from sodlib.runs import atomic_write_json
+
+        model, cfg = load_model(args.checkpoint, args.device)
+        ds = build_dataset(cfg.data, args.split or cfg.data.val_split, train=False, data_root=args.data)
+        _, dets = evaluate_model(model, ds, protocol=args.protocol, device=args.device)
+        out_dir = Path(args.out) if args.out else Path(args.checkpoint).resolve().parent.parent / f"eval_{args.protocol}"
+        args.gt, args.dets = ds.coco, atomic_write_json(out_dir / "detections.json", dets, indent=None)
+    elif args.gt is None or args.dets is None:
+        raise ValueError("sodlib eval needs --checkpoint, or --gt and --dets")
+    else:
+        out_dir = Path(args.out) if args.out else Path(args.dets).resolve().parent / f"eval_{args.protocol}"
+    metrics, per_class = evaluation.evaluate(args.gt, args.dets, protocol=args.protocol,
+                                             backend=args.backend, per_class=True)
+    evaluation.write_metrics(out_dir, metrics, per_class)
+    print(evaluation.format_table(metrics, per_class))
+    print(f"metrics: {out_dir / 'metrics.csv'}")
+    return 0
+
+
+def _cmd_bench(args) -> int:
+    from sodlib import bench
+
+    path = bench.run(args.what, out_dir=Path(args.out) if args.out else _results() / "bench")
+    print(f"wrote {path}")
+    return 0
+
+
+def _cmd_reproduce(args) -> int:
+    from sodlib import reproduce
+
+    return reproduce.main(profile=args.profile, only=args.only, seeds=args.seeds,
+                          results_dir=Path(args.out) if args.out else _results())
+
+
+def _results() -> Path:
+    from sodlib.runs import default_results_dir
+
+    return default_results_dir()
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="sodlib", description=__doc__.splitlines()[0])
+    p.add_argument("-v", "--verbose", action="store_true", help="debug logging")
+    sub = p.add_subparsers(dest="command", required=True)
+
+    data = sub.add_parser("data", help="generate SynthSOD, dataset statistics")
+    dsub = data.add_subparsers(dest="data_command", required=True)
+    s = dsub.add_parser("synth", help="write a SynthSOD split as PNG + COCO json")
+    s.add_argument("--out", required=True, help="dataset folder (images/<split>/, annotations/)")
+    s.add_argument("--split", default="train", choices=("train", "val"))
+    s.add_argument("--num-images", type=int, default=512)
+    s.add_argument("--size", type=int, default=320, help="square image size in pixels")
+    s.add_argument("--seed", type=int, default=0)
+    s.add_argument("--ignore-regions", action="store_true", help="add crowd/ignore regions")
+    s.set_defaults(func=_cmd_data_synth)
+    st = dsub.add_parser("stats", help="box-size and objects-per-image histograms")
+    st.add_argument("dirs", nargs="+", help="COCO json files or dataset folders")
+    st.add_argument("--out", default=None, help="PNG path (default results/figures/synthsod_stats.png)")
+    st.set_defaults(func=_cmd_data_stats)
+
+    t = sub.add_parser("train", help="train a detector (torchrun for several processes)")
+    _add_config_args(t)
+    t.add_argument("--data", default=None, help="dataset root (overrides data.root)")
+    t.add_argument("--out", default=None, help="run folder (default results/runs/<config hash>)")
+    t.add_argument("--no-resume", action="store_true", help="start over even if a checkpoint exists")
+    t.add_argument("--protocol", default="coco", choices=("coco", "sodad", "visdrone"))
+    t.set_defaults(func=_cmd_train)
+
+    pr = sub.add_parser("predict", help="detect objects in image files")
+    pr.add_argument("images", nargs="+")
+    pr.add_argument("--checkpoint", required=True)
+    pr.add_argument("--out", required=True, help="folder for predictions.json and drawn PNGs")
+    pr.add_argument("--slice", type=int, default=None, help="sliced inference window in pixels, e.g. 640")
+    pr.add_argument("--overlap", type=float, default=0.2, help="window overlap as a fraction of --slice")
+    pr.add_argument("--score-thr", type=float, default=0.3, help="score threshold for the drawn boxes")
+    pr.add_argument("--device", default="cpu")
+    pr.set_defaults(func=_cmd_predict)
+
+    e = sub.add_parser("eval", help="evaluate a checkpoint, or COCO-format detections against ground truth")
+    e.add_argument("--checkpoint", help="checkpoint to evaluate on its validation split")
+    e.add_argument("--data", default=None, help="with --checkpoint: dataset root")
+    e.add_argument("--split", default=None, help="with --checkpoint: split (default data.val_split)")
+    e.add_argument("--device", default="cpu")
+    e.add_argument("--gt", help="COCO ground-truth json")
+    e.add_argument("--dets", help="COCO results json")
+    e.add_argument("--protocol", default="coco", choices=("coco", "sodad", "visdrone"))
+    e.add_argument("--backend", default="auto", choices=("auto", "pycocotools", "faster"))
+    e.add_argument("--out", default=None, help="folder for metrics.csv / per_class.csv")
+    e.set_defaults(func=_cmd_eval)
+
+    b = sub.add_parser("bench", help="benchmarks writing results/bench/<what>.csv")
+    b.add_argument("what", choices=("data",))
+    b.add_argument("--out", default=None)
+    b.set_defaults(func=_cmd_bench)
+
+    r = sub.add_parser("reproduce", help="regenerate results/ headlessly")
+    r.add_argument("--profile", default="cpu", choices=("smoke", "cpu", "paper"))
+    r.add_argument("--only", default=None, help="run only the notebooks whose name starts with this")
+    r.add_argument("--seeds", type=int, default=None, help="seeds for multi-seed tables")
+    r.add_argument("--out", default=None, help="results folder (default: the repository's results/)")
+    r.set_defaults(func=_cmd_reproduce)
+    return p
+
+
+def _add_config_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--profile", default="cpu", choices=("smoke", "cpu", "paper"))
+    p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
+                   help="config override, e.g. --set loss.st=true (repeatable)")
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO,
+                        format="%(levelname)s %(name)s: %(message)s")
+    try:
+        return args.func(args)
+    except (ValueError, FileNotFoundError, KeyError) as exc:
+        if os.environ.get("SODLIB_DEBUG"):
+            raise
+        print(f"sodlib {args.command}: error: {exc}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,342 @@
+"""Typed run configuration: data, model, loss and training settings, named profiles, overrides.
+
+A run is fully described by a :class:`RunConfig`. Profiles (``smoke``, ``cpu``, ``paper``) are
+functions returning one; ``override(cfg, "loss.st=true", ...)`` returns a modified copy and
+rejects unknown keys, ill-typed and out-of-range values with a ``ValueError`` naming the key.
+Configs are frozen dataclasses, so they hash and compare by value and can be embedded in
+checkpoints (``to_dict`` / ``from_dict``).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import typing
+from dataclasses import dataclass, field, fields, replace
+from typing import Any
+
+
+@dataclass(frozen=True)
+class DataConfig:
+    dataset: str = "synthsod"  # synthsod | coco | visdrone | voc
+    root: str = ""  # dataset folder; "" = SynthSOD in the data cache (generated on demand)
+    image_size: int = 320  # square working size in pixels (images are resized to it)
+    num_classes: int = 6  # foreground classes
+    synth_train_images: int = 512  # SynthSOD train split size
+    synth_val_images: int = 128  # SynthSOD val split size
+    synth_seed: int = 0  # SynthSOD base seed (val uses a derived seed, see synth.py)
+    train_split: str = "train"  # sub-folder / annotation name of the training split
+    val_split: str = "val"  # sub-folder / annotation name of the evaluation split
+    augment: bool = True  # RT-DETR's train-time augmentation (photometric, zoom-out, IoU crop, flip)
+    num_workers: int = 0  # DataLoader workers (0 = main process; best on 2 cores)
+
+    def __post_init__(self):
+        _check_choice("data.dataset", self.dataset, ("synthsod", "coco", "visdrone", "voc"))
+        _check_range("data.image_size", self.image_size, lo=32)
+        _check_range("data.num_classes", self.num_classes, lo=1)
+        _check_range("data.synth_train_images", self.synth_train_images, lo=1)
+        _check_range("data.synth_val_images", self.synth_val_images, lo=1)
+        _check_range("data.num_workers", self.num_workers, lo=0)
+
+
+@dataclass(frozen=True)
+class ModelConfig:
+    backbone: str = "resnet18"  # tiny | resnet18 | resnet34 | resnet50
+    backbone_width: int = 32  # stem width of the `tiny` backbone (ignored by ResNets)
+    pretrained_path: str = ""  # local torchvision state_dict for the ResNet; "" = random init
+    freeze_norm: bool = True  # FrozenBatchNorm2d in the backbone (RT-DETR practice)
+    num_classes: int = 6  # foreground classes (must equal data.num_classes)
+    hidden_dim: int = 256  # transformer width C
+    num_heads: int = 8  # attention heads
+    num_levels: int = 3  # feature levels fed to the decoder (strides 8, 16, 32)
+    num_points: int = 4  # sampling points per head and level
+    num_queries: int = 300  # object queries (top-K encoder tokens)
+    num_decoder_layers: int = 6  # decoder layers (one box/class head each)
+    dim_feedforward: int = 1024  # decoder FFN width
+    encoder_ffn: int = 1024  # AIFI FFN width
+    csp_blocks: int = 3  # RepVGG blocks per CSP stage in CCFM
+    expansion: float = 1.0  # CSP hidden-width expansion
+    dropout: float = 0.0
+    num_denoising: int = 100  # total denoising queries (0 disables contrastive denoising)
+    label_noise_ratio: float = 0.5
+    box_noise_scale: float = 1.0
+    encoder: str = "hybrid"  # hybrid (RT-DETR AIFI+CCFM) | bifpn_sae (MRQM)
+    bifpn_repeats: int = 2  # MRQM: BiFPN layers
+    sae_high_updates: int = 2  # MRQM: SAE updates of the high-level tokens F3..F5
+    iah: bool = False  # MRQM: IoU-aware auxiliary head + auxiliary positive queries (training only)
+
+    def __post_init__(self):
+        _check_choice("model.backbone", self.backbone, ("tiny", "resnet18", "resnet34", "resnet50"))
+        _check_choice("model.encoder", self.encoder, ("hybrid", "bifpn_sae"))
+        for key in ("num_classes", "hidden_dim", "num_heads", "num_levels", "num_points", "num_queries",
+                    "num_decoder_layers", "dim_feedforward", "encoder_ffn", "backbone_width"):
+            _check_range(f"model.{key}", getattr(self, key), lo=1)
+        _check_range("model.num_denoising", self.num_denoising, lo=0)
+        _check_range("model.dropout", self.dropout, lo=0.0, hi=1.0)
+        _check_range("model.label_noise_ratio", self.label_noise_ratio, lo=0.0, hi=1.0)
+        _check_range("model.box_noise_scale", self.box_noise_scale, lo=0.0)
+        if self.hidden_dim % self.num_heads:
+            raise ValueError(f"model.hidden_dim ({self.hidden_dim}) must be divisible by "
+                             f"model.num_heads ({self.num_heads})")
+
+
+@dataclass(frozen=True)
+class LossConfig:
+    # RT-DETR baseline terms and Hungarian costs
+    weight_vfl: float = 1.0
+    weight_bbox: float = 5.0  # L1 on normalised cxcywh
+    weight_giou: float = 2.0
+    cost_class: float = 2.0
+    cost_bbox: float = 5.0
+    cost_giou: float = 2.0
+    cost_alpha: float = 0.25  # focal class cost of the Hungarian matcher: positive-term scale (RT-DETR)
+    cost_gamma: float = 2.0  # focal class cost of the Hungarian matcher: focusing exponent (RT-DETR)
+    alpha: float = 0.75  # negative-term scale of the classification loss (Eq. 3)
+    gamma: float = 2.0  # negative-term focusing exponent (Eq. 3)
+    cls_loss: str = "vfl"  # vfl | qfl (GFL) | tal (TOOD)
+    tal_a: float = 1.0  # cls_loss=tal: exponent of the score s in TOOD's alignment t = s^a * u^b
+    tal_b: float = 6.0  # cls_loss=tal: exponent of the IoU u in TOOD's alignment t = s^a * u^b
+    # Paper A (Better Sampling) switches and hyper-parameters
+    st: bool = False  # Scale-aligned Target, Eqs. 7-15
+    st_mode: str = "label"  # label | pred: reading of s in t = c*s (see DESIGN.md)
+    beta: float = 0.73  # Eq. 14
+    theta: float = 6.0  # Eq. 13
+    sr: bool = False  # Sample Reweighting, Eqs. 16-21
+    sr_grad: str = "difficulty"  # difficulty | end_to_end
+    spr: bool = False  # Sample Points Refinement, Eq. 5 + L_atten
+    eta_per_layer: tuple[float, ...] = (1.5, 1.3, 1.2, 1.1, 1.05, 1.0)
+    weight_offset: float = 1.0  # L_offset weight (the paper gives none)
+    weight_atten: float = 1.0  # L_atten weight (the paper gives none)
+    spr_denoising: bool = False  # whether denoising queries take part in SPR
+
+    def __post_init__(self):
+        _check_choice("loss.cls_loss", self.cls_loss, ("vfl", "qfl", "tal"))
+        _check_choice("loss.st_mode", self.st_mode, ("label", "pred"))
+        _check_choice("loss.sr_grad", self.sr_grad, ("difficulty", "end_to_end"))
+        _check_range("loss.beta", self.beta, lo=0.0, hi=1.0)
+        _check_range("loss.theta", self.theta, lo=0.0)
+        _check_range("loss.alpha", self.alpha, lo=0.0)
+        _check_range("loss.gamma", self.gamma, lo=0.0)
+        _check_range("loss.cost_alpha", self.cost_alpha, lo=0.0, hi=1.0)
+        _check_range("loss.cost_gamma", self.cost_gamma, lo=0.0)
+        _check_range("loss.tal_a", self.tal_a, lo=0.0)
+        _check_range("loss.tal_b", self.tal_b, lo=0.0)
+        if self.cost_class == self.cost_bbox == self.cost_giou == 0:
+            raise ValueError("loss.cost_class, loss.cost_bbox and loss.cost_giou cannot all be 0")
+        if not self.eta_per_layer:
+            raise ValueError("loss.eta_per_layer must hold one value per decoder layer")
+        for eta in self.eta_per_layer:
+            _check_range("loss.eta_per_layer", eta, lo=1.0)
+        for key in ("weight_vfl", "weight_bbox", "weight_giou", "cost_class", "cost_bbox", "cost_giou",
+                    "weight_offset", "weight_atten"):
+            _check_range(f"loss.{key}", getattr(self, key), lo=0.0)
+
+
+@dataclass(frozen=True)
+class TrainConfig:
+    device: str = "cpu"  # cpu | cuda | cuda:N
+    seed: int = 0
+    batch_size: int = 4
+    epochs: int = 72  # upper bound; max_iters / time_budget_s may stop earlier
+    max_iters: int = 0  # 0 = no iteration limit
+    time_budget_s: float = 0.0  # wall-clock training budget in seconds; 0 = none
+    lr: float = 2e-4
+    lr_backbone_mult: float = 0.1
+    weight_decay: float = 1e-4
+    warmup_iters: int = 2000
+    lr_schedule: str = "constant"  # constant (RT-DETR) | cosine (decays to 10% at the last iteration)
+    ema_decay: float = 0.9999  # 0 disables EMA
+    ema_warmups: int = 2000
+    clip_max_norm: float = 0.1  # 0 disables gradient clipping
+    amp: bool = False  # autocast (CUDA only)
+    multiscale: tuple[int, ...] = ()  # train sizes sampled per batch; () = data.image_size only
+    eval_every: int = 0  # iterations between evaluations; 0 = only at the end
+    checkpoint_every: int = 200  # iterations between checkpoints
+    log_every: int = 10
+    threads: int = 0  # torch.set_num_threads; 0 = leave as is
+
+    def __post_init__(self):
+        _check_range("train.batch_size", self.batch_size, lo=1)
+        _check_range("train.epochs", self.epochs, lo=1)
+        _check_range("train.max_iters", self.max_iters, lo=0)
+        _check_range("train.time_budget_s", self.time_budget_s, lo=0.0)
+        _check_range("train.lr", self.lr, lo=0.0)
+        _check_range("train.ema_decay", self.ema_decay, lo=0.0, hi=1.0)
+        _check_range("train.clip_max_norm", self.clip_max_norm, lo=0.0)
+        _check_range("train.warmup_iters", self.warmup_iters, lo=0)
+        _check_choice("train.lr_schedule", self.lr_schedule, ("constant", "cosine"))
+
+
+@dataclass(frozen=True)
+class RunConfig:
+    name: str = "run"
+    data: DataConfig = field(default_factory=DataConfig)
+    model: ModelConfig = field(default_factory=ModelConfig)
+    loss: LossConfig = field(default_factory=LossConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+
+    def __post_init__(self):
+        if self.model.num_classes != self.data.num_classes:
+            raise ValueError(f"model.num_classes ({self.model.num_classes}) must equal "
+                             f"data.num_classes ({self.data.num_classes})")
+        if len(self.loss.eta_per_layer) != self.model.num_decoder_layers:
+            raise ValueError(f"loss.eta_per_layer has {len(self.loss.eta_per_layer)} values but "
+                             f"model.num_decoder_layers is {self.model.num_decoder_layers}")
+
+    def to_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_dict(cls, d: dict) -> RunConfig:
+        return _from_dict(cls, d, prefix="")
+
+
+# ---------------------------------------------------------------- profiles
+
+
+def _smoke() -> RunConfig:
+    return RunConfig(
+        name="smoke",
+        data=DataConfig(image_size=128, synth_train_images=16, synth_val_images=8, augment=False),
+        model=ModelConfig(backbone="tiny", backbone_width=16, hidden_dim=32, num_heads=4, num_queries=30,
+                          num_decoder_layers=2, dim_feedforward=64, encoder_ffn=64, csp_blocks=1,
+                          num_denoising=20),
+        loss=LossConfig(eta_per_layer=(1.5, 1.0)),
+        train=TrainConfig(batch_size=2, epochs=1, max_iters=8, lr=1e-3, warmup_iters=2, ema_decay=0.0,
+                          checkpoint_every=4, log_every=2),
+    )
+
+
+def _cpu() -> RunConfig:
+    # Tiny RT-DETR on SynthSOD, sized for ~3 minutes of training on 2 CPU cores (issue 3 tunes it).
+    return RunConfig(
+        name="cpu",
+        data=DataConfig(image_size=320),
+        model=ModelConfig(backbone="tiny", backbone_width=32, hidden_dim=128, num_heads=8, num_queries=100,
+                          num_decoder_layers=3, dim_feedforward=512, encoder_ffn=512, csp_blocks=1,
+                          num_denoising=100),
+        loss=LossConfig(eta_per_layer=(1.5, 1.2, 1.0)),
+        train=TrainConfig(batch_size=4, epochs=200, time_budget_s=180.0, lr=1.6e-3, lr_backbone_mult=1.0,
+                          warmup_iters=50, ema_decay=0.999, ema_warmups=100, clip_max_norm=0.1,
+                          threads=2),
+    )
+
+
+def _paper() -> RunConfig:
+    # RT-DETR-R50 as trained in paper A, §5.2.
+    return RunConfig(
+        name="paper",
+        data=DataConfig(dataset="visdrone", image_size=640, num_classes=10, num_workers=4),
+        model=ModelConfig(backbone="resnet50", num_classes=10, hidden_dim=256, num_heads=8, num_levels=3,
+                          num_points=4, num_queries=300, num_decoder_layers=6, num_denoising=100),
+        train=TrainConfig(device="cuda", batch_size=16, epochs=72, lr=2e-4, lr_backbone_mult=0.1,
+                          weight_decay=1e-4, warmup_iters=2000, ema_decay=0.9999, clip_max_norm=0.1,
+                          amp=True),
+    )
+
+
+PROFILES = {"smoke": _smoke, "cpu": _cpu, "paper": _paper}
+
+
+def get_profile(name: str = "cpu") -> RunConfig:
+    """Return the named profile (``smoke``, ``cpu`` or ``paper``) as a fresh RunConfig."""
+    if name not in PROFILES:
+        raise ValueError(f"unknown profile {name!r}; choose one of {sorted(PROFILES)}")
+    return PROFILES[name]()
+
+
+# ---------------------------------------------------------------- overrides
+
+
+def override(cfg: RunConfig, *assignments: str) -> RunConfig:
+    """Return a copy of ``cfg`` with ``"section.key=value"`` assignments applied.
+
+    Values are parsed as JSON where possible (``true``, ``3``, ``[1.5, 1.0]``), else taken as strings,
+    then checked against the field's type. Unknown keys and bad values raise ``ValueError``.
+    """
+    changes: dict[str, dict[str, Any]] = {}
+    top: dict[str, Any] = {}
+    for item in assignments:
+        if "=" not in item:
+            raise ValueError(f"override {item!r} is not of the form section.key=value")
+        key, raw = item.split("=", 1)
+        key = key.strip()
+        parts = key.split(".")
+        if len(parts) == 1 and parts[0] == "name":
+            top["name"] = raw
+            continue
+        if len(parts) != 2 or parts[0] not in ("data", "model", "loss", "train"):
+            raise ValueError(f"unknown config key {key!r} (expected data.*, model.*, loss.* or train.*)")
+        section, name = parts
+        sub = getattr(cfg, section)
+        types = {f.name: f.type for f in fields(sub)}
+        if name not in types:
+            raise ValueError(f"unknown config key {key!r}; {section} has {sorted(types)}")
+        hint = typing.get_type_hints(type(sub))[name]
+        changes.setdefault(section, {})[name] = _coerce(key, _parse(raw), hint)
+    new_sections = {s: replace(getattr(cfg, s), **kv) for s, kv in changes.items()}
+    return replace(cfg, **new_sections, **top)
+
+
+def _parse(raw: str) -> Any:
+    text = raw.strip()
+    if text.lower() in ("true", "false"):
+        return text.lower() == "true"
+    try:
+        return json.loads(text)
+    except json.JSONDecodeError:
+        if text.startswith("(") and text.endswith(")"):
+            return _parse("[" + text[1:-1].rstrip(", ") + "]")
+        return text
+
+
+def _coerce(key: str, value: Any, hint: Any) -> Any:
+    origin = typing.get_origin(hint)
+    if origin is tuple:
+        (elem, *_rest) = typing.get_args(hint)
+        if not isinstance(value, (list, tuple)):
+            value = [value]
+        return tuple(_coerce(key, v, elem) for v in value)
+    if hint is bool:
+        if isinstance(value, bool):
+            return value
+        raise ValueError(f"{key} expects true/false, got {value!r}")
+    if hint is int:
+        if isinstance(value, bool) or not isinstance(value, (int, float)) or int(value) != value:
+            raise ValueError(f"{key} expects an integer, got {value!r}")
+        return int(value)
+    if hint is float:
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            raise ValueError(f"{key} expects a number, got {value!r}")
+        return float(value)
+    if hint is str:
+        return str(value)
+    raise ValueError(f"{key}: unsupported type {hint}")
+
+
+def _from_dict(cls, d: dict, prefix: str):
+    hints = typing.get_type_hints(cls)
+    kwargs = {}
+    known = {f.name for f in fields(cls)}
+    for k, v in d.items():
+        key = f"{prefix}{k}"
+        if k not in known:
+            raise ValueError(f"unknown config key {key!r}")
+        hint = hints[k]
+        if dataclasses.is_dataclass(hint):
+            kwargs[k] = _from_dict(hint, v, prefix=f"{k}.")
+        else:
+            kwargs[k] = _coerce(key, v, hint)
+    return cls(**kwargs)
+
+
+def _check_choice(key: str, value: str, choices: tuple[str, ...]) -> None:
+    if value not in choices:
+        raise ValueError(f"{key} must be one of {choices}, got {value!r}")
+
+
+def _check_range(key: str, value, lo=None, hi=None) -> None:
+    if lo is not None and value < lo:
+        raise ValueError(f"{key} must be >= {lo}, got {value!r}")
+    if hi is not None and value > hi:
+        raise ValueError(f"{key} must be <= {hi}, got {value!r}")

@@ -1,0 +1,306 @@
+"""Training loop: one CPU or many GPUs (torch.distributed DDP), exact resume, atomic checkpoints.
+
+``train(cfg)`` builds data, detector and criterion from a :class:`~sodlib.config.RunConfig`, trains
+with AdamW + warmup + EMA + gradient clipping, writes ``checkpoints/last.pt`` every
+``train.checkpoint_every`` iterations (atomically, config embedded), a CSV log of losses, learning
+rate and throughput, and finally evaluates the EMA model on the validation split.
+
+Exact resume: batches come from a per-epoch permutation drawn from ``(seed, epoch)``; a checkpoint
+stores the iteration, the position inside the epoch and the RNG states, so an interrupted run that
+resumes produces the same weights as an uninterrupted one (on CPU with ``data.num_workers=0``; with
+worker processes the augmentation streams differ after a resume).
+"""
+
+from __future__ import annotations
+
+import csv
+import io
+import logging
+import os
+import random
+import time
+from pathlib import Path
+
+import torch
+import torch.distributed as dist
+from torch import nn
+from tqdm.auto import tqdm
+
+from sodlib.config import RunConfig
+from sodlib.optim import ModelEMA, build_optimizer, lr_factor, set_lr
+from sodlib.runs import atomic_write_bytes, atomic_write_json, write_run
+
+log = logging.getLogger(__name__)
+CHECKPOINT_VERSION = 1
+
+
+class NonFiniteLossError(FloatingPointError):
+    """Raised when the training loss is NaN or inf; the last good checkpoint is kept."""
+
+
+# ---------------------------------------------------------------- distributed helpers
+
+
+def init_distributed(device: str) -> tuple[int, int, torch.device]:
+    """Initialise torch.distributed when launched by torchrun (WORLD_SIZE > 1)."""
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    if world > 1 and not dist.is_initialized():
+        backend = "nccl" if device.startswith("cuda") else "gloo"
+        dist.init_process_group(backend=backend)
+    rank = dist.get_rank() if dist.is_initialized() else 0
+    if device.startswith("cuda"):
+        local = int(os.environ.get("LOCAL_RANK", "0"))
+        dev = torch.device("cuda", local if device == "cuda" else int(device.split(":")[1]))
+        torch.cuda.set_device(dev)
+    else:
+        dev = torch.device(device)
+    return rank, world, dev
+
+
+def _barrier():
+    if dist.is_initialized():
+        dist.barrier()
+
+
+def _any_rank(flag: bool, device) -> bool:
+    if not dist.is_initialized():
+        return flag
+    t = torch.tensor([1.0 if flag else 0.0], device=device)
+    dist.all_reduce(t)
+    return bool(t.item() > 0)
+
+
+# ---------------------------------------------------------------- checkpoints
+
+
+def save_checkpoint(path: Path, **state) -> Path:
+    buf = io.BytesIO()
+    torch.save({"version": CHECKPOINT_VERSION, **state}, buf)
+    return atomic_write_bytes(path, buf.getvalue())
+
+
+def load_checkpoint(path: str | os.PathLike, map_location="cpu") -> dict:
+    path = Path(path)
+    if not path.exists():
+        raise FileNotFoundError(f"checkpoint not found: {path}")
+    return torch.load(path, map_location=map_location, weights_only=True)
+
+
+def _rng_state() -> dict:
+    state = {"torch": torch.get_rng_state(), "python": random.getstate()}
+    if torch.cuda.is_available():
+        state["cuda"] = torch.cuda.get_rng_state_all()
+    return state
+
+
+def _set_rng_state(state: dict) -> None:
+    torch.set_rng_state(state["torch"])
+    random.setstate(_to_tuple(state["python"]))
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])
+
+
+def _to_tuple(x):
+    return tuple(_to_tuple(v) for v in x) if isinstance(x, (list, tuple)) else x
+
+
+# ---------------------------------------------------------------- data order
+
+
+def epoch_batches(n: int, batch_size: int, seed: int, epoch: int, rank: int = 0, world: int = 1) -> list[list[int]]:
+    """The batches of one epoch: a permutation drawn from (seed, epoch), split across ranks, drop_last."""
+    g = torch.Generator().manual_seed(seed * 100_003 + epoch)
+    order = torch.randperm(n, generator=g).tolist()[rank::world]
+    return [order[i:i + batch_size] for i in range(0, len(order) - batch_size + 1, batch_size)]
+
+
+def _to_device(images, targets, device):
+    images = images.to(device, non_blocking=True)
+    targets = [{k: (v.to(device) if torch.is_tensor(v) else v) for k, v in t.items()} for t in targets]
+    return images, targets
+
+
+# ---------------------------------------------------------------- the loop
+
+
+def train(cfg: RunConfig, out_dir: str | os.PathLike, data_root: str | None = None, resume: bool = True,
+          progress: bool = True, protocol: str = "coco", stop_after: int | None = None) -> dict:
+    """Train ``cfg`` into ``out_dir`` and return the final validation metrics (plus timing).
+
+    ``stop_after`` interrupts the run after that many iterations (tests use it to check resume).
+    """
+    from sodlib import build_criterion, build_detector
+    from sodlib.datasets import build_dataset, collate_fn
+
+    tc = cfg.train
+    out_dir = Path(out_dir)
+    rank, world, device = init_distributed(tc.device)
+    main_process = rank == 0
+    if tc.threads:
+        torch.set_num_threads(tc.threads)
+    torch.manual_seed(tc.seed + rank)
+    random.seed(tc.seed + rank)
+
+    if main_process:  # rank 0 generates SynthSOD on demand; the others wait for it
+        train_ds = build_dataset(cfg.data, cfg.data.train_split, train=True, data_root=data_root)
+    _barrier()
+    if not main_process:
+        train_ds = build_dataset(cfg.data, cfg.data.train_split, train=True, data_root=data_root)
+
+    model = build_detector(cfg.model).to(device)
+    criterion = build_criterion(cfg.loss, cfg.model).to(device)
+    ddp_model = nn.parallel.DistributedDataParallel(model, find_unused_parameters=True) if world > 1 else model
+    optimizer = build_optimizer(model, tc, extra=criterion)
+    ema = ModelEMA(model, tc.ema_decay, tc.ema_warmups) if tc.ema_decay > 0 else None
+
+    batches_per_epoch = len(epoch_batches(len(train_ds), tc.batch_size, tc.seed, 0, rank, world))
+    if batches_per_epoch == 0:
+        raise ValueError(f"train split has {len(train_ds)} images, fewer than train.batch_size={tc.batch_size}")
+    total_iters = tc.epochs * batches_per_epoch
+    if tc.max_iters:
+        total_iters = min(total_iters, tc.max_iters)
+
+    ckpt_path = out_dir / "checkpoints" / "last.pt"
+    log_path = out_dir / "log.csv"
+    it, epoch, batch_in_epoch, train_seconds = 0, 0, 0, 0.0
+    if resume and ckpt_path.exists():
+        state = load_checkpoint(ckpt_path, map_location=device)
+        model.load_state_dict(state["model"])
+        criterion.load_state_dict(state["criterion"])
+        optimizer.load_state_dict(state["optimizer"])
+        if ema is not None:
+            ema.load_state_dict(state["ema"])
+        it, epoch, batch_in_epoch = state["iteration"], state["epoch"], state["batch_in_epoch"]
+        train_seconds = float(state["train_seconds"])
+        _set_rng_state(state["rng"][rank] if isinstance(state["rng"], list) else state["rng"])
+        log.info("resumed from %s at iteration %d", ckpt_path, it)
+    if main_process:
+        _truncate_log(log_path, it)
+
+    def checkpoint():
+        rngs = [None] * world
+        if world > 1:
+            dist.all_gather_object(rngs, _rng_state())
+        else:
+            rngs = [_rng_state()]
+        if main_process:
+            save_checkpoint(ckpt_path, model=model.state_dict(), criterion=criterion.state_dict(),
+                            optimizer=optimizer.state_dict(), ema=ema.state_dict() if ema else None,
+                            iteration=it, epoch=epoch, batch_in_epoch=batch_in_epoch,
+                            train_seconds=train_seconds, rng=rngs, config=cfg.to_dict(),
+                            categories=[{"id": int(c["id"]), "name": str(c["name"])}
+                                        for c in sorted(train_ds.coco["categories"], key=lambda c: c["id"])])
+
+    bar = tqdm(total=total_iters, initial=it, desc=f"train {cfg.name}", disable=not (progress and main_process),
+               dynamic_ncols=True)
+    writer = _LogWriter(log_path) if main_process else None
+    ddp_model.train()
+    criterion.train()
+    stop = it >= total_iters
+    while not stop and epoch < tc.epochs:
+        batches = epoch_batches(len(train_ds), tc.batch_size, tc.seed, epoch, rank, world)[batch_in_epoch:]
+        loader = torch.utils.data.DataLoader(train_ds, batch_sampler=batches, collate_fn=collate_fn,
+                                             num_workers=cfg.data.num_workers,
+                                             pin_memory=device.type == "cuda")
+        t_last = time.perf_counter()
+        for images, targets in loader:
+            images, targets = _to_device(images, targets, device)
+            if tc.multiscale:
+                size = tc.multiscale[int(torch.randint(len(tc.multiscale), (1,)))]
+                images = nn.functional.interpolate(images, size=(size, size), mode="bilinear", align_corners=False)
+            lr = set_lr(optimizer, lr_factor(it, tc, total_iters))
+            with torch.autocast(device.type, dtype=torch.bfloat16, enabled=tc.amp and device.type == "cuda"):
+                outputs = ddp_model(images, targets)
+                loss_dict = criterion(outputs, targets)
+            loss = criterion.weighted_total(loss_dict)
+            if _any_rank(not bool(torch.isfinite(loss)), device):
+                bad = sorted(k for k, v in loss_dict.items() if not torch.isfinite(v).all())
+                raise NonFiniteLossError(
+                    f"non-finite loss at iteration {it} (terms: {', '.join(bad) or 'total'}); "
+                    f"the last good checkpoint is {ckpt_path if ckpt_path.exists() else 'none yet'}")
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            if tc.clip_max_norm > 0:
+                nn.utils.clip_grad_norm_(list(model.parameters()) + list(criterion.parameters()), tc.clip_max_norm)
+            optimizer.step()
+            if ema is not None:
+                ema.update(model)
+            it += 1
+            batch_in_epoch += 1
+            now = time.perf_counter()
+            step_s, t_last = now - t_last, now
+            train_seconds += step_s
+            if writer is not None and (it % tc.log_every == 0 or it == 1):
+                writer.write(it, epoch, lr, loss, criterion.weighted(loss_dict), tc.batch_size * world / step_s,
+                             train_seconds)
+            bar.update(1)
+            bar.set_postfix(loss=f"{loss.item():.3f}", lr=f"{lr:.1e}")
+            if tc.time_budget_s and train_seconds >= tc.time_budget_s:
+                stop = True
+            if it >= total_iters or (stop_after is not None and it >= stop_after):
+                stop = True
+            if stop or it % tc.checkpoint_every == 0:
+                checkpoint()
+                t_last = time.perf_counter()  # checkpoint I/O is not training time
+            if stop:
+                break
+        else:
+            epoch, batch_in_epoch = epoch + 1, 0
+    bar.close()
+    if writer is not None:
+        writer.close()
+    if stop_after is not None and it < total_iters and not (tc.time_budget_s and train_seconds >= tc.time_budget_s):
+        return {"iterations": it, "train_seconds": train_seconds, "interrupted": True}
+
+    metrics = {"iterations": it, "train_seconds": round(train_seconds, 2)}
+    if main_process:
+        from sodlib.inference import evaluate_model
+
+        val_ds = build_dataset(cfg.data, cfg.data.val_split, train=False, data_root=data_root)
+        eval_model = ema.module if ema is not None else model
+        scores, dets = evaluate_model(eval_model, val_ds, protocol=protocol, device=device)
+        metrics = {**scores, **metrics}
+        atomic_write_json(out_dir / "detections_val.json", dets, indent=None)
+        write_run(out_dir, cfg, metrics, seed=tc.seed, wall_seconds=train_seconds, device=str(device))
+    _barrier()
+    return metrics
+
+
+def _truncate_log(path: Path, iteration: int) -> None:
+    """Keep only the log rows up to ``iteration`` (a resumed run rewrites what came after)."""
+    if not path.exists():
+        return
+    with open(path, newline="") as f:
+        rows = list(csv.reader(f))
+    keep = rows[:1] + [r for r in rows[1:] if r and int(r[0]) <= iteration]
+    buf = io.StringIO()
+    csv.writer(buf).writerows(keep)
+    from sodlib.runs import atomic_write_text
+
+    atomic_write_text(path, buf.getvalue())
+
+
+class _LogWriter:
+    """Appends one CSV row per logged iteration; columns fixed by the first row (or existing header)."""
+
+    def __init__(self, path: Path):
+        self.path = path
+        self.fields = None
+        if path.exists() and path.stat().st_size:
+            with open(path, newline="") as f:
+                self.fields = next(csv.reader(f), None)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        self.file = open(path, "a", newline="")
+
+    def write(self, it, epoch, lr, loss, weighted: dict, images_per_s: float, train_seconds: float):
+        row = {"iteration": it, "epoch": epoch, "lr": f"{lr:.6g}", "loss": f"{loss.item():.6g}",
+               "images_per_s": f"{images_per_s:.3f}", "train_seconds": f"{train_seconds:.2f}"}
+        row.update({k: f"{v.item():.6g}" for k, v in weighted.items() if "_aux_" not in k and "_dn_" not in k})
+        if self.fields is None:
+            self.fields = list(row)
+            csv.writer(self.file).writerow(self.fields)
+        csv.DictWriter(self.file, self.fields, restval="", extrasaction="ignore").writerow(row)
+        self.file.flush()
+
+    def close(self):
+        self.file.close()

@@ -1,0 +1,151 @@
+"""Run bookkeeping: atomic writes, config hashing, a results directory per run with provenance.
+
+Every file sodlib writes goes through :func:`atomic_write_bytes` (temp file in the same folder,
+fsync, ``os.replace``), so an interrupted process never leaves a half-written artefact behind.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import tempfile
+from pathlib import Path
+from typing import Any
+
+
+def atomic_write_bytes(path: str | os.PathLike, data: bytes) -> Path:
+    """Write ``data`` to ``path`` atomically (parents created). Returns the path."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    try:
+        with os.fdopen(fd, "wb") as f:
+            f.write(data)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+        raise
+    return path
+
+
+def atomic_write_text(path: str | os.PathLike, text: str) -> Path:
+    return atomic_write_bytes(path, text.encode("utf-8"))
+
+
+def atomic_write_json(path: str | os.PathLike, obj: Any, indent: int | None = 2) -> Path:
+    return atomic_write_text(path, json.dumps(obj, indent=indent, sort_keys=False, default=_json_default) + "\n")
+
+
+def _json_default(o):
+    if hasattr(o, "item"):
+        return o.item()
+    if isinstance(o, (set, tuple)):
+        return list(o)
+    if isinstance(o, Path):
+        return str(o)
+    raise TypeError(f"cannot serialise {type(o).__name__} to JSON")
+
+
+def config_hash(config: dict | Any, length: int = 12) -> str:
+    """Stable short hash of a config (a dict or anything with ``to_dict``)."""
+    d = config.to_dict() if hasattr(config, "to_dict") else config
+    blob = json.dumps(d, sort_keys=True, default=_json_default).encode()
+    return hashlib.sha256(blob).hexdigest()[:length]
+
+
+# ---------------------------------------------------------------- provenance and run folders
+
+_PACKAGES = ("torch", "torchvision", "numpy", "scipy", "pandas", "pycocotools", "faster-coco-eval",
+             "matplotlib", "papermill")
+
+
+def git_sha(repo: str | os.PathLike | None = None) -> str:
+    """The current commit (with ``-dirty`` when the tree has changes), or ``unknown`` outside git."""
+    import subprocess
+
+    cwd = Path(repo) if repo else Path(__file__).resolve().parent
+    try:
+        sha = subprocess.run(["git", "rev-parse", "HEAD"], cwd=cwd, capture_output=True, text=True,
+                             check=True, timeout=10).stdout.strip()
+        dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], cwd=cwd,
+                               capture_output=True, text=True, check=True, timeout=10).stdout.strip()
+    except (OSError, subprocess.SubprocessError):
+        return "unknown"
+    return sha + ("-dirty" if dirty else "")
+
+
+def package_versions(packages: tuple[str, ...] = _PACKAGES) -> dict[str, str]:
+    from importlib import metadata
+
+    out = {}
+    for name in packages:
+        try:
+            out[name] = metadata.version(name)
+        except metadata.PackageNotFoundError:
+            out[name] = "absent"
+    return out
+
+
+def provenance(seed: int | None = None, wall_seconds: float | None = None, device: str | None = None) -> dict:
+    """Everything needed to say where a number came from."""
+    import datetime
+    import platform
+
+    info = {
+        "git_sha": git_sha(),
+        "python": platform.python_version(),
+        "platform": platform.platform(),
+        "cpu_count": os.cpu_count(),
+        "packages": package_versions(),
+        "created_utc": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+    }
+    if seed is not None:
+        info["seed"] = seed
+    if wall_seconds is not None:
+        info["wall_seconds"] = round(float(wall_seconds), 3)
+    if device is not None:
+        info["device"] = device
+    return info
+
+
+def default_results_dir() -> Path:
+    """``$SODLIB_RESULTS`` or the repository's ``results/`` (next to the installed package)."""
+    env = os.environ.get("SODLIB_RESULTS")
+    return Path(env) if env else Path(__file__).resolve().parent.parent / "results"
+
+
+def run_dir(config, results_dir: str | os.PathLike | None = None) -> Path:
+    """``results/runs/<config hash>/``: the one place a configuration's outcome lives."""
+    root = Path(results_dir) if results_dir else default_results_dir()
+    return root / "runs" / config_hash(config)
+
+
+def load_finished_run(config, results_dir=None) -> dict | None:
+    """The stored metrics of a finished run with this exact config, or None."""
+    d = run_dir(config, results_dir)
+    path = d / "metrics.json"
+    if not path.exists():
+        return None
+    with open(path) as f:
+        return json.load(f)
+
+
+def save_run(config, metrics: dict, results_dir=None, seed: int | None = None,
+             wall_seconds: float | None = None, device: str | None = None) -> Path:
+    """Store a finished run under ``results/runs/<config hash>/`` (see :func:`write_run`)."""
+    return write_run(run_dir(config, results_dir), config, metrics, seed, wall_seconds, device)
+
+
+def write_run(d: str | os.PathLike, config, metrics: dict, seed: int | None = None,
+              wall_seconds: float | None = None, device: str | None = None) -> Path:
+    """Write config.json, provenance.json and (last, marking the run finished) metrics.json into ``d``."""
+    d = Path(d)
+    cfg = config.to_dict() if hasattr(config, "to_dict") else config
+    atomic_write_json(d / "config.json", cfg)
+    atomic_write_json(d / "provenance.json", provenance(seed, wall_seconds, device))
+    atomic_write_json(d / "metrics.json", metrics)
+    return d

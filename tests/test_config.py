@@ -1,0 +1,56 @@
+import pytest
+
+from sodlib.config import RunConfig, get_profile, override
+
+
+@pytest.mark.parametrize("name", ["smoke", "cpu", "paper"])
+def test_profiles_build_and_round_trip(name):
+    cfg = get_profile(name)
+    assert RunConfig.from_dict(cfg.to_dict()) == cfg
+    assert len(cfg.loss.eta_per_layer) == cfg.model.num_decoder_layers
+
+
+def test_cpu_is_default_and_paper_matches_paper_a():
+    assert get_profile() == get_profile("cpu")
+    p = get_profile("paper")
+    assert (p.model.backbone, p.data.image_size, p.model.num_queries, p.model.hidden_dim) == ("resnet50", 640, 300, 256)
+    assert (p.model.num_heads, p.model.num_levels, p.model.num_points, p.model.num_denoising) == (8, 3, 4, 100)
+    assert (p.train.lr, p.train.lr_backbone_mult, p.train.weight_decay) == (2e-4, 0.1, 1e-4)
+    assert (p.train.warmup_iters, p.train.ema_decay, p.train.clip_max_norm) == (2000, 0.9999, 0.1)
+    assert (p.train.epochs, p.train.batch_size) == (72, 16)
+
+
+def test_override_parses_types():
+    cfg = override(get_profile("cpu"), "loss.st=true", "train.lr=1e-3", "loss.eta_per_layer=[2, 1.5, 1]",
+                   "model.backbone=resnet18", "train.multiscale=(256, 288)")
+    assert cfg.loss.st is True
+    assert cfg.train.lr == 1e-3
+    assert cfg.loss.eta_per_layer == (2.0, 1.5, 1.0)
+    assert cfg.model.backbone == "resnet18"
+    assert cfg.train.multiscale == (256, 288)
+    # the original is untouched (frozen dataclasses)
+    assert get_profile("cpu").loss.st is False
+
+
+@pytest.mark.parametrize("assignment, key", [
+    ("loss.foo=1", "loss.foo"),
+    ("bogus.lr=1", "bogus.lr"),
+    ("loss.beta=1.5", "loss.beta"),
+    ("loss.beta=-0.1", "loss.beta"),
+    ("loss.theta=-1", "loss.theta"),
+    ("loss.eta_per_layer=[1.5, 0.9, 1.0]", "loss.eta_per_layer"),
+    ("loss.eta_per_layer=[1.5, 1.0]", "loss.eta_per_layer"),
+    ("loss.cls_loss=focal", "loss.cls_loss"),
+    ("loss.st=yes", "loss.st"),
+    ("train.batch_size=2.5", "train.batch_size"),
+    ("model.hidden_dim=100", "model.hidden_dim"),
+    ("data.num_classes=3", "num_classes"),
+])
+def test_override_rejects_bad_values_naming_the_key(assignment, key):
+    with pytest.raises(ValueError, match=key.replace(".", r"\.")):
+        override(get_profile("cpu"), assignment)
+
+
+def test_unknown_profile():
+    with pytest.raises(ValueError, match="unknown profile"):
+        get_profile("huge")

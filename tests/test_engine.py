@@ -1,0 +1,85 @@
+import csv
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from sodlib.config import get_profile, override
+from sodlib.engine import NonFiniteLossError, epoch_batches, load_checkpoint, train
+
+
+def _smoke(*extra):
+    return override(get_profile("smoke"), "train.max_iters=6", "train.checkpoint_every=2", "train.log_every=1",
+                    *extra)
+
+
+def test_epoch_batches_deterministic_and_disjoint_across_ranks():
+    a = epoch_batches(20, 3, seed=1, epoch=0)
+    assert a == epoch_batches(20, 3, seed=1, epoch=0)
+    assert a != epoch_batches(20, 3, seed=1, epoch=1)
+    r0 = epoch_batches(20, 2, seed=1, epoch=0, rank=0, world=2)
+    r1 = epoch_batches(20, 2, seed=1, epoch=0, rank=1, world=2)
+    flat0, flat1 = sum(r0, []), sum(r1, [])
+    assert not set(flat0) & set(flat1) and len(flat0) == len(flat1) == 10
+
+
+@pytest.mark.slow
+def test_resume_equals_uninterrupted(tmp_path):
+    cfg = _smoke()
+    full = train(cfg, tmp_path / "full", progress=False)
+    part = train(cfg, tmp_path / "part", progress=False, stop_after=3)
+    assert part["interrupted"] and part["iterations"] == 3
+    resumed = train(cfg, tmp_path / "part", progress=False)
+    a = load_checkpoint(tmp_path / "full" / "checkpoints" / "last.pt")
+    b = load_checkpoint(tmp_path / "part" / "checkpoints" / "last.pt")
+    assert a["iteration"] == b["iteration"] == 6
+    for k in a["model"]:
+        torch.testing.assert_close(a["model"][k], b["model"][k], rtol=0, atol=0, msg=k)
+    strip = ("train_seconds",)
+    assert {k: v for k, v in full.items() if k not in strip} == {k: v for k, v in resumed.items() if k not in strip}
+    rows = list(csv.DictReader(open(tmp_path / "part" / "log.csv")))
+    assert [int(r["iteration"]) for r in rows] == [1, 2, 3, 4, 5, 6]
+
+
+@pytest.mark.slow
+def test_non_finite_loss_stops_and_keeps_last_good_checkpoint(tmp_path, monkeypatch):
+    from sodlib.criterion import SetCriterion
+
+    calls = {"n": 0}
+    original = SetCriterion.weighted_total
+
+    def poisoned(self, loss_dict):
+        calls["n"] += 1
+        total = original(self, loss_dict)
+        return total * float("nan") if calls["n"] == 3 else total
+
+    monkeypatch.setattr(SetCriterion, "weighted_total", poisoned)
+    with pytest.raises(NonFiniteLossError, match="iteration 2"):
+        train(_smoke(), tmp_path, progress=False)
+    assert load_checkpoint(tmp_path / "checkpoints" / "last.pt")["iteration"] == 2
+
+
+@pytest.mark.slow
+def test_smoke_training_reduces_the_loss(tmp_path):
+    cfg = override(get_profile("smoke"), "train.max_iters=40", "train.log_every=1", "train.checkpoint_every=100",
+                   "train.epochs=100")
+    train(cfg, tmp_path, progress=False)
+    losses = [float(r["loss"]) for r in csv.DictReader(open(tmp_path / "log.csv"))]
+    assert len(losses) == 40
+    assert sum(losses[-5:]) / 5 < 0.8 * sum(losses[:5]) / 5
+
+
+@pytest.mark.slow
+def test_ddp_gloo_two_processes(tmp_path):
+    torchrun = Path(sys.executable).with_name("torchrun")
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    cmd = [str(torchrun), "--standalone", "--nproc_per_node=2", "-m", "sodlib", "train", "--profile", "smoke",
+           "--set", "train.max_iters=2", "--set", "train.checkpoint_every=2", "--out", str(tmp_path)]
+    proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    state = load_checkpoint(tmp_path / "checkpoints" / "last.pt")
+    assert state["iteration"] == 2 and len(state["rng"]) == 2
+    assert (tmp_path / "metrics.json").exists()
