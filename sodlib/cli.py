@@ -79,8 +79,8 @@ def _cmd_eval(args) -> int:
         raise ValueError("sodlib eval needs --checkpoint, or --gt and --dets")
     else:
         out_dir = Path(args.out) if args.out else Path(args.dets).resolve().parent / f"eval_{args.protocol}"
-    metrics, per_class = evaluation.evaluate(args.gt, args.dets, protocol=args.protocol,
-                                             backend=args.backend, per_class=True)
+    metrics, per_class = evaluation.evaluate_detailed(args.gt, args.dets, protocol=args.protocol,
+                                                      backend=args.backend)
     evaluation.write_metrics(out_dir, metrics, per_class)
     print(evaluation.format_table(metrics, per_class))
     print(f"metrics: {out_dir / 'metrics.csv'}")
