@@ -139,7 +139,7 @@ SYNTH_LINES = [
 
 def test_visdrone_mapping_drop_and_clip(tmp_path, caplog):
     root = _visdrone_folder(tmp_path / "vd", SYNTH_LINES)
-    with caplog.at_level(logging.INFO, logger="sodlib.datasets"):
+    with caplog.at_level(logging.INFO, logger="sodlib.formats"):
         coco = visdrone_to_coco(root)
     assert "dropped 2" in caplog.text
     img = coco["images"][0]
