@@ -17,7 +17,7 @@ setup: .venv/.installed
 	@touch $@
 
 test: setup
-	$(PY) -m pytest -q
+	$(PY) -m pytest -q -n auto
 
 reproduce: setup
 	$(PY) -m sodlib reproduce --profile $(PROFILE)

@@ -174,6 +174,11 @@ def train(cfg: RunConfig, out_dir: str | os.PathLike, data_root: str | None = No
         train_seconds = float(state["train_seconds"])
         _set_rng_state(state["rng"][rank] if isinstance(state["rng"], list) else state["rng"])
         log.info("resumed from %s at iteration %d", ckpt_path, it)
+    if it >= total_iters and (out_dir / "metrics.json").exists():
+        import json
+
+        log.info("%s already finished; returning its stored metrics", out_dir)
+        return {k: v for k, v in json.loads((out_dir / "metrics.json").read_text()).items()}
     if main_process:
         _truncate_log(log_path, it)
 
@@ -191,6 +196,15 @@ def train(cfg: RunConfig, out_dir: str | os.PathLike, data_root: str | None = No
                             categories=[{"id": int(c["id"]), "name": str(c["name"])}
                                         for c in sorted(train_ds.coco["categories"], key=lambda c: c["id"])])
 
+    _val = []
+
+    def val_ds():
+        if not _val:
+            _val.append(build_dataset(cfg.data, cfg.data.val_split, train=False, data_root=data_root))
+        return _val[0]
+
+    if main_process:
+        _truncate_log(out_dir / "eval.csv", it)
     bar = tqdm(total=total_iters, initial=it, desc=f"train {cfg.name}", disable=not (progress and main_process),
                dynamic_ncols=True)
     writer = _LogWriter(log_path) if main_process else None
@@ -199,9 +213,11 @@ def train(cfg: RunConfig, out_dir: str | os.PathLike, data_root: str | None = No
     stop = it >= total_iters
     while not stop and epoch < tc.epochs:
         batches = epoch_batches(len(train_ds), tc.batch_size, tc.seed, epoch, rank, world)[batch_in_epoch:]
+        # the loader's own generator keeps worker seeding off the global RNG (exact resume)
         loader = torch.utils.data.DataLoader(train_ds, batch_sampler=batches, collate_fn=collate_fn,
                                              num_workers=cfg.data.num_workers,
-                                             pin_memory=device.type == "cuda")
+                                             pin_memory=device.type == "cuda",
+                                             generator=torch.Generator().manual_seed(tc.seed * 100_003 + epoch))
         t_last = time.perf_counter()
         for images, targets in loader:
             images, targets = _to_device(images, targets, device)
@@ -239,9 +255,13 @@ def train(cfg: RunConfig, out_dir: str | os.PathLike, data_root: str | None = No
                 stop = True
             if it >= total_iters or (stop_after is not None and it >= stop_after):
                 stop = True
+            if main_process and tc.eval_every and it % tc.eval_every == 0 and not stop:
+                _log_eval(out_dir / "eval.csv", it, train_seconds, val_ds(), ema.module if ema else model,
+                          protocol, device)
+                ddp_model.train()
             if stop or it % tc.checkpoint_every == 0:
                 checkpoint()
-                t_last = time.perf_counter()  # checkpoint I/O is not training time
+            t_last = time.perf_counter()  # checkpoint and evaluation time is not training time
             if stop:
                 break
         else:
@@ -256,14 +276,30 @@ def train(cfg: RunConfig, out_dir: str | os.PathLike, data_root: str | None = No
     if main_process:
         from sodlib.inference import evaluate_model
 
-        val_ds = build_dataset(cfg.data, cfg.data.val_split, train=False, data_root=data_root)
         eval_model = ema.module if ema is not None else model
-        scores, dets = evaluate_model(eval_model, val_ds, protocol=protocol, device=device)
+        scores, dets = evaluate_model(eval_model, val_ds(), protocol=protocol, device=device)
+        _append_csv(out_dir / "eval.csv", {"iteration": it, "train_seconds": round(train_seconds, 2), **scores})
         metrics = {**scores, **metrics}
         atomic_write_json(out_dir / "detections_val.json", dets, indent=None)
         write_run(out_dir, cfg, metrics, seed=tc.seed, wall_seconds=train_seconds, device=str(device))
     _barrier()
     return metrics
+
+
+def _log_eval(path: Path, it: int, train_seconds: float, dataset, model, protocol: str, device) -> None:
+    from sodlib.inference import evaluate_model
+
+    scores, _ = evaluate_model(model, dataset, protocol=protocol, device=device)
+    _append_csv(path, {"iteration": it, "train_seconds": round(train_seconds, 2), **scores})
+
+
+def _append_csv(path: Path, row: dict) -> None:
+    new = not path.exists()
+    with open(path, "a", newline="") as f:
+        w = csv.DictWriter(f, list(row))
+        if new:
+            w.writeheader()
+        w.writerow(row)
 
 
 def _truncate_log(path: Path, iteration: int) -> None:
@@ -290,7 +326,7 @@ class _LogWriter:
             with open(path, newline="") as f:
                 self.fields = next(csv.reader(f), None)
         path.parent.mkdir(parents=True, exist_ok=True)
-        self.file = open(path, "a", newline="")
+        self.file = open(path, "a", newline="")  # noqa: SIM115 (kept open for the whole run)
 
     def write(self, it, epoch, lr, loss, weighted: dict, images_per_s: float, train_seconds: float):
         row = {"iteration": it, "epoch": epoch, "lr": f"{lr:.6g}", "loss": f"{loss.item():.6g}",

@@ -72,7 +72,7 @@ def read_image_rgb(path: str | Path) -> torch.Tensor:
 @torch.no_grad()
 def predict_image(model: nn.Module, image_uint8: torch.Tensor, image_size: int, slice_size: int | None = None,
                   overlap: float = 0.2, num_top: int = 100, nms_iou: float = 0.5, batch_size: int = 8) -> dict:
-    """Detections (``boxes`` xyxy pixels, ``scores``, ``labels``) for one image.
+    """Detections (``boxes_xyxy`` in pixels, ``scores``, ``labels``) for one image.
 
     With ``slice_size`` the image is cut into overlapping windows (``overlap`` × slice), each window is
     resized to the model's working size, and the window detections are mapped back and merged with
@@ -86,7 +86,7 @@ def predict_image(model: nn.Module, image_uint8: torch.Tensor, image_size: int, 
     device = next(model.parameters()).device
     _, h, w = image_uint8.shape
     if slice_size and (h > slice_size or w > slice_size):
-        windows = tile_windows(w, h, slice_size, int(round(overlap * slice_size)))
+        windows = tile_windows(w, h, slice_size, round(overlap * slice_size))
     else:
         windows = [(0, 0, w, h)]
     image = image_uint8.to(device).float().div_(255)
@@ -97,14 +97,15 @@ def predict_image(model: nn.Module, image_uint8: torch.Tensor, image_size: int, 
                                            mode="bilinear", align_corners=False) for x0, y0, x1, y1 in chunk]
         sizes = torch.tensor([[y1 - y0, x1 - x0] for x0, y0, x1, y1 in chunk], device=device)
         for (x0, y0, _, _), det in zip(chunk, postprocess(model(torch.cat(crops)), sizes, num_top=num_top)):
-            boxes.append(det["boxes"] + torch.tensor([x0, y0, x0, y0], device=device, dtype=det["boxes"].dtype))
+            shift = torch.tensor([x0, y0, x0, y0], device=device, dtype=det["boxes_xyxy"].dtype)
+            boxes.append(det["boxes_xyxy"] + shift)
             scores.append(det["scores"])
             labels.append(det["labels"])
     boxes, scores, labels = torch.cat(boxes), torch.cat(scores), torch.cat(labels)
     if len(windows) > 1:
         keep = batched_nms(boxes, scores, labels, nms_iou)[:num_top]
         boxes, scores, labels = boxes[keep], scores[keep], labels[keep]
-    return {"boxes": boxes.cpu(), "scores": scores.cpu(), "labels": labels.cpu()}
+    return {"boxes_xyxy": boxes.cpu(), "scores": scores.cpu(), "labels": labels.cpu()}
 
 
 def predict_files(checkpoint: str | Path, images: list[str | Path], out_dir: str | Path, device="cpu",
@@ -124,11 +125,11 @@ def predict_files(checkpoint: str | Path, images: list[str | Path], out_dir: str
         det = predict_image(model, img, cfg.data.image_size, slice_size, overlap,
                             num_top=500 if slice_size else 100)
         image_records.append({"id": image_id, "file_name": str(path), "height": img.shape[1], "width": img.shape[2]})
-        for b, s, lab in zip(det["boxes"].tolist(), det["scores"].tolist(), det["labels"].tolist()):
+        for b, s, lab in zip(det["boxes_xyxy"].tolist(), det["scores"].tolist(), det["labels"].tolist()):
             results.append({"image_id": image_id, "category_id": categories[lab]["id"],
                             "bbox": [b[0], b[1], b[2] - b[0], b[3] - b[1]], "score": s})
         keep = det["scores"] >= score_thr
-        drawn = draw_bounding_boxes(img, det["boxes"][keep], labels=[names[i] for i in det["labels"][keep]],
+        drawn = draw_bounding_boxes(img, det["boxes_xyxy"][keep], labels=[names[i] for i in det["labels"][keep]],
                                     colors="red", width=1)
         atomic_write_bytes(out_dir / f"{Path(path).stem}_pred.png", encode_png(drawn).numpy().tobytes())
     return atomic_write_json(out_dir / "predictions.json", {"images": image_records, "detections": results})

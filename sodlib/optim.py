@@ -32,12 +32,12 @@ def build_optimizer(model: nn.Module, cfg: TrainConfig, extra: nn.Module | None 
             groups["no_decay" if no_decay else "default"].append(p)
     lr_bb = cfg.lr * cfg.lr_backbone_mult
     spec = {
-        "backbone": dict(lr=lr_bb, weight_decay=cfg.weight_decay),
-        "backbone_no_decay": dict(lr=lr_bb, weight_decay=0.0),
-        "no_decay": dict(lr=cfg.lr, weight_decay=0.0),
-        "default": dict(lr=cfg.lr, weight_decay=cfg.weight_decay),
+        "backbone": {"lr": lr_bb, "weight_decay": cfg.weight_decay},
+        "backbone_no_decay": {"lr": lr_bb, "weight_decay": 0.0},
+        "no_decay": {"lr": cfg.lr, "weight_decay": 0.0},
+        "default": {"lr": cfg.lr, "weight_decay": cfg.weight_decay},
     }
-    param_groups = [dict(params=ps, name=k, **spec[k]) for k, ps in groups.items() if ps]
+    param_groups = [{"params": ps, "name": k, **spec[k]} for k, ps in groups.items() if ps]
     for g in param_groups:
         g["base_lr"] = g["lr"]
     return torch.optim.AdamW(param_groups, lr=cfg.lr, betas=(0.9, 0.999), weight_decay=cfg.weight_decay)

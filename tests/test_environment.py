@@ -1,7 +1,8 @@
 """The environment files agree with each other: pyproject ranges, the lock's pins, environment.yml."""
 import re
-import tomllib
 from pathlib import Path
+
+import tomllib
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -34,7 +35,7 @@ def test_every_dependency_is_locked():
 
 def test_environment_yml_installs_the_same_package():
     text = (ROOT / "environment.yml").read_text()
-    assert re.search(r"^\s*-\s*python=3\.11\s*$", text, re.M)
-    assert re.search(r'^\s*-\s*-e\s+"?\.\[dev\]"?\s*$', text, re.M), "environment.yml must pip-install -e .[dev]"
+    assert re.search(r"^\s*-\s*python=3\.11\s*$", text, re.MULTILINE)
+    assert re.search(r'^\s*-\s*-e\s+"?\.\[dev\]"?\s*$', text, re.MULTILINE), "environment.yml must pip-install -e .[dev]"
     req = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]["requires-python"]
     assert ">=3.10" in req and "<3.14" in req

@@ -1,0 +1,125 @@
+"""RT-DETR as plain composition (backbone → encoder → decoder), its builder and post-processing.
+
+Output contract of ``RTDETR.forward(images, targets=None, return_sampling=False, return_hidden=False)``:
+
+* always: ``pred_logits`` [B, Q, num_classes] (sigmoid scores), ``pred_boxes`` [B, Q, 4] normalised
+  (cx, cy, w, h) of the last decoder layer;
+* training mode: ``aux_outputs`` (list of dicts ``pred_logits``/``pred_boxes`` for layers 0..L-2),
+  ``enc_outputs`` (dict for the Q selected encoder proposals, before refinement), and, when targets
+  were given and denoising is on, ``dn_outputs`` (list of L dicts over the denoising queries) and
+  ``dn_meta`` (``dn_positive_idx``, ``dn_num_group``, ``dn_num_split``; see ``sodlib.denoising``);
+* ``return_sampling=True``: every layer dict (aux, dn and the top level) also has
+  ``sampling_locations`` [B, Q, heads, levels, points, 2], ``attention_weights`` [B, Q, heads, levels,
+  points] and ``ref_boxes`` [B, Q, 4]; ``return_hidden=True``: ``hidden_cls`` and ``hidden_reg`` [B, Q, C].
+  In eval mode the per-layer dicts are returned as ``layers`` (L dicts). The flags never change
+  ``pred_logits`` / ``pred_boxes``.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+
+import torch
+from torch import Tensor, nn
+from torchvision.ops import box_convert
+
+from .backbone import ResNetBackbone, TinyBackbone, load_state_dict_file
+from .config import ModelConfig
+from .decoder import RTDETRDecoder
+from .encoder import HybridEncoder
+
+__all__ = ["RTDETR", "build_backbone", "build_detector", "build_encoder", "postprocess", "to_coco_results"]
+
+
+class RTDETR(nn.Module):
+    """backbone → encoder → decoder (the decoder builds the output dict; see the module docstring)."""
+
+    def __init__(self, backbone: nn.Module, encoder: nn.Module, decoder: nn.Module):
+        super().__init__()
+        self.backbone, self.encoder, self.decoder = backbone, encoder, decoder
+
+    def forward(self, images: Tensor, targets: list[dict[str, Tensor]] | None = None,
+                return_sampling: bool = False, return_hidden: bool = False) -> dict:
+        feats = self.encoder(self.backbone(images))
+        return self.decoder(feats, targets if self.training else None,
+                            return_sampling=return_sampling, return_hidden=return_hidden)
+
+
+def build_backbone(cfg: ModelConfig, return_levels: tuple[int, ...] = (3, 4, 5)) -> nn.Module:
+    """``tiny`` → :class:`TinyBackbone` (trainable BatchNorm; ``freeze_norm`` applies to ResNets only);
+    ``resnetNN`` → :class:`ResNetBackbone` (stem frozen when pretrained weights and frozen norms are used,
+    as in RT-DETR-R50)."""
+    if cfg.backbone == "tiny":
+        backbone = TinyBackbone(cfg.backbone_width, return_levels)
+        if cfg.pretrained_path:
+            load_state_dict_file(backbone, cfg.pretrained_path)
+        return backbone
+    depth = int(cfg.backbone.removeprefix("resnet"))
+    freeze_at = 0 if (cfg.pretrained_path and cfg.freeze_norm) else -1
+    return ResNetBackbone(depth, return_levels, cfg.freeze_norm, freeze_at, cfg.pretrained_path)
+
+
+def build_encoder(cfg: ModelConfig, in_channels: tuple[int, ...]) -> nn.Module:
+    """``hybrid`` → RT-DETR's :class:`HybridEncoder`; ``bifpn_sae`` (MRQM) lives in ``sodlib.mrqm``."""
+    if cfg.encoder == "hybrid":
+        return HybridEncoder(in_channels, cfg.hidden_dim, cfg.num_heads, cfg.encoder_ffn, cfg.dropout,
+                             csp_blocks=cfg.csp_blocks, expansion=cfg.expansion)
+    raise NotImplementedError(f"encoder {cfg.encoder!r} is built by sodlib.mrqm, not by build_encoder")
+
+
+def build_detector(model_cfg: ModelConfig) -> nn.Module:
+    """Build RT-DETR from a :class:`~sodlib.config.ModelConfig`; the config is kept as ``.config``."""
+    cfg = model_cfg
+    backbone = build_backbone(cfg)
+    encoder = build_encoder(cfg, tuple(backbone.out_channels))
+    decoder = RTDETRDecoder(cfg.num_classes, tuple(encoder.out_channels), cfg.hidden_dim, cfg.num_queries,
+                            cfg.num_levels, cfg.num_points, cfg.num_heads, cfg.num_decoder_layers,
+                            cfg.dim_feedforward, cfg.dropout, cfg.num_denoising, cfg.label_noise_ratio,
+                            cfg.box_noise_scale)
+    model = RTDETR(backbone, encoder, decoder)
+    model.config = cfg
+    return model
+
+
+@torch.no_grad()
+def postprocess(outputs: dict, orig_sizes_hw: Tensor | Sequence[Sequence[int]], num_top: int = 100) -> list[dict]:
+    """Top-``num_top`` (query, class) pairs per image by sigmoid score, as RT-DETR's post-processor.
+
+    Args:
+        outputs: dict with ``pred_logits`` [B, Q, K] and ``pred_boxes`` [B, Q, 4] normalised cxcywh.
+        orig_sizes_hw: [B, 2] (height, width) in pixels of the images the boxes should refer to.
+
+    Returns: per image ``scores`` [n], ``labels`` [n] (0-based), ``boxes_xyxy`` [n, 4] in pixels.
+    """
+    logits, boxes = outputs["pred_logits"], outputs["pred_boxes"]
+    bs, _, num_classes = logits.shape
+    sizes = torch.as_tensor(orig_sizes_hw, dtype=torch.float32, device=boxes.device).reshape(bs, 2)
+    scale = sizes.flip(-1).repeat(1, 2).unsqueeze(1)  # [B, 1, 4] (w, h, w, h)
+    xyxy = box_convert(boxes.float(), "cxcywh", "xyxy") * scale
+    scores = logits.float().sigmoid().flatten(1)  # [B, Q*K]
+    k = min(num_top, scores.shape[1])
+    scores, index = scores.topk(k, dim=1)
+    labels = index % num_classes
+    query = index // num_classes
+    picked = xyxy.gather(1, query.unsqueeze(-1).expand(-1, -1, 4))
+    return [{"scores": s, "labels": lab, "boxes_xyxy": b} for s, lab, b in zip(scores, labels, picked)]
+
+
+def to_coco_results(processed: list[dict], image_ids: Sequence[int],
+                    label_to_category: Mapping[int, int] | Sequence[int] | None = None) -> list[dict]:
+    """Post-processed detections → COCO results (``image_id``, ``category_id``, ``bbox`` xywh, ``score``).
+
+    ``label_to_category`` maps the 0-based label to the dataset's category id (dict or sequence);
+    ``None`` means ``label + 1``.
+    """
+    if len(processed) != len(image_ids):
+        raise ValueError(f"{len(processed)} detections for {len(image_ids)} image ids")
+    results = []
+    for det, image_id in zip(processed, image_ids):
+        boxes = det["boxes_xyxy"].detach().float().cpu()
+        xywh = box_convert(boxes, "xyxy", "xywh").tolist()
+        for label, score, box in zip(det["labels"].tolist(), det["scores"].tolist(), xywh):
+            category = label + 1 if label_to_category is None else label_to_category[label]
+            results.append({"image_id": int(image_id), "category_id": int(category),
+                            "bbox": [round(float(v), 3) for v in box], "score": float(score)})
+    return results

@@ -1,0 +1,137 @@
+import itertools
+
+import pytest
+import torch
+from torch.testing import assert_close
+
+from sodlib.config import get_profile
+from sodlib.decoder import RTDETRDecoder
+from sodlib.deform_attn import ms_deform_attn_core
+from sodlib.denoising import inverse_sigmoid
+
+LAYER_KEYS = {"pred_logits", "pred_boxes", "sampling_locations", "attention_weights", "ref_boxes",
+              "hidden_cls", "hidden_reg"}
+
+
+def _decoder(**kw):
+    cfg = get_profile("smoke").model
+    args = {"num_classes": cfg.num_classes, "in_channels": (16, 16, 16), "hidden_dim": cfg.hidden_dim,
+            "num_queries": cfg.num_queries, "num_heads": cfg.num_heads, "num_layers": cfg.num_decoder_layers,
+            "dim_feedforward": cfg.dim_feedforward, "num_denoising": cfg.num_denoising}
+    args.update(kw)
+    torch.manual_seed(0)
+    return RTDETRDecoder(**args)
+
+
+def _feats(bs=2):
+    g = torch.Generator().manual_seed(0)
+    return [torch.randn(bs, 16, s, s, generator=g) for s in (16, 8, 4)]
+
+
+def _targets():
+    return [{"boxes": torch.tensor([[0.3, 0.4, 0.1, 0.2], [0.7, 0.6, 0.05, 0.05]]), "labels": torch.tensor([0, 3])},
+            {"boxes": torch.tensor([[0.5, 0.5, 0.2, 0.2]]), "labels": torch.tensor([5])}]
+
+
+def test_anchors_and_valid_mask():
+    dec = _decoder()  # eps = 0.01
+    anchors, valid = dec.anchors([(4, 4), (2, 2)])
+    assert anchors.shape == (1, 20, 4) and valid.shape == (1, 20, 1) and valid.all()
+    boxes = anchors.sigmoid()
+    assert_close(boxes[0, 0], torch.tensor([0.125, 0.125, 0.05, 0.05]))
+    assert_close(boxes[0, 16, :2], torch.tensor([0.25, 0.25]))
+    assert_close(boxes[0, 16, 2:], torch.tensor([0.1, 0.1]))
+    dec_tight = _decoder(eps=0.1)  # wh 0.05 / 0.1 and the outer ring of centres (1/16, 15/16) are invalid
+    anchors, valid = dec_tight.anchors([(2, 2), (2, 2), (8, 8)])
+    assert not valid[0, :8].any() and valid.sum() == 36  # level 2 (wh 0.2): the 6x6 inner cells
+    assert torch.isinf(anchors[~valid.expand(-1, -1, 4)]).all()
+
+
+def test_training_output_structure_and_ref_box_chain():
+    dec = _decoder().train()
+    out = dec(_feats(), _targets(), return_sampling=True, return_hidden=True)
+    assert set(out) == LAYER_KEYS | {"aux_outputs", "enc_outputs", "dn_outputs", "dn_meta"}
+    assert len(out["aux_outputs"]) == dec.num_layers - 1 and len(out["dn_outputs"]) == dec.num_layers
+    assert set(out["enc_outputs"]) == {"pred_logits", "pred_boxes"}
+    layers = out["aux_outputs"] + [out]
+    num_dn = out["dn_meta"]["dn_num_split"][0]
+    assert num_dn == 2 * 2 * (20 // 2)
+    for layer in layers + out["dn_outputs"]:
+        assert LAYER_KEYS <= set(layer)
+        q = layer["pred_logits"].shape[1]
+        assert layer["sampling_locations"].shape == (2, q, 4, 3, 4, 2)
+        assert layer["attention_weights"].shape == (2, q, 4, 3, 4)
+        assert layer["hidden_cls"].shape == layer["hidden_reg"].shape == (2, q, 32)
+        assert not layer["ref_boxes"].requires_grad
+    assert {layer["pred_logits"].shape[1] for layer in layers} == {30}
+    assert {layer["pred_logits"].shape[1] for layer in out["dn_outputs"]} == {num_dn}
+    # layer 0 samples around the selected proposals, layer i around layer i-1's (detached) boxes
+    assert_close(layers[0]["ref_boxes"], out["enc_outputs"]["pred_boxes"].detach())
+    for prev, nxt in itertools.pairwise(layers):
+        assert_close(nxt["ref_boxes"], prev["pred_boxes"].detach())
+    # hidden features are exactly what the heads consume
+    for i, layer in enumerate(layers):
+        assert_close(dec.dec_score_head[i](layer["hidden_cls"]), layer["pred_logits"])
+        delta = dec.dec_bbox_head[i].layers[-1](layer["hidden_reg"])
+        assert_close((delta + inverse_sigmoid(layer["ref_boxes"])).sigmoid(), layer["pred_boxes"])
+        assert (layer["hidden_reg"] >= 0).all()
+
+
+def test_sampling_outputs_reproduce_cross_attention():
+    dec = _decoder().eval()
+    feats = _feats()
+    captured = {}
+    layer_idx = 1
+    hook = dec.layers[layer_idx].cross_attn.register_forward_hook(
+        lambda mod, args, output: captured.update(out=output[0], query=args[0]))
+    with torch.no_grad():
+        out = dec(feats, return_sampling=True)
+        memory, shapes = dec._memory(feats)
+    hook.remove()
+    layer = out["layers"][layer_idx]
+    attn_mod = dec.layers[layer_idx].cross_attn
+    with torch.no_grad():
+        value = attn_mod.project_value(memory)
+        recomputed = attn_mod.output_proj(
+            ms_deform_attn_core(value, shapes, layer["sampling_locations"], layer["attention_weights"],
+                                impl="grid_sample"))
+        offsets = attn_mod.sampling_offsets(captured["query"]).view(2, 30, 4, 3, 4, 2)
+    assert_close(recomputed, captured["out"], atol=1e-5, rtol=1e-4)
+    ref = layer["ref_boxes"][:, :, None, None, None, :]
+    assert_close(layer["sampling_locations"], ref[..., :2] + offsets / 4 * ref[..., 2:] * 0.5)
+    assert_close(layer["attention_weights"].sum((-1, -2)), torch.ones(2, 30, 4))
+
+
+@pytest.mark.parametrize("training", [True, False])
+def test_flags_do_not_change_outputs(training):
+    dec = _decoder().train(training)
+    feats, targets = _feats(), _targets()
+    torch.manual_seed(3)
+    plain = dec(feats, targets)
+    torch.manual_seed(3)
+    rich = dec(feats, targets, return_sampling=True, return_hidden=True)
+    assert_close(rich["pred_logits"], plain["pred_logits"], rtol=0, atol=0)
+    assert_close(rich["pred_boxes"], plain["pred_boxes"], rtol=0, atol=0)
+    if training:
+        for key in ("aux_outputs", "dn_outputs"):
+            for a, b in zip(plain[key], rich[key]):
+                assert set(a) == {"pred_logits", "pred_boxes"}
+                assert_close(a["pred_boxes"], b["pred_boxes"], rtol=0, atol=0)
+    else:
+        assert set(plain) == {"pred_logits", "pred_boxes"} and len(rich["layers"]) == dec.num_layers
+
+
+def test_box_loss_of_a_layer_trains_the_previous_box_head():
+    dec = _decoder(num_denoising=0).train()
+    out = dec(_feats())
+    out["pred_boxes"].sum().backward()  # last layer only
+    assert dec.dec_bbox_head[-1].layers[-1].weight.grad.abs().sum() > 0
+    assert dec.dec_bbox_head[-2].layers[-1].weight.grad.abs().sum() > 0  # look forward twice
+    assert dec.enc_bbox_head.layers[-1].weight.grad is None or dec.enc_bbox_head.layers[-1].weight.grad.abs().sum() == 0
+
+
+def test_more_queries_than_tokens_and_extra_level():
+    dec = _decoder(num_queries=500, num_levels=4, in_channels=(16, 16, 16)).eval()
+    with torch.no_grad():
+        out = dec(_feats(1))
+    assert out["pred_boxes"].shape == (1, 16 * 16 + 8 * 8 + 4 * 4 + 2 * 2, 4)
