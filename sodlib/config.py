@@ -27,11 +27,12 @@ class DataConfig:
     synth_seed: int = 0  # SynthSOD base seed (val uses a derived seed, see synth.py)
     train_split: str = "train"  # sub-folder / annotation name of the training split
     val_split: str = "val"  # sub-folder / annotation name of the evaluation split
-    augment: bool = True  # RT-DETR's train-time augmentation (photometric, zoom-out, IoU crop, flip)
+    augment: str = "rtdetr"  # rtdetr (photometric, zoom-out, IoU crop, flip) | flip | none
     num_workers: int = 0  # DataLoader workers (0 = main process; best on 2 cores)
 
     def __post_init__(self):
         _check_choice("data.dataset", self.dataset, ("synthsod", "coco", "visdrone", "voc"))
+        _check_choice("data.augment", self.augment, ("rtdetr", "flip", "none"))
         _check_range("data.image_size", self.image_size, lo=32)
         _check_range("data.num_classes", self.num_classes, lo=1)
         _check_range("data.synth_train_images", self.synth_train_images, lo=1)
@@ -148,7 +149,7 @@ class TrainConfig:
     ema_decay: float = 0.9999  # 0 disables EMA
     ema_warmups: int = 2000
     clip_max_norm: float = 0.1  # 0 disables gradient clipping
-    amp: bool = False  # autocast (CUDA only)
+    amp: bool = False  # bf16 autocast for the forward pass (CUDA, or CPUs with bf16 instructions)
     multiscale: tuple[int, ...] = ()  # train sizes sampled per batch; () = data.image_size only
     eval_every: int = 0  # iterations between evaluations; 0 = only at the end
     checkpoint_every: int = 200  # iterations between checkpoints
@@ -197,7 +198,7 @@ class RunConfig:
 def _smoke() -> RunConfig:
     return RunConfig(
         name="smoke",
-        data=DataConfig(image_size=128, synth_train_images=16, synth_val_images=8, augment=False),
+        data=DataConfig(image_size=128, synth_train_images=16, synth_val_images=8, augment="none"),
         model=ModelConfig(backbone="tiny", backbone_width=16, hidden_dim=32, num_heads=4, num_queries=30,
                           num_decoder_layers=2, dim_feedforward=64, encoder_ffn=64, csp_blocks=1,
                           num_denoising=20),

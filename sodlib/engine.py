@@ -114,6 +114,17 @@ def epoch_batches(n: int, batch_size: int, seed: int, epoch: int, rank: int = 0,
     return [order[i:i + batch_size] for i in range(0, len(order) - batch_size + 1, batch_size)]
 
 
+def _to_float32(x):
+    """Floating tensors in nested dicts/lists → float32 (autocast outputs are bf16)."""
+    if torch.is_tensor(x):
+        return x.float() if x.is_floating_point() else x
+    if isinstance(x, dict):
+        return {k: _to_float32(v) for k, v in x.items()}
+    if isinstance(x, (list, tuple)):
+        return type(x)(_to_float32(v) for v in x)
+    return x
+
+
 def _to_device(images, targets, device):
     images = images.to(device, non_blocking=True)
     targets = [{k: (v.to(device) if torch.is_tensor(v) else v) for k, v in t.items()} for t in targets]
@@ -225,9 +236,10 @@ def train(cfg: RunConfig, out_dir: str | os.PathLike, data_root: str | None = No
                 size = tc.multiscale[int(torch.randint(len(tc.multiscale), (1,)))]
                 images = nn.functional.interpolate(images, size=(size, size), mode="bilinear", align_corners=False)
             lr = set_lr(optimizer, lr_factor(it, tc, total_iters))
-            with torch.autocast(device.type, dtype=torch.bfloat16, enabled=tc.amp and device.type == "cuda"):
+            # bf16 autocast on CUDA and on CPUs with bf16 units; the loss is computed in float32
+            with torch.autocast(device.type, dtype=torch.bfloat16, enabled=tc.amp):
                 outputs = ddp_model(images, targets)
-                loss_dict = criterion(outputs, targets)
+            loss_dict = criterion(_to_float32(outputs), targets)
             loss = criterion.weighted_total(loss_dict)
             if _any_rank(not bool(torch.isfinite(loss)), device):
                 bad = sorted(k for k, v in loss_dict.items() if not torch.isfinite(v).all())

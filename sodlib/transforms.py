@@ -56,18 +56,28 @@ class SafeRandomIoUCrop(v2.RandomIoUCrop):
         return super().make_params(flat_inputs)
 
 
-def build_transforms(image_size: int, train: bool, augment: bool = True) -> v2.Compose:
-    """The v2 pipeline of the module docstring for a square working size ``image_size``."""
+def build_transforms(image_size: int, train: bool, augment: str | bool = "rtdetr") -> v2.Compose:
+    """The v2 pipeline of the module docstring for a square working size ``image_size``.
+
+    ``augment`` (train only): ``"rtdetr"`` = photometric distort, zoom-out, IoU crop, flip (RT-DETR's
+    recipe); ``"flip"`` = horizontal flip only (short CPU schedules: zoom-out shrinks objects that are
+    already a few pixels wide); ``"none"``. ``True``/``False`` mean ``"rtdetr"``/``"none"``.
+    """
+    if isinstance(augment, bool):
+        augment = "rtdetr" if augment else "none"
+    if augment not in AUGMENTATIONS:
+        raise ValueError(f"augment must be one of {AUGMENTATIONS}, got {augment!r}")
     size = (int(image_size), int(image_size))
     steps: list = [v2.ToImage()]
-    if train and augment:
+    if train and augment == "rtdetr":
         steps += [
             v2.RandomPhotometricDistort(p=0.5),
             v2.RandomZoomOut(fill=0, p=0.5),
             v2.RandomApply([SafeRandomIoUCrop()], p=0.8),
             v2.SanitizeBoundingBoxes(),
-            v2.RandomHorizontalFlip(p=0.5),
         ]
+    if train and augment in ("rtdetr", "flip"):
+        steps.append(v2.RandomHorizontalFlip(p=0.5))
     steps.append(v2.Resize(size, antialias=True))
     if train:
         steps.append(v2.SanitizeBoundingBoxes())
@@ -89,4 +99,6 @@ def basic_transforms() -> v2.Compose:
     ])
 
 
-__all__ = ["NormalizeBoxes", "SafeRandomIoUCrop", "basic_transforms", "build_transforms"]
+AUGMENTATIONS = ("rtdetr", "flip", "none")
+
+__all__ = ["AUGMENTATIONS", "NormalizeBoxes", "SafeRandomIoUCrop", "basic_transforms", "build_transforms"]

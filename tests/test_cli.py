@@ -1,0 +1,55 @@
+import json
+import sys
+
+import nbformat
+import pandas as pd
+import pytest
+
+from sodlib.cli import main
+
+
+def test_data_synth_stats_and_eval_round_trip(tmp_path, capsys):
+    out = tmp_path / "synth"
+    assert main(["data", "synth", "--out", str(out), "--split", "val", "--num-images", "3", "--size", "128"]) == 0
+    ann = out / "annotations" / "instances_val.json"
+    assert len(list((out / "images" / "val").glob("*.png"))) == 3
+    png = tmp_path / "stats.png"
+    assert main(["data", "stats", str(ann), "--out", str(png)]) == 0
+    assert png.stat().st_size > 1000
+
+    gt = json.loads(ann.read_text())
+    dets = [{"image_id": a["image_id"], "category_id": a["category_id"], "bbox": a["bbox"], "score": 1.0}
+            for a in gt["annotations"] if not a["iscrowd"]]
+    dets_path = tmp_path / "dets.json"
+    dets_path.write_text(json.dumps(dets))
+    capsys.readouterr()
+    assert main(["eval", "--gt", str(ann), "--dets", str(dets_path), "--protocol", "coco",
+                 "--out", str(tmp_path / "ev")]) == 0
+    assert "AP50" in capsys.readouterr().out
+    metrics = pd.read_csv(tmp_path / "ev" / "metrics.csv").set_index("metric")["value"]
+    assert metrics["AP"] == pytest.approx(1.0) and metrics["AP50"] == pytest.approx(1.0)
+
+
+def test_bad_input_is_one_clear_line_and_exit_2(tmp_path, capsys):
+    missing = tmp_path / "nope.json"
+    assert main(["eval", "--gt", str(missing), "--dets", str(missing)]) == 2
+    err = capsys.readouterr().err
+    assert "nope.json" in err and "Traceback" not in err
+    assert main(["train", "--profile", "smoke", "--set", "loss.beta=3"]) == 2
+    assert "loss.beta" in capsys.readouterr().err
+
+
+def test_papermill_uses_the_project_interpreter_without_kernel_registration(tmp_path):
+    """papermill's default python3 kernel must run in this environment (no `ipykernel install`)."""
+    import papermill
+
+    nb = nbformat.v4.new_notebook()
+    nb.cells = [nbformat.v4.new_code_cell('X: str = "unset"', metadata={"tags": ["parameters"]}),
+                nbformat.v4.new_code_cell("import sys, sodlib\nprint(sys.executable)\nprint(X)")]
+    nb.metadata["kernelspec"] = {"name": "python3", "display_name": "Python 3", "language": "python"}
+    src, dst = tmp_path / "in.ipynb", tmp_path / "out.ipynb"
+    nbformat.write(nb, src)
+    papermill.execute_notebook(str(src), str(dst), parameters={"X": "set"}, progress_bar=False)
+    outputs = "".join(o.get("text", "") for c in nbformat.read(dst, 4).cells if c.cell_type == "code"
+                      for o in c.outputs)
+    assert sys.executable in outputs and "set" in outputs
