@@ -73,7 +73,111 @@ def bench_data(repeats: int = 3, num_synth: int = 32, num_loader: int = 64) -> p
     return pd.DataFrame(rows, columns=["benchmark", "variant", "value", "unit"])
 
 
-BENCHES = {"data": bench_data}
+def _synthetic_batch(batch: int, size: int, num_classes: int, objects: int = 20, seed: int = 0):
+    import torch
+
+    g = torch.Generator().manual_seed(seed)
+    images = torch.rand(batch, 3, size, size, generator=g)
+    targets = []
+    for _ in range(batch):
+        wh = torch.rand(objects, 2, generator=g) * 0.08 + 0.02
+        cxcy = torch.rand(objects, 2, generator=g) * 0.9 + 0.05
+        targets.append({"boxes": torch.cat([cxcy, wh], 1),
+                        "labels": torch.randint(num_classes, (objects,), generator=g)})
+    return images, targets
+
+
+def time_train_step(cfg, batch: int, steps: int = 20, warmup: int = 3, amp: bool | None = None) -> float:
+    """Median seconds of one optimiser step (forward, loss, backward, AdamW) on a synthetic batch."""
+    import torch
+
+    from sodlib import build_criterion, build_detector
+    from sodlib.engine import _to_float32
+    from sodlib.optim import build_optimizer
+
+    torch.manual_seed(0)
+    model, criterion = build_detector(cfg.model).train(), build_criterion(cfg.loss, cfg.model)
+    opt = build_optimizer(model, cfg.train, extra=criterion)
+    images, targets = _synthetic_batch(batch, cfg.data.image_size, cfg.model.num_classes)
+    use_amp = cfg.train.amp if amp is None else amp
+
+    def step():
+        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=use_amp):
+            out = model(images, targets)
+        loss = criterion.weighted_total(criterion(_to_float32(out), targets))
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+
+    for _ in range(warmup):
+        step()
+    return _median_time(step, steps)
+
+
+def time_inference(cfg, batch: int, steps: int = 20, warmup: int = 3) -> float:
+    """Median seconds of one eval-mode forward pass on a batch."""
+    import torch
+
+    from sodlib import build_detector
+
+    torch.manual_seed(0)
+    model = build_detector(cfg.model).eval()
+    images, _ = _synthetic_batch(batch, cfg.data.image_size, cfg.model.num_classes)
+    with torch.no_grad():
+        for _ in range(warmup):
+            model(images)
+        return _median_time(lambda: model(images), steps)
+
+
+def count_gflops(cfg) -> float:
+    """Forward GFLOPs of one image at the working size (torch.utils.flop_counter; 1 MAC = 2 FLOPs)."""
+    import torch
+    from torch.utils.flop_counter import FlopCounterMode
+
+    from sodlib import build_detector
+
+    model = build_detector(cfg.model).eval()
+    with torch.no_grad(), FlopCounterMode(display=False) as counter:
+        model(torch.rand(1, 3, cfg.data.image_size, cfg.data.image_size))
+    return counter.get_total_flops() / 1e9
+
+
+def bench_model(steps: int = 20, threads: int = 2) -> pd.DataFrame:
+    """Training step and inference time per profile at its working size; deformable-attention core."""
+    import torch
+
+    from sodlib.config import get_profile, override
+    from sodlib.deform_attn import benchmark_core
+
+    torch.set_num_threads(threads)
+    rows = []
+    cpu = get_profile("cpu")
+    paper = override(get_profile("paper"), "train.amp=false")  # CPU timing in float32, like the anchor
+    for name, cfg, train_batch, amp_options in (("cpu", cpu, cpu.train.batch_size, (False, True)),
+                                                ("paper", paper, 2, (False,))):
+        n_params = sum(p.numel() for p in __import__("sodlib").build_detector(cfg.model).parameters())
+        rows.append((name, "parameters", n_params, "count"))
+        rows.append((name, f"gflops_per_image@{cfg.data.image_size}px", count_gflops(cfg), "GFLOPs"))
+        for amp in amp_options:
+            t = time_train_step(cfg, train_batch, steps=steps if name == "cpu" else max(5, steps // 4), amp=amp)
+            tag = "bf16" if amp else "fp32"
+            rows.append((name, f"train_step_batch{train_batch}@{cfg.data.image_size}px_{tag}", t * 1e3, "ms"))
+        t = time_inference(cfg, 1, steps=steps if name == "cpu" else max(5, steps // 2))
+        rows.append((name, f"inference_batch1@{cfg.data.image_size}px", t * 1e3, "ms/image"))
+    for label, kwargs in (("cpu_decoder", {}),
+                          ("paper_decoder", {"batch": 2, "queries": 500, "head_dim": 32,
+                                             "spatial_shapes": ((80, 80), (40, 40), (20, 20))})):
+        res = benchmark_core(repeats=steps // 2, **kwargs)
+        for impl, d in res.items():
+            for k, v in d.items():
+                rows.append(("ms_deform_attn_core", f"{label}/{impl}/{k}", v, "ms"))
+        for k in ("forward_ms", "forward_backward_ms"):
+            best = min(res["gather"][k], res["grid_sample"][k]) if k == "forward_ms" else res["grid_sample"][k]
+            rows.append(("ms_deform_attn_core", f"{label}/speedup_vs_loop/{k}", res["reference"][k] / best, "x"))
+    return pd.DataFrame(rows, columns=["benchmark", "variant", "value", "unit"])
+
+
+BENCHES = {"data": bench_data, "model": bench_model}
 
 
 def run(what: str, out_dir: str | Path) -> Path:

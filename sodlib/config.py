@@ -104,6 +104,7 @@ class LossConfig:
     theta: float = 6.0  # Eq. 13
     sr: bool = False  # Sample Reweighting, Eqs. 16-21
     sr_grad: str = "difficulty"  # difficulty | end_to_end
+    weight_sr_gen: float = 1.0  # sr_grad=difficulty: weight of the SR generator's own BCE (trains only it)
     spr: bool = False  # Sample Points Refinement, Eq. 5 + L_atten
     eta_per_layer: tuple[float, ...] = (1.5, 1.3, 1.2, 1.1, 1.05, 1.0)
     weight_offset: float = 1.0  # L_offset weight (the paper gives none)
@@ -129,7 +130,7 @@ class LossConfig:
         for eta in self.eta_per_layer:
             _check_range("loss.eta_per_layer", eta, lo=1.0)
         for key in ("weight_vfl", "weight_bbox", "weight_giou", "cost_class", "cost_bbox", "cost_giou",
-                    "weight_offset", "weight_atten"):
+                    "weight_offset", "weight_atten", "weight_sr_gen"):
             _check_range(f"loss.{key}", getattr(self, key), lo=0.0)
 
 
@@ -209,17 +210,21 @@ def _smoke() -> RunConfig:
 
 
 def _cpu() -> RunConfig:
-    # Tiny RT-DETR on SynthSOD, sized for ~3 minutes of training on 2 CPU cores (issue 3 tunes it).
+    # Tiny RT-DETR on SynthSOD: ~460 iterations ≈ 180 s of training on 2 CPU cores (bf16 autocast, Zen 4).
+    # Short-schedule choices, each measured (see the issue notes): flip-only augmentation (zoom-out
+    # shrinks 6-px objects below what the stride-8 map resolves), lr 1.6e-3 with cosine decay (from
+    # scratch, RT-DETR's 2e-4 fine-tuning rate is far too low), batch 4 (batch 2 gave more steps but
+    # lower AP in the same time). Iterations, not wall time, bound the run so that it is reproducible.
     return RunConfig(
         name="cpu",
-        data=DataConfig(image_size=320),
+        data=DataConfig(image_size=320, augment="flip"),
         model=ModelConfig(backbone="tiny", backbone_width=32, hidden_dim=128, num_heads=8, num_queries=100,
                           num_decoder_layers=3, dim_feedforward=512, encoder_ffn=512, csp_blocks=1,
                           num_denoising=100),
         loss=LossConfig(eta_per_layer=(1.5, 1.2, 1.0)),
-        train=TrainConfig(batch_size=4, epochs=200, time_budget_s=180.0, lr=1.6e-3, lr_backbone_mult=1.0,
-                          warmup_iters=50, ema_decay=0.999, ema_warmups=100, clip_max_norm=0.1,
-                          threads=2),
+        train=TrainConfig(batch_size=4, epochs=200, max_iters=460, lr=1.6e-3, lr_backbone_mult=1.0,
+                          warmup_iters=50, lr_schedule="cosine", ema_decay=0.999, ema_warmups=100,
+                          clip_max_norm=0.1, amp=True, eval_every=115, checkpoint_every=100, threads=2),
     )
 
 

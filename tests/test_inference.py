@@ -1,0 +1,71 @@
+import json
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from sodlib.cli import main
+from sodlib.config import get_profile, override
+from sodlib.engine import train
+from sodlib.inference import load_model, predict_image, read_image_rgb
+
+
+@pytest.fixture(scope="module")
+def checkpoint(tmp_path_factory):
+    out = tmp_path_factory.mktemp("smoke_run")
+    cfg = override(get_profile("smoke"), "train.max_iters=2", "train.checkpoint_every=2", "train.ema_decay=0.9",
+                   "train.ema_warmups=1")
+    train(cfg, out, progress=False)
+    return out / "checkpoints" / "last.pt"
+
+
+def test_load_model_restores_ema_weights_and_categories(checkpoint):
+    model, cfg, cats = load_model(checkpoint, with_categories=True)
+    assert cfg.name == "smoke" and not model.training
+    assert [c["id"] for c in cats] == list(range(1, 7))
+    state = torch.load(checkpoint, weights_only=True)
+    for k, v in model.state_dict().items():
+        torch.testing.assert_close(v, state["ema"]["module"][k])
+
+
+def test_sliced_prediction_maps_windows_back(checkpoint):
+    model, cfg = load_model(checkpoint)
+    size = cfg.data.image_size
+    img = (torch.rand(3, size, size) * 255).to(torch.uint8)
+    whole = predict_image(model, img, size)
+    same = predict_image(model, img, size, slice_size=size)  # one window: identical to unsliced
+    torch.testing.assert_close(whole["boxes_xyxy"], same["boxes_xyxy"])
+    big = torch.cat([img, img], dim=2)  # two windows side by side
+    sliced = predict_image(model, big, size, slice_size=size, overlap=0.0, num_top=1000, nms_iou=1.0)
+    right = sliced["boxes_xyxy"][sliced["boxes_xyxy"][:, 0] >= size]
+    assert len(right) > 0 and right[:, 2].max() <= 2 * size + 1e-3
+
+
+def test_predict_and_eval_commands(checkpoint, tmp_path):
+    rng = np.random.default_rng(0)
+    paths = []
+    for i, (w, h) in enumerate([(300, 200), (128, 128)]):
+        p = tmp_path / f"img{i}.png"
+        Image.fromarray(rng.integers(0, 255, (h, w, 3), dtype=np.uint8)).save(p)
+        paths.append(str(p))
+    out = tmp_path / "pred"
+    assert main(["predict", *paths, "--checkpoint", str(checkpoint), "--out", str(out), "--slice", "128"]) == 0
+    pred = json.loads((out / "predictions.json").read_text())
+    assert [im["width"] for im in pred["images"]] == [300, 128]
+    assert {d["image_id"] for d in pred["detections"]} <= {1, 2}
+    assert (out / "img0_pred.png").exists() and (out / "img1_pred.png").exists()
+    assert main(["predict", str(tmp_path / "missing.png"), "--checkpoint", str(checkpoint), "--out", str(out)]) == 2
+
+    ev = tmp_path / "ev"
+    assert main(["eval", "--checkpoint", str(checkpoint), "--protocol", "coco", "--out", str(ev)]) == 0
+    assert (ev / "metrics.csv").exists() and (ev / "detections.json").exists()
+
+
+def test_read_image_errors_name_the_file(tmp_path):
+    with pytest.raises(FileNotFoundError, match="nope.png"):
+        read_image_rgb(tmp_path / "nope.png")
+    bad = tmp_path / "bad.png"
+    bad.write_bytes(b"not an image")
+    with pytest.raises(ValueError, match="bad.png"):
+        read_image_rgb(bad)
