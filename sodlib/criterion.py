@@ -74,7 +74,13 @@ class SetCriterion(nn.Module):
     weights; ``losses`` names the loss functions to run (keys of :meth:`loss_map`). ``alpha``/``gamma``
     are VFL's negative-term scale and focusing exponent (Eq. 3); ``gamma`` is also the QFL beta and TAL's
     focusing exponent; ``tal_a``/``tal_b`` are TOOD's alignment exponents.
+
+    ``needs_sampling`` / ``needs_hidden``: whether the detector must be called with ``return_sampling`` /
+    ``return_hidden`` for this criterion (False here; paper A's criterion sets them from its switches).
     """
+
+    needs_sampling: bool = False
+    needs_hidden: bool = False
 
     def __init__(self, matcher: nn.Module, num_classes: int, weight_dict: Mapping[str, float],
                  losses: tuple[str, ...] = ("vfl", "boxes"), alpha: float = 0.75, gamma: float = 2.0,
@@ -285,16 +291,28 @@ def positive_mask(indices: Indices, num_queries: int) -> Tensor:
 
 
 def build_criterion(loss_cfg: LossConfig, model_cfg: ModelConfig) -> SetCriterion:
-    """The RT-DETR criterion described by ``loss_cfg`` for a detector built from ``model_cfg``."""
-    for switch in ("st", "sr", "spr"):
-        if getattr(loss_cfg, switch):
-            raise NotImplementedError(f"loss.{switch}=true: paper A's {switch.upper()} is not implemented in "
-                                      f"sodlib/criterion.py yet")
+    """The RT-DETR criterion described by ``loss_cfg`` for a detector built from ``model_cfg``.
+
+    With any of paper A's switches (``loss.st``, ``loss.sr``, ``loss.spr``) on, a
+    :class:`~sodlib.sampling_criterion.BetterSamplingCriterion`; otherwise the plain :class:`SetCriterion`.
+    """
     matcher = HungarianMatcher(cost_class=loss_cfg.cost_class, cost_bbox=loss_cfg.cost_bbox,
                                cost_giou=loss_cfg.cost_giou, alpha=loss_cfg.cost_alpha,
                                gamma=loss_cfg.cost_gamma)
     weight_dict = {f"loss_{loss_cfg.cls_loss}": loss_cfg.weight_vfl, "loss_bbox": loss_cfg.weight_bbox,
                    "loss_giou": loss_cfg.weight_giou}
-    return SetCriterion(matcher, model_cfg.num_classes, weight_dict, losses=(loss_cfg.cls_loss, "boxes"),
-                        alpha=loss_cfg.alpha, gamma=loss_cfg.gamma, tal_a=loss_cfg.tal_a,
-                        tal_b=loss_cfg.tal_b)
+    common = {"losses": (loss_cfg.cls_loss, "boxes"), "alpha": loss_cfg.alpha, "gamma": loss_cfg.gamma,
+              "tal_a": loss_cfg.tal_a, "tal_b": loss_cfg.tal_b}
+    if not (loss_cfg.st or loss_cfg.sr or loss_cfg.spr):
+        return SetCriterion(matcher, model_cfg.num_classes, weight_dict, **common)
+    from .sampling_criterion import BetterSamplingCriterion  # imports this module
+
+    if loss_cfg.spr:
+        weight_dict.update(loss_offset=loss_cfg.weight_offset, loss_atten=loss_cfg.weight_atten)  # Eq. 22
+    if loss_cfg.sr and loss_cfg.sr_grad == "difficulty":
+        weight_dict["loss_sr_gen"] = loss_cfg.weight_sr_gen
+    return BetterSamplingCriterion(
+        matcher, model_cfg.num_classes, weight_dict, **common, st=loss_cfg.st, st_mode=loss_cfg.st_mode,
+        beta=loss_cfg.beta, theta=loss_cfg.theta, sr=loss_cfg.sr, sr_grad=loss_cfg.sr_grad,
+        hidden_dim=model_cfg.hidden_dim, spr=loss_cfg.spr, eta_per_layer=loss_cfg.eta_per_layer,
+        spr_denoising=loss_cfg.spr_denoising)

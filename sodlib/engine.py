@@ -238,7 +238,8 @@ def train(cfg: RunConfig, out_dir: str | os.PathLike, data_root: str | None = No
             lr = set_lr(optimizer, lr_factor(it, tc, total_iters))
             # bf16 autocast on CUDA and on CPUs with bf16 units; the loss is computed in float32
             with torch.autocast(device.type, dtype=torch.bfloat16, enabled=tc.amp):
-                outputs = ddp_model(images, targets)
+                outputs = ddp_model(images, targets, return_sampling=criterion.needs_sampling,
+                                    return_hidden=criterion.needs_hidden)
             loss_dict = criterion(_to_float32(outputs), targets)
             loss = criterion.weighted_total(loss_dict)
             if _any_rank(not bool(torch.isfinite(loss)), device):

@@ -13,6 +13,11 @@ class); by default ``target > 0``. Pass the mask explicitly when a positive may 
 weight 0, not as a negative.
 
 Box losses take matched pairs of boxes [M, 4] in normalised cxcywh and return one value per pair.
+
+Paper A (§4): :func:`scale_aligned_quality` / :func:`scale_aligned_target` (ST, Eqs. 7-15),
+:func:`reweight_factor` (SR, Eq. 19), :func:`spr_offset_loss` (Eq. 5) and :func:`spr_attention_loss`
+(L_atten) for Sample Points Refinement. Degenerate (zero-area) boxes never give NaN/inf: areas and box
+sizes are clamped at a small ``eps`` (documented per function).
 """
 
 from __future__ import annotations
@@ -141,3 +146,134 @@ def l1_box_loss(pred_cxcywh: Tensor, target_cxcywh: Tensor) -> Tensor:
 def giou_box_loss(pred_cxcywh: Tensor, target_cxcywh: Tensor) -> Tensor:
     """1 - GIoU of matched boxes [M, 4] (normalised cxcywh) -> [M]; finite for zero-area boxes."""
     return 1 - paired_giou_xyxy(box_cxcywh_to_xyxy(pred_cxcywh), box_cxcywh_to_xyxy(target_cxcywh))
+
+
+# ---------------------------------------------------------------- paper A: scale-aligned target (ST)
+
+
+def scale_aligned_quality(iou: Tensor, pred_area: Tensor, gt_area: Tensor, beta: float = 0.73,
+                          theta: float = 6.0, eps: float = 1e-12) -> Tensor:
+    """Paper A's quality c of a matched prediction (Eqs. 7-14), element-wise, same shape as ``iou``.
+
+    ``iou`` = u (Eq. 7), ``pred_area`` / ``gt_area`` = A(B) / A(B_hat) in any common unit (only their
+    ratio matters). Both areas are clamped at ``eps`` before dividing, so a zero-area box gives a finite
+    ρ (0 / 0 reads as ρ = 1). Not detached: the criterion passes detached inputs (c is a target).
+    """
+    rho = pred_area.clamp(min=eps) / gt_area.clamp(min=eps)  # Eqs. 8, 10: ρ = A(B) / A(B_hat)
+    r = rho.sqrt()  # Eq. 12: r = sqrt(ρ)
+    v = torch.exp(-theta * (r - 1) ** 2)  # Eq. 13: v = exp(-θ (r - 1)^2)
+    return iou.clamp(min=0).pow(beta) * v.pow(1 - beta)  # Eq. 14: c = u^β · v^(1-β)
+
+
+def scale_aligned_target(iou: Tensor, pred_area: Tensor, gt_area: Tensor, score: Tensor | None = None,
+                         beta: float = 0.73, theta: float = 6.0, mode: str = "label") -> Tensor:
+    """Classification target t = c · s of a matched prediction (Eq. 15).
+
+    ``mode="label"``: s is the class target, ``score`` the one-hot (or any class-target tensor that
+    broadcasts with c; ``None`` = 1, the matched class): t = c at the matched class, i.e. VFL's target
+    with the IoU replaced by c (default; the fixed point of BCE(s, t) is a score equal to c).
+    ``mode="pred"``: s is the predicted score, ``score`` required and detached (the literal reading;
+    the fixed point of BCE(s, c·s) is s = 0, see notebook 01).
+    """
+    if mode not in ("label", "pred"):
+        raise ValueError(f"scale_aligned_target: mode must be 'label' or 'pred', got {mode!r}")
+    c = scale_aligned_quality(iou, pred_area, gt_area, beta, theta)
+    if mode == "pred":
+        if score is None:
+            raise ValueError("scale_aligned_target: mode='pred' needs the predicted score")
+        return c * score.detach()  # Eq. 15: t = c · s, s = predicted score
+    return c if score is None else c * score  # Eq. 15: t = c · s, s = class target
+
+
+# ---------------------------------------------------------------- paper A: sample reweighting (SR)
+
+
+def reweight_factor(w: Tensor, t: Tensor, s: Tensor) -> Tensor:
+    """SR factor r = w^(1 - |t - s|) (Eq. 19); w the generator's weight, t the target and s the
+    predicted confidence.
+
+    Note: for w in (0, 1), r *grows* with |t - s| (|t - s| = 1 gives r = 1, t = s gives r = w), although
+    the paper's prose calls it a decreasing function of the difference; this implements the formula.
+    """
+    return w.pow(1 - (t - s).abs())  # Eq. 19: r = w^(1 - |t - s|)
+
+
+# ---------------------------------------------------------------- paper A: sample points refinement (SPR)
+
+
+def _check_spr_shapes(fn: str, sampling_locations: Tensor, ref_boxes: Tensor, positive_mask: Tensor,
+                      attention_weights: Tensor | None = None) -> None:
+    """ValueError naming every shape unless they follow the SPR contract."""
+    shapes = {"sampling_locations": tuple(sampling_locations.shape), "ref_boxes": tuple(ref_boxes.shape),
+              "positive_mask": tuple(positive_mask.shape)}
+    expected = "sampling_locations [B, Q, heads, levels, points, 2], ref_boxes [B, Q, 4], positive_mask [B, Q]"
+    loc = shapes["sampling_locations"]
+    ok = len(loc) == 6 and loc[-1] == 2 and shapes["ref_boxes"] == (*loc[:2], 4) \
+        and shapes["positive_mask"] == loc[:2]
+    if attention_weights is not None:
+        shapes["attention_weights"] = tuple(attention_weights.shape)
+        expected += ", attention_weights [B, Q, heads, levels, points]"
+        ok = ok and shapes["attention_weights"] == loc[:5]
+    if not ok:
+        got = ", ".join(f"{k} {v}" for k, v in shapes.items())
+        raise ValueError(f"{fn}: expected {expected}; got {got}")
+
+
+def _offsets_in_box_units(sampling_locations: Tensor, ref_boxes: Tensor, positive_mask: Tensor,
+                          eps: float) -> Tensor:
+    """Δp / wh of the positive queries' points: [N, heads, levels, points, 2]."""
+    mask = positive_mask.bool()
+    loc = sampling_locations[mask]  # [N, heads, levels, points, 2]
+    box = ref_boxes[mask][:, None, None, None, :]  # [N, 1, 1, 1, 4]
+    return (loc - box[..., :2]) / box[..., 2:].clamp(min=eps)  # Δp in units of the box size
+
+
+def _mean_over_positives(per_query: Tensor, positive_mask: Tensor) -> Tensor:
+    return per_query.sum() / positive_mask.sum().clamp(min=1).to(per_query.dtype)
+
+
+def spr_offset_loss(sampling_locations: Tensor, ref_boxes: Tensor, eta: float, positive_mask: Tensor,
+                    eps: float = 1e-4) -> Tensor:
+    """SPR's offset loss L_offset (Eq. 5) of one decoder layer, averaged over the positive queries.
+
+    Args:
+        sampling_locations: [B, Q, heads, levels, points, 2] normalised (x, y).
+        ref_boxes: [B, Q, 4] normalised cxcywh, the (detached) box the layer sampled around.
+        eta: expansion η >= 1 of the box for this layer.
+        positive_mask: [B, Q] bool, the matched queries.
+        eps: box sizes are clamped at ``eps`` (normalised units, ~0.06 px at 640 px) so that zero-area
+            boxes give finite (large) values instead of inf/NaN.
+
+    Δp = location − centre, in units of the box size (Δp / wh: scale invariant). Target: Δp clamped to
+    the η-expanded box [−η/2, η/2]. Per point (|Δp_x − tgt_x| + |Δp_y − tgt_y|)^2 (0 inside the
+    expanded box), summed over heads, levels and points, averaged over positive queries; 0 without any.
+    (The paper prints ||Δp − η·(w, h)||₁² over the outside points; DESIGN.md reads η·(w, h) as the edge
+    of the η-expanded box, the nearest point of which is the target.)
+    """
+    _check_spr_shapes("spr_offset_loss", sampling_locations, ref_boxes, positive_mask)
+    dp = _offsets_in_box_units(sampling_locations, ref_boxes, positive_mask, eps)  # [N, M, L, P, 2]
+    target = dp.clamp(-eta / 2, eta / 2)  # Eq. 5: the nearest point of the η-expanded box
+    per_point = (dp - target).abs().sum(-1).pow(2)  # Eq. 5: ||Δp − target||_1^2, 0 inside
+    return _mean_over_positives(per_point, positive_mask)
+
+
+def spr_attention_loss(sampling_locations: Tensor, attention_weights: Tensor, ref_boxes: Tensor,
+                       positive_mask: Tensor, eps: float = 1e-4) -> Tensor:
+    """SPR's attention loss L_atten of one decoder layer, averaged over the positive queries.
+
+    ``attention_weights`` [B, Q, heads, levels, points] (softmax over levels × points per head); other
+    arguments as :func:`spr_offset_loss` (``eps`` clamps the box size; a zero-area box contains only a
+    point exactly at its centre). For each positive query, head m and level l, with I the points inside
+    the (unexpanded) box and O those outside: Σ_{k∈O} max(A_k − max_{k'∈I} A_k', 0). A (m, l) with no
+    point inside contributes 0. Which points are inside is not differentiated.
+    """
+    _check_spr_shapes("spr_attention_loss", sampling_locations, ref_boxes, positive_mask, attention_weights)
+    dp = _offsets_in_box_units(sampling_locations.detach(), ref_boxes, positive_mask, eps)
+    inside = (dp.abs() <= 0.5).all(-1)  # [N, M, L, P]: the point lies in the box
+    attn = attention_weights[positive_mask.bool()]  # [N, M, L, P]
+    has_inside = inside.any(-1, keepdim=True)  # [N, M, L, 1]
+    lowest = torch.finfo(attn.dtype).min
+    max_inside = attn.masked_fill(~inside, lowest).amax(-1, keepdim=True)  # max_{k'∈I} A_k'
+    max_inside = torch.where(has_inside, max_inside, torch.zeros_like(max_inside))
+    hinge = F.relu(attn - max_inside) * (~inside & has_inside).to(attn.dtype)  # L_atten: k ∈ O only
+    return _mean_over_positives(hinge, positive_mask)

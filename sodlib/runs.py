@@ -6,12 +6,26 @@ fsync, ``os.replace``), so an interrupted process never leaves a half-written ar
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import json
 import os
 import tempfile
 from pathlib import Path
 from typing import Any
+
+
+def _non_default(obj) -> dict:
+    out = {}
+    for f in dataclasses.fields(obj):
+        value = getattr(obj, f.name)
+        if dataclasses.is_dataclass(value):
+            out[f.name] = _non_default(value)
+            continue
+        default = f.default_factory() if f.default_factory is not dataclasses.MISSING else f.default
+        if value != default:
+            out[f.name] = value
+    return out
 
 
 def atomic_write_bytes(path: str | os.PathLike, data: bytes) -> Path:
@@ -52,8 +66,15 @@ def _json_default(o):
 
 
 def config_hash(config: dict | Any, length: int = 12) -> str:
-    """Stable short hash of a config (a dict or anything with ``to_dict``)."""
-    d = config.to_dict() if hasattr(config, "to_dict") else config
+    """Stable short hash of a config (a dict, or a dataclass config with ``to_dict``).
+
+    For dataclass configs only the fields that differ from their dataclass defaults enter the
+    hash, so adding a new option (with a default that keeps old behaviour) leaves the hashes of
+    existing runs, and their cached results, valid. Changing a default changes what a run means:
+    do that deliberately and rerun.
+    """
+    d = _non_default(config) if dataclasses.is_dataclass(config) else (
+        config.to_dict() if hasattr(config, "to_dict") else config)
     blob = json.dumps(d, sort_keys=True, default=_json_default).encode()
     return hashlib.sha256(blob).hexdigest()[:length]
 

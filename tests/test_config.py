@@ -41,6 +41,8 @@ def test_override_parses_types():
     ("loss.eta_per_layer=[1.5, 0.9, 1.0]", "loss.eta_per_layer"),
     ("loss.eta_per_layer=[1.5, 1.0]", "loss.eta_per_layer"),
     ("loss.cls_loss=focal", "loss.cls_loss"),
+    ("loss.weight_sr_gen=-1", "loss.weight_sr_gen"),
+    ("loss.sr_grad=both", "loss.sr_grad"),
     ("loss.st=yes", "loss.st"),
     ("train.batch_size=2.5", "train.batch_size"),
     ("model.hidden_dim=100", "model.hidden_dim"),

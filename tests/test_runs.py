@@ -40,3 +40,21 @@ def test_save_and_load_run(tmp_path):
     assert prov["packages"]["torch"].startswith("2.")
     stored = json.loads((d / "config.json").read_text())
     assert type(cfg).from_dict(stored) == cfg  # the stored config rebuilds the run exactly
+
+
+def test_config_hash_ignores_new_fields_at_their_defaults():
+    import dataclasses
+
+    @dataclasses.dataclass(frozen=True)
+    class Old:
+        lr: float = 1e-3
+        st: bool = False
+
+    @dataclasses.dataclass(frozen=True)
+    class New:  # a later version adds an option whose default keeps the old behaviour
+        lr: float = 1e-3
+        st: bool = False
+        weight_new: float = 1.0
+
+    assert runs.config_hash(Old(lr=2e-3)) == runs.config_hash(New(lr=2e-3))
+    assert runs.config_hash(New(lr=2e-3)) != runs.config_hash(New(lr=2e-3, weight_new=0.5))
