@@ -87,8 +87,9 @@ def _synthetic_batch(batch: int, size: int, num_classes: int, objects: int = 20,
     return images, targets
 
 
-def time_train_step(cfg, batch: int, steps: int = 20, warmup: int = 3, amp: bool | None = None) -> float:
-    """Median seconds of one optimiser step (forward, loss, backward, AdamW) on a synthetic batch."""
+def time_train_step(cfg, batch: int, steps: int = 20, warmup: int = 3) -> float:
+    """Median seconds of one optimiser step (forward, loss, backward, AdamW) on a synthetic batch,
+    with the config's ``train.amp`` (bf16 autocast) and ``train.channels_last`` settings."""
     import torch
 
     from sodlib import build_criterion, build_detector
@@ -99,11 +100,14 @@ def time_train_step(cfg, batch: int, steps: int = 20, warmup: int = 3, amp: bool
     model, criterion = build_detector(cfg.model).train(), build_criterion(cfg.loss, cfg.model)
     opt = build_optimizer(model, cfg.train, extra=criterion)
     images, targets = _synthetic_batch(batch, cfg.data.image_size, cfg.model.num_classes)
-    use_amp = cfg.train.amp if amp is None else amp
+    if cfg.train.channels_last:
+        model = model.to(memory_format=torch.channels_last)
+        images = images.contiguous(memory_format=torch.channels_last)
 
     def step():
-        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=use_amp):
-            out = model(images, targets)
+        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=cfg.train.amp):
+            out = model(images, targets, return_sampling=criterion.needs_sampling,
+                        return_hidden=criterion.needs_hidden)
         loss = criterion.weighted_total(criterion(_to_float32(out), targets))
         opt.zero_grad(set_to_none=True)
         loss.backward()
@@ -114,16 +118,19 @@ def time_train_step(cfg, batch: int, steps: int = 20, warmup: int = 3, amp: bool
     return _median_time(step, steps)
 
 
-def time_inference(cfg, batch: int, steps: int = 20, warmup: int = 3) -> float:
-    """Median seconds of one eval-mode forward pass on a batch."""
+def time_inference(cfg, batch: int, steps: int = 20, warmup: int = 3, model=None) -> float:
+    """Median seconds of one eval-mode forward pass on a batch (``train.channels_last`` honoured)."""
     import torch
 
     from sodlib import build_detector
 
     torch.manual_seed(0)
-    model = build_detector(cfg.model).eval()
+    model = (model or build_detector(cfg.model)).eval()
     images, _ = _synthetic_batch(batch, cfg.data.image_size, cfg.model.num_classes)
-    with torch.no_grad():
+    if cfg.train.channels_last:
+        model = model.to(memory_format=torch.channels_last)
+        images = images.contiguous(memory_format=torch.channels_last)
+    with torch.inference_mode():
         for _ in range(warmup):
             model(images)
         return _median_time(lambda: model(images), steps)
@@ -152,18 +159,25 @@ def bench_model(steps: int = 20, threads: int = 2) -> pd.DataFrame:
     torch.set_num_threads(threads)
     rows = []
     cpu = get_profile("cpu")
-    paper = override(get_profile("paper"), "train.amp=false")  # CPU timing in float32, like the anchor
-    for name, cfg, train_batch, amp_options in (("cpu", cpu, cpu.train.batch_size, (False, True)),
-                                                ("paper", paper, 2, (False,))):
+    paper = get_profile("paper")
+    variants = {  # (profile, train batch, [(tag, overrides)]) — fp32 rows compare with RT-DETR's CPU anchor
+        "cpu": (cpu, cpu.train.batch_size, [("fp32", ("train.amp=false",)), ("bf16", ("train.amp=true",)),
+                                            ("bf16_channels_last", ("train.amp=true", "train.channels_last=true"))]),
+        "paper": (paper, 2, [("fp32", ("train.amp=false",)),
+                             ("fp32_channels_last", ("train.amp=false", "train.channels_last=true"))]),
+    }
+    for name, (cfg, train_batch, tags) in variants.items():
         n_params = sum(p.numel() for p in __import__("sodlib").build_detector(cfg.model).parameters())
         rows.append((name, "parameters", n_params, "count"))
         rows.append((name, f"gflops_per_image@{cfg.data.image_size}px", count_gflops(cfg), "GFLOPs"))
-        for amp in amp_options:
-            t = time_train_step(cfg, train_batch, steps=steps if name == "cpu" else max(5, steps // 4), amp=amp)
-            tag = "bf16" if amp else "fp32"
+        n = steps if name == "cpu" else max(5, steps // 4)
+        for tag, sets in tags:
+            c = override(cfg, *sets)
+            t = time_train_step(c, train_batch, steps=n)
             rows.append((name, f"train_step_batch{train_batch}@{cfg.data.image_size}px_{tag}", t * 1e3, "ms"))
-        t = time_inference(cfg, 1, steps=steps if name == "cpu" else max(5, steps // 2))
-        rows.append((name, f"inference_batch1@{cfg.data.image_size}px", t * 1e3, "ms/image"))
+            if "bf16" not in tag:
+                t = time_inference(c, 1, steps=n)
+                rows.append((name, f"inference_batch1@{cfg.data.image_size}px_{tag}", t * 1e3, "ms/image"))
     for label, kwargs in (("cpu_decoder", {}),
                           ("paper_decoder", {"batch": 2, "queries": 500, "head_dim": 32,
                                              "spatial_shapes": ((80, 80), (40, 40), (20, 20))})):
@@ -177,7 +191,76 @@ def bench_model(steps: int = 20, threads: int = 2) -> pd.DataFrame:
     return pd.DataFrame(rows, columns=["benchmark", "variant", "value", "unit"])
 
 
-BENCHES = {"data": bench_data, "model": bench_model}
+def bench_methods(steps: int = 24, warmup: int = 3, threads: int = 2) -> pd.DataFrame:
+    """Paper A's claim that ST/SR/SPR only change the training objective, measured on the cpu profile.
+
+    Each variant gets its own detector + criterion + optimiser; their steps are interleaved round by
+    round so that machine noise hits all variants alike, and the median of ``steps`` rounds is used.
+    ``train_step_ratio`` = (ST+SR+SPR) / baseline; ``inference_ratio`` = eval forward of the detector
+    built for the full method / the baseline's (paper A: same graph, same speed).
+    Columns metric, value.
+    """
+    import torch
+
+    from sodlib import build_criterion, build_detector
+    from sodlib.config import get_profile, override
+    from sodlib.engine import _to_float32
+    from sodlib.optim import build_optimizer
+
+    torch.set_num_threads(threads)
+    base = get_profile("cpu")
+    variants = {"baseline": (), "st": ("loss.st=true",), "sr": ("loss.sr=true",), "spr": ("loss.spr=true",),
+                "st_sr_spr": ("loss.st=true", "loss.sr=true", "loss.spr=true")}
+    images, targets = _synthetic_batch(base.train.batch_size, base.data.image_size, base.model.num_classes)
+    runners, models = {}, {}
+    for name, sets in variants.items():
+        cfg = override(base, *sets)
+        torch.manual_seed(0)
+        model, criterion = build_detector(cfg.model).train(), build_criterion(cfg.loss, cfg.model)
+        opt = build_optimizer(model, cfg.train, extra=criterion)
+        models[name] = model
+
+        def step(model=model, criterion=criterion, opt=opt, amp=cfg.train.amp):
+            with torch.autocast("cpu", dtype=torch.bfloat16, enabled=amp):
+                out = model(images, targets, return_sampling=criterion.needs_sampling,
+                            return_hidden=criterion.needs_hidden)
+            loss = criterion.weighted_total(criterion(_to_float32(out), targets))
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            opt.step()
+
+        runners[name] = step
+    times = {k: [] for k in runners}
+    for r in range(warmup + steps):
+        for name, step in runners.items():
+            t0 = time.perf_counter()
+            step()
+            if r >= warmup:
+                times[name].append(time.perf_counter() - t0)
+    med = {k: statistics.median(v) for k, v in times.items()}
+    rows = [(f"step_ms_{k}", v * 1e3) for k, v in med.items()]
+    rows += [(f"{k}_step_ratio", med[k] / med["baseline"]) for k in ("st", "sr", "spr")]
+    rows.append(("train_step_ratio", med["st_sr_spr"] / med["baseline"]))
+
+    inf = {"baseline": [], "st_sr_spr": []}
+    with torch.inference_mode():
+        for m in (models["baseline"], models["st_sr_spr"]):
+            m.eval()
+        for r in range(warmup + steps):
+            for name in inf:
+                t0 = time.perf_counter()
+                models[name](images[:1])
+                if r >= warmup:
+                    inf[name].append(time.perf_counter() - t0)
+    inf_med = {k: statistics.median(v) for k, v in inf.items()}
+    rows += [(f"inference_ms_{k}", v * 1e3) for k, v in inf_med.items()]
+    rows.append(("inference_ratio", inf_med["st_sr_spr"] / inf_med["baseline"]))
+    same = (list(models["baseline"].state_dict()) == list(models["st_sr_spr"].state_dict()))
+    rows.append(("same_detector_parameters", float(same)))
+    return pd.DataFrame(rows, columns=["metric", "value"])
+
+
+BENCHES = {"data": bench_data, "model": bench_model, "methods": bench_methods}
 
 
 def run(what: str, out_dir: str | Path) -> Path:

@@ -159,7 +159,7 @@ def build_parser() -> argparse.ArgumentParser:
     e.set_defaults(func=_cmd_eval)
 
     b = sub.add_parser("bench", help="benchmarks writing results/bench/<what>.csv")
-    b.add_argument("what", choices=("data", "model"))
+    b.add_argument("what", choices=("data", "model", "methods"))
     b.add_argument("--out", default=None)
     b.set_defaults(func=_cmd_bench)
 

@@ -46,6 +46,7 @@ class ModelConfig:
     backbone_width: int = 32  # stem width of the `tiny` backbone (ignored by ResNets)
     pretrained_path: str = ""  # local torchvision state_dict for the ResNet; "" = random init
     freeze_norm: bool = True  # FrozenBatchNorm2d in the backbone (RT-DETR practice)
+    freeze_at: int = -1  # ResNet: -1 trains all; 0 freezes the stem (RT-DETR-R50); k also stages 1..k
     num_classes: int = 6  # foreground classes (must equal data.num_classes)
     hidden_dim: int = 256  # transformer width C
     num_heads: int = 8  # attention heads
@@ -73,6 +74,7 @@ class ModelConfig:
                     "num_decoder_layers", "dim_feedforward", "encoder_ffn", "backbone_width"):
             _check_range(f"model.{key}", getattr(self, key), lo=1)
         _check_range("model.num_denoising", self.num_denoising, lo=0)
+        _check_range("model.freeze_at", self.freeze_at, lo=-1, hi=4)
         _check_range("model.dropout", self.dropout, lo=0.0, hi=1.0)
         _check_range("model.label_noise_ratio", self.label_noise_ratio, lo=0.0, hi=1.0)
         _check_range("model.box_noise_scale", self.box_noise_scale, lo=0.0)
@@ -151,6 +153,7 @@ class TrainConfig:
     ema_warmups: int = 2000
     clip_max_norm: float = 0.1  # 0 disables gradient clipping
     amp: bool = False  # bf16 autocast for the forward pass (CUDA, or CPUs with bf16 instructions)
+    channels_last: bool = False  # NHWC memory format for the convolutions (faster with oneDNN / cuDNN)
     multiscale: tuple[int, ...] = ()  # train sizes sampled per batch; () = data.image_size only
     eval_every: int = 0  # iterations between evaluations; 0 = only at the end
     checkpoint_every: int = 200  # iterations between checkpoints
@@ -233,8 +236,8 @@ def _paper() -> RunConfig:
     return RunConfig(
         name="paper",
         data=DataConfig(dataset="visdrone", image_size=640, num_classes=10, num_workers=4),
-        model=ModelConfig(backbone="resnet50", num_classes=10, hidden_dim=256, num_heads=8, num_levels=3,
-                          num_points=4, num_queries=300, num_decoder_layers=6, num_denoising=100),
+        model=ModelConfig(backbone="resnet50", freeze_at=0, num_classes=10, hidden_dim=256, num_heads=8,
+                          num_levels=3, num_points=4, num_queries=300, num_decoder_layers=6, num_denoising=100),
         train=TrainConfig(device="cuda", batch_size=16, epochs=72, lr=2e-4, lr_backbone_mult=0.1,
                           weight_decay=1e-4, warmup_iters=2000, ema_decay=0.9999, clip_max_norm=0.1,
                           amp=True),

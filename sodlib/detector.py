@@ -47,16 +47,14 @@ class RTDETR(nn.Module):
 
 def build_backbone(cfg: ModelConfig, return_levels: tuple[int, ...] = (3, 4, 5)) -> nn.Module:
     """``tiny`` → :class:`TinyBackbone` (trainable BatchNorm; ``freeze_norm`` applies to ResNets only);
-    ``resnetNN`` → :class:`ResNetBackbone` (stem frozen when pretrained weights and frozen norms are used,
-    as in RT-DETR-R50)."""
+    ``resnetNN`` → :class:`ResNetBackbone` (``model.freeze_at``: 0 freezes the stem, as RT-DETR-R50 does)."""
     if cfg.backbone == "tiny":
         backbone = TinyBackbone(cfg.backbone_width, return_levels)
         if cfg.pretrained_path:
             load_state_dict_file(backbone, cfg.pretrained_path)
         return backbone
     depth = int(cfg.backbone.removeprefix("resnet"))
-    freeze_at = 0 if (cfg.pretrained_path and cfg.freeze_norm) else -1
-    return ResNetBackbone(depth, return_levels, cfg.freeze_norm, freeze_at, cfg.pretrained_path)
+    return ResNetBackbone(depth, return_levels, cfg.freeze_norm, cfg.freeze_at, cfg.pretrained_path)
 
 
 def build_encoder(cfg: ModelConfig, in_channels: tuple[int, ...]) -> nn.Module:

@@ -159,6 +159,8 @@ def train(cfg: RunConfig, out_dir: str | os.PathLike, data_root: str | None = No
         train_ds = build_dataset(cfg.data, cfg.data.train_split, train=True, data_root=data_root)
 
     model = build_detector(cfg.model).to(device)
+    if tc.channels_last:
+        model = model.to(memory_format=torch.channels_last)
     criterion = build_criterion(cfg.loss, cfg.model).to(device)
     ddp_model = nn.parallel.DistributedDataParallel(model, find_unused_parameters=True) if world > 1 else model
     optimizer = build_optimizer(model, tc, extra=criterion)
@@ -232,6 +234,8 @@ def train(cfg: RunConfig, out_dir: str | os.PathLike, data_root: str | None = No
         t_last = time.perf_counter()
         for images, targets in loader:
             images, targets = _to_device(images, targets, device)
+            if tc.channels_last:
+                images = images.contiguous(memory_format=torch.channels_last)
             if tc.multiscale:
                 size = tc.multiscale[int(torch.randint(len(tc.multiscale), (1,)))]
                 images = nn.functional.interpolate(images, size=(size, size), mode="bilinear", align_corners=False)
