@@ -247,11 +247,11 @@ def bench_methods(steps: int = 24, warmup: int = 3, threads: int = 2) -> pd.Data
         for m in (models["baseline"], models["st_sr_spr"]):
             m.eval()
         for r in range(warmup + steps):
-            for name in inf:
+            for name, times in inf.items():
                 t0 = time.perf_counter()
                 models[name](images[:1])
                 if r >= warmup:
-                    inf[name].append(time.perf_counter() - t0)
+                    times.append(time.perf_counter() - t0)
     inf_med = {k: statistics.median(v) for k, v in inf.items()}
     rows += [(f"inference_ms_{k}", v * 1e3) for k, v in inf_med.items()]
     rows.append(("inference_ratio", inf_med["st_sr_spr"] / inf_med["baseline"]))

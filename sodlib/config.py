@@ -50,7 +50,7 @@ class ModelConfig:
     num_classes: int = 6  # foreground classes (must equal data.num_classes)
     hidden_dim: int = 256  # transformer width C
     num_heads: int = 8  # attention heads
-    num_levels: int = 3  # feature levels fed to the decoder (strides 8, 16, 32)
+    num_levels: int = 3  # feature levels fed to the decoder (strides 8, 16, 32; must be 4 = strides 4..32 with bifpn_sae)
     num_points: int = 4  # sampling points per head and level
     num_queries: int = 300  # object queries (top-K encoder tokens)
     num_decoder_layers: int = 6  # decoder layers (one box/class head each)
@@ -66,6 +66,11 @@ class ModelConfig:
     bifpn_repeats: int = 2  # MRQM: BiFPN layers
     sae_high_updates: int = 2  # MRQM: SAE updates of the high-level tokens F3..F5
     iah: bool = False  # MRQM: IoU-aware auxiliary head + auxiliary positive queries (training only)
+    iah_tb: float = 0.55  # MRQM: base IoU threshold T_b of T_I = max(T_b, T_b + k·(sqrt(w·h)/A_s)^p)
+    iah_k: float = 0.15  # MRQM: k of T_I (negative k makes max(T_b, ·) clamp to T_b)
+    iah_p: float = 0.2  # MRQM: exponent p of T_I
+    iah_as_px: float = 0.0  # MRQM: A_s as a LENGTH in pixels (sqrt of the smallest gt area); 0 = auto (engine)
+    iah_max_queries: int = 300  # MRQM: cap on auxiliary positive queries per image (kept by IAH score)
 
     def __post_init__(self):
         _check_choice("model.backbone", self.backbone, ("tiny", "resnet18", "resnet34", "resnet50"))
@@ -81,6 +86,22 @@ class ModelConfig:
         if self.hidden_dim % self.num_heads:
             raise ValueError(f"model.hidden_dim ({self.hidden_dim}) must be divisible by "
                              f"model.num_heads ({self.num_heads})")
+        if self.encoder == "bifpn_sae" and self.num_levels != 4:
+            raise ValueError(f"model.num_levels must be 4 with model.encoder='bifpn_sae' (P2..P5), "
+                             f"got {self.num_levels}")
+        if self.encoder == "bifpn_sae" and self.hidden_dim % 4:
+            raise ValueError(f"model.hidden_dim ({self.hidden_dim}) must be divisible by 4 with "
+                             f"model.encoder='bifpn_sae' (2-D sin-cos position embedding)")
+        if self.iah and self.hidden_dim % 8:
+            raise ValueError(f"model.hidden_dim ({self.hidden_dim}) must be divisible by 8 with model.iah "
+                             f"(sine embedding of the 4 box coordinates)")
+        _check_range("model.bifpn_repeats", self.bifpn_repeats, lo=1)
+        _check_range("model.sae_high_updates", self.sae_high_updates, lo=1)
+        _check_range("model.iah_tb", self.iah_tb, lo=0.0, hi=1.0)
+        _check_range("model.iah_k", self.iah_k, lo=-1.0, hi=1.0)
+        _check_range("model.iah_p", self.iah_p, lo=0.0)
+        _check_range("model.iah_as_px", self.iah_as_px, lo=0.0)
+        _check_range("model.iah_max_queries", self.iah_max_queries, lo=1)
 
 
 @dataclass(frozen=True)
@@ -112,6 +133,11 @@ class LossConfig:
     weight_offset: float = 1.0  # L_offset weight (the paper gives none)
     weight_atten: float = 1.0  # L_atten weight (the paper gives none)
     spr_denoising: bool = False  # whether denoising queries take part in SPR
+    # Paper B (MRQM) IoU-aware head terms (used when model.iah; the head is trained on its own positives)
+    weight_iah_cls: float = 1.0  # loss_iah_cls: VFL|QFL|TAL (loss.cls_loss) of the IAH over all tokens
+    weight_iah_bbox: float = 5.0  # loss_iah_bbox: L1 of the IAH boxes of the positives
+    weight_iah_giou: float = 2.0  # loss_iah_giou: 1 - GIoU of the IAH boxes of the positives
+    weight_auxq: float = 1.0  # factor on every decoder term of the auxiliary positive queries (Eq. 10)
 
     def __post_init__(self):
         _check_choice("loss.cls_loss", self.cls_loss, ("vfl", "qfl", "tal"))
@@ -132,7 +158,8 @@ class LossConfig:
         for eta in self.eta_per_layer:
             _check_range("loss.eta_per_layer", eta, lo=1.0)
         for key in ("weight_vfl", "weight_bbox", "weight_giou", "cost_class", "cost_bbox", "cost_giou",
-                    "weight_offset", "weight_atten", "weight_sr_gen"):
+                    "weight_offset", "weight_atten", "weight_sr_gen", "weight_iah_cls", "weight_iah_bbox",
+                    "weight_iah_giou", "weight_auxq"):
             _check_range(f"loss.{key}", getattr(self, key), lo=0.0)
 
 

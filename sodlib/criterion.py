@@ -9,7 +9,8 @@ Targets: B dicts with ``boxes`` [N, 4] normalised cxcywh and ``labels`` [N] int6
 Loss keys: ``loss_<term>`` for the last layer, ``loss_<term>_aux_{i}`` for decoder layer i < L-1,
 ``loss_<term>_enc_0`` for the encoder proposals, ``loss_<term>_dn_{i}`` for the denoising queries of
 decoder layer i. Terms: ``loss_vfl`` | ``loss_qfl`` | ``loss_tal`` (classification), ``loss_bbox`` (L1),
-``loss_giou``. Weights are applied in one place, :meth:`SetCriterion.weighted_total`.
+``loss_giou``. Weights are applied in one place, :meth:`SetCriterion.weighted_total`. MRQM's criterion
+(:mod:`sodlib.mrqm_criterion`) adds ``loss_iah_{cls,bbox,giou}`` and ``loss_auxq_<term>_{i}``.
 
 Extending (paper A): a new term is a new entry in :meth:`SetCriterion.loss_map` (a method taking
 ``outputs, targets, indices, num_boxes, layer``); ST changes :meth:`SetCriterion.positive_target`, SR
@@ -32,12 +33,13 @@ from .box_ops import box_cxcywh_to_xyxy, paired_iou_xyxy
 from .config import LossConfig, ModelConfig
 from .matcher import HungarianMatcher, Indices
 
-_LAYER_SUFFIX = re.compile(r"_(aux|enc|dn)_\d+$")
-_NESTED_OUTPUTS = ("aux_outputs", "enc_outputs", "dn_outputs", "dn_meta")
+_LAYER_SUFFIX = re.compile(r"(_(aux|enc|dn))?_\d+$")
+_NESTED_OUTPUTS = ("aux_outputs", "enc_outputs", "dn_outputs", "dn_meta",
+                   "iah_outputs", "aux_query_outputs", "aux_query_indices")  # the last three: MRQM
 
 
 def base_loss_name(key: str) -> str:
-    """``loss_vfl_aux_3`` -> ``loss_vfl``: the weight_dict key of a loss term."""
+    """``loss_vfl_aux_3`` -> ``loss_vfl``, ``loss_auxq_vfl_3`` -> ``loss_auxq_vfl``: the weight_dict key."""
     return _LAYER_SUFFIX.sub("", key)
 
 
@@ -293,7 +295,8 @@ def positive_mask(indices: Indices, num_queries: int) -> Tensor:
 def build_criterion(loss_cfg: LossConfig, model_cfg: ModelConfig) -> SetCriterion:
     """The RT-DETR criterion described by ``loss_cfg`` for a detector built from ``model_cfg``.
 
-    With any of paper A's switches (``loss.st``, ``loss.sr``, ``loss.spr``) on, a
+    With ``model.iah`` (MRQM) a :class:`~sodlib.mrqm_criterion.MRQMCriterion` (which also carries paper A's
+    switches); else, with any of paper A's switches (``loss.st``, ``loss.sr``, ``loss.spr``) on, a
     :class:`~sodlib.sampling_criterion.BetterSamplingCriterion`; otherwise the plain :class:`SetCriterion`.
     """
     matcher = HungarianMatcher(cost_class=loss_cfg.cost_class, cost_bbox=loss_cfg.cost_bbox,
@@ -303,15 +306,24 @@ def build_criterion(loss_cfg: LossConfig, model_cfg: ModelConfig) -> SetCriterio
                    "loss_giou": loss_cfg.weight_giou}
     common = {"losses": (loss_cfg.cls_loss, "boxes"), "alpha": loss_cfg.alpha, "gamma": loss_cfg.gamma,
               "tal_a": loss_cfg.tal_a, "tal_b": loss_cfg.tal_b}
-    if not (loss_cfg.st or loss_cfg.sr or loss_cfg.spr):
+    if not (loss_cfg.st or loss_cfg.sr or loss_cfg.spr or model_cfg.iah):
         return SetCriterion(matcher, model_cfg.num_classes, weight_dict, **common)
-    from .sampling_criterion import BetterSamplingCriterion  # imports this module
+    from .mrqm_criterion import MRQMCriterion  # both import this module
+    from .sampling_criterion import BetterSamplingCriterion
 
     if loss_cfg.spr:
         weight_dict.update(loss_offset=loss_cfg.weight_offset, loss_atten=loss_cfg.weight_atten)  # Eq. 22
     if loss_cfg.sr and loss_cfg.sr_grad == "difficulty":
         weight_dict["loss_sr_gen"] = loss_cfg.weight_sr_gen
-    return BetterSamplingCriterion(
+    cls = BetterSamplingCriterion
+    if model_cfg.iah:
+        cls = MRQMCriterion
+        # Eq. 10: the auxiliary queries' decoder terms, scaled by loss.weight_auxq
+        weight_dict.update({f"loss_auxq_{k.removeprefix('loss_')}": loss_cfg.weight_auxq * w
+                            for k, w in weight_dict.items()})
+        weight_dict.update(loss_iah_cls=loss_cfg.weight_iah_cls, loss_iah_bbox=loss_cfg.weight_iah_bbox,
+                           loss_iah_giou=loss_cfg.weight_iah_giou)
+    return cls(
         matcher, model_cfg.num_classes, weight_dict, **common, st=loss_cfg.st, st_mode=loss_cfg.st_mode,
         beta=loss_cfg.beta, theta=loss_cfg.theta, sr=loss_cfg.sr, sr_grad=loss_cfg.sr_grad,
         hidden_dim=model_cfg.hidden_dim, spr=loss_cfg.spr, eta_per_layer=loss_cfg.eta_per_layer,

@@ -126,7 +126,8 @@ class RTDETRDecoder(nn.Module):
 
     # ------------------------------------------------------------------ pieces
 
-    def _memory(self, feats: list[Tensor]) -> tuple[Tensor, list[tuple[int, int]]]:
+    def memory(self, feats: list[Tensor]) -> tuple[Tensor, list[tuple[int, int]]]:
+        """Encoder maps → projected, flattened memory [B, ΣHW, C] (levels finest first) and their (H, W)."""
         proj = [p(f) for p, f in zip(self.input_proj, feats)]
         for p in self.input_proj[len(feats):]:
             proj.append(p(feats[-1] if len(proj) == len(feats) else proj[-1]))
@@ -184,7 +185,12 @@ class RTDETRDecoder(nn.Module):
         Returns (eval): ``pred_logits``, ``pred_boxes`` and, when extras are requested, the last layer's
         extras at the top level and ``layers`` (L dicts).
         """
-        memory, shapes = self._memory(feats)
+        return self.forward_memory(*self.memory(feats), targets, return_sampling, return_hidden)
+
+    def forward_memory(self, memory: Tensor, shapes: list[tuple[int, int]],
+                       targets: list[dict[str, Tensor]] | None = None, return_sampling: bool = False,
+                       return_hidden: bool = False) -> dict:
+        """:meth:`forward` from an already projected memory (see :meth:`memory`); same output dict."""
         dn_embed = dn_boxes = attn_mask = dn_meta = None
         target, ref_unact, enc_out = self._select_queries(memory, shapes)
         if self.training and targets is not None and self.denoising_class_embed is not None:
@@ -195,7 +201,7 @@ class RTDETRDecoder(nn.Module):
             target = torch.cat([dn_embed.to(target.dtype), target], 1)
             ref_unact = torch.cat([dn_boxes.to(ref_unact.dtype), ref_unact], 1)
 
-        layers = self._decode(target, ref_unact, memory, shapes, attn_mask, return_sampling, return_hidden)
+        layers = self.decode_queries(target, ref_unact, memory, shapes, attn_mask, return_sampling, return_hidden)
 
         if dn_meta is not None:
             split = dn_meta["dn_num_split"]
@@ -213,8 +219,11 @@ class RTDETRDecoder(nn.Module):
             out["layers"] = layers
         return out
 
-    def _decode(self, target: Tensor, ref_unact: Tensor, memory: Tensor, shapes, attn_mask: Tensor | None,
-                return_sampling: bool, return_hidden: bool) -> list[dict[str, Tensor]]:
+    def decode_queries(self, target: Tensor, ref_unact: Tensor, memory: Tensor, shapes, attn_mask: Tensor | None,
+                       return_sampling: bool = False, return_hidden: bool = False) -> list[dict[str, Tensor]]:
+        """Run content queries ``target`` [B, Q, C] with logit-space reference boxes ``ref_unact`` [B, Q, 4]
+        through all decoder layers; one dict per layer (``pred_logits``, ``pred_boxes`` and extras).
+        ``attn_mask``: None, [Q, Q] or [B·heads, Q, Q] bool (True = may not attend)."""
         output = target
         ref = ref_unact.sigmoid()  # detached reference boxes
         prev_box = None  # undetached refined box of the previous layer

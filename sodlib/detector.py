@@ -13,6 +13,10 @@ Output contract of ``RTDETR.forward(images, targets=None, return_sampling=False,
   points] and ``ref_boxes`` [B, Q, 4]; ``return_hidden=True``: ``hidden_cls`` and ``hidden_reg`` [B, Q, C].
   In eval mode the per-layer dicts are returned as ``layers`` (L dicts). The flags never change
   ``pred_logits`` / ``pred_boxes``.
+* MRQM's IoU-aware head (``model.iah``; training mode with targets only): ``iah_outputs`` (dense head
+  outputs and its one-to-many assignment), ``aux_query_outputs`` (L dicts over the auxiliary positive
+  queries) and ``aux_query_indices``; see :class:`sodlib.mrqm_head.IoUAwareHead`. The head is a submodule
+  (``aux_head``) but eval-mode forward never calls it: predictions and their graph are the same as without it.
 """
 
 from __future__ import annotations
@@ -27,22 +31,39 @@ from .backbone import ResNetBackbone, TinyBackbone, load_state_dict_file
 from .config import ModelConfig
 from .decoder import RTDETRDecoder
 from .encoder import HybridEncoder
+from .mrqm import BiFPNSAEEncoder
+from .mrqm_head import IoUAwareHead
 
-__all__ = ["RTDETR", "build_backbone", "build_detector", "build_encoder", "postprocess", "to_coco_results"]
+__all__ = ["RTDETR", "build_backbone", "build_detector", "build_encoder", "encoder_levels", "postprocess",
+           "to_coco_results"]
 
 
 class RTDETR(nn.Module):
-    """backbone → encoder → decoder (the decoder builds the output dict; see the module docstring)."""
+    """backbone → encoder → decoder (the decoder builds the output dict; see the module docstring).
 
-    def __init__(self, backbone: nn.Module, encoder: nn.Module, decoder: nn.Module):
+    ``aux_head`` (optional, training only): called with the decoder memory when training with targets,
+    its outputs are added to the dict (MRQM's :class:`~sodlib.mrqm_head.IoUAwareHead`); ``None`` registers
+    nothing, so the state dict is the baseline's. Eval-mode forward never calls it; to deploy without its
+    parameters, build with ``model.iah=false`` and load the state dict without the ``aux_head.`` keys.
+    """
+
+    def __init__(self, backbone: nn.Module, encoder: nn.Module, decoder: nn.Module,
+                 aux_head: nn.Module | None = None):
         super().__init__()
         self.backbone, self.encoder, self.decoder = backbone, encoder, decoder
+        self.aux_head = aux_head
 
     def forward(self, images: Tensor, targets: list[dict[str, Tensor]] | None = None,
                 return_sampling: bool = False, return_hidden: bool = False) -> dict:
         feats = self.encoder(self.backbone(images))
-        return self.decoder(feats, targets if self.training else None,
-                            return_sampling=return_sampling, return_hidden=return_hidden)
+        if not (self.training and targets is not None and self.aux_head is not None):
+            return self.decoder(feats, targets if self.training else None,
+                                return_sampling=return_sampling, return_hidden=return_hidden)
+        memory, shapes = self.decoder.memory(feats)
+        out = self.decoder.forward_memory(memory, shapes, targets, return_sampling, return_hidden)
+        out.update(self.aux_head(memory, shapes, targets, self.decoder, tuple(images.shape[-2:]),
+                                 return_sampling, return_hidden))
+        return out
 
 
 def build_backbone(cfg: ModelConfig, return_levels: tuple[int, ...] = (3, 4, 5)) -> nn.Module:
@@ -57,24 +78,38 @@ def build_backbone(cfg: ModelConfig, return_levels: tuple[int, ...] = (3, 4, 5))
     return ResNetBackbone(depth, return_levels, cfg.freeze_norm, cfg.freeze_at, cfg.pretrained_path)
 
 
+def encoder_levels(cfg: ModelConfig) -> tuple[int, ...]:
+    """Backbone levels the encoder reads: C3..C5 (``hybrid``), C2..C5 (``bifpn_sae``, MRQM)."""
+    return (2, 3, 4, 5) if cfg.encoder == "bifpn_sae" else (3, 4, 5)
+
+
 def build_encoder(cfg: ModelConfig, in_channels: tuple[int, ...]) -> nn.Module:
-    """``hybrid`` → RT-DETR's :class:`HybridEncoder`; ``bifpn_sae`` (MRQM) lives in ``sodlib.mrqm``."""
+    """``hybrid`` → RT-DETR's :class:`HybridEncoder`; ``bifpn_sae`` → MRQM's BiFPN + scale-aware encoder."""
     if cfg.encoder == "hybrid":
         return HybridEncoder(in_channels, cfg.hidden_dim, cfg.num_heads, cfg.encoder_ffn, cfg.dropout,
                              csp_blocks=cfg.csp_blocks, expansion=cfg.expansion)
-    raise NotImplementedError(f"encoder {cfg.encoder!r} is built by sodlib.mrqm, not by build_encoder")
+    if cfg.encoder == "bifpn_sae":
+        return BiFPNSAEEncoder(in_channels, cfg.hidden_dim, cfg.num_heads, cfg.num_points, cfg.encoder_ffn,
+                               cfg.dropout, cfg.bifpn_repeats, cfg.sae_high_updates)
+    raise NotImplementedError(f"unknown encoder {cfg.encoder!r}")
 
 
 def build_detector(model_cfg: ModelConfig) -> nn.Module:
-    """Build RT-DETR from a :class:`~sodlib.config.ModelConfig`; the config is kept as ``.config``."""
+    """Build RT-DETR from a :class:`~sodlib.config.ModelConfig`; the config is kept as ``.config``.
+
+    ``encoder="bifpn_sae"`` makes it MRQM's detector (backbone levels 2..5, 4 decoder levels);
+    ``iah=True`` adds the training-only IoU-aware head as ``aux_head``.
+    """
     cfg = model_cfg
-    backbone = build_backbone(cfg)
+    backbone = build_backbone(cfg, encoder_levels(cfg))
     encoder = build_encoder(cfg, tuple(backbone.out_channels))
     decoder = RTDETRDecoder(cfg.num_classes, tuple(encoder.out_channels), cfg.hidden_dim, cfg.num_queries,
                             cfg.num_levels, cfg.num_points, cfg.num_heads, cfg.num_decoder_layers,
                             cfg.dim_feedforward, cfg.dropout, cfg.num_denoising, cfg.label_noise_ratio,
                             cfg.box_noise_scale)
-    model = RTDETR(backbone, encoder, decoder)
+    aux_head = (IoUAwareHead(cfg.hidden_dim, cfg.num_classes, cfg.iah_tb, cfg.iah_k, cfg.iah_p, cfg.iah_as_px,
+                             cfg.iah_max_queries) if cfg.iah else None)
+    model = RTDETR(backbone, encoder, decoder, aux_head)
     model.config = cfg
     return model
 

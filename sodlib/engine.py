@@ -159,6 +159,10 @@ def train(cfg: RunConfig, out_dir: str | os.PathLike, data_root: str | None = No
         train_ds = build_dataset(cfg.data, cfg.data.train_split, train=True, data_root=data_root)
 
     model = build_detector(cfg.model).to(device)
+    if cfg.model.iah and cfg.model.iah_as_px == 0:  # MRQM's A_s: sqrt of the smallest training gt area (px)
+        from sodlib.mrqm_stats import min_instance_size_px
+
+        model.aux_head.set_min_instance_size(min_instance_size_px(train_ds, cfg.data.image_size))
     if tc.channels_last:
         model = model.to(memory_format=torch.channels_last)
     criterion = build_criterion(cfg.loss, cfg.model).to(device)

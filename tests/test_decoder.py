@@ -86,7 +86,7 @@ def test_sampling_outputs_reproduce_cross_attention():
         lambda mod, args, output: captured.update(out=output[0], query=args[0]))
     with torch.no_grad():
         out = dec(feats, return_sampling=True)
-        memory, shapes = dec._memory(feats)
+        memory, shapes = dec.memory(feats)
     hook.remove()
     layer = out["layers"][layer_idx]
     attn_mod = dec.layers[layer_idx].cross_attn

@@ -82,8 +82,10 @@ def test_other_backbones_and_unknown_encoder():
     cfg = override(get_profile("smoke"), "model.backbone=resnet18", "model.freeze_norm=false").model
     model = build_detector(cfg)
     assert model.backbone.out_channels == (128, 256, 512)
-    with pytest.raises(NotImplementedError):
-        build_detector(override(get_profile("smoke"), "model.encoder=bifpn_sae").model)
+    with pytest.raises(ValueError, match="model.num_levels"):  # MRQM's encoder reads P2..P5
+        override(get_profile("smoke"), "model.encoder=bifpn_sae")
+    mrqm = build_detector(override(get_profile("smoke"), "model.encoder=bifpn_sae", "model.num_levels=4").model)
+    assert mrqm.backbone.out_strides == (4, 8, 16, 32) and mrqm.encoder.out_channels == (32,) * 4
 
 
 def test_postprocess_topk_and_pixel_boxes():
