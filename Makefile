@@ -5,7 +5,7 @@ USER_BIN := $(shell python3 -c 'import site; print(site.getuserbase())')/bin
 UV := $(shell command -v uv 2>/dev/null || echo $(USER_BIN)/uv)
 PROFILE ?= cpu
 
-.PHONY: setup test reproduce smoke bench lab clean-venv
+.PHONY: setup test reproduce smoke bench lab strip clean-venv
 
 setup: .venv/.installed
 
@@ -30,6 +30,10 @@ bench: setup
 
 lab: setup
 	$(PY) -m jupyter lab notebooks/
+
+# run before committing a notebook edited in Jupyter (tests/test_notebooks.py checks it)
+strip: setup
+	$(PY) -m sodlib.notebooks notebooks/*.ipynb
 
 clean-venv:
 	rm -rf .venv

@@ -1,8 +1,9 @@
 """The ``sodlib`` command: train, eval, predict, data, bench, reproduce.
 
 Each sub-command is a thin argparse front over a library function; heavy imports happen inside
-the handlers so ``sodlib --help`` is instant. Errors raised by the library are printed as one line
-and give exit status 2 (no traceback unless ``SODLIB_DEBUG=1``).
+the handlers so ``sodlib --help`` is instant. Errors raised by the library (and a failed reproduction
+step, e.g. a notebook cell) are printed as one line and give exit status 2 (no traceback unless
+``SODLIB_DEBUG=1``).
 """
 
 from __future__ import annotations
@@ -98,8 +99,15 @@ def _cmd_bench(args) -> int:
 def _cmd_reproduce(args) -> int:
     from sodlib import reproduce
 
-    return reproduce.main(profile=args.profile, only=args.only, seeds=args.seeds,
-                          results_dir=Path(args.out) if args.out else _results())
+    try:
+        return reproduce.main(profile=args.profile, only=args.only, seeds=args.seeds,
+                              results_dir=Path(args.out) if args.out else _results(), data=args.data or "",
+                              device=args.device or "")
+    except reproduce.ReproductionError as exc:  # a step failed: one line (step, notebook, cell), exit 2
+        if os.environ.get("SODLIB_DEBUG"):
+            raise
+        print(f"sodlib reproduce: error: {exc}", file=sys.stderr)
+        return 2
 
 
 def _results() -> Path:
@@ -165,8 +173,11 @@ def build_parser() -> argparse.ArgumentParser:
 
     r = sub.add_parser("reproduce", help="regenerate results/ headlessly")
     r.add_argument("--profile", default="cpu", choices=("smoke", "cpu", "paper"))
-    r.add_argument("--only", default=None, help="run only the notebooks whose name starts with this")
-    r.add_argument("--seeds", type=int, default=None, help="seeds for multi-seed tables")
+    r.add_argument("--only", default=None,
+                   help="run only the steps whose name starts with this (00_data, 00_baseline, NN_<notebook>), e.g. 01")
+    r.add_argument("--seeds", type=int, default=None, help="seeds for multi-seed tables (notebook parameter SEEDS)")
+    r.add_argument("--data", default=None, help="dataset root for the notebooks (DATA; default: the profile's)")
+    r.add_argument("--device", default=None, help="device for the notebooks (DEVICE; default: the profile's)")
     r.add_argument("--out", default=None, help="results folder (default: the repository's results/)")
     r.set_defaults(func=_cmd_reproduce)
     return p

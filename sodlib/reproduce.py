@@ -2,8 +2,10 @@
 
 ``sodlib reproduce`` (and ``make reproduce``) runs the steps in order. Step ``00_data`` generates
 SynthSOD for the profile, plots its statistics and writes an evaluation sanity table (known
-detections through every protocol and both evaluation backends). The numbered notebooks in
-``notebooks/`` follow as further steps once they exist.
+detections through every protocol and both evaluation backends); ``00_baseline`` trains (or reuses)
+the profile's baseline. Every numbered notebook ``notebooks/NN_name.ipynb`` follows as a step named
+``NN_name``, executed with papermill into ``results/notebooks/`` (see :mod:`sodlib.notebooks`).
+A failing step raises :class:`ReproductionError`, one line naming the step (and notebook cell).
 """
 
 from __future__ import annotations
@@ -20,6 +22,11 @@ from sodlib.runs import atomic_write_text
 
 log = logging.getLogger(__name__)
 SHARED_DATA = Path(__file__).resolve().parents[2] / "shared" / "data"
+NOTEBOOKS_DIR = Path(__file__).resolve().parents[1] / "notebooks"
+
+
+class ReproductionError(RuntimeError):
+    """A reproduction step failed; the message is one line naming the step and the cause."""
 
 
 def write_table(df: pd.DataFrame, stem: Path, float_format: str = "%.4f") -> None:
@@ -123,20 +130,40 @@ def step_baseline(profile: str, results_dir: Path) -> dict:
 
 
 def main(profile: str = "cpu", only: str | None = None, seeds: int | None = None,
-         results_dir: str | Path = "results") -> int:
+         results_dir: str | Path = "results", data: str = "", device: str = "",
+         notebooks_dir: str | Path | None = None, progress: bool = True) -> int:
+    """Run the steps whose name starts with ``only`` (all when None) for ``profile`` into ``results_dir``.
+
+    ``seeds``, ``data`` and ``device`` reach the notebooks as ``SEEDS`` (None: the notebook's default),
+    ``DATA`` and ``DEVICE`` ("": the profile's). Raises :class:`ReproductionError` at the first failure
+    and ``ValueError`` when ``only`` matches no step.
+    """
+    from sodlib import notebooks
+
     results_dir = Path(results_dir)
     steps = [("00_data", lambda: step_data(profile, results_dir)),
              ("00_baseline", lambda: step_baseline(profile, results_dir))]
+    nb_dir = Path(notebooks_dir) if notebooks_dir is not None else NOTEBOOKS_DIR
+    if nb_dir.is_dir():
+        params = notebooks.notebook_parameters(profile, results_dir, seeds=seeds, data=data, device=device)
+        for nb in notebooks.discover(nb_dir):
+            steps.append((nb.stem, lambda nb=nb: notebooks.run_notebook(
+                nb, results_dir / "notebooks" / nb.name, params, progress=progress)))
+    else:
+        log.warning("%s absent (sodlib installed without its repository): notebook steps skipped", nb_dir)
+    selected = [(name, fn) for name, fn in steps if not only or name.startswith(only)]
+    if not selected:
+        raise ValueError(f"--only {only!r} matches no step; steps: {', '.join(n for n, _ in steps)}")
     t_all = time.perf_counter()
-    for name, fn in steps:
-        if only and not name.startswith(only):
-            continue
+    for name, fn in selected:
         t0 = time.perf_counter()
         print(f"[reproduce] {name} ({profile}) ...", flush=True)
         try:
             fn()
+        except notebooks.NotebookError as exc:
+            raise ReproductionError(f"reproduction step {name} failed: {exc}") from exc
         except Exception as exc:
-            raise RuntimeError(f"reproduction step {name} failed: {exc}") from exc
+            raise ReproductionError(f"reproduction step {name} failed: {type(exc).__name__}: {exc}") from exc
         print(f"[reproduce] {name} done in {time.perf_counter() - t0:.1f} s", flush=True)
-    print(f"[reproduce] all steps done in {time.perf_counter() - t_all:.1f} s; results in {results_dir}")
+    print(f"[reproduce] {len(selected)} step(s) done in {time.perf_counter() - t_all:.1f} s; results in {results_dir}")
     return 0
