@@ -135,16 +135,29 @@ def _to_device(images, targets, device):
 
 
 def train(cfg: RunConfig, out_dir: str | os.PathLike, data_root: str | None = None, resume: bool = True,
-          progress: bool = True, protocol: str = "coco", stop_after: int | None = None) -> dict:
+          progress: bool = True, protocol: str = "coco", stop_after: int | None = None,
+          need_checkpoint: bool = False) -> dict:
     """Train ``cfg`` into ``out_dir`` and return the final validation metrics (plus timing).
 
+    A finished run (``metrics.json`` present) is not trained again: its stored metrics are returned,
+    also in a fresh clone where only the committed metrics exist; ``need_checkpoint=True`` retrains
+    when the (uncommitted) checkpoint is missing, for callers that need the weights.
     ``stop_after`` interrupts the run after that many iterations (tests use it to check resume).
     """
+    import json
+
+    out_dir = Path(out_dir)
+    if resume and (out_dir / "metrics.json").exists():
+        stored = json.loads((out_dir / "config.json").read_text()) if (out_dir / "config.json").exists() else None
+        if stored is not None and RunConfig.from_dict(stored) != cfg:
+            raise ValueError(f"{out_dir} holds a run of a different config; choose another folder")
+        if not need_checkpoint or (out_dir / "checkpoints" / "last.pt").exists():
+            log.info("%s already finished; returning its stored metrics", out_dir)
+            return json.loads((out_dir / "metrics.json").read_text())
     from sodlib import build_criterion, build_detector
     from sodlib.datasets import build_dataset, collate_fn
 
     tc = cfg.train
-    out_dir = Path(out_dir)
     rank, world, device = init_distributed(tc.device)
     main_process = rank == 0
     if tc.threads:
@@ -191,11 +204,6 @@ def train(cfg: RunConfig, out_dir: str | os.PathLike, data_root: str | None = No
         train_seconds = float(state["train_seconds"])
         _set_rng_state(state["rng"][rank] if isinstance(state["rng"], list) else state["rng"])
         log.info("resumed from %s at iteration %d", ckpt_path, it)
-    if it >= total_iters and (out_dir / "metrics.json").exists():
-        import json
-
-        log.info("%s already finished; returning its stored metrics", out_dir)
-        return {k: v for k, v in json.loads((out_dir / "metrics.json").read_text()).items()}
     if main_process:
         _truncate_log(log_path, it)
 

@@ -146,6 +146,27 @@ def run_dir(config, results_dir: str | os.PathLike | None = None) -> Path:
     return root / "runs" / config_hash(config)
 
 
+def rehash_runs(results_dir=None, config_cls=None) -> dict[str, str]:
+    """Move every ``runs/<hash>/`` whose stored config now hashes differently (after a default
+    changed) to its new name. Returns {old: new}. Refuses to overwrite an existing folder."""
+    if config_cls is None:
+        from sodlib.config import RunConfig as config_cls
+    root = Path(results_dir) if results_dir else default_results_dir()
+    moved = {}
+    for d in sorted((root / "runs").glob("*/")):
+        cfg_path = d / "config.json"
+        if not cfg_path.exists():
+            continue
+        new = config_hash(config_cls.from_dict(json.loads(cfg_path.read_text())))
+        if new != d.name:
+            target = d.parent / new
+            if target.exists():
+                raise FileExistsError(f"cannot move {d} to {target}: it exists")
+            os.replace(d, target)
+            moved[d.name] = new
+    return moved
+
+
 def load_finished_run(config, results_dir=None) -> dict | None:
     """The stored metrics of a finished run with this exact config, or None."""
     d = run_dir(config, results_dir)

@@ -1,4 +1,5 @@
 import csv
+import json
 import os
 import subprocess
 import sys
@@ -86,3 +87,20 @@ def test_ddp_gloo_two_processes(tmp_path):
     state = load_checkpoint(tmp_path / "checkpoints" / "last.pt")
     assert state["iteration"] == 2 and len(state["rng"]) == 2
     assert (tmp_path / "metrics.json").exists()
+
+
+@pytest.mark.slow
+def test_finished_run_is_not_trained_again(tmp_path, monkeypatch):
+    cfg = override(get_profile("smoke"), "train.max_iters=2", "train.checkpoint_every=2")
+    first = train(cfg, tmp_path, progress=False)
+    (tmp_path / "checkpoints" / "last.pt").unlink()  # a fresh clone has metrics but no checkpoint
+    import sodlib.engine as engine
+
+    monkeypatch.setattr(engine, "init_distributed", lambda *a: (_ for _ in ()).throw(AssertionError("retrained")))
+    assert train(cfg, tmp_path, progress=False) == json.loads((tmp_path / "metrics.json").read_text())
+    assert first["iterations"] == 2
+    with pytest.raises(ValueError, match="different config"):
+        train(override(cfg, "train.lr=0.5"), tmp_path, progress=False)
+    monkeypatch.undo()
+    train(cfg, tmp_path, progress=False, need_checkpoint=True)  # weights wanted: retrains
+    assert (tmp_path / "checkpoints" / "last.pt").exists()

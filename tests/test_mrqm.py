@@ -278,7 +278,8 @@ def test_build_criterion_weights_and_loss_keys():
 
 @pytest.mark.parametrize("cls_loss", ["vfl", "tal"])
 def test_combination_with_paper_a_switches(cls_loss):
-    cfg = _cfg("loss.st=true", "loss.sr=true", "loss.spr=true", f"loss.cls_loss={cls_loss}")
+    cfg = _cfg("loss.st=true", "loss.sr=true", "loss.spr=true", f"loss.cls_loss={cls_loss}",
+               "loss.sr_grad=difficulty")  # the mode with the generator's own loss term
     torch.manual_seed(0)
     model = sodlib.build_detector(cfg.model).train()
     crit = build_criterion(cfg.loss, cfg.model).train()

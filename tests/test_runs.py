@@ -58,3 +58,13 @@ def test_config_hash_ignores_new_fields_at_their_defaults():
 
     assert runs.config_hash(Old(lr=2e-3)) == runs.config_hash(New(lr=2e-3))
     assert runs.config_hash(New(lr=2e-3)) != runs.config_hash(New(lr=2e-3, weight_new=0.5))
+
+
+def test_rehash_runs_moves_folders_whose_hash_changed(tmp_path):
+    cfg = get_profile("smoke")
+    d = runs.save_run(cfg, {"AP": 0.1}, tmp_path)
+    stale = d.parent / "000000000000"
+    os.replace(d, stale)  # as if the hash rule or a default had changed since
+    assert runs.rehash_runs(tmp_path) == {"000000000000": runs.config_hash(cfg)}
+    assert runs.load_finished_run(cfg, tmp_path) == {"AP": 0.1}
+    assert runs.rehash_runs(tmp_path) == {}

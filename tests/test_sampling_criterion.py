@@ -222,7 +222,7 @@ def test_spr_needs_sampling_outputs():
 def test_build_criterion_with_switches():
     cfg = get_profile("smoke")
     on = override(cfg, "loss.st=true", "loss.sr=true", "loss.spr=true", "loss.weight_offset=0.5",
-                  "loss.weight_sr_gen=0.1")
+                  "loss.weight_sr_gen=0.1", "loss.sr_grad=difficulty")
     crit = build_criterion(on.loss, on.model)
     assert isinstance(crit, BetterSamplingCriterion) and crit.needs_sampling and crit.needs_hidden
     assert crit.weight_dict == {"loss_vfl": 1.0, "loss_bbox": 5.0, "loss_giou": 2.0, "loss_offset": 0.5,
