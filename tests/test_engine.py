@@ -94,7 +94,7 @@ def test_finished_run_is_not_trained_again(tmp_path, monkeypatch):
     cfg = override(get_profile("smoke"), "train.max_iters=2", "train.checkpoint_every=2")
     first = train(cfg, tmp_path, progress=False)
     (tmp_path / "checkpoints" / "last.pt").unlink()  # a fresh clone has metrics but no checkpoint
-    import sodlib.engine as engine
+    from sodlib import engine
 
     monkeypatch.setattr(engine, "init_distributed", lambda *a: (_ for _ in ()).throw(AssertionError("retrained")))
     assert train(cfg, tmp_path, progress=False) == json.loads((tmp_path / "metrics.json").read_text())
