@@ -99,15 +99,7 @@ class ResNetBackbone(nn.Module):
                 module.requires_grad_(False)
 
     def forward(self, images: Tensor) -> list[Tensor]:
-        x = self.stem(images)
-        outs = []
-        for level, stage in zip((2, 3, 4, 5), self.stages):
-            x = stage(x)
-            if level in self.return_levels:
-                outs.append(x)
-            if level == self.return_levels[-1]:
-                break
-        return outs
+        return _run_stages(self.stem, self.stages, self.return_levels, images)
 
 
 def _conv_bn(c_in: int, c_out: int, stride: int = 1, act: bool = True,
@@ -131,6 +123,19 @@ class _BasicBlock(nn.Module):
 
     def forward(self, x: Tensor) -> Tensor:
         return self.act(self.conv2(self.conv1(x)) + self.shortcut(x))
+
+
+def _run_stages(stem: nn.Module, stages, return_levels: tuple[int, ...], images: Tensor) -> list[Tensor]:
+    """Stem, then stages C2..C5; collect the requested levels and stop after the last one."""
+    x = stem(images)
+    outs = []
+    for level, stage in zip((2, 3, 4, 5), stages):
+        x = stage(x)
+        if level in return_levels:
+            outs.append(x)
+        if level == return_levels[-1]:
+            break
+    return outs
 
 
 class TinyBackbone(nn.Module):
@@ -165,12 +170,4 @@ class TinyBackbone(nn.Module):
                 nn.init.kaiming_normal_(m.weight, mode="fan_out", nonlinearity="relu")
 
     def forward(self, images: Tensor) -> list[Tensor]:
-        x = self.stem(images)
-        outs = []
-        for level, stage in zip((2, 3, 4, 5), self.stages):
-            x = stage(x)
-            if level in self.return_levels:
-                outs.append(x)
-            if level == self.return_levels[-1]:
-                break
-        return outs
+        return _run_stages(self.stem, self.stages, self.return_levels, images)

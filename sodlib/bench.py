@@ -87,9 +87,8 @@ def _synthetic_batch(batch: int, size: int, num_classes: int, objects: int = 20,
     return images, targets
 
 
-def time_train_step(cfg, batch: int, steps: int = 20, warmup: int = 3) -> float:
-    """Median seconds of one optimiser step (forward, loss, backward, AdamW) on a synthetic batch,
-    with the config's ``train.amp`` (bf16 autocast) and ``train.channels_last`` settings."""
+def make_train_step(cfg, images, targets):
+    """(step, detector): one optimiser step of a fresh seeded detector + criterion on a fixed batch."""
     import torch
 
     from sodlib import build_criterion, build_detector
@@ -99,10 +98,8 @@ def time_train_step(cfg, batch: int, steps: int = 20, warmup: int = 3) -> float:
     torch.manual_seed(0)
     model, criterion = build_detector(cfg.model).train(), build_criterion(cfg.loss, cfg.model)
     opt = build_optimizer(model, cfg.train, extra=criterion)
-    images, targets = _synthetic_batch(batch, cfg.data.image_size, cfg.model.num_classes)
     if cfg.train.channels_last:
         model = model.to(memory_format=torch.channels_last)
-        images = images.contiguous(memory_format=torch.channels_last)
 
     def step():
         with torch.autocast("cpu", dtype=torch.bfloat16, enabled=cfg.train.amp):
@@ -113,6 +110,19 @@ def time_train_step(cfg, batch: int, steps: int = 20, warmup: int = 3) -> float:
         loss.backward()
         opt.step()
 
+    return step, model
+
+
+def time_train_step(cfg, batch: int, steps: int = 20, warmup: int = 3) -> float:
+    """Median seconds of one optimiser step (forward, loss, backward, AdamW) on a synthetic batch,
+    with the config's ``train.amp`` (bf16 autocast) and ``train.channels_last`` settings."""
+    import torch
+
+
+    images, targets = _synthetic_batch(batch, cfg.data.image_size, cfg.model.num_classes)
+    if cfg.train.channels_last:
+        images = images.contiguous(memory_format=torch.channels_last)
+    step, _ = make_train_step(cfg, images, targets)
     for _ in range(warmup):
         step()
     return _median_time(step, steps)
@@ -202,10 +212,7 @@ def bench_methods(steps: int = 24, warmup: int = 3, threads: int = 2) -> pd.Data
     """
     import torch
 
-    from sodlib import build_criterion, build_detector
     from sodlib.config import get_profile, override
-    from sodlib.engine import _to_float32
-    from sodlib.optim import build_optimizer
 
     torch.set_num_threads(threads)
     base = get_profile("cpu")
@@ -214,22 +221,7 @@ def bench_methods(steps: int = 24, warmup: int = 3, threads: int = 2) -> pd.Data
     images, targets = _synthetic_batch(base.train.batch_size, base.data.image_size, base.model.num_classes)
     runners, models = {}, {}
     for name, sets in variants.items():
-        cfg = override(base, *sets)
-        torch.manual_seed(0)
-        model, criterion = build_detector(cfg.model).train(), build_criterion(cfg.loss, cfg.model)
-        opt = build_optimizer(model, cfg.train, extra=criterion)
-        models[name] = model
-
-        def step(model=model, criterion=criterion, opt=opt, amp=cfg.train.amp):
-            with torch.autocast("cpu", dtype=torch.bfloat16, enabled=amp):
-                out = model(images, targets, return_sampling=criterion.needs_sampling,
-                            return_hidden=criterion.needs_hidden)
-            loss = criterion.weighted_total(criterion(_to_float32(out), targets))
-            opt.zero_grad(set_to_none=True)
-            loss.backward()
-            opt.step()
-
-        runners[name] = step
+        runners[name], models[name] = make_train_step(override(base, *sets), images, targets)
     times = {k: [] for k in runners}
     for r in range(warmup + steps):
         for name, step in runners.items():
