@@ -230,7 +230,8 @@ def train(cfg: RunConfig, out_dir: str | os.PathLike, data_root: str | None = No
 
     if main_process:
         _truncate_log(out_dir / "eval.csv", it)
-    bar = tqdm(total=total_iters, initial=it, desc=f"train {cfg.name}", disable=not (progress and main_process),
+    show = None if (progress and main_process) else True  # None: tqdm turns itself off when not on a TTY
+    bar = tqdm(total=total_iters, initial=it, desc=f"train {cfg.name}", disable=show,
                dynamic_ncols=True)
     writer = _LogWriter(log_path) if main_process else None
     ddp_model.train()
