@@ -238,3 +238,83 @@ def plot_spr_geometry(image_hwc: np.ndarray, panels: Sequence[Sequence[Mapping]]
         fig.suptitle(suptitle, fontsize=10)
     fig.tight_layout(rect=(0, 0.07, 1, 1))
     return fig
+
+
+# ---------------------------------------------------------------- predictions and attention heatmaps
+
+
+def plot_predictions_grid(images_hwc: Sequence[np.ndarray], gt_boxes_xyxy: Sequence, predictions: Mapping[str, Sequence],
+                          score_threshold: float = 0.3, suptitle: str = ""):
+    """One row per image, one column per model: the image, its ground truth (green) and the model's
+    predictions scoring at least ``score_threshold`` (red, with the score).
+
+    Boxes are xyxy pixels of the drawn image; ``predictions[label][i]`` is a dict with ``boxes_xyxy`` [n, 4]
+    and ``scores`` [n] for image ``i`` (as :func:`sodlib.detector.postprocess` returns). Returns the Figure.
+    """
+    rows, cols = len(images_hwc), len(predictions)
+    fig, axes = plt.subplots(rows, cols, figsize=(4.0 * cols, 4.0 * rows), squeeze=False)
+    for i, (image, gt) in enumerate(zip(images_hwc, gt_boxes_xyxy)):
+        for ax, (label, preds) in zip(axes[i], predictions.items()):
+            ax.imshow(image, interpolation="nearest")
+            for box in np.asarray(gt, dtype=float).reshape(-1, 4):
+                ax.add_patch(_box_patch(box, ec="lime", lw=1.0))
+            boxes = np.asarray(preds[i]["boxes_xyxy"], dtype=float).reshape(-1, 4)
+            scores = np.asarray(preds[i]["scores"], dtype=float).reshape(-1)
+            kept = scores >= score_threshold
+            for box, score in zip(boxes[kept], scores[kept]):
+                ax.add_patch(_box_patch(box, ec="red", lw=1.0, ls="--"))
+                ax.text(box[0], box[1] - 1, f"{score:.2f}", color="red", fontsize=5)
+            ax.set_title(f"{label}: {int(kept.sum())} predictions ≥ {score_threshold:g}, {len(gt)} objects", fontsize=8)
+            ax.set_xticks([])
+            ax.set_yticks([])
+    fig.legend(handles=[Line2D([], [], color="lime", label="ground truth"),
+                        Line2D([], [], color="red", ls="--", label="prediction")], loc="lower center", ncol=2,
+               fontsize=8, frameon=False)
+    if suptitle:
+        fig.suptitle(suptitle, fontsize=10)
+    fig.tight_layout(rect=(0, 0.03, 1, 1))
+    return fig
+
+
+def plot_heatmap_grid(panels: Sequence[Sequence[Mapping]], suptitle: str = "", margin: float = 1.5,
+                      min_window_px: float = 24.0, dilate_px: int = 0):
+    """A grid of attention heatmaps over images, cropped around a box.
+
+    ``panels[row][col]``: ``image_hwc`` [H, W, 3], ``heat`` [H, W] (e.g. :func:`sodlib.heatmaps.splat_attention`),
+    ``box_xyxy`` pixels (drawn in cyan and centred; ``None`` shows the whole image), optionally ``boxes_xyxy``
+    [n, 4] more boxes drawn thin in cyan without cropping, ``title``. The window is
+    the box grown by ``margin`` box sizes on each side (at least ``min_window_px``). ``dilate_px`` > 0 shows
+    every pixel as the maximum of its (2·dilate_px + 1)² neighbourhood, so single points stay visible on whole
+    images (display only). Returns the Figure.
+    """
+    rows, cols = len(panels), max(len(r) for r in panels)
+    fig, axes = plt.subplots(rows, cols, figsize=(2.6 * cols, 2.7 * rows), squeeze=False)
+    for ax_row, row in zip(axes, panels):
+        for ax in ax_row[len(row):]:
+            ax.axis("off")
+        for ax, p in zip(ax_row, row):
+            image, heat = np.asarray(p["image_hwc"]), np.asarray(p["heat"], dtype=float)
+            if dilate_px > 0:
+                heat = torch.nn.functional.max_pool2d(torch.as_tensor(heat)[None, None], 2 * dilate_px + 1,
+                                                      stride=1, padding=dilate_px)[0, 0].numpy()
+            h, w = heat.shape
+            ax.set_facecolor("0.5")
+            ax.imshow(image, extent=(0, w, h, 0), interpolation="nearest")
+            shown = np.ma.masked_where(heat <= 0, heat)
+            ax.imshow(shown, extent=(0, w, h, 0), cmap="turbo", alpha=0.8, interpolation="nearest",
+                      vmin=0, vmax=max(float(heat.max()), 1e-12))
+            for box in np.asarray(p.get("boxes_xyxy", np.zeros((0, 4))), dtype=float).reshape(-1, 4):
+                ax.add_patch(_box_patch(box, ec="cyan", lw=0.5))
+            if p.get("box_xyxy") is not None:
+                x0, y0, x1, y1 = (float(v) for v in p["box_xyxy"])
+                ax.add_patch(_box_patch((x0, y0, x1, y1), ec="cyan", lw=1.2))
+                half = max((0.5 + margin) * max(x1 - x0, y1 - y0), min_window_px / 2)
+                cx, cy = (x0 + x1) / 2, (y0 + y1) / 2
+                ax.set(xlim=(cx - half, cx + half), ylim=(cy + half, cy - half))
+            ax.set_title(p.get("title", ""), fontsize=7)
+            ax.set_xticks([])
+            ax.set_yticks([])
+    if suptitle:
+        fig.suptitle(suptitle, fontsize=10)
+    fig.tight_layout()
+    return fig

@@ -17,10 +17,14 @@ EXPECTED_FIGURES = {
     "01_scale_aligned_target": ["st_u_rho.png", "st_fig3_example.png", "st_v_theta.png", "st_c_beta.png",
                                 "st_fixed_point.png", "sr_eq19_direction.png"],
     "02_sample_point_refinement": ["spr_geometry.png"],
+    "03_training": ["training_curves_smoke.png", "predictions_smoke.png"],
+    "05_heatmaps": ["heatmaps_smoke.png"],
 }
 EXPECTED_TEXT = {
     "01_scale_aligned_target": ["rho always in [u, 1/u]: True", "r is increasing in |t - s| for every w: True"],
     "02_sample_point_refinement": ["matched queries"],
+    "03_training": ["sodad APeS"],
+    "05_heatmaps": ["in-box attention share, last decoder layer: baseline"],
 }
 UPPER_SNAKE = re.compile(r"^[A-Z][A-Z0-9_]*$")
 

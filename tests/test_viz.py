@@ -122,3 +122,30 @@ def test_plot_spr_geometry_panels_and_arrows(tmp_path):
     y0, y1 = ax0.get_ylim()
     assert x1 - x0 == pytest.approx(y0 - y1)  # square window
     _assert_png(viz.save_figure(fig, tmp_path / "spr.png"))
+
+
+def test_plot_predictions_grid_draws_gt_and_kept_predictions(tmp_path):
+    image = np.zeros((32, 32, 3))
+    gt = [np.array([[2.0, 2.0, 10.0, 10.0], [20.0, 20.0, 30.0, 30.0]])]
+    preds = {"a": [{"boxes_xyxy": np.array([[2.0, 2.0, 9.0, 9.0], [0.0, 0.0, 5.0, 5.0]]), "scores": np.array([0.9, 0.1])}],
+             "b": [{"boxes_xyxy": np.zeros((0, 4)), "scores": np.zeros(0)}]}
+    fig = viz.plot_predictions_grid([image], gt, preds, score_threshold=0.5)
+    ax_a, ax_b = fig.axes
+    assert len(ax_a.patches) == 3 and len(ax_b.patches) == 2  # 2 GT + 1 prediction above 0.5; 2 GT only
+    assert ax_a.get_title() == "a: 1 predictions ≥ 0.5, 2 objects"
+    assert ax_a.patches[2].get_xy() == (2.0, 2.0) and ax_a.patches[2].get_width() == 7.0
+    _assert_png(viz.save_figure(fig, tmp_path / "preds.png"))
+
+
+def test_plot_heatmap_grid_crops_around_the_box(tmp_path):
+    heat = np.zeros((64, 64))
+    heat[20, 30] = 1.0
+    panel = {"image_hwc": np.ones((64, 64, 3)) * 0.5, "heat": heat, "box_xyxy": (28.0, 18.0, 32.0, 22.0), "title": "t"}
+    fig = viz.plot_heatmap_grid([[panel, {**panel, "box_xyxy": None, "boxes_xyxy": [[1, 1, 5, 5], [6, 6, 9, 9]]}], [panel]], margin=1.0)
+    axes = fig.axes
+    assert axes[0].get_xlim() == (18.0, 42.0) and axes[0].get_ylim() == (32.0, 8.0)  # 12 px half-window (min 24)
+    assert axes[1].get_xlim() == (0.0, 64.0) and len(axes[1].patches) == 2  # no box: the whole image
+    assert not axes[3].axison  # empty cell of the short row
+    _assert_png(viz.save_figure(fig, tmp_path / "heat.png"))
+    dilated = viz.plot_heatmap_grid([[panel]], dilate_px=1).axes[0].images[1].get_array()
+    assert dilated[19:22, 29:32].min() == 1.0 and dilated.sum() == 9.0  # the point grown to 3 x 3 pixels

@@ -1,0 +1,64 @@
+import torch
+from torch.testing import assert_close
+
+from sodlib.heatmaps import attention_for_objects, attention_mass_in_boxes, query_per_box, splat_attention
+
+
+def test_splat_puts_a_point_in_its_pixel():
+    loc = torch.tensor([[0.30, 0.70]])  # x = 0.3 → column 3 of 10; y = 0.7 → row 14 of 20
+    heat = splat_attention(loc, torch.tensor([1.0]), (20, 10))
+    assert heat.shape == (20, 10) and heat[14, 3] == 1.0 and heat.sum() == 1.0
+
+
+def test_splat_sums_weights_and_drops_points_outside():
+    loc = torch.tensor([[[0.05, 0.05], [0.06, 0.04], [1.2, 0.5]], [[0.95, 0.95], [-0.1, 0.5], [0.5, 0.5]]])
+    attn = torch.tensor([[0.25, 0.5, 9.0], [0.125, 9.0, 2.0]])
+    heat = splat_attention(loc, attn, (10, 10))
+    assert_close(heat[0, 0], torch.tensor(0.75))
+    assert_close(heat[9, 9], torch.tensor(0.125))
+    assert_close(heat[5, 5], torch.tensor(2.0))
+    assert_close(heat.sum(), torch.tensor(2.875))  # the two points outside the image are dropped
+
+
+def test_mass_in_box_all_inside_and_half_outside():
+    box = torch.tensor([[0.5, 0.5, 0.2, 0.2]])  # x, y in [0.4, 0.6]
+    inside = torch.tensor([[[0.45, 0.5], [0.55, 0.58], [0.59, 0.41]]])  # the last one near the corner
+    assert_close(attention_mass_in_boxes(inside, torch.tensor([[0.2, 0.3, 0.5]]), box), torch.tensor([1.0]))
+    half = torch.tensor([[[0.45, 0.5], [0.9, 0.5], [0.5, 0.1], [0.5, 0.5]]])
+    attn = torch.tensor([[0.25, 0.3, 0.2, 0.25]])
+    assert_close(attention_mass_in_boxes(half, attn, box), torch.tensor([0.5]))
+
+
+def test_mass_in_box_per_query_with_heads_levels_points():
+    loc = torch.full((2, 8, 3, 4, 2), 0.5)  # [N, heads, levels, points, 2], all at the centre
+    loc[1, :4] = 0.0  # query 1: half of its heads look at the corner, outside its box
+    attn = torch.full((2, 8, 3, 4), 1 / 12)
+    boxes = torch.tensor([[0.5, 0.5, 0.1, 0.1], [0.5, 0.5, 0.1, 0.1]])
+    assert_close(attention_mass_in_boxes(loc, attn, boxes), torch.tensor([1.0, 0.5]))
+    assert attention_mass_in_boxes(loc, torch.zeros_like(attn), boxes).tolist() == [0.0, 0.0]
+
+
+def test_query_per_box_prefers_score_times_iou():
+    preds = torch.tensor([[0.5, 0.5, 0.2, 0.2], [0.5, 0.5, 0.21, 0.2], [0.1, 0.1, 0.1, 0.1]])
+    scores = torch.tensor([0.2, 0.9, 0.99])
+    gts = torch.tensor([[0.5, 0.5, 0.2, 0.2], [0.1, 0.1, 0.1, 0.1]])
+    assert query_per_box(preds, scores, gts).tolist() == [1, 2]
+    assert query_per_box(preds, scores, gts[:0]).tolist() == []
+
+
+def test_attention_for_objects_on_a_tiny_detector():
+    from sodlib import build_detector
+    from sodlib.config import get_profile
+
+    torch.manual_seed(0)
+    cfg = get_profile("smoke").model
+    model = build_detector(cfg).eval()
+    image = torch.rand(3, 64, 64)
+    gt = torch.tensor([[0.3, 0.3, 0.1, 0.1], [0.7, 0.6, 0.2, 0.1]])
+    r = attention_for_objects(model, image, gt)
+    assert r["in_box_share"].shape == (cfg.num_decoder_layers, 2)
+    assert ((r["in_box_share"] >= 0) & (r["in_box_share"] <= 1)).all()
+    loc, attn = r["sampling_locations"][-1], r["attention_weights"][-1]
+    assert loc.shape == (2, cfg.num_heads, cfg.num_levels, cfg.num_points, 2)
+    assert_close(r["in_box_share"][-1], attention_mass_in_boxes(loc, attn, gt))
+    assert attention_for_objects(model, image, gt[:0])["in_box_share"].shape == (cfg.num_decoder_layers, 0)
