@@ -92,22 +92,18 @@ def validate_coco(coco: Mapping, source: str = "<dict>") -> dict:
             if k not in rec:
                 raise ValueError(f"{source}: {kind}[{i}] missing key '{k}'")
 
-    images = []
-    image_ids: set = set()
-    for i, img in enumerate(coco["images"]):
-        _check(img, _IMAGE_KEYS, "images", i)
-        if img["id"] in image_ids:
-            raise ValueError(f"{source}: duplicate image id {img['id']!r}")
-        image_ids.add(img["id"])
-        images.append(dict(img))
-    categories = []
-    cat_ids: set = set()
-    for i, cat in enumerate(coco["categories"]):
-        _check(cat, _CAT_KEYS, "categories", i)
-        if cat["id"] in cat_ids:
-            raise ValueError(f"{source}: duplicate category id {cat['id']!r}")
-        cat_ids.add(cat["id"])
-        categories.append(dict(cat))
+    def unique(kind: str, keys, label: str) -> tuple[list[dict], set]:
+        records, ids = [], set()
+        for i, rec in enumerate(coco[kind]):
+            _check(rec, keys, kind, i)
+            if rec["id"] in ids:
+                raise ValueError(f"{source}: duplicate {label} id {rec['id']!r}")
+            ids.add(rec["id"])
+            records.append(dict(rec))
+        return records, ids
+
+    images, image_ids = unique("images", _IMAGE_KEYS, "image")
+    categories, cat_ids = unique("categories", _CAT_KEYS, "category")
     annotations = []
     ann_ids: set = set()
     for i, ann in enumerate(coco["annotations"]):
