@@ -163,6 +163,7 @@ def bench_model(steps: int = 20, threads: int = 2) -> pd.DataFrame:
     """Training step and inference time per profile at its working size; deformable-attention core."""
     import torch
 
+    from sodlib import build_detector
     from sodlib.config import get_profile, override
     from sodlib.deform_attn import benchmark_core
 
@@ -177,7 +178,7 @@ def bench_model(steps: int = 20, threads: int = 2) -> pd.DataFrame:
                              ("fp32_channels_last", ("train.amp=false", "train.channels_last=true"))]),
     }
     for name, (cfg, train_batch, tags) in variants.items():
-        n_params = sum(p.numel() for p in __import__("sodlib").build_detector(cfg.model).parameters())
+        n_params = sum(p.numel() for p in build_detector(cfg.model).parameters())
         rows.append((name, "parameters", n_params, "count"))
         rows.append((name, f"gflops_per_image@{cfg.data.image_size}px", count_gflops(cfg), "GFLOPs"))
         n = steps if name == "cpu" else max(5, steps // 4)

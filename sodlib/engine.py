@@ -234,6 +234,7 @@ def train(cfg: RunConfig, out_dir: str | os.PathLike, data_root: str | None = No
     bar = tqdm(total=total_iters, initial=it, desc=f"train {cfg.name}", disable=show,
                dynamic_ncols=True)
     writer = _LogWriter(log_path) if main_process else None
+    clip_params = [*model.parameters(), *criterion.parameters()]  # built once, not every step
     ddp_model.train()
     criterion.train()
     stop = it >= total_iters
@@ -267,7 +268,7 @@ def train(cfg: RunConfig, out_dir: str | os.PathLike, data_root: str | None = No
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
             if tc.clip_max_norm > 0:
-                nn.utils.clip_grad_norm_(list(model.parameters()) + list(criterion.parameters()), tc.clip_max_norm)
+                nn.utils.clip_grad_norm_(clip_params, tc.clip_max_norm)
             optimizer.step()
             if ema is not None:
                 ema.update(model)

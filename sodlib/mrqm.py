@@ -173,6 +173,11 @@ class _PyramidEncoder(nn.Module):
                          + self.level_embed[lvl].to(dtype) for lvl, (h, w) in enumerate(shapes)], 1)
         return pos, _token_centres(shapes, device, dtype).unsqueeze(0)
 
+    @staticmethod
+    def _layers(n: int, dim, num_heads, num_levels, num_points, dim_feedforward, dropout) -> nn.ModuleList:
+        return nn.ModuleList(DeformableEncoderLayer(dim, num_heads, num_levels, num_points, dim_feedforward,
+                                                    dropout) for _ in range(n))
+
     def _check(self, maps: list[Tensor]) -> None:
         if len(maps) != self.num_levels:
             raise ValueError(f"{type(self).__name__}: expected {self.num_levels} maps, got {len(maps)}")
@@ -187,10 +192,9 @@ class ScaleAwareEncoder(_PyramidEncoder):
     def __init__(self, dim: int = 256, num_heads: int = 8, num_levels: int = 4, num_points: int = 4,
                  dim_feedforward: int = 1024, high_updates: int = 2, dropout: float = 0.0):
         super().__init__(dim, num_levels)
-        self.high_layers = nn.ModuleList(
-            DeformableEncoderLayer(dim, num_heads, num_levels, num_points, dim_feedforward, dropout)
-            for _ in range(high_updates))
-        self.low_layer = DeformableEncoderLayer(dim, num_heads, num_levels, num_points, dim_feedforward, dropout)
+        spec = (dim, num_heads, num_levels, num_points, dim_feedforward, dropout)
+        self.high_layers = self._layers(high_updates, *spec)
+        self.low_layer = DeformableEncoderLayer(*spec)
 
     def forward(self, maps: list[Tensor]) -> list[Tensor]:
         self._check(maps)
@@ -211,9 +215,7 @@ class NaiveDeformableEncoder(_PyramidEncoder):
     def __init__(self, dim: int = 256, num_heads: int = 8, num_levels: int = 4, num_points: int = 4,
                  dim_feedforward: int = 1024, num_layers: int = 3, dropout: float = 0.0):
         super().__init__(dim, num_levels)
-        self.layers = nn.ModuleList(
-            DeformableEncoderLayer(dim, num_heads, num_levels, num_points, dim_feedforward, dropout)
-            for _ in range(num_layers))
+        self.layers = self._layers(num_layers, dim, num_heads, num_levels, num_points, dim_feedforward, dropout)
 
     def forward(self, maps: list[Tensor]) -> list[Tensor]:
         self._check(maps)
