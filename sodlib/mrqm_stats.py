@@ -5,9 +5,15 @@
 * :func:`positives_per_gt` — positive tokens per gt under the IAH assignment, dynamic T_I or a fixed
   threshold, with means per SODA-D size bucket (areas in px²: eS (0,144], rS (144,400], gS (400,1024],
   N (1024,2000]).
+* :func:`trained_positives_per_gt` — the same count on a TRAINED detector with ``model.iah``: its encoder and
+  IAH run on images, the head's own predicted boxes and parameters (T_b, k, p, A_s) go through the head's
+  assignment, dynamic T_I vs the fixed T_b, with and without the best-token rule; :func:`positives_table`
+  makes the per-bucket table, :func:`positives_verdict` says in words whether small objects get more.
+* :func:`mined_queries` — the auxiliary positive queries the trained head mines on one image given its
+  targets (the head's own ``forward``), for the query heatmap figure.
 * :func:`encoder_cost` — GFLOPs (``torch.utils.flop_counter``) and latency of RT-DETR's hybrid encoder,
   BiFPN + SAE and BiFPN + a naive deformable encoder that updates every token of all 4 levels in each of
-  ``sae_high_updates + 1`` layers.
+  ``sae_high_updates + 1`` layers; :func:`encoder_cost_summary` states the comparison in one sentence.
 """
 
 from __future__ import annotations
@@ -15,7 +21,9 @@ from __future__ import annotations
 import statistics
 import time
 from collections.abc import Mapping, Sequence
+from contextlib import contextmanager
 
+import pandas as pd
 import torch
 from torch import Tensor, nn
 from torch.utils.flop_counter import FlopCounterMode
@@ -23,7 +31,9 @@ from torch.utils.flop_counter import FlopCounterMode
 from .config import ModelConfig, RunConfig
 from .mrqm_head import assign_one_to_many, dynamic_iou_threshold
 
-__all__ = ["SODAD_BUCKETS_PX2", "encoder_cost", "min_instance_size_px", "positives_per_gt"]
+__all__ = ["POSITIVE_RULES", "SODAD_BUCKETS_PX2", "encoder_cost", "encoder_cost_summary", "iah_dense_predictions",
+           "min_instance_size_px", "mined_queries", "positives_per_gt", "positives_table", "positives_verdict",
+           "trained_positives_per_gt"]
 
 SODAD_BUCKETS_PX2 = {"eS": (0.0, 144.0), "rS": (144.0, 400.0), "gS": (400.0, 1024.0), "N": (1024.0, 2000.0)}
 
@@ -93,6 +103,165 @@ def positives_per_gt(gt_boxes_list: Sequence[Tensor], pred_boxes: Tensor, thresh
             "num_gt": num_gt}
 
 
+# ---------------------------------------------------------------- positives of a trained IoU-aware head
+
+# column of positives_table → (threshold, best-token rule): "dynamic" = the head's T_I, "fixed" = its T_b
+POSITIVE_RULES = {"IoU > T_I": ("dynamic", False), "IoU > T_b": ("fixed", False),
+                  "T_I + best token": ("dynamic", True), "T_b + best token": ("fixed", True)}
+
+
+@contextmanager
+def _eval_mode(model: nn.Module):
+    was_training = model.training
+    model.eval()
+    try:
+        yield model
+    finally:
+        model.train(was_training)
+
+
+def _head(model: nn.Module) -> nn.Module:
+    head = getattr(model, "aux_head", None)
+    if head is None:
+        raise ValueError("the detector has no IoU-aware head: build it with model.iah=true")
+    if not float(head.as_px) > 0:
+        raise ValueError("the IoU-aware head's A_s is not set: load a trained checkpoint (the engine measures "
+                         "it) or call aux_head.set_min_instance_size(...)")
+    return head
+
+
+@torch.no_grad()
+def iah_dense_predictions(model: nn.Module, images: Tensor) -> dict:
+    """Eval-mode encoder memory and the IoU-aware head's dense predictions on ``images`` [B, 3, H, W].
+
+    ``model``: a detector built with ``model.iah`` (:class:`~sodlib.detector.RTDETR` with ``aux_head``).
+    Returns ``memory`` [B, N, C], ``shapes`` (per level (H, W), finest first), ``pred_logits`` [B, N, K],
+    ``pred_boxes`` [B, N, 4] normalised cxcywh (the boxes the head's assignment compares with the gts),
+    ``valid`` [N] bool (tokens the assignment may use) and ``level`` [N] (0 = finest level).
+    """
+    head = _head(model)
+    with _eval_mode(model):
+        memory, shapes = model.decoder.memory(model.encoder(model.backbone(images)))
+        anchors, valid = model.decoder.anchors(shapes, memory.device, memory.dtype)
+        logits, boxes = head.predict(memory, anchors, valid)
+    level = torch.cat([torch.full((h * w,), i, dtype=torch.long) for i, (h, w) in enumerate(shapes)])
+    return {"memory": memory, "shapes": shapes, "pred_logits": logits, "pred_boxes": boxes,
+            "valid": valid[0, :, 0], "level": level.to(memory.device)}
+
+
+def positives_table(per_gt: Mapping[str, Tensor], area_px2: Tensor, threshold: Tensor) -> pd.DataFrame:
+    """Mean positives per gt by SODA-D bucket (rows eS, rS, gS, N, then ``all`` = every gt, also > 2000 px²).
+
+    ``per_gt``: column name → [G] counts (e.g. the keys of :data:`POSITIVE_RULES`), ``area_px2`` [G],
+    ``threshold`` [G] (the dynamic T_I of each gt). Columns: ``bucket``, ``area px²``, ``gts``, ``mean T_I``,
+    one per ``per_gt`` key, and ``dynamic / fixed`` (``IoU > T_I`` over ``IoU > T_b``) when both are given.
+    """
+    area, thr = area_px2.float().cpu(), threshold.float().cpu()
+    counts = {k: v.float().cpu() for k, v in per_gt.items()}
+    rows = []
+    ranges = {**SODAD_BUCKETS_PX2, "all": (-1.0, float("inf"))}
+    for name, (lo, hi) in ranges.items():
+        sel = (area > lo) & (area <= hi)
+        n = int(sel.sum())
+        row = {"bucket": name, "area px²": "any" if name == "all" else f"({lo:g}, {hi:g}]", "gts": n,
+               "mean T_I": float(thr[sel].mean()) if n else float("nan")}
+        row.update({k: float(v[sel].mean()) if n else float("nan") for k, v in counts.items()})
+        if "IoU > T_I" in row and "IoU > T_b" in row:
+            fixed = row["IoU > T_b"]
+            row["dynamic / fixed"] = row["IoU > T_I"] / fixed if n and fixed > 0 else float("nan")
+        rows.append(row)
+    return pd.DataFrame(rows)
+
+
+def trained_positives_per_gt(model: nn.Module, dataset, num_images: int | None = None, device="cpu",
+                             batch_size: int = 8) -> pd.DataFrame:
+    """Positives per gt of a trained IoU-aware head on the first ``num_images`` of ``dataset`` (all: None).
+
+    The head's predicted boxes (:func:`iah_dense_predictions`) and its own T_b, k, p and A_s go through
+    :func:`positives_per_gt` (the head's :func:`~sodlib.mrqm_head.assign_one_to_many`) under the four
+    :data:`POSITIVE_RULES`: dynamic T_I or fixed T_b, IoU above the threshold only or with the best-token
+    rule the head trains with. ``dataset`` yields (image [3, H, W], target with ``boxes`` normalised cxcywh)
+    at the working size. Returns :func:`positives_table`.
+    """
+    head = _head(model)
+    params = {"as_px": float(head.as_px), "tb": float(head.tb), "k": float(head.k), "p": float(head.p)}
+    n = len(dataset) if num_images is None else min(num_images, len(dataset))
+    counts: dict[str, list[Tensor]] = {k: [] for k in POSITIVE_RULES}
+    areas, thresholds = [], []
+    for start in range(0, n, batch_size):
+        samples = [dataset[i] for i in range(start, min(start + batch_size, n))]
+        images = torch.stack([image for image, _ in samples]).to(device)
+        gts = [target["boxes"].float().cpu() for _, target in samples]
+        dense = iah_dense_predictions(model, images)
+        boxes, valid = dense["pred_boxes"].float().cpu(), dense["valid"].cpu()
+        for name, (rule, force) in POSITIVE_RULES.items():
+            r = positives_per_gt(gts, boxes, "dynamic" if rule == "dynamic" else params["tb"],
+                                 tuple(images.shape[-2:]), valid=valid, force_best=force, **params)
+            counts[name].append(r["per_gt"])
+            if name == "IoU > T_I":
+                areas.append(r["area_px2"])
+                thresholds.append(r["threshold"])
+    if not areas:
+        raise ValueError("trained_positives_per_gt: no image to measure (empty dataset or num_images=0)")
+    return positives_table({k: torch.cat(v) for k, v in counts.items()}, torch.cat(areas), torch.cat(thresholds))
+
+
+def positives_verdict(table: pd.DataFrame, label: str = "") -> str:
+    """One sentence: does the dynamic T_I give small objects (eS, rS, gS) more positives per gt than the
+    fixed T_b (IoU above the threshold, :func:`positives_table` columns), and which bucket keeps the largest
+    share of the fixed threshold's positives."""
+    t = table.set_index("bucket")
+    present = [b for b in SODAD_BUCKETS_PX2 if t.loc[b, "gts"] > 0]
+    if not present:
+        return f"{label + ': ' if label else ''}no gt in the SODA-D buckets"
+    pairs = ", ".join(f"{b} {t.loc[b, 'IoU > T_I']:.2f} vs {t.loc[b, 'IoU > T_b']:.2f}" for b in present)
+    small = [b for b in ("eS", "rS", "gS") if b in present]
+    diff = [t.loc[b, "IoU > T_I"] - t.loc[b, "IoU > T_b"] for b in small]
+    if not small:
+        word = "cannot be checked (no small gt)"
+    elif all(d > 0 for d in diff):
+        word = "MORE positives than the fixed one for every small bucket: the claim holds"
+    elif all(d == 0 for d in diff):
+        word = "as many positives as the fixed one for every small bucket: the claim is not supported"
+    elif all(d <= 0 for d in diff):
+        word = "FEWER (or as many) positives than the fixed one for every small bucket: the claim does not hold"
+    else:
+        word = "more positives for some small buckets and fewer for others: the claim holds only in part"
+    ratios = {b: t.loc[b, "dynamic / fixed"] for b in present if t.loc[b, "IoU > T_b"] > 0}
+    if ratios:
+        hi, lo = max(ratios, key=ratios.get), min(ratios, key=ratios.get)
+        share = (f"; relative to the fixed threshold, {hi} keeps the largest share of its positives "
+                 f"({ratios[hi]:.0%}) and {lo} the smallest ({ratios[lo]:.0%})")
+    else:
+        share = "; no box reaches T_b, so only the best-token rule gives positives"
+    return (f"{label + ': ' if label else ''}positives per GT above the IoU threshold, dynamic T_I vs fixed T_b: "
+            f"{pairs}; the dynamic threshold gives {word}{share}.")
+
+
+@torch.no_grad()
+def mined_queries(model: nn.Module, image: Tensor, target: Mapping[str, Tensor], device="cpu") -> dict:
+    """The auxiliary positive queries the trained head mines on one image [3, H, W] given its ``target``
+    (``boxes`` [G, 4] normalised cxcywh, ``labels`` [G]): the head's own ``forward`` (assignment with T_I,
+    best-token rule, ``max_queries`` cap) on the eval-mode encoder memory.
+
+    Returns CPU tensors: ``token`` [M] (each auxiliary query's token, in query order), ``gt`` [M] (its gt),
+    ``iou`` [M] (IoU of its box with that gt), ``forced`` [M] bool (kept by the best-token rule, IoU <= T_I),
+    ``box`` [M, 4] (the head's predicted box, the query's first reference box; normalised cxcywh),
+    ``level`` [M], ``thresholds`` [G] (T_I), ``num_positive`` [G] (positives of each gt before the cap).
+    """
+    head = _head(model)
+    dense = iah_dense_predictions(model, image[None].to(device))
+    targets = [{"boxes": target["boxes"].to(device), "labels": target["labels"].to(device)}]
+    with _eval_mode(model):
+        iah = head(dense["memory"], dense["shapes"], targets, model.decoder, tuple(image.shape[-2:]))["iah_outputs"]
+    token, gt_idx, thr = iah["aux_token_idx"][0], iah["gt_idx"][0], iah["thresholds"][0]
+    gt, iou = gt_idx[token], iah["iou"][0, token]
+    return {k: v.cpu() for k, v in {
+        "token": token, "gt": gt, "iou": iou, "forced": iou <= thr[gt], "box": iah["pred_boxes"][0, token],
+        "level": dense["level"][token], "thresholds": thr,
+        "num_positive": torch.bincount(gt_idx[gt_idx >= 0], minlength=len(thr))}.items()}
+
+
 # ---------------------------------------------------------------- encoder cost
 
 
@@ -158,3 +327,22 @@ def encoder_cost(cfg: RunConfig | ModelConfig, image_size: int = 640, batch: int
                      "sampling_gflops": _sampling_gflops(m, queries, batch), "latency_ms": ms,
                      "params_m": sum(p.numel() for p in module.parameters()) / 1e6, "tokens": int(tokens)})
     return rows
+
+
+def encoder_cost_summary(df: pd.DataFrame) -> str:
+    """One sentence from :func:`encoder_cost` rows (or ``results/bench/mrqm.csv``): BiFPN + SAE against
+    BiFPN + the naive encoder and RT-DETR's hybrid encoder, GFLOPs (counted + sampling) and latency."""
+    t = df.set_index("encoder")
+    total = t["gflops"] + t["sampling_gflops"]
+    ms = t["latency_ms"]
+
+    def _num(x: float) -> str:  # 3 significant digits, no exponent
+        return f"{x:.0f}" if abs(x) >= 100 else f"{x:.3g}"
+
+    size = int(t["image_size"].iloc[0])
+    return (f"Encoder cost at {size} px: BiFPN+SAE {_num(total['bifpn_sae'])} GFLOPs, "
+            f"{total['bifpn_sae'] / total['bifpn_naive']:.0%} of BiFPN + naive encoder ({_num(total['bifpn_naive'])}) "
+            f"and {total['bifpn_sae'] / total['hybrid']:.1f}× RT-DETR's hybrid encoder ({_num(total['hybrid'])}); "
+            f"latency {_num(ms['bifpn_sae'])} ms vs {_num(ms['bifpn_naive'])} ms (naive) and {_num(ms['hybrid'])} ms "
+            f"(hybrid). The pyramid encoders alone: SAE {_num(total['sae'])} vs naive {_num(total['naive'])} GFLOPs "
+            f"({t.loc['sae', 'tokens']} vs {t.loc['naive', 'tokens']} token updates).")

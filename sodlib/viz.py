@@ -276,6 +276,19 @@ def plot_predictions_grid(images_hwc: Sequence[np.ndarray], gt_boxes_xyxy: Seque
     return fig
 
 
+def crop_to_box(ax, box_xyxy, margin: float, min_window_px: float, title: str = "") -> None:
+    """Centre ``ax`` on ``box_xyxy`` (pixels; None leaves the view) in a square window of the box grown by
+    ``margin`` box sizes on each side, at least ``min_window_px`` wide; set a small title, hide the ticks."""
+    if box_xyxy is not None:
+        x0, y0, x1, y1 = (float(v) for v in box_xyxy)
+        half = max((0.5 + margin) * max(x1 - x0, y1 - y0), min_window_px / 2)
+        cx, cy = (x0 + x1) / 2, (y0 + y1) / 2
+        ax.set(xlim=(cx - half, cx + half), ylim=(cy + half, cy - half))
+    ax.set_title(title, fontsize=7)
+    ax.set_xticks([])
+    ax.set_yticks([])
+
+
 def plot_heatmap_grid(panels: Sequence[Sequence[Mapping]], suptitle: str = "", margin: float = 1.5,
                       min_window_px: float = 24.0, dilate_px: int = 0):
     """A grid of attention heatmaps over images, cropped around a box.
@@ -306,15 +319,45 @@ def plot_heatmap_grid(panels: Sequence[Sequence[Mapping]], suptitle: str = "", m
             for box in np.asarray(p.get("boxes_xyxy", np.zeros((0, 4))), dtype=float).reshape(-1, 4):
                 ax.add_patch(_box_patch(box, ec="cyan", lw=0.5))
             if p.get("box_xyxy") is not None:
-                x0, y0, x1, y1 = (float(v) for v in p["box_xyxy"])
-                ax.add_patch(_box_patch((x0, y0, x1, y1), ec="cyan", lw=1.2))
-                half = max((0.5 + margin) * max(x1 - x0, y1 - y0), min_window_px / 2)
-                cx, cy = (x0 + x1) / 2, (y0 + y1) / 2
-                ax.set(xlim=(cx - half, cx + half), ylim=(cy + half, cy - half))
-            ax.set_title(p.get("title", ""), fontsize=7)
-            ax.set_xticks([])
-            ax.set_yticks([])
+                ax.add_patch(_box_patch(p["box_xyxy"], ec="cyan", lw=1.2))
+            crop_to_box(ax, p.get("box_xyxy"), margin, min_window_px, p.get("title", ""))
     if suptitle:
         fig.suptitle(suptitle, fontsize=10)
+    fig.tight_layout()
+    return fig
+
+
+# ---------------------------------------------------------------- ablation tables
+
+
+def plot_ablation_deltas(summaries: Mapping[str, pd.DataFrame], noise: float, suptitle: str = "", ncols: int = 3):
+    """One panel per table: each row's ΔAP against the row it is compared with (``vs``), ours beside the
+    paper's, in AP points. Our bars carry ±2 standard errors of a difference (``noise``: per-seed AP std as
+    a fraction; ``{k} std`` columns tell how many seeds a row has: n = 3 when present, else 1).
+
+    ``summaries`` maps a panel title to :func:`sodlib.ablations.summarise` output. Returns the Figure.
+    """
+    n = len(summaries)
+    ncols = min(ncols, n)
+    nrows = -(-n // ncols)
+    fig, axes = plt.subplots(nrows, ncols, figsize=(4.6 * ncols, 3.6 * nrows), squeeze=False)
+    for ax, (title, df) in zip(axes.flat, summaries.items()):
+        rows = df[df["row"] != df["vs"]]
+        x = np.arange(len(rows))
+        seeds = 3 if "AP std" in df.columns else 1
+        err = 2 * 100 * noise * np.sqrt(2 / seeds)
+        ax.bar(x - 0.2, rows["ΔAP ours"], 0.4, yerr=err, capsize=3, label="ours (±2 SE)", color="tab:blue")
+        ax.bar(x + 0.2, rows["ΔAP paper"].fillna(0), 0.4, label="paper", color="tab:orange",
+               hatch=None)
+        ax.axhline(0, color="0.3", lw=0.8)
+        ax.set_xticks(x, [f"{r}\nvs {v}" for r, v in zip(rows["row"], rows["vs"])], fontsize=6.5, rotation=20,
+                      ha="right")
+        ax.set(title=title, ylabel="ΔAP (points)")
+        ax.grid(alpha=0.3, axis="y")
+    for ax in list(axes.flat)[n:]:
+        ax.axis("off")
+    axes.flat[0].legend(fontsize=8)
+    if suptitle:
+        fig.suptitle(suptitle)
     fig.tight_layout()
     return fig

@@ -18,13 +18,19 @@ EXPECTED_FIGURES = {
                                 "st_fixed_point.png", "sr_eq19_direction.png"],
     "02_sample_point_refinement": ["spr_geometry.png"],
     "03_training": ["training_curves_smoke.png", "predictions_smoke.png"],
+    "04_ablations": ["ablations_smoke.png"],
     "05_heatmaps": ["heatmaps_smoke.png"],
+    "06_mrqm": ["mrqm_query_heatmap_smoke.png", "mrqm_positives_per_gt_smoke.png"],
+    "07_real_data": ["real_data_neon_smoke.png"],
 }
 EXPECTED_TEXT = {
     "01_scale_aligned_target": ["rho always in [u, 1/u]: True", "r is increasing in |t - s| for every w: True"],
     "02_sample_point_refinement": ["matched queries"],
     "03_training": ["sodad APeS"],
+    "04_ablations": ["Table 3 · ST / SR / SPR combinations: our trend agrees"],
     "05_heatmaps": ["in-box attention share, last decoder layer: baseline"],
+    "06_mrqm": ["positives per GT"],
+    "07_real_data": ["neon_trees test tile"],
 }
 UPPER_SNAKE = re.compile(r"^[A-Z][A-Z0-9_]*$")
 
@@ -182,3 +188,16 @@ def test_reproduce_runs_notebook_steps_and_fails_with_one_line(tmp_path, monkeyp
 
     assert cli_main(["reproduce", "--profile", "smoke", "--only", "99", "--out", str(out)]) == 2
     assert "matches no step" in capsys.readouterr().err
+
+
+def test_reproduce_default_steps_leave_out_the_opt_in_sr_grad_step(tmp_path, monkeypatch):
+    import sodlib.reproduce as rep
+
+    calls = []
+    for name in ("step_data", "step_baseline", "step_sr_grad"):
+        monkeypatch.setattr(rep, name, lambda *a, name=name, **k: calls.append(name))
+    assert rep.main("smoke", results_dir=tmp_path, notebooks_dir=tmp_path / "absent") == 0
+    assert calls == ["step_data", "step_baseline"]
+    calls.clear()
+    assert rep.main("smoke", only="00_sr", results_dir=tmp_path, notebooks_dir=tmp_path / "absent") == 0
+    assert calls == ["step_sr_grad"]

@@ -1,0 +1,179 @@
+"""Helpers of notebook 06 (MRQM): positives per gt of a trained IAH, mined queries, encoder cost, figures."""
+import math
+
+import pandas as pd
+import pytest
+import torch
+from torch.testing import assert_close
+
+import sodlib
+from sodlib import viz
+from sodlib.config import get_profile, override
+from sodlib.mrqm_stats import (
+    POSITIVE_RULES,
+    encoder_cost_summary,
+    iah_dense_predictions,
+    mined_queries,
+    positives_per_gt,
+    positives_table,
+    positives_verdict,
+    trained_positives_per_gt,
+)
+from sodlib.mrqm_viz import plot_mined_queries, plot_positives_per_gt, query_panels
+
+SIZE = 64
+
+
+def _model(*extra):
+    torch.manual_seed(0)
+    cfg = override(get_profile("smoke"), "model.iah=true", "model.iah_as_px=2", f"data.image_size={SIZE}", *extra)
+    return sodlib.build_detector(cfg.model).eval()
+
+
+def _dataset(model, n=2):
+    """Images whose gts are (jittered) copies of some of the head's own predicted boxes, so that some tokens
+    reach any IoU threshold, plus a tiny box that no token reaches (best-token rule only)."""
+    g = torch.Generator().manual_seed(1)
+    images = torch.rand(n, 3, SIZE, SIZE, generator=g)
+    boxes = iah_dense_predictions(model, images)["pred_boxes"]
+    data = []
+    for b in range(n):
+        picked = boxes[b, torch.randperm(boxes.shape[1], generator=g)[:3]].clone()
+        picked[:, :2] += 0.01 * torch.randn(3, 2, generator=g)
+        tiny = torch.tensor([[0.9, 0.1, 2 / SIZE, 2 / SIZE]])
+        gt = torch.cat([picked.clamp(0.05, 0.95), tiny])
+        data.append((images[b], {"boxes": gt, "labels": torch.arange(len(gt)) % 3}))
+    return data
+
+
+# ---------------------------------------------------------------- tables and verdicts
+
+
+def test_positives_table_buckets_means_and_ratio():
+    area = torch.tensor([100.0, 120.0, 300.0, 900.0, 1500.0, 5000.0])  # eS, eS, rS, gS, N, beyond N
+    per_gt = {"IoU > T_I": torch.tensor([1, 3, 0, 2, 0, 4]), "IoU > T_b": torch.tensor([2, 4, 0, 2, 1, 8])}
+    t = positives_table(per_gt, area, torch.full((6,), 0.7)).set_index("bucket")
+    assert list(t.index) == ["eS", "rS", "gS", "N", "all"]
+    assert t["gts"].tolist() == [2, 1, 1, 1, 6]
+    assert t.loc["eS", "IoU > T_I"] == 2.0 and t.loc["eS", "IoU > T_b"] == 3.0
+    assert t.loc["eS", "dynamic / fixed"] == pytest.approx(2 / 3)
+    assert math.isnan(t.loc["rS", "dynamic / fixed"])  # no fixed positive: no ratio
+    assert t.loc["all", "IoU > T_b"] == pytest.approx(17 / 6)  # "all" includes the box beyond N
+    assert t.loc["gS", "mean T_I"] == pytest.approx(0.7)
+    empty = positives_table(per_gt, torch.full((6,), 5000.0), torch.full((6,), 0.7)).set_index("bucket")
+    assert empty.loc["eS", "gts"] == 0 and math.isnan(empty.loc["eS", "IoU > T_I"])
+
+
+def _table(dyn, fixed):
+    area = torch.tensor([100.0, 300.0, 900.0, 1500.0])
+    return positives_table({"IoU > T_I": torch.tensor(dyn), "IoU > T_b": torch.tensor(fixed)}, area,
+                           torch.full((4,), 0.7))
+
+
+def test_positives_verdict_words():
+    more = positives_verdict(_table([3, 3, 3, 1], [1, 2, 2, 1]), "m")
+    assert more.startswith("m: positives per GT") and "the claim holds" in more
+    fewer = positives_verdict(_table([0, 1, 1, 0], [2, 2, 4, 1]))
+    assert "FEWER" in fewer and "does not hold" in fewer
+    assert "rS keeps the largest share of its positives (50%) and eS the smallest (0%)" in fewer
+    assert "holds only in part" in positives_verdict(_table([3, 0, 1, 0], [1, 2, 1, 1]))
+    assert "no box reaches T_b" in positives_verdict(_table([0, 0, 0, 0], [0, 0, 0, 0]))
+
+
+def test_encoder_cost_summary():
+    rows = [("hybrid", 50.0, 0.0, 280.0, 400), ("bifpn", 18.0, 0.0, 300.0, 0), ("bifpn_sae", 89.0, 1.0, 1200.0, 424),
+            ("bifpn_naive", 170.0, 10.0, 2800.0, 1020), ("sae", 70.0, 1.0, 900.0, 424),
+            ("naive", 150.0, 10.0, 2500.0, 1020)]
+    df = pd.DataFrame([{"encoder": e, "image_size": 640, "gflops": g, "sampling_gflops": s, "latency_ms": ms,
+                        "tokens": n} for e, g, s, ms, n in rows])
+    text = encoder_cost_summary(df)
+    assert text.startswith("Encoder cost at 640 px: BiFPN+SAE 90 GFLOPs, 50% of BiFPN + naive encoder (180)")
+    assert "1.8× RT-DETR's hybrid encoder (50)" in text and "latency 1200 ms vs 2800 ms (naive) and 280 ms" in text
+    assert "SAE 71 vs naive 160 GFLOPs (424 vs 1020 token updates)" in text
+
+
+# ---------------------------------------------------------------- a (randomly initialised) detector with the IAH
+
+
+def test_iah_dense_predictions_shapes_levels_and_mode():
+    model = _model().train()
+    images = torch.rand(2, 3, SIZE, SIZE)
+    d = iah_dense_predictions(model, images)
+    n = sum(h * w for h, w in d["shapes"])
+    assert d["pred_boxes"].shape == (2, n, 4) and d["pred_logits"].shape[:2] == (2, n)
+    assert d["valid"].shape == (n,) and d["valid"].dtype == torch.bool
+    assert torch.bincount(d["level"]).tolist() == [h * w for h, w in d["shapes"]]
+    assert model.training  # the mode is restored
+    model.eval()
+    assert_close(iah_dense_predictions(model, images[:1])["pred_boxes"], d["pred_boxes"][:1])
+
+
+def test_helpers_need_a_trained_iah():
+    plain = sodlib.build_detector(override(get_profile("smoke"), f"data.image_size={SIZE}").model)
+    with pytest.raises(ValueError, match="model.iah=true"):
+        iah_dense_predictions(plain, torch.rand(1, 3, SIZE, SIZE))
+    unset = sodlib.build_detector(override(get_profile("smoke"), "model.iah=true").model)
+    with pytest.raises(ValueError, match="A_s is not set"):
+        trained_positives_per_gt(unset, [(torch.rand(3, SIZE, SIZE), {"boxes": torch.rand(1, 4)})])
+
+
+def test_trained_positives_per_gt_is_the_heads_own_assignment():
+    model = _model()
+    data = _dataset(model)
+    table = trained_positives_per_gt(model, data, batch_size=1).set_index("bucket")
+    assert set(POSITIVE_RULES) <= set(table.columns)
+    assert table.loc["all", "gts"] == sum(len(t["boxes"]) for _, t in data)
+    # the head's forward (what training uses) gives the same counts as the "T_I + best token" rule
+    mined = [mined_queries(model, image, target) for image, target in data]
+    head_counts = torch.cat([m["num_positive"] for m in mined]).float()
+    assert table.loc["all", "T_I + best token"] == pytest.approx(float(head_counts.mean()))
+    # and the same as positives_per_gt called directly on the head's boxes and parameters
+    boxes = iah_dense_predictions(model, torch.stack([image for image, _ in data]))
+    head = model.aux_head
+    direct = positives_per_gt([t["boxes"] for _, t in data], boxes["pred_boxes"], "dynamic", (SIZE, SIZE),
+                              float(head.as_px), head.tb, head.k, head.p, valid=boxes["valid"], force_best=False)
+    assert table.loc["all", "IoU > T_I"] == pytest.approx(float(direct["per_gt"].mean()))
+    # gts copied from predicted boxes are reached by IoU alone; T_I >= T_b never gives more positives
+    assert table.loc["all", "IoU > T_b"] > 0
+    assert (table["IoU > T_I"].fillna(0) <= table["IoU > T_b"].fillna(0)).all()
+    assert (table.loc["all", ["T_I + best token", "T_b + best token"]] >= 1).all()  # every gt has one
+    # with k = 0 the dynamic threshold is T_b: both columns agree
+    head.k = 0.0
+    flat = trained_positives_per_gt(model, data).set_index("bucket")
+    assert flat.loc["all", "IoU > T_I"] == flat.loc["all", "IoU > T_b"] == table.loc["all", "IoU > T_b"]
+    assert flat.loc["all", "mean T_I"] == pytest.approx(head.tb)
+
+
+def test_mined_queries_flags_and_boxes():
+    model = _model("model.iah_max_queries=5")
+    image, target = _dataset(model, n=1)[0]
+    m = mined_queries(model, image, target)
+    assert 0 < len(m["token"]) <= 5 and len(m["thresholds"]) == len(target["boxes"])
+    assert_close(m["forced"], m["iou"] <= m["thresholds"][m["gt"]])
+    assert bool(m["forced"].any())  # the 2-px box is only reached by the best-token rule
+    dense = iah_dense_predictions(model, image[None])
+    assert_close(m["box"], dense["pred_boxes"][0, m["token"]])
+    assert_close(m["level"], dense["level"][m["token"]])
+    assert int(m["num_positive"].sum()) >= len(m["token"])  # the cap keeps a subset
+    none = mined_queries(model, image, {"boxes": torch.zeros(0, 4), "labels": torch.zeros(0, dtype=torch.long)})
+    assert len(none["token"]) == 0 and len(none["num_positive"]) == 0
+
+
+# ---------------------------------------------------------------- figures
+
+
+def test_query_panels_and_figures(tmp_path):
+    model = _model()
+    data = _dataset(model)
+    rows = [query_panels(image, target, mined_queries(model, image, target), num_objects=2, label="x: ")
+            for image, target in data]
+    assert [len(r) for r in rows] == [3, 3]
+    whole, smallest = rows[0][0], rows[0][1]
+    assert whole["focus_xyxy"] is None and whole["title"].startswith("x: ")
+    assert smallest["focus_xyxy"] == pytest.approx([56.6, 5.4, 58.6, 7.4])  # the 2-px box at (0.9, 0.1), in pixels
+    assert "(eS)" in smallest["title"] and len(smallest["query_iou"]) >= 1
+    png = viz.save_figure(plot_mined_queries(rows, suptitle="t"), tmp_path / "q.png")
+    assert png.read_bytes()[:4] == b"\x89PNG"
+    tables = {"a": trained_positives_per_gt(model, data), "b": trained_positives_per_gt(model, data[:1])}
+    png = viz.save_figure(plot_positives_per_gt(tables, suptitle="t"), tmp_path / "p.png")
+    assert png.read_bytes()[:4] == b"\x89PNG"
