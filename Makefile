@@ -23,7 +23,7 @@ reproduce: setup
 	$(PY) -m sodlib reproduce --profile $(PROFILE)
 
 smoke: setup
-	$(PY) -m sodlib reproduce --profile smoke
+	$(PY) -m sodlib reproduce --profile smoke --out build/smoke  # every step at smoke size, outside results/
 
 bench: setup
 	$(PY) -m sodlib bench data
