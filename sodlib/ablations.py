@@ -333,7 +333,8 @@ def summarise(table: Table, runs: pd.DataFrame, noise: float) -> pd.DataFrame:
     """Our numbers (×100, mean over seeds, std when several) beside the paper's, and ΔAP vs the reference.
 
     ``noise`` is the per-seed AP std (fraction, from Table 3); a difference is "beyond noise" when it is
-    larger than twice the standard error of a difference: 2·noise·sqrt(1/n_row + 1/n_ref).
+    larger than twice the standard error of a difference, column ``2 SE`` = 2·noise·sqrt(1/n_row + 1/n_ref)
+    in AP points.
     """
     out = []
     counts = runs.groupby("row")["seed"].count()
@@ -354,6 +355,7 @@ def summarise(table: Table, runs: pd.DataFrame, noise: float) -> pd.DataFrame:
         r["ΔAP ours"] = d
         r["ΔAP paper"] = row.paper.get("AP", np.nan) - base_paper.get("AP", np.nan)
         margin = 2 * 100 * noise * math.sqrt(1 / counts[row.label] + 1 / counts[base])
+        r["2 SE"] = np.nan if row.label == base else margin  # the noise yardstick for this difference
         r["beyond noise"] = "" if row.label == base else ("yes" if abs(d) > margin else "no")
         out.append(r)
     df = pd.DataFrame(out)

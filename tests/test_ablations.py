@@ -86,6 +86,7 @@ def test_summarise_deltas_and_noise_by_hand():
     assert s.loc["up", "ΔAP ours"] == pytest.approx(5.0) and s.loc["up", "ΔAP paper"] == pytest.approx(1.0)
     # margin = 2 * 1 point * sqrt(1/2 + 1/2) = 2 points
     assert s.loc["up", "beyond noise"] == "yes" and s.loc["down", "beyond noise"] == "no"
+    assert s.loc["up", "2 SE"] == pytest.approx(2.0) and math.isnan(s.loc["ref", "2 SE"])
     assert s.loc["ref", "beyond noise"] == "" and "APL" not in s.columns  # all-NaN columns dropped
     text = ablations.verdict(_toy_table(), s.reset_index(), 0.01)
     assert "agrees with the paper's on 2 of 2 comparisons; 1 of 2 differences exceed the noise" in text
