@@ -38,7 +38,7 @@ import numpy as np
 import pandas as pd
 
 from sodlib.config import RunConfig, get_profile, override
-from sodlib.runs import run_dir
+from sodlib.runs import load_finished_run, run_dir
 
 METRICS = ("AP", "AP50", "APS", "APM", "APL")
 
@@ -235,9 +235,7 @@ def train_configs(cfgs: Sequence[RunConfig], results_dir: str | os.PathLike, dat
                       f"AP50 {metrics['AP50']:.3f} in {secs:.0f} s", flush=True)
         if verbose:
             print(f"trained {len(order)} run(s) in {time.perf_counter() - t_all:.0f} s", flush=True)
-    import json
-
-    return [json.loads((d / "metrics.json").read_text()) for d in dirs]
+    return [load_finished_run(c, results_dir) for c in cfgs]
 
 
 def _run_jobs(jobs: list[tuple[Path, tuple]], workers: int):
