@@ -75,6 +75,32 @@ class DecoderLayer(nn.Module):
         return tgt, locations, weights
 
 
+def distinct_topk(scores: Tensor, boxes_unact: Tensor, k: int, iou_threshold: float) -> Tensor:
+    """Indices [B, k] of the best-scoring proposals after class-agnostic NMS (DDQ-DETR's distinct queries).
+
+    ``scores`` [B, N] (any monotone score), ``boxes_unact`` [B, N, 4] logit-space cxcywh. NMS runs on the
+    best ``min(4k, N)`` proposals of each image; the survivors come first in score order, then, when fewer
+    than ``k`` survive, the suppressed ones in score order, so every image still gets exactly ``k`` queries.
+    Selection only: no gradient flows through it.
+    """
+    from torchvision.ops import batched_nms, box_convert
+
+    b, n = scores.shape
+    m = min(4 * k, n)
+    with torch.no_grad():
+        cand_scores, cand = scores.float().topk(m, dim=1)  # [B, m]
+        boxes = boxes_unact.gather(1, cand.unsqueeze(-1).expand(-1, -1, 4)).float().sigmoid()
+        boxes = box_convert(boxes.reshape(-1, 4), "cxcywh", "xyxy")
+        image = torch.arange(b, device=scores.device).repeat_interleave(m)
+        keep = batched_nms(boxes, cand_scores.reshape(-1), image, iou_threshold)
+        kept = torch.zeros(b * m, dtype=torch.bool, device=scores.device)
+        kept[keep] = True
+        # survivors outrank every suppressed proposal; within each group the candidate order (score) holds
+        rank = torch.arange(m, device=scores.device).expand(b, m) + (~kept.view(b, m)) * m
+        order = rank.topk(k, dim=1, largest=False).indices
+        return cand.gather(1, order)
+
+
 class RTDETRDecoder(nn.Module):
     """Query selection + deformable transformer decoder + heads (RT-DETR's ``RTDETRTransformer``)."""
 
@@ -82,12 +108,13 @@ class RTDETRDecoder(nn.Module):
                  hidden_dim: int = 256, num_queries: int = 300, num_levels: int = 3, num_points: int = 4,
                  num_heads: int = 8, num_layers: int = 6, dim_feedforward: int = 1024, dropout: float = 0.0,
                  num_denoising: int = 100, label_noise_ratio: float = 0.5, box_noise_scale: float = 1.0,
-                 eps: float = 1e-2):
+                 eps: float = 1e-2, query_nms: float = 0.0):
         super().__init__()
         if len(in_channels) > num_levels:
             raise ValueError(f"{len(in_channels)} input maps but num_levels={num_levels}")
         self.num_classes, self.hidden_dim, self.num_queries = num_classes, hidden_dim, num_queries
         self.num_levels, self.num_layers, self.eps = num_levels, num_layers, eps
+        self.query_nms = query_nms
         self.num_denoising, self.label_noise_ratio, self.box_noise_scale = (
             num_denoising, label_noise_ratio, box_noise_scale)
 
@@ -155,7 +182,11 @@ class RTDETRDecoder(nn.Module):
         enc_logits = self.enc_score_head(out_memory)  # [B, ΣHW, K]
         enc_coords = self.enc_bbox_head(out_memory) + anchors  # [B, ΣHW, 4] logit space
         k = min(self.num_queries, memory.shape[1])
-        topk = enc_logits.max(-1).values.topk(k, dim=1).indices  # [B, k]
+        scores = enc_logits.max(-1).values  # [B, ΣHW]
+        if self.query_nms > 0:
+            topk = distinct_topk(scores, enc_coords, k, self.query_nms)
+        else:
+            topk = scores.topk(k, dim=1).indices  # [B, k]
 
         def take(x: Tensor) -> Tensor:
             return x.gather(1, topk.unsqueeze(-1).expand(-1, -1, x.shape[-1]))

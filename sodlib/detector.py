@@ -25,7 +25,7 @@ from collections.abc import Mapping, Sequence
 
 import torch
 from torch import Tensor, nn
-from torchvision.ops import box_convert
+from torchvision.ops import batched_nms, box_convert
 
 from .backbone import ResNetBackbone, TinyBackbone, load_state_dict_file
 from .config import ModelConfig
@@ -106,7 +106,7 @@ def build_detector(model_cfg: ModelConfig) -> nn.Module:
     decoder = RTDETRDecoder(cfg.num_classes, tuple(encoder.out_channels), cfg.hidden_dim, cfg.num_queries,
                             cfg.num_levels, cfg.num_points, cfg.num_heads, cfg.num_decoder_layers,
                             cfg.dim_feedforward, cfg.dropout, cfg.num_denoising, cfg.label_noise_ratio,
-                            cfg.box_noise_scale)
+                            cfg.box_noise_scale, query_nms=cfg.query_nms)
     aux_head = (IoUAwareHead(cfg.hidden_dim, cfg.num_classes, cfg.iah_tb, cfg.iah_k, cfg.iah_p, cfg.iah_as_px,
                              cfg.iah_max_queries) if cfg.iah else None)
     model = RTDETR(backbone, encoder, decoder, aux_head)
@@ -115,12 +115,16 @@ def build_detector(model_cfg: ModelConfig) -> nn.Module:
 
 
 @torch.no_grad()
-def postprocess(outputs: dict, orig_sizes_hw: Tensor | Sequence[Sequence[int]], num_top: int = 100) -> list[dict]:
+def postprocess(outputs: dict, orig_sizes_hw: Tensor | Sequence[Sequence[int]], num_top: int = 100,
+                nms_iou: float = 0.0) -> list[dict]:
     """Top-``num_top`` (query, class) pairs per image by sigmoid score, as RT-DETR's post-processor.
 
     Args:
         outputs: dict with ``pred_logits`` [B, Q, K] and ``pred_boxes`` [B, Q, 4] normalised cxcywh.
         orig_sizes_hw: [B, 2] (height, width) in pixels of the images the boxes should refer to.
+        nms_iou: 0 (default, end-to-end as RT-DETR) or the IoU of a per-class NMS over all (query, class)
+            pairs before the top-``num_top`` cut (``model.post_nms``: for short schedules, where the
+            one-to-one head has not yet learned to suppress duplicates).
 
     Returns: per image ``scores`` [n], ``labels`` [n] (0-based), ``boxes_xyxy`` [n, 4] in pixels.
     """
@@ -130,6 +134,13 @@ def postprocess(outputs: dict, orig_sizes_hw: Tensor | Sequence[Sequence[int]], 
     scale = sizes.flip(-1).repeat(1, 2).unsqueeze(1)  # [B, 1, 4] (w, h, w, h)
     xyxy = box_convert(boxes.float(), "cxcywh", "xyxy") * scale
     scores = logits.float().sigmoid().flatten(1)  # [B, Q*K]
+    if nms_iou > 0:
+        pair = torch.arange(scores.shape[1], device=scores.device)
+        query, labels = pair // num_classes, pair % num_classes
+        # batched_nms returns the survivors in decreasing score order
+        kept = [batched_nms(b[query], s, labels, nms_iou)[:num_top] for s, b in zip(scores, xyxy)]
+        return [{"scores": s[i], "labels": labels[i], "boxes_xyxy": b[query[i]]}
+                for s, b, i in zip(scores, xyxy, kept)]
     k = min(num_top, scores.shape[1])
     scores, index = scores.topk(k, dim=1)
     labels = index % num_classes

@@ -12,6 +12,11 @@ from tqdm.auto import tqdm
 log = logging.getLogger(__name__)
 
 
+def post_nms_iou(model: nn.Module) -> float:
+    """The post-processing NMS IoU of a detector built from a config (``model.post_nms``; 0 = none)."""
+    return float(getattr(getattr(model, "config", None), "post_nms", 0.0))
+
+
 @torch.no_grad()
 def predict_dataset(model: nn.Module, dataset, device="cpu", batch_size: int = 8, num_top: int = 100,
                     progress: bool = False) -> list[dict]:
@@ -25,7 +30,7 @@ def predict_dataset(model: nn.Module, dataset, device="cpu", batch_size: int = 8
     for images, targets in tqdm(loader, desc="predict", disable=not progress, dynamic_ncols=True):
         outputs = model(images.to(device))
         sizes = torch.stack([t["orig_size"] for t in targets]).to(device)
-        processed = postprocess(outputs, sizes, num_top=num_top)
+        processed = postprocess(outputs, sizes, num_top=num_top, nms_iou=post_nms_iou(model))
         results += to_coco_results(processed, [int(t["image_id"]) for t in targets], dataset.category_ids)
     return results
 
@@ -96,7 +101,8 @@ def predict_image(model: nn.Module, image_uint8: torch.Tensor, image_size: int, 
         crops = [nn.functional.interpolate(image[None, :, y0:y1, x0:x1], size=(image_size, image_size),
                                            mode="bilinear", align_corners=False) for x0, y0, x1, y1 in chunk]
         sizes = torch.tensor([[y1 - y0, x1 - x0] for x0, y0, x1, y1 in chunk], device=device)
-        for (x0, y0, _, _), det in zip(chunk, postprocess(model(torch.cat(crops)), sizes, num_top=num_top)):
+        processed = postprocess(model(torch.cat(crops)), sizes, num_top=num_top, nms_iou=post_nms_iou(model))
+        for (x0, y0, _, _), det in zip(chunk, processed):
             shift = torch.tensor([x0, y0, x0, y0], device=device, dtype=det["boxes_xyxy"].dtype)
             boxes.append(det["boxes_xyxy"] + shift)
             scores.append(det["scores"])

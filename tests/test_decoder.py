@@ -135,3 +135,33 @@ def test_more_queries_than_tokens_and_extra_level():
     with torch.no_grad():
         out = dec(_feats(1))
     assert out["pred_boxes"].shape == (1, 16 * 16 + 8 * 8 + 4 * 4 + 2 * 2, 4)
+
+
+def test_distinct_topk_suppresses_overlapping_proposals():
+    from sodlib.decoder import distinct_topk
+
+    # image 0: proposals 0 and 1 overlap (IoU 0.90), 2 and 3 are apart; image 1: all apart, scores reversed
+    boxes = torch.tensor([[[.2, .2, .1, .1], [.205, .2, .1, .1], [.7, .7, .1, .1], [.5, .5, .1, .1]],
+                          [[.2, .2, .1, .1], [.5, .5, .1, .1], [.7, .7, .1, .1], [.9, .9, .05, .05]]])
+    scores = torch.tensor([[3., 2., 1., 0.], [0., 1., 2., 3.]])
+    unact = inverse_sigmoid(boxes)
+    assert distinct_topk(scores, unact, 3, 0.7).tolist() == [[0, 2, 3], [3, 2, 1]]
+    # fewer survivors than k: the suppressed proposal fills the last slot
+    assert distinct_topk(scores, unact, 4, 0.7).tolist() == [[0, 2, 3, 1], [3, 2, 1, 0]]
+    # a threshold above their IoU keeps both: plain top-k
+    assert distinct_topk(scores, unact, 3, 0.95).tolist() == scores.topk(3, dim=1).indices.tolist()
+
+
+def test_query_nms_selects_distinct_queries_and_keeps_shapes():
+    dec = _decoder(query_nms=0.5).eval()
+    with torch.no_grad():
+        memory, shapes = dec.memory(_feats())
+        target, ref_unact, enc_out = dec._select_queries(memory, shapes)
+    assert target.shape[:2] == ref_unact.shape[:2] == (2, dec.num_queries)
+    from torchvision.ops import box_convert, box_iou
+    for boxes in ref_unact.sigmoid():
+        xyxy = box_convert(boxes, "cxcywh", "xyxy")
+        iou = box_iou(xyxy, xyxy).fill_diagonal_(0)
+        survivors = (iou.triu() <= 0.5).all(0)  # queries not overlapping any better-ranked one
+        # 30 queries from 336 tokens: every selected proposal is distinct from the better ones
+        assert survivors.all()

@@ -104,3 +104,24 @@ def test_postprocess_topk_and_pixel_boxes():
     assert to_coco_results([det], [7])[1]["category_id"] == 2  # default: label + 1
     many = postprocess({"pred_logits": logits, "pred_boxes": boxes}, [[10, 10]], num_top=100)
     assert len(many[0]["scores"]) == 6
+
+
+def test_postprocess_with_nms_drops_same_class_duplicates_only():
+    # queries 0 and 1: the same box (class 0 at 0.95 and 0.9 — a duplicate); query 2 overlaps them with IoU
+    # 0.81 but class 1 (kept: per-class NMS); query 3 elsewhere, class 0
+    logits = torch.full((1, 4, 2), -10.0)
+    logits[0, 0, 0], logits[0, 1, 0], logits[0, 2, 1], logits[0, 3, 0] = 3.0, 2.0, 1.0, 0.0
+    boxes = torch.tensor([[[0.5, 0.5, 0.2, 0.2], [0.5, 0.5, 0.2, 0.2], [0.5, 0.5, 0.18, 0.18],
+                           [0.2, 0.2, 0.1, 0.1]]])
+    out = {"pred_logits": logits, "pred_boxes": boxes}
+    (det,) = postprocess(out, [[100, 100]], num_top=4, nms_iou=0.5)
+    assert det["labels"].tolist() == [0, 1, 0, 1]  # query 1's class-0 duplicate is gone
+    assert_close(det["scores"][:3], torch.tensor([3.0, 1.0, 0.0]).sigmoid())
+    assert_close(det["boxes_xyxy"][:3], torch.tensor([[40.0, 40, 60, 60], [41, 41, 59, 59], [15, 15, 25, 25]]))
+    # the fourth slot: the only low-score pair that overlaps nothing of its class (query 3, class 1)
+    assert_close(det["boxes_xyxy"][3], torch.tensor([15.0, 15, 25, 25]))
+    assert_close(det["scores"][3], torch.tensor(-10.0).sigmoid())
+    plain = postprocess(out, [[100, 100]], num_top=4)[0]  # nms_iou=0: RT-DETR's top-K keeps the duplicate
+    assert plain["labels"].tolist() == [0, 0, 1, 0]
+    (top2,) = postprocess(out, [[100, 100]], num_top=2, nms_iou=0.5)
+    assert len(top2["scores"]) == 2

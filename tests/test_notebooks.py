@@ -201,3 +201,21 @@ def test_reproduce_default_steps_leave_out_the_opt_in_sr_grad_step(tmp_path, mon
     calls.clear()
     assert rep.main("smoke", only="00_sr", results_dir=tmp_path, notebooks_dir=tmp_path / "absent") == 0
     assert calls == ["step_sr_grad"]
+
+
+def test_step_baseline_records_the_post_nms_diagnostic_and_reuses_it(tmp_path):
+    import json
+
+    import sodlib.reproduce as rep
+
+    summary = rep.step_baseline("smoke", tmp_path)
+    stored = json.loads((tmp_path / "baseline" / "metrics.json").read_text())
+    post = stored["with_post_nms"]
+    assert post["post_nms"] == rep.POST_NMS_IOU and set(rep.BASELINE_KEYS[:6]) <= set(post)
+    assert 0 <= post["AP50"] <= 1 and stored["AP50"] == summary["AP50"] and stored["iterations"] == 8
+    run = tmp_path / stored["run_dir"]
+    assert json.loads((run / "metrics_post_nms.json").read_text()) == post
+    # a fresh clone has the run's metrics but no checkpoint: nothing is retrained, the diagnostic is reused
+    (run / "checkpoints" / "last.pt").unlink()
+    assert rep.step_baseline("smoke", tmp_path)["with_post_nms"] == post
+    assert not (run / "checkpoints" / "last.pt").exists()
