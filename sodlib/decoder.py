@@ -6,8 +6,9 @@
    for more), flattened to the memory [B, ΣHW, C];
 2. anchors at the grid centres with wh = 0.05 · 2^level (invalid within ``eps`` of the border),
    an encoder head (Linear + LayerNorm, class Linear, box MLP on top of the anchors);
-3. top-K selection (K = ``num_queries``) by the best class score: the selected memory features
-   (detached) are the content queries, their boxes (detached) the first reference boxes;
+3. top-K selection (K = ``num_queries``) by the best class score — optionally among proposals made
+   distinct first by class-agnostic NMS (``query_nms``, see :func:`distinct_topk`): the selected memory
+   features (detached) are the content queries, their boxes (detached) the first reference boxes;
 4. contrastive denoising queries in front (training), with their attention mask;
 5. decoder layers (self-attention → deformable cross-attention around the reference box → FFN); each
    layer's box head predicts a delta in logit space; the refined box, detached, is the next layer's
