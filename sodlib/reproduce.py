@@ -103,7 +103,8 @@ def step_data(profile: str, results_dir: Path) -> dict:
     return summary
 
 
-BASELINE_KEYS = ("AP", "AP50", "AP75", "APS", "APM", "APL", "train_seconds", "iterations")
+BASELINE_METRICS = ("AP", "AP50", "AP75", "APS", "APM", "APL")
+BASELINE_KEYS = (*BASELINE_METRICS, "train_seconds", "iterations")
 POST_NMS_IOU = 0.6  # diagnostic: the baseline's checkpoint re-evaluated with a per-class NMS (not end-to-end)
 
 
@@ -132,7 +133,7 @@ def step_baseline(profile: str, results_dir: Path) -> dict:
         model.config = dataclasses.replace(model.config, post_nms=POST_NMS_IOU)
         scores, _ = evaluate_model(model, build_dataset(cfg.data, cfg.data.val_split, train=False),
                                    protocol="coco", device=cfg.train.device)
-        atomic_write_json(post_path, {"post_nms": POST_NMS_IOU, **{k: scores[k] for k in BASELINE_KEYS[:6]}})
+        atomic_write_json(post_path, {"post_nms": POST_NMS_IOU, **{k: scores[k] for k in BASELINE_METRICS}})
     summary = {k: metrics[k] for k in BASELINE_KEYS}
     summary.update(profile=profile, config_hash=config_hash(cfg), run_dir=str(out.relative_to(results_dir)),
                    with_post_nms=json.loads(post_path.read_text()),

@@ -211,7 +211,7 @@ def test_step_baseline_records_the_post_nms_diagnostic_and_reuses_it(tmp_path):
     summary = rep.step_baseline("smoke", tmp_path)
     stored = json.loads((tmp_path / "baseline" / "metrics.json").read_text())
     post = stored["with_post_nms"]
-    assert post["post_nms"] == rep.POST_NMS_IOU and set(rep.BASELINE_KEYS[:6]) <= set(post)
+    assert post["post_nms"] == rep.POST_NMS_IOU and set(rep.BASELINE_METRICS) <= set(post)
     assert 0 <= post["AP50"] <= 1 and stored["AP50"] == summary["AP50"] and stored["iterations"] == 8
     run = tmp_path / stored["run_dir"]
     assert json.loads((run / "metrics_post_nms.json").read_text()) == post
