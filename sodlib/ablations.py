@@ -17,8 +17,8 @@ Choices where the papers are silent (also in results/README.md):
   them, rows without ST keep RT-DETR's VFL (α 0.75, γ 2). Table 8 keeps the defaults on every row (QFL
   and TAL use γ as their own focusing exponent, 2 in GFL) and its "+SR" rows are cumulative (+ST+SR).
 * Table 7's η schedules have six values, one per decoder layer of R50 RT-DETR; a decoder with L layers
-  takes the values at positions ⌊l·5/(L−1)⌋ (3 layers: 1st, 3rd, 6th), which maps the paper's best
-  schedule onto the ``cpu`` profile's default (1.5, 1.2, 1.0).
+  takes the values at positions ⌊l·5/(L−1)⌋ (3 layers: 1st, 3rd, 6th; 2 layers: 1st and 6th), which maps
+  the paper's best schedule onto the ``cpu`` profile's default (1.5, 1.0).
 * MRQM's Tables 4 and 5 (T_b, p) vary only the IoU-aware head, so at CPU scale they are run on
   "+IAH" (the hybrid encoder) rather than on the much costlier BiFPN+SAE model.
 """

@@ -33,8 +33,8 @@ from .box_ops import box_cxcywh_to_xyxy, paired_iou_xyxy
 from .config import LossConfig, ModelConfig
 from .matcher import HungarianMatcher, Indices
 
-_LAYER_SUFFIX = re.compile(r"(_(aux|enc|dn))?_\d+$")
-_NESTED_OUTPUTS = ("aux_outputs", "enc_outputs", "dn_outputs", "dn_meta",
+_LAYER_SUFFIX = re.compile(r"(_(aux|enc|o2m|dn))?_\d+$")
+_NESTED_OUTPUTS = ("aux_outputs", "enc_outputs", "enc_dense_outputs", "dn_outputs", "dn_meta",
                    "iah_outputs", "aux_query_outputs", "aux_query_indices")  # the last three: MRQM
 
 
@@ -86,8 +86,9 @@ class SetCriterion(nn.Module):
 
     def __init__(self, matcher: nn.Module, num_classes: int, weight_dict: Mapping[str, float],
                  losses: tuple[str, ...] = ("vfl", "boxes"), alpha: float = 0.75, gamma: float = 2.0,
-                 tal_a: float = 1.0, tal_b: float = 6.0):
+                 tal_a: float = 1.0, tal_b: float = 6.0, enc_o2m: int = 0):
         super().__init__()
+        self.enc_o2m = enc_o2m
         self.matcher = matcher
         self.num_classes = num_classes
         self.weight_dict = dict(weight_dict)
@@ -122,6 +123,9 @@ class SetCriterion(nn.Module):
         if outputs.get("enc_outputs") is not None:
             enc = outputs["enc_outputs"]
             layers.append((LayerInfo("enc_0", None), enc, self.matcher(enc, targets)))
+        if self.enc_o2m and outputs.get("enc_dense_outputs") is not None:
+            dense = outputs["enc_dense_outputs"]
+            layers.append((LayerInfo("o2m_0", None), dense, one_to_many(self.matcher, dense, targets, self.enc_o2m)))
         if outputs.get("dn_outputs"):
             if outputs.get("dn_meta") is None:
                 raise ValueError("SetCriterion: outputs has 'dn_outputs' but no 'dn_meta'")
@@ -143,6 +147,7 @@ class SetCriterion(nn.Module):
         for layer, out, indices in self.match_layers(outputs, targets):
             all_indices[layer.name] = indices
             n = num_boxes * num_group if layer.denoising else num_boxes  # RT-DETR: dn positives = N x groups
+            n = n * self.enc_o2m if layer.name == "o2m_0" else n
             for name in self.losses:
                 terms = self.get_loss(name, out, targets, indices, n, layer)
                 loss_dict.update({k + layer.suffix: v for k, v in terms.items()})
@@ -266,6 +271,13 @@ class SetCriterion(nn.Module):
         return {"loss_bbox": l1.sum() / num_boxes, "loss_giou": giou.sum() / num_boxes}
 
 
+def one_to_many(matcher, outputs: dict, targets: list[dict], k: int) -> Indices:
+    """Hungarian matching against every target repeated ``k`` times: up to k queries per target (H-DETR)."""
+    repeated = [{"labels": t["labels"].repeat(k), "boxes": t["boxes"].repeat(k, 1)} for t in targets]
+    indices = matcher(outputs, repeated)
+    return [(src, tgt % max(len(t["labels"]), 1)) for (src, tgt), t in zip(indices, targets)]
+
+
 def denoising_indices(dn_meta: Mapping, targets: list[dict], device: torch.device) -> Indices:
     """Fixed matching of the positive denoising queries: index j of each group -> gt j mod N."""
     positive_idx, num_group = dn_meta["dn_positive_idx"], int(dn_meta["dn_num_group"])
@@ -305,7 +317,7 @@ def build_criterion(loss_cfg: LossConfig, model_cfg: ModelConfig) -> SetCriterio
     weight_dict = {f"loss_{loss_cfg.cls_loss}": loss_cfg.weight_vfl, "loss_bbox": loss_cfg.weight_bbox,
                    "loss_giou": loss_cfg.weight_giou}
     common = {"losses": (loss_cfg.cls_loss, "boxes"), "alpha": loss_cfg.alpha, "gamma": loss_cfg.gamma,
-              "tal_a": loss_cfg.tal_a, "tal_b": loss_cfg.tal_b}
+              "tal_a": loss_cfg.tal_a, "tal_b": loss_cfg.tal_b, "enc_o2m": loss_cfg.enc_o2m}
     if not (loss_cfg.st or loss_cfg.sr or loss_cfg.spr or model_cfg.iah):
         return SetCriterion(matcher, model_cfg.num_classes, weight_dict, **common)
     from .mrqm_criterion import MRQMCriterion  # both import this module

@@ -7,8 +7,11 @@
 2. anchors at the grid centres with wh = 0.05 · 2^level (invalid within ``eps`` of the border),
    an encoder head (Linear + LayerNorm, class Linear, box MLP on top of the anchors);
 3. top-K selection (K = ``num_queries``) by the best class score — optionally among proposals made
-   distinct first by class-agnostic NMS (``query_nms``, see :func:`distinct_topk`): the selected memory
-   features (detached) are the content queries, their boxes (detached) the first reference boxes;
+   distinct first by class-agnostic NMS (``query_nms``, see :func:`distinct_topk`) and only among the
+   levels from ``select_from_level`` on (``model.p2_values``: the stride-4 level is sampled, never
+   selected); the selected memory features (detached) are the content queries, their boxes (detached)
+   the first reference boxes. In training the scores and boxes of every selectable token are returned
+   too (``enc_dense_outputs``, for ``loss.enc_o2m``);
 4. contrastive denoising queries in front (training), with their attention mask;
 5. decoder layers (self-attention → deformable cross-attention around the reference box → FFN); each
    layer's box head predicts a delta in logit space; the refined box, detached, is the next layer's
@@ -109,13 +112,14 @@ class RTDETRDecoder(nn.Module):
                  hidden_dim: int = 256, num_queries: int = 300, num_levels: int = 3, num_points: int = 4,
                  num_heads: int = 8, num_layers: int = 6, dim_feedforward: int = 1024, dropout: float = 0.0,
                  num_denoising: int = 100, label_noise_ratio: float = 0.5, box_noise_scale: float = 1.0,
-                 eps: float = 1e-2, query_nms: float = 0.0):
+                 eps: float = 1e-2, query_nms: float = 0.0, select_from_level: int = 0):
         super().__init__()
         if len(in_channels) > num_levels:
             raise ValueError(f"{len(in_channels)} input maps but num_levels={num_levels}")
         self.num_classes, self.hidden_dim, self.num_queries = num_classes, hidden_dim, num_queries
         self.num_levels, self.num_layers, self.eps = num_levels, num_layers, eps
         self.query_nms = query_nms
+        self.select_from_level = select_from_level
         self.num_denoising, self.label_noise_ratio, self.box_noise_scale = (
             num_denoising, label_noise_ratio, box_noise_scale)
 
@@ -178,6 +182,8 @@ class RTDETRDecoder(nn.Module):
         return torch.where(valid, logits, torch.inf).to(dtype), valid
 
     def _select_queries(self, memory: Tensor, shapes):
+        skip = self.select_from_level  # the finest levels that are only sampled, never selected
+        memory, shapes = memory[:, sum(h * w for h, w in shapes[:skip]):], shapes[skip:]
         anchors, valid = self.anchors(shapes, memory.device, memory.dtype)
         out_memory = self.enc_output(memory * valid.to(memory.dtype))
         enc_logits = self.enc_score_head(out_memory)  # [B, ΣHW, K]
@@ -194,7 +200,8 @@ class RTDETRDecoder(nn.Module):
 
         ref_unact = take(enc_coords)
         enc_out = {"pred_logits": take(enc_logits), "pred_boxes": ref_unact.sigmoid()}
-        return take(out_memory).detach(), ref_unact.detach(), enc_out
+        dense_out = {"pred_logits": enc_logits, "pred_boxes": enc_coords.sigmoid()}
+        return take(out_memory).detach(), ref_unact.detach(), enc_out, dense_out
 
     # ------------------------------------------------------------------ forward
 
@@ -224,7 +231,7 @@ class RTDETRDecoder(nn.Module):
                        return_hidden: bool = False) -> dict:
         """:meth:`forward` from an already projected memory (see :meth:`memory`); same output dict."""
         dn_embed = dn_boxes = attn_mask = dn_meta = None
-        target, ref_unact, enc_out = self._select_queries(memory, shapes)
+        target, ref_unact, enc_out, dense_out = self._select_queries(memory, shapes)
         if self.training and targets is not None and self.denoising_class_embed is not None:
             dn_embed, dn_boxes, attn_mask, dn_meta = get_contrastive_denoising_training_group(
                 targets, self.num_classes, target.shape[1], self.denoising_class_embed, self.num_denoising,
@@ -244,6 +251,7 @@ class RTDETRDecoder(nn.Module):
         if self.training:
             out["aux_outputs"] = layers[:-1]
             out["enc_outputs"] = enc_out
+            out["enc_dense_outputs"] = dense_out
             if dn_meta is not None:
                 out["dn_outputs"] = dn_layers
                 out["dn_meta"] = dn_meta

@@ -79,15 +79,16 @@ def build_backbone(cfg: ModelConfig, return_levels: tuple[int, ...] = (3, 4, 5))
 
 
 def encoder_levels(cfg: ModelConfig) -> tuple[int, ...]:
-    """Backbone levels the encoder reads: C3..C5 (``hybrid``), C2..C5 (``bifpn_sae``, MRQM)."""
-    return (2, 3, 4, 5) if cfg.encoder == "bifpn_sae" else (3, 4, 5)
+    """Backbone levels the encoder reads: C3..C5 (``hybrid``), C2..C5 (``bifpn_sae``, MRQM, or ``hybrid`` with
+    ``p2_values``)."""
+    return (2, 3, 4, 5) if cfg.encoder == "bifpn_sae" or cfg.p2_values else (3, 4, 5)
 
 
 def build_encoder(cfg: ModelConfig, in_channels: tuple[int, ...]) -> nn.Module:
     """``hybrid`` → RT-DETR's :class:`HybridEncoder`; ``bifpn_sae`` → MRQM's BiFPN + scale-aware encoder."""
     if cfg.encoder == "hybrid":
         return HybridEncoder(in_channels, cfg.hidden_dim, cfg.num_heads, cfg.encoder_ffn, cfg.dropout,
-                             csp_blocks=cfg.csp_blocks, expansion=cfg.expansion)
+                             csp_blocks=cfg.csp_blocks, expansion=cfg.expansion, light_levels=int(cfg.p2_values))
     if cfg.encoder == "bifpn_sae":
         return BiFPNSAEEncoder(in_channels, cfg.hidden_dim, cfg.num_heads, cfg.num_points, cfg.encoder_ffn,
                                cfg.dropout, cfg.bifpn_repeats, cfg.sae_high_updates)
@@ -106,7 +107,7 @@ def build_detector(model_cfg: ModelConfig) -> nn.Module:
     decoder = RTDETRDecoder(cfg.num_classes, tuple(encoder.out_channels), cfg.hidden_dim, cfg.num_queries,
                             cfg.num_levels, cfg.num_points, cfg.num_heads, cfg.num_decoder_layers,
                             cfg.dim_feedforward, cfg.dropout, cfg.num_denoising, cfg.label_noise_ratio,
-                            cfg.box_noise_scale, query_nms=cfg.query_nms)
+                            cfg.box_noise_scale, query_nms=cfg.query_nms, select_from_level=int(cfg.p2_values))
     aux_head = (IoUAwareHead(cfg.hidden_dim, cfg.num_classes, cfg.iah_tb, cfg.iah_k, cfg.iah_p, cfg.iah_as_px,
                              cfg.iah_max_queries) if cfg.iah else None)
     model = RTDETR(backbone, encoder, decoder, aux_head)

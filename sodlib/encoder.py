@@ -111,6 +111,9 @@ class HybridEncoder(nn.Module):
         csp_blocks: RepVGG blocks per CSPRepLayer (RT-DETR: round(3 · depth_mult)).
         expansion: CSPRepLayer hidden width factor.
         pe_temperature: temperature of the sin-cos position embedding.
+        light_levels: how many of the finest maps bypass AIFI and CCFM (not RT-DETR; ``model.p2_values``):
+            each is a 1×1 projection plus the nearest-upsampled output of the next coarser level, a cheap
+            high-resolution level for the decoder to sample.
 
     Forward: list of maps [B, C_in_l, H_l, W_l] → list of maps [B, hidden_dim, H_l, W_l].
     """
@@ -119,14 +122,23 @@ class HybridEncoder(nn.Module):
                  num_heads: int = 8, dim_feedforward: int = 1024, dropout: float = 0.0,
                  num_encoder_layers: int = 1, use_encoder_idx: tuple[int, ...] = (-1,), csp_blocks: int = 3,
                  expansion: float = 1.0, pe_temperature: float = 10000.0,
-                 act: Callable[[], nn.Module] = nn.SiLU, enc_act: Callable[[], nn.Module] = nn.GELU):
+                 act: Callable[[], nn.Module] = nn.SiLU, enc_act: Callable[[], nn.Module] = nn.GELU,
+                 light_levels: int = 0):
         super().__init__()
-        n = len(in_channels)
+        if not 0 <= light_levels < len(in_channels):
+            raise ValueError(f"light_levels must lie in [0, {len(in_channels)}), got {light_levels}")
         self.in_channels = tuple(in_channels)
+        self.light_levels = light_levels
+        # the finest `light_levels` maps skip AIFI/CCFM: 1×1 projection + the upsampled next-coarser output
+        self.light_proj = nn.ModuleList(
+            nn.Sequential(nn.Conv2d(c, hidden_dim, 1, bias=False), nn.BatchNorm2d(hidden_dim))
+            for c in in_channels[:light_levels])
+        in_channels = in_channels[light_levels:]
+        n = len(in_channels)
         self.hidden_dim = hidden_dim
         self.pe_temperature = pe_temperature
         self.use_encoder_idx = tuple(i % n for i in use_encoder_idx)
-        self.out_channels = (hidden_dim,) * n
+        self.out_channels = (hidden_dim,) * len(self.in_channels)
         self.input_proj = nn.ModuleList(
             nn.Sequential(nn.Conv2d(c, hidden_dim, 1, bias=False), nn.BatchNorm2d(hidden_dim)) for c in in_channels)
         self.encoder = nn.ModuleList(
@@ -146,6 +158,14 @@ class HybridEncoder(nn.Module):
     def forward(self, feats: list[Tensor]) -> list[Tensor]:
         if len(feats) != len(self.in_channels):
             raise ValueError(f"expected {len(self.in_channels)} feature maps, got {len(feats)}")
+        light, feats = feats[:self.light_levels], feats[self.light_levels:]
+        outs = self._fuse(feats)
+        for p, f in zip(reversed(self.light_proj), reversed(light)):  # FPN-style top-down, no conv block
+            outs.insert(0, p(f) + F.interpolate(outs[0], size=f.shape[-2:], mode="nearest"))
+        return outs
+
+    def _fuse(self, feats: list[Tensor]) -> list[Tensor]:
+        """AIFI on the coarsest map, then CCFM's top-down and bottom-up paths (RT-DETR)."""
         proj = [p(f) for p, f in zip(self.input_proj, feats)]
         for layers, idx in zip(self.encoder, self.use_encoder_idx):
             b, c, h, w = proj[idx].shape

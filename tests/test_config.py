@@ -21,11 +21,11 @@ def test_cpu_is_default_and_paper_matches_paper_a():
 
 
 def test_override_parses_types():
-    cfg = override(get_profile("cpu"), "loss.st=true", "train.lr=1e-3", "loss.eta_per_layer=[2, 1.5, 1]",
+    cfg = override(get_profile("cpu"), "loss.st=true", "train.lr=1e-3", "loss.eta_per_layer=[2, 1]",
                    "model.backbone=resnet18", "train.multiscale=(256, 288)")
     assert cfg.loss.st is True
     assert cfg.train.lr == 1e-3
-    assert cfg.loss.eta_per_layer == (2.0, 1.5, 1.0)
+    assert cfg.loss.eta_per_layer == (2.0, 1.0)
     assert cfg.model.backbone == "resnet18"
     assert cfg.train.multiscale == (256, 288)
     # the original is untouched (frozen dataclasses)
@@ -38,8 +38,8 @@ def test_override_parses_types():
     ("loss.beta=1.5", "loss.beta"),
     ("loss.beta=-0.1", "loss.beta"),
     ("loss.theta=-1", "loss.theta"),
-    ("loss.eta_per_layer=[1.5, 0.9, 1.0]", "loss.eta_per_layer"),
-    ("loss.eta_per_layer=[1.5, 1.0]", "loss.eta_per_layer"),
+    ("loss.eta_per_layer=[1.5, 0.9]", "loss.eta_per_layer"),
+    ("loss.eta_per_layer=[1.5, 1.2, 1.0]", "loss.eta_per_layer"),
     ("loss.cls_loss=focal", "loss.cls_loss"),
     ("loss.weight_sr_gen=-1", "loss.weight_sr_gen"),
     ("loss.sr_grad=both", "loss.sr_grad"),
@@ -47,6 +47,8 @@ def test_override_parses_types():
     ("train.batch_size=2.5", "train.batch_size"),
     ("model.hidden_dim=100", "model.hidden_dim"),
     ("data.num_classes=3", "num_classes"),
+    ("model.p2_values=true", "model.p2_values"),  # needs num_levels 4
+    ("loss.enc_o2m=-1", "loss.enc_o2m"),
 ])
 def test_override_rejects_bad_values_naming_the_key(assignment, key):
     with pytest.raises(ValueError, match=key.replace(".", r"\.")):

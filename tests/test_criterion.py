@@ -6,7 +6,7 @@ from torch.testing import assert_close
 
 import sodlib
 from sodlib.config import get_profile, override
-from sodlib.criterion import SetCriterion, base_loss_name, build_criterion, positive_mask
+from sodlib.criterion import SetCriterion, base_loss_name, build_criterion, one_to_many, positive_mask
 from sodlib.matcher import HungarianMatcher
 
 K = 3  # classes
@@ -190,3 +190,29 @@ def test_extension_points_for_paper_a_terms():
     assert_close(losses["loss_giou"], torch.tensor(2 * 0.5))
     layer_terms = [losses[f"loss_layer{suffix}"].item() for suffix in ("", "_aux_0", "_enc_0")]
     assert layer_terms == [1.0, 0.0, -1.0]  # final = decoder layer L-1 = 1, encoder = None
+
+
+def test_one_to_many_matches_each_target_k_times():
+    g = torch.Generator().manual_seed(3)
+    outputs = _layer(g, 2, 12)
+    targets = _targets([3, 0], g)
+    indices = one_to_many(HungarianMatcher(), outputs, targets, 2)
+    src, tgt = indices[0]
+    assert len(set(src.tolist())) == 6  # six distinct queries ...
+    assert sorted(tgt.tolist()) == [0, 0, 1, 1, 2, 2]  # ... two per target
+    assert len(indices[1][0]) == len(indices[1][1]) == 0
+
+
+def test_encoder_one_to_many_terms():
+    out, targets = _outputs([2, 1], num_layers=2)
+    g = torch.Generator().manual_seed(5)
+    out["enc_dense_outputs"] = _layer(g, 2, 10)
+    assert set(_criterion()(out, targets)) == set(_criterion()(dict(out, enc_dense_outputs=None), targets))
+    crit = SetCriterion(HungarianMatcher(), K, WEIGHTS, enc_o2m=3)
+    losses, indices = crit(out, targets, return_indices=True)
+    assert base_loss_name("loss_giou_o2m_0") == "loss_giou"
+    pred = out["enc_dense_outputs"]["pred_boxes"]
+    l1 = sum((pred[i, src] - targets[i]["boxes"][tgt]).abs().sum() for i, (src, tgt) in enumerate(indices["o2m_0"]))
+    assert sum(len(s) for s, _ in indices["o2m_0"]) == 9
+    assert_close(losses["loss_bbox_o2m_0"], l1 / (3 * 3))  # normalised by targets x k
+    assert all(torch.isfinite(v) for v in losses.values())

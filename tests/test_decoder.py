@@ -50,9 +50,16 @@ def test_anchors_and_valid_mask():
 def test_training_output_structure_and_ref_box_chain():
     dec = _decoder().train()
     out = dec(_feats(), _targets(), return_sampling=True, return_hidden=True)
-    assert set(out) == LAYER_KEYS | {"aux_outputs", "enc_outputs", "dn_outputs", "dn_meta"}
+    assert set(out) == LAYER_KEYS | {"aux_outputs", "enc_outputs", "enc_dense_outputs", "dn_outputs", "dn_meta"}
     assert len(out["aux_outputs"]) == dec.num_layers - 1 and len(out["dn_outputs"]) == dec.num_layers
     assert set(out["enc_outputs"]) == {"pred_logits", "pred_boxes"}
+    # the selected proposals are rows of the dense encoder output (every token's scores and boxes)
+    dense = out["enc_dense_outputs"]
+    assert dense["pred_logits"].shape == (2, 16 * 16 + 8 * 8 + 4 * 4, 6)
+    for key in ("pred_logits", "pred_boxes"):
+        gap = torch.cdist(out["enc_outputs"][key].detach(), dense[key].detach(),
+                          compute_mode="donot_use_mm_for_euclid_dist").min(-1).values
+        assert (gap < 1e-5).all()  # (sigmoid before/after the gather: equal up to rounding)
     layers = out["aux_outputs"] + [out]
     num_dn = out["dn_meta"]["dn_num_split"][0]
     assert num_dn == 2 * 2 * (20 // 2)
@@ -156,7 +163,7 @@ def test_query_nms_selects_distinct_queries_and_keeps_shapes():
     dec = _decoder(query_nms=0.5).eval()
     with torch.no_grad():
         memory, shapes = dec.memory(_feats())
-        target, ref_unact, enc_out = dec._select_queries(memory, shapes)
+        target, ref_unact, _, _ = dec._select_queries(memory, shapes)
     assert target.shape[:2] == ref_unact.shape[:2] == (2, dec.num_queries)
     from torchvision.ops import box_convert, box_iou
     for boxes in ref_unact.sigmoid():
@@ -165,3 +172,15 @@ def test_query_nms_selects_distinct_queries_and_keeps_shapes():
         survivors = (iou.triu() <= 0.5).all(0)  # queries not overlapping any better-ranked one
         # 30 queries from 336 tokens: every selected proposal is distinct from the better ones
         assert survivors.all()
+
+
+def test_select_from_level_samples_but_never_selects_the_finest_level():
+    dec = _decoder(num_levels=4, in_channels=(16, 16, 16, 16), select_from_level=1).train()
+    g = torch.Generator().manual_seed(0)
+    feats = [torch.randn(2, 16, s, s, generator=g) for s in (16, 8, 4, 2)]
+    out = dec(feats, _targets(), return_sampling=True)
+    assert out["sampling_locations"].shape[3] == 4
+    dense = out["enc_dense_outputs"]["pred_boxes"]
+    assert dense.shape == (2, 8 * 8 + 4 * 4 + 2 * 2, 4)
+    # box heads start at zero: the proposals are the anchors of the 8x8 map, sized as RT-DETR's level 0
+    assert_close(dense[0, 0], torch.tensor([1 / 16, 1 / 16, 0.05, 0.05]))

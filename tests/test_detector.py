@@ -8,7 +8,7 @@ import sodlib
 from sodlib.config import get_profile, override
 from sodlib.detector import RTDETR, build_detector, postprocess, to_coco_results
 
-TRAIN_KEYS = {"pred_logits", "pred_boxes", "aux_outputs", "enc_outputs", "dn_outputs", "dn_meta"}
+TRAIN_KEYS = {"pred_logits", "pred_boxes", "aux_outputs", "enc_outputs", "enc_dense_outputs", "dn_outputs", "dn_meta"}
 
 
 @pytest.fixture(scope="module")
@@ -65,11 +65,28 @@ def test_training_without_objects_or_targets(smoke):
     model.train()
     empty = [{"boxes": torch.zeros(0, 4), "labels": torch.zeros(0, dtype=torch.long)}] * 2
     out = model(torch.rand(2, 3, 128, 128), empty, return_sampling=True)
-    assert set(out) == {"pred_logits", "pred_boxes", "aux_outputs", "enc_outputs",
+    assert set(out) == {"pred_logits", "pred_boxes", "aux_outputs", "enc_outputs", "enc_dense_outputs",
                         "sampling_locations", "attention_weights", "ref_boxes"}
     assert torch.isfinite(out["pred_boxes"]).all()
     out = model(torch.rand(1, 3, 96, 128))  # no targets: no denoising
     assert "dn_outputs" not in out and out["pred_logits"].shape == (1, cfg.num_queries, cfg.num_classes)
+
+
+def test_p2_values_adds_a_sampled_stride_4_level_and_trains():
+    cfg = override(get_profile("smoke"), "model.p2_values=true", "model.num_levels=4").model
+    torch.manual_seed(0)
+    model = build_detector(cfg).train()
+    feats = model.encoder(model.backbone(torch.rand(2, 3, 128, 128)))
+    assert [tuple(f.shape[-2:]) for f in feats] == [(32, 32), (16, 16), (8, 8), (4, 4)]
+    out = model(torch.rand(2, 3, 128, 128), _targets(), return_sampling=True)
+    assert out["sampling_locations"].shape[3] == 4  # the decoder samples all four levels
+    # ... but selects queries from strides 8..32 only
+    assert out["enc_dense_outputs"]["pred_logits"].shape == (2, 16 * 16 + 8 * 8 + 4 * 4, cfg.num_classes)
+    loss = sodlib.build_criterion(get_profile("smoke").loss, cfg)
+    total = loss.weighted_total(loss(out, _targets()))
+    total.backward()
+    grad = model.encoder.light_proj[0][0].weight.grad
+    assert torch.isfinite(total) and grad is not None and grad.abs().sum() > 0
 
 
 def test_paper_profile_parameter_count_matches_rtdetr_r50():

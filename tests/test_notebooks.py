@@ -190,17 +190,45 @@ def test_reproduce_runs_notebook_steps_and_fails_with_one_line(tmp_path, monkeyp
     assert "matches no step" in capsys.readouterr().err
 
 
-def test_reproduce_default_steps_leave_out_the_opt_in_sr_grad_step(tmp_path, monkeypatch):
+def test_reproduce_default_steps_leave_out_the_opt_in_steps(tmp_path, monkeypatch):
     import sodlib.reproduce as rep
 
     calls = []
-    for name in ("step_data", "step_baseline", "step_sr_grad"):
+    for name in ("step_data", "step_baseline", "step_sr_grad", "step_budget"):
         monkeypatch.setattr(rep, name, lambda *a, name=name, **k: calls.append(name))
     assert rep.main("smoke", results_dir=tmp_path, notebooks_dir=tmp_path / "absent") == 0
     assert calls == ["step_data", "step_baseline"]
     calls.clear()
     assert rep.main("smoke", only="00_sr", results_dir=tmp_path, notebooks_dir=tmp_path / "absent") == 0
     assert calls == ["step_sr_grad"]
+    calls.clear()
+    assert rep.main("smoke", only="00_baseline", results_dir=tmp_path, notebooks_dir=tmp_path / "absent") == 0
+    assert calls == ["step_baseline"]
+
+
+def test_step_budget_scales_iterations_and_tabulates_every_variant(tmp_path, monkeypatch):
+    import pandas as pd
+
+    import sodlib.engine
+    import sodlib.reproduce as rep
+
+    seen = {}
+
+    def fake_train(cfg, out, protocol):
+        seen[out.name] = cfg
+        return {"iterations": cfg.train.max_iters, "train_seconds": 1.0, "AP": 0.1, "AP50": 0.2, "AP75": 0.1,
+                "APS": 0.1, "APM": 0.2}
+
+    monkeypatch.setattr(sodlib.engine, "train", fake_train)
+    table = rep.step_budget("cpu", tmp_path)
+    assert list(table["variant"]) == list(rep.BUDGET_VARIANTS)
+    iters = dict(zip(table["variant"], table["iterations"]))
+    assert iters["baseline"] == 540 and iters["3 decoder layers"] == 440 and iters["ResNet-18 backbone"] == 290
+    assert iters["stride-4 value level"] == 400 and iters["stride-4 value level, same iterations"] == 540
+    assert len(seen) == len(rep.BUDGET_VARIANTS)  # one run folder (config hash) per variant
+    p2 = [cfg for cfg in seen.values() if cfg.model.p2_values]
+    assert sorted(cfg.train.max_iters for cfg in p2) == [400, 540] and {cfg.model.num_levels for cfg in p2} == {4}
+    assert pd.read_csv(tmp_path / "tables" / "baseline_budget.csv").shape == (len(rep.BUDGET_VARIANTS), 8)
 
 
 def test_step_baseline_records_the_post_nms_diagnostic_and_reuses_it(tmp_path):
