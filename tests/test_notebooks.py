@@ -223,11 +223,11 @@ def test_step_budget_scales_iterations_and_tabulates_every_variant(tmp_path, mon
     table = rep.step_budget("cpu", tmp_path)
     assert list(table["variant"]) == list(rep.BUDGET_VARIANTS)
     iters = dict(zip(table["variant"], table["iterations"]))
-    assert iters["baseline"] == 540 and iters["3 decoder layers"] == 440 and iters["ResNet-18 backbone"] == 290
-    assert iters["stride-4 value level"] == 400 and iters["stride-4 value level, same iterations"] == 540
+    assert iters["baseline"] == 520 and iters["3 decoder layers"] == 440 and iters["ResNet-18 backbone"] == 280
+    assert iters["stride-4 value level"] == 385 and iters["stride-4 value level, same iterations"] == 520
     assert len(seen) == len(rep.BUDGET_VARIANTS)  # one run folder (config hash) per variant
     p2 = [cfg for cfg in seen.values() if cfg.model.p2_values]
-    assert sorted(cfg.train.max_iters for cfg in p2) == [400, 540] and {cfg.model.num_levels for cfg in p2} == {4}
+    assert sorted(cfg.train.max_iters for cfg in p2) == [385, 520] and {cfg.model.num_levels for cfg in p2} == {4}
     assert pd.read_csv(tmp_path / "tables" / "baseline_budget.csv").shape == (len(rep.BUDGET_VARIANTS), 8)
 
 
