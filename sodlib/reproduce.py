@@ -177,15 +177,15 @@ def step_sr_grad(profile: str, results_dir: Path, seeds: int = 2) -> pd.DataFram
 
 # Issue 3's bar (AP50 >= 0.80 in <= 180 s) at a fixed budget: each variant's iterations are the profile's
 # scaled by baseline step time / variant step time (interleaved medians of real `cpu` steps, 2 threads,
-# baseline 314 ms: 1 decoder layer 0.77x, backbone width 64 1.32x, ResNet-18 1.86x, 384 px 1.17x, stride-4
-# level 1.36x, encoder one-to-many 1.16x; 3 decoder layers: the previous profile's own 440 iterations,
-# 171 s), so every row trains for about as long as the baseline (the table's train_seconds says how
-# close). The last row keeps the profile's iterations: what the stride-4 level is worth per step.
+# baseline 314 ms: 1 decoder layer 0.77x, ResNet-18 1.86x, 384 px 1.17x, stride-4 level 1.36x, encoder
+# one-to-many 1.16x; 3 decoder layers: the previous profile's own 440 iterations, 171 s), so every row
+# trains for about as long as the baseline (the table's train_seconds says how close, up to this VM's
+# ±10% run-to-run speed). The last row keeps the profile's iterations: what the stride-4 level is worth
+# per step.
 BUDGET_VARIANTS = {  # label: (overrides, fraction of the profile's iterations)
     "baseline": ((), 1.0),
     "3 decoder layers": (("model.num_decoder_layers=3", "loss.eta_per_layer=[1.5, 1.2, 1.0]"), 440 / 520),
     "1 decoder layer": (("model.num_decoder_layers=1", "loss.eta_per_layer=[1.0]"), 680 / 520),
-    "backbone width 64": (("model.backbone_width=64",), 395 / 520),
     "ResNet-18 backbone": (("model.backbone=resnet18", "model.freeze_norm=false"), 280 / 520),
     "working size 384": (("data.image_size=384",), 445 / 520),
     "stride-4 value level": (("model.p2_values=true", "model.num_levels=4"), 385 / 520),
@@ -228,7 +228,7 @@ def main(profile: str = "cpu", only: str | None = None, seeds: int | None = None
     results_dir = Path(results_dir)
     # (name, function, part of the default run); 00_sr_grad (six full-schedule runs, ~18 min on 2 cores) is
     # opt-in: notebook 04's Table 3 re-measures the same choice at the ablation schedule over 3 seeds;
-    # 00_budget (eight more baseline-length runs, ~25 min) is opt-in too: it backs the baseline's write-up.
+    # 00_budget (seven more baseline-length runs, ~25 min) is opt-in too: it backs the baseline's write-up.
     steps = [("00_data", lambda: step_data(profile, results_dir), True),
              ("00_baseline", lambda: step_baseline(profile, results_dir), True),
              ("00_sr_grad", lambda: step_sr_grad(profile, results_dir), False),
