@@ -8,7 +8,8 @@ Targets: B dicts with ``boxes`` [N, 4] normalised cxcywh and ``labels`` [N] int6
 
 Loss keys: ``loss_<term>`` for the last layer, ``loss_<term>_aux_{i}`` for decoder layer i < L-1,
 ``loss_<term>_enc_0`` for the encoder proposals, ``loss_<term>_dn_{i}`` for the denoising queries of
-decoder layer i. Terms: ``loss_vfl`` | ``loss_qfl`` | ``loss_tal`` (classification), ``loss_bbox`` (L1),
+decoder layer i, ``loss_<term>_o2m_0`` for every encoder token matched one-to-many (``enc_o2m`` > 0, on
+``enc_dense_outputs``: each target repeated ``enc_o2m`` times in the Hungarian matching, H-DETR style). Terms: ``loss_vfl`` | ``loss_qfl`` | ``loss_tal`` (classification), ``loss_bbox`` (L1),
 ``loss_giou``. Weights are applied in one place, :meth:`SetCriterion.weighted_total`. MRQM's criterion
 (:mod:`sodlib.mrqm_criterion`) adds ``loss_iah_{cls,bbox,giou}`` and ``loss_auxq_<term>_{i}``.
 
@@ -47,7 +48,7 @@ def base_loss_name(key: str) -> str:
 class LayerInfo:
     """Which supervised output a loss term is computed on."""
 
-    name: str  # "final" | "aux_{i}" | "enc_0" | "dn_{i}"
+    name: str  # "final" | "aux_{i}" | "enc_0" | "o2m_0" | "dn_{i}"
     decoder_layer: int | None  # decoder layer 0..L-1 (index into loss.eta_per_layer); None for the encoder
     denoising: bool = False
 
@@ -75,7 +76,8 @@ class SetCriterion(nn.Module):
     ``weight_dict`` maps the base term names (``loss_vfl``, ``loss_bbox``, ``loss_giou``, ...) to their
     weights; ``losses`` names the loss functions to run (keys of :meth:`loss_map`). ``alpha``/``gamma``
     are VFL's negative-term scale and focusing exponent (Eq. 3); ``gamma`` is also the QFL beta and TAL's
-    focusing exponent; ``tal_a``/``tal_b`` are TOOD's alignment exponents.
+    focusing exponent; ``tal_a``/``tal_b`` are TOOD's alignment exponents. ``enc_o2m`` > 0 adds the
+    one-to-many encoder terms (``loss_<term>_o2m_0``, normalised by targets × ``enc_o2m``).
 
     ``needs_sampling`` / ``needs_hidden``: whether the detector must be called with ``return_sampling`` /
     ``return_hidden`` for this criterion (False here; paper A's criterion sets them from its switches).
@@ -147,7 +149,8 @@ class SetCriterion(nn.Module):
         for layer, out, indices in self.match_layers(outputs, targets):
             all_indices[layer.name] = indices
             n = num_boxes * num_group if layer.denoising else num_boxes  # RT-DETR: dn positives = N x groups
-            n = n * self.enc_o2m if layer.name == "o2m_0" else n
+            if layer.name == "o2m_0":  # every target matched enc_o2m times
+                n = num_boxes * self.enc_o2m
             for name in self.losses:
                 terms = self.get_loss(name, out, targets, indices, n, layer)
                 loss_dict.update({k + layer.suffix: v for k, v in terms.items()})

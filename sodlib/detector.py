@@ -5,7 +5,8 @@ Output contract of ``RTDETR.forward(images, targets=None, return_sampling=False,
 * always: ``pred_logits`` [B, Q, num_classes] (sigmoid scores), ``pred_boxes`` [B, Q, 4] normalised
   (cx, cy, w, h) of the last decoder layer;
 * training mode: ``aux_outputs`` (list of dicts ``pred_logits``/``pred_boxes`` for layers 0..L-2),
-  ``enc_outputs`` (dict for the Q selected encoder proposals, before refinement), and, when targets
+  ``enc_outputs`` (dict for the Q selected encoder proposals, before refinement), ``enc_dense_outputs``
+  (the same for every token queries may be selected from: ``loss.enc_o2m``'s input), and, when targets
   were given and denoising is on, ``dn_outputs`` (list of L dicts over the denoising queries) and
   ``dn_meta`` (``dn_positive_idx``, ``dn_num_group``, ``dn_num_split``; see ``sodlib.denoising``);
 * ``return_sampling=True``: every layer dict (aux, dn and the top level) also has
