@@ -252,7 +252,8 @@ def _smoke() -> RunConfig:
 
 
 def _cpu() -> RunConfig:
-    # Tiny RT-DETR on SynthSOD: 520 iterations ≈ 175 s of training on 2 CPU cores (bf16 autocast, Zen 4).
+    # Tiny RT-DETR on SynthSOD: 520 iterations, 174–197 s of training on 2 CPU cores (bf16 autocast, Zen 4;
+    # this VM's speed drifts by ±10% between runs).
     # Short-schedule choices, each measured (see the issue notes and results/tables/baseline_budget):
     # flip-only augmentation (zoom-out shrinks 6-px objects below what the stride-8 map resolves),
     # lr 1.6e-3 with cosine decay (from scratch, RT-DETR's 2e-4 fine-tuning rate is far too low), batch 4
