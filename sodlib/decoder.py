@@ -27,6 +27,7 @@ import math
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
+from torchvision.ops import batched_nms, box_convert
 
 from .deform_attn import MSDeformableAttention
 from .denoising import get_contrastive_denoising_training_group, inverse_sigmoid
@@ -87,8 +88,6 @@ def distinct_topk(scores: Tensor, boxes_unact: Tensor, k: int, iou_threshold: fl
     than ``k`` survive, the suppressed ones in score order, so every image still gets exactly ``k`` queries.
     Selection only: no gradient flows through it.
     """
-    from torchvision.ops import batched_nms, box_convert
-
     b, n = scores.shape
     m = min(4 * k, n)
     with torch.no_grad():

@@ -182,15 +182,16 @@ def step_sr_grad(profile: str, results_dir: Path, seeds: int = 2) -> pd.DataFram
 # trains for about as long as the baseline (the table's train_seconds says how close, up to this VM's
 # ±10% run-to-run speed). The last row keeps the profile's iterations: what the stride-4 level is worth
 # per step.
+P2_LEVEL = ("model.p2_values=true", "model.num_levels=4")
 BUDGET_VARIANTS = {  # label: (overrides, fraction of the profile's iterations)
     "baseline": ((), 1.0),
     "3 decoder layers": (("model.num_decoder_layers=3", "loss.eta_per_layer=[1.5, 1.2, 1.0]"), 440 / 520),
     "1 decoder layer": (("model.num_decoder_layers=1", "loss.eta_per_layer=[1.0]"), 680 / 520),
     "ResNet-18 backbone": (("model.backbone=resnet18", "model.freeze_norm=false"), 280 / 520),
     "working size 384": (("data.image_size=384",), 445 / 520),
-    "stride-4 value level": (("model.p2_values=true", "model.num_levels=4"), 385 / 520),
+    "stride-4 value level": (P2_LEVEL, 385 / 520),
     "encoder one-to-many k=4": (("loss.enc_o2m=4",), 450 / 520),
-    "stride-4 value level, same iterations": (("model.p2_values=true", "model.num_levels=4"), 1.0),
+    "stride-4 value level, same iterations": (P2_LEVEL, 1.0),
 }
 
 
