@@ -159,6 +159,23 @@ def test_distinct_topk_suppresses_overlapping_proposals():
     assert distinct_topk(scores, unact, 3, 0.95).tolist() == scores.topk(3, dim=1).indices.tolist()
 
 
+def test_distinct_topk_matches_nms_over_every_proposal():
+    """The 4k-candidate pool gives the first k survivors of greedy NMS over all N proposals."""
+    from torchvision.ops import box_convert, nms
+
+    from sodlib.decoder import distinct_topk
+
+    g = torch.Generator().manual_seed(0)
+    n, k = 600, 40
+    boxes = torch.cat([torch.rand(2, n, 2, generator=g) * 0.6 + 0.2, torch.rand(2, n, 2, generator=g) * 0.1 + 0.05], -1)
+    scores = torch.rand(2, n, generator=g)
+    got = distinct_topk(scores, inverse_sigmoid(boxes), k, 0.5)
+    for i in range(2):
+        keep = nms(box_convert(boxes[i], "cxcywh", "xyxy"), scores[i], 0.5)  # every proposal, score order
+        assert len(keep) >= k
+        assert got[i].tolist() == keep[:k].tolist()
+
+
 def test_query_nms_selects_distinct_queries_and_keeps_shapes():
     dec = _decoder(query_nms=0.5).eval()
     with torch.no_grad():
