@@ -181,10 +181,10 @@ def step_sr_grad(profile: str, results_dir: Path, seeds: int = 2) -> pd.DataFram
 # one-to-many 1.16x; 3 decoder layers: the previous profile's own 440 iterations, 171 s), so every row
 # trains for about as long as the baseline (the table's train_seconds says how close, up to this VM's
 # ±10% run-to-run speed). The "stride-4 ..., same iterations" row keeps the profile's iterations: what the
-# stride-4 level is worth per step. "Cheaper step" drops three costs that do not pay at this length (no
-# denoising queries, RT-DETR-R18's CSP expansion 0.5 in CCFM, channels-last convolutions: 0.70x the
-# baseline's step, 232 vs 331 ms) and spends the time on iterations; "twice the iterations" is the
-# baseline trained 2x as long (~390 s): how far more steps alone would carry it.
+# stride-4 level is worth per step. "Cheaper step" drops three costs (no denoising queries, RT-DETR-R18's
+# CSP expansion 0.5 in CCFM, channels-last convolutions: 0.70x the baseline's step, 232 vs 331 ms) and
+# spends the time on iterations; "twice the iterations" is the baseline trained 2x as long (~390 s): how
+# far more steps alone would carry it.
 P2_LEVEL = ("model.p2_values=true", "model.num_levels=4")
 CHEAP_STEP = ("model.num_denoising=0", "model.expansion=0.5", "train.channels_last=true")
 BUDGET_VARIANTS = {  # label: (overrides, fraction of the profile's iterations)
