@@ -9,8 +9,9 @@ Targets: B dicts with ``boxes`` [N, 4] normalised cxcywh and ``labels`` [N] int6
 Loss keys: ``loss_<term>`` for the last layer, ``loss_<term>_aux_{i}`` for decoder layer i < L-1,
 ``loss_<term>_enc_0`` for the encoder proposals, ``loss_<term>_dn_{i}`` for the denoising queries of
 decoder layer i, ``loss_<term>_o2m_0`` for every encoder token matched one-to-many (``enc_o2m`` > 0, on
-``enc_dense_outputs``: each target repeated ``enc_o2m`` times in the Hungarian matching, H-DETR style). Terms: ``loss_vfl`` | ``loss_qfl`` | ``loss_tal`` (classification), ``loss_bbox`` (L1),
-``loss_giou``. Weights are applied in one place, :meth:`SetCriterion.weighted_total`. MRQM's criterion
+``enc_dense_outputs``: each target repeated ``enc_o2m`` times in the Hungarian matching, H-DETR style).
+Terms: ``loss_vfl`` | ``loss_qfl`` | ``loss_tal`` (classification), ``loss_bbox`` (L1), ``loss_giou``.
+Weights are applied in one place, :meth:`SetCriterion.weighted_total`. MRQM's criterion
 (:mod:`sodlib.mrqm_criterion`) adds ``loss_iah_{cls,bbox,giou}`` and ``loss_auxq_<term>_{i}``.
 
 Extending (paper A): a new term is a new entry in :meth:`SetCriterion.loss_map` (a method taking
@@ -51,6 +52,7 @@ class LayerInfo:
     name: str  # "final" | "aux_{i}" | "enc_0" | "o2m_0" | "dn_{i}"
     decoder_layer: int | None  # decoder layer 0..L-1 (index into loss.eta_per_layer); None for the encoder
     denoising: bool = False
+    matches_per_target: int = 1  # how many queries each target is matched to: the loss normaliser's factor
 
     @property
     def suffix(self) -> str:
@@ -127,13 +129,15 @@ class SetCriterion(nn.Module):
             layers.append((LayerInfo("enc_0", None), enc, self.matcher(enc, targets)))
         if self.enc_o2m and outputs.get("enc_dense_outputs") is not None:
             dense = outputs["enc_dense_outputs"]
-            layers.append((LayerInfo("o2m_0", None), dense, one_to_many(self.matcher, dense, targets, self.enc_o2m)))
+            indices = one_to_many(self.matcher, dense, targets, self.enc_o2m)
+            layers.append((LayerInfo("o2m_0", None, matches_per_target=self.enc_o2m), dense, indices))
         if outputs.get("dn_outputs"):
             if outputs.get("dn_meta") is None:
                 raise ValueError("SetCriterion: outputs has 'dn_outputs' but no 'dn_meta'")
             dn_indices = denoising_indices(outputs["dn_meta"], targets, outputs["pred_logits"].device)
+            num_group = int(outputs["dn_meta"]["dn_num_group"])  # RT-DETR: dn positives = N x groups
             for i, out in enumerate(outputs["dn_outputs"]):
-                layers.append((LayerInfo(f"dn_{i}", i, denoising=True), out, dn_indices))
+                layers.append((LayerInfo(f"dn_{i}", i, denoising=True, matches_per_target=num_group), out, dn_indices))
         return layers
 
     def forward(self, outputs: dict, targets: list[dict], return_indices: bool = False):
@@ -143,14 +147,11 @@ class SetCriterion(nn.Module):
         ``enc_0``, ``dn_{i}``; indices as the matcher's: per image (query_idx, gt_idx) int64 tensors).
         """
         num_boxes = self.num_boxes(targets, outputs["pred_logits"].device)
-        num_group = int(outputs["dn_meta"]["dn_num_group"]) if outputs.get("dn_meta") is not None else 1
         loss_dict: dict[str, Tensor] = {}
         all_indices: dict[str, Indices] = {}
         for layer, out, indices in self.match_layers(outputs, targets):
             all_indices[layer.name] = indices
-            n = num_boxes * num_group if layer.denoising else num_boxes  # RT-DETR: dn positives = N x groups
-            if layer.name == "o2m_0":  # every target matched enc_o2m times
-                n = num_boxes * self.enc_o2m
+            n = num_boxes * layer.matches_per_target
             for name in self.losses:
                 terms = self.get_loss(name, out, targets, indices, n, layer)
                 loss_dict.update({k + layer.suffix: v for k, v in terms.items()})
