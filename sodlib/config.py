@@ -136,7 +136,9 @@ class LossConfig:
     theta: float = 6.0  # Eq. 13
     sr: bool = False  # Sample Reweighting, Eqs. 16-21
     # end_to_end: r stays in the graph (mean-normalised); difficulty: r detached, generator fits 1 - t.
-    # Default from results/tables/sr_grad.md (2 seeds, cpu profile): AP50 0.511 vs 0.443.
+    # Default from Table 3 (notebook 04, 3 seeds, ablation schedule): AP 11.10 vs 9.62 (difficulty beyond noise
+    # below the baseline, end_to_end not); at the full cpu schedule (results/tables/sr_grad.md, 2 seeds) the two
+    # tie on AP (0.413 vs 0.407) and difficulty leads on AP50 (0.715 vs 0.691), both below the baseline.
     sr_grad: str = "end_to_end"  # end_to_end | difficulty
     weight_sr_gen: float = 1.0  # sr_grad=difficulty: weight of the SR generator's own BCE (trains only it)
     spr: bool = False  # Sample Points Refinement, Eq. 5 + L_atten

@@ -182,7 +182,7 @@ def step_sr_grad(profile: str, results_dir: Path, seeds: int = 2) -> pd.DataFram
 # trains for about as long as the baseline (the table's train_seconds says how close, up to this VM's
 # ±10% run-to-run speed). The "stride-4 ..., same iterations" row keeps the profile's iterations: what the
 # stride-4 level is worth per step. "Cheaper step" drops three costs (no denoising queries, RT-DETR-R18's
-# CSP expansion 0.5 in CCFM, channels-last convolutions: 0.70x the baseline's step, 232 vs 331 ms) and
+# CSP expansion 0.5 in CCFM, channels-last convolutions: 0.70x the baseline's step, 232 vs 331 ms in one interleaved measurement) and
 # spends the time on iterations; "twice the iterations" is the baseline trained 2x as long (~390 s): how
 # far more steps alone would carry it.
 P2_LEVEL = ("model.p2_values=true", "model.num_levels=4")

@@ -48,7 +48,7 @@ class BetterSamplingCriterion(SetCriterion):
 
     def __init__(self, matcher, num_classes: int, weight_dict: Mapping[str, float],
                  losses: tuple[str, ...] = ("vfl", "boxes"), *, st: bool = False, st_mode: str = "label",
-                 beta: float = 0.73, theta: float = 6.0, sr: bool = False, sr_grad: str = "difficulty",
+                 beta: float = 0.73, theta: float = 6.0, sr: bool = False, sr_grad: str = "end_to_end",
                  hidden_dim: int | None = None, spr: bool = False, eta_per_layer: tuple[float, ...] = (),
                  spr_denoising: bool = False, **kwargs):
         if st_mode not in ("label", "pred"):

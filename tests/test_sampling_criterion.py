@@ -134,7 +134,7 @@ def test_st_and_sr_with_qfl_and_tal(cls_loss, sr):
 
 def test_sample_reweighting_hand_computed():
     out, targets = _hand_case(num_gt=2)
-    crit = _criterion(sr=True)
+    crit = _criterion(sr=True, sr_grad="difficulty")  # the one mode with the generator's own BCE
     _constant_generator(crit, 0.25)
     losses = crit(out, targets)
     # s = 0.5 everywhere; t = IoU = (0.5, 1) -> r = (w, w^0.5) = (0.25, 0.5) -> mean-normalised (2/3, 4/3)
@@ -149,7 +149,7 @@ def test_sample_reweighting_hand_computed():
 
 def test_sample_reweighting_gradients_difficulty_vs_end_to_end():
     out, targets = _hand_case(num_gt=2)
-    crit = _criterion(sr=True)  # sr_grad = "difficulty"
+    crit = _criterion(sr=True, sr_grad="difficulty")
     losses = crit(out, targets)
     detector_terms = losses["loss_vfl"] + losses["loss_bbox"] + losses["loss_giou"]
     grads = torch.autograd.grad(detector_terms, list(crit.generator.parameters()), allow_unused=True)
