@@ -233,7 +233,7 @@ def main(profile: str = "cpu", only: str | None = None, seeds: int | None = None
     from sodlib import notebooks
 
     results_dir = Path(results_dir)
-    # (name, function, part of the default run); 00_sr_grad (six full-schedule runs, ~18 min on 2 cores) is
+    # (name, function, part of the default run); 00_sr_grad (six full-schedule runs, ~24 min on 2 cores, evaluation included) is
     # opt-in: notebook 04's Table 3 re-measures the same choice at the ablation schedule over 3 seeds;
     # 00_budget (nine more runs, eight of the baseline's length and one twice as long, ~35 min) is opt-in
     # too: it backs the baseline's write-up.
