@@ -42,8 +42,8 @@ from sodlib.runs import load_finished_run, run_dir
 
 METRICS = ("AP", "AP50", "APS", "APM", "APL")
 
-# Short schedule for ablations. cpu: 120 iterations (under a quarter of the profile's 520) with one thread per run
-# and no intermediate evaluation, so that ~45 configurations fit the 60-minute default reproduction on
+# Short schedule for ablations. cpu: 120 iterations (under a quarter of the profile's 520) with one thread per
+# run and no intermediate evaluation, so that ~45 configurations fit the 60-minute default reproduction on
 # 2 cores (measured: results/README.md). The other profiles train as they are.
 ABLATION_SCHEDULE = {
     "smoke": ("train.threads=1",),

@@ -15,10 +15,11 @@ benchmarks. Two faster implementations share its exact semantics:
   level, which skips the [.., L·P] stack and its backward copy.
 
 Measured with :func:`benchmark_core` on 2 CPU threads (best of 30): at the ``cpu`` profile's scale
-(320 px, 300 queries: 200 matching + denoising, head_dim 16) all three forwards take ~4 ms and training (forward + backward)
-13 ms (reference 13–14 ms); at 640 px (2 × 500 queries, head_dim 32) the no-grad forward takes 4.4 ms
-against the reference's 12 ms, forward + backward 33.6 ms against the reference's 34.2 ms (results/bench/model.csv). A single grid_sample over
-zero-padded, stacked levels is exact too but was slower (padded maps are ~2.3× ΣHW at 3 levels).
+(320 px, 300 queries: 200 matching + denoising, head_dim 16) all three forwards take ~4 ms and training
+(forward + backward) 13 ms (reference 13–14 ms); at 640 px (2 × 500 queries, head_dim 32) the no-grad
+forward takes 4.4 ms against the reference's 12 ms, forward + backward 33.6 ms against the reference's
+34.2 ms (results/bench/model.csv). A single grid_sample over zero-padded, stacked levels is exact too but
+was slower (padded maps are ~2.3× ΣHW at 3 levels).
 """
 
 from __future__ import annotations
@@ -237,8 +238,8 @@ def benchmark_core(batch: int = 4, queries: int = 300, heads: int = 8, head_dim:
                    spatial_shapes: tuple[tuple[int, int], ...] = ((40, 40), (20, 20), (10, 10)),
                    points: int = 4, repeats: int = 10, seed: int = 0) -> dict[str, dict[str, float]]:
     """Best-of-``repeats`` wall times (ms) of each implementation, forward without autograd and
-    forward + backward. Defaults: the ``cpu`` profile's decoder (320 px; 200 matching queries plus 2 × (most objects in an
-    image) denoising queries, 250–370 on SynthSOD batches).
+    forward + backward. Defaults: the ``cpu`` profile's decoder (320 px; 200 matching queries plus
+    2 × (most objects in an image) denoising queries, 250–370 on SynthSOD batches).
     """
     g = torch.Generator().manual_seed(seed)
     levels, length = len(spatial_shapes), sum(h * w for h, w in spatial_shapes)

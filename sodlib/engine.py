@@ -3,7 +3,8 @@
 ``train(cfg)`` builds data, detector and criterion from a :class:`~sodlib.config.RunConfig`, trains
 with AdamW + warmup + EMA + gradient clipping, writes ``checkpoints/last.pt`` every
 ``train.checkpoint_every`` iterations (atomically, config embedded), a CSV log of losses, learning
-rate and throughput, and finally evaluates the EMA model (the raw weights when ``train.ema_decay`` is 0) on the validation split.
+rate and throughput, and finally evaluates the EMA model (the raw weights when ``train.ema_decay`` is 0)
+on the validation split.
 
 Exact resume: batches come from a per-epoch permutation drawn from ``(seed, epoch)``; a checkpoint
 stores the iteration, the position inside the epoch and the RNG states, so an interrupted run that

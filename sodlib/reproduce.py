@@ -182,9 +182,9 @@ def step_sr_grad(profile: str, results_dir: Path, seeds: int = 2) -> pd.DataFram
 # trains for about as long as the baseline (the table's train_seconds says how close, up to this VM's
 # ±10% run-to-run speed). The "stride-4 ..., same iterations" row keeps the profile's iterations: what the
 # stride-4 level is worth per step. "Cheaper step" drops three costs (no denoising queries, RT-DETR-R18's
-# CSP expansion 0.5 in CCFM, channels-last convolutions: 0.70x the baseline's step, 232 vs 331 ms in one interleaved measurement) and
-# spends the time on iterations; "twice the iterations" is the baseline trained 2x as long (~390 s): how
-# far more steps alone would carry it.
+# CSP expansion 0.5 in CCFM, channels-last convolutions: 0.70x the baseline's step, 232 vs 331 ms in one
+# interleaved measurement) and spends the time on iterations; "twice the iterations" is the baseline
+# trained 2x as long (~390 s): how far more steps alone would carry it.
 P2_LEVEL = ("model.p2_values=true", "model.num_levels=4")
 CHEAP_STEP = ("model.num_denoising=0", "model.expansion=0.5", "train.channels_last=true")
 BUDGET_VARIANTS = {  # label: (overrides, fraction of the profile's iterations)
@@ -233,10 +233,10 @@ def main(profile: str = "cpu", only: str | None = None, seeds: int | None = None
     from sodlib import notebooks
 
     results_dir = Path(results_dir)
-    # (name, function, part of the default run); 00_sr_grad (six full-schedule runs, ~24 min on 2 cores, evaluation included) is
-    # opt-in: notebook 04's Table 3 re-measures the same choice at the ablation schedule over 3 seeds;
-    # 00_budget (nine more runs, eight of the baseline's length and one twice as long, ~35 min) is opt-in
-    # too: it backs the baseline's write-up.
+    # (name, function, part of the default run); 00_sr_grad (six full-schedule runs, ~24 min on 2 cores with
+    # their evaluations) is opt-in: notebook 04's Table 3 re-measures the same choice at the ablation
+    # schedule over 3 seeds; 00_budget (nine more runs, eight of the baseline's length and one twice as
+    # long, ~35 min) is opt-in too: it backs the baseline's write-up.
     steps = [("00_data", lambda: step_data(profile, results_dir), True),
              ("00_baseline", lambda: step_baseline(profile, results_dir), True),
              ("00_sr_grad", lambda: step_sr_grad(profile, results_dir), False),
