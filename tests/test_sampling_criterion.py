@@ -310,3 +310,18 @@ def test_smoke_detector_with_degenerate_targets():
     crit.weighted_total(losses).backward()
     assert all(torch.isfinite(p.grad).all() for p in [*model.parameters(), *crit.parameters()]
                if p.grad is not None)
+
+
+def test_criterion_defaults_match_loss_config():
+    # a criterion built by hand must behave like one built from the default LossConfig (sr_grad once differed)
+    from sodlib.mrqm_criterion import MRQMCriterion
+
+    defaults = LossConfig()
+    checked = 0
+    for cls in (SetCriterion, BetterSamplingCriterion, MRQMCriterion):
+        for name, p in inspect.signature(cls.__init__).parameters.items():
+            if p.default is inspect.Parameter.empty or not hasattr(defaults, name) or name == "eta_per_layer":
+                continue  # eta_per_layer has no class default on purpose: SPR needs one per decoder layer
+            assert p.default == getattr(defaults, name), f"{cls.__name__}({name}=) != LossConfig.{name}"
+            checked += 1
+    assert checked >= 20
