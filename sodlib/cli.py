@@ -73,7 +73,7 @@ def _cmd_eval(args) -> int:
 
         model, cfg = load_model(args.checkpoint, args.device)
         ds = build_dataset(cfg.data, args.split or cfg.data.val_split, train=False, data_root=args.data)
-        _, dets = evaluate_model(model, ds, protocol=args.protocol, device=args.device)
+        _, dets = evaluate_model(model, ds, protocol=args.protocol, device=args.device, num_top=args.num_top)
         out_dir = Path(args.out) if args.out else Path(args.checkpoint).resolve().parent.parent / f"eval_{args.protocol}"
         args.gt, args.dets = ds.coco, atomic_write_json(out_dir / "detections.json", dets, indent=None)
     elif args.gt is None or args.dets is None:
@@ -163,6 +163,9 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--dets", help="COCO results json")
     e.add_argument("--protocol", default="coco", choices=("coco", "sodad", "visdrone"))
     e.add_argument("--backend", default="auto", choices=("auto", "pycocotools", "faster"))
+    e.add_argument("--num-top", type=int, default=None,
+                   help="with --checkpoint: detections kept per image (default: the protocol's largest "
+                        "maxDets, coco 100; RT-DETR's own evaluation keeps 300)")
     e.add_argument("--out", default=None, help="folder for metrics.csv / per_class.csv")
     e.set_defaults(func=_cmd_eval)
 

@@ -60,6 +60,14 @@ def test_predict_and_eval_commands(checkpoint, tmp_path):
     ev = tmp_path / "ev"
     assert main(["eval", "--checkpoint", str(checkpoint), "--protocol", "coco", "--out", str(ev)]) == 0
     assert (ev / "metrics.csv").exists() and (ev / "detections.json").exists()
+    per_image = np.bincount([d["image_id"] for d in json.loads((ev / "detections.json").read_text())])
+    assert set(per_image[per_image > 0]) == {100}  # coco: the 100 best (query, class) pairs per image
+    ev300 = tmp_path / "ev300"
+    assert main(["eval", "--checkpoint", str(checkpoint), "--protocol", "coco", "--num-top", "300",
+                 "--out", str(ev300)]) == 0
+    per_image = np.bincount([d["image_id"] for d in json.loads((ev300 / "detections.json").read_text())])
+    assert set(per_image[per_image > 0]) == {30 * 6}  # smoke: 30 queries x 6 classes < 300, all kept
+    assert main(["eval", "--checkpoint", str(checkpoint), "--num-top", "0", "--out", str(ev300)]) == 2
 
 
 def test_read_image_errors_name_the_file(tmp_path):
