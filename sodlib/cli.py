@@ -164,8 +164,8 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--protocol", default="coco", choices=("coco", "sodad", "visdrone"))
     e.add_argument("--backend", default="auto", choices=("auto", "pycocotools", "faster"))
     e.add_argument("--num-top", type=int, default=None,
-                   help="with --checkpoint: detections kept per image (default: the protocol's largest "
-                        "maxDets, coco 100; RT-DETR's own evaluation keeps 300)")
+                   help="with --checkpoint: detections kept per image (default: coco 100, sodad 300, "
+                        "visdrone 500; RT-DETR's own evaluation keeps 300)")
     e.add_argument("--out", default=None, help="folder for metrics.csv / per_class.csv")
     e.set_defaults(func=_cmd_eval)
 

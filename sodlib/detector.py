@@ -130,6 +130,8 @@ def postprocess(outputs: dict, orig_sizes_hw: Tensor | Sequence[Sequence[int]], 
 
     Returns: per image ``scores`` [n], ``labels`` [n] (0-based), ``boxes_xyxy`` [n, 4] in pixels.
     """
+    if num_top < 1:
+        raise ValueError(f"postprocess: num_top must be >= 1, got {num_top}")
     logits, boxes = outputs["pred_logits"], outputs["pred_boxes"]
     bs, _, num_classes = logits.shape
     sizes = torch.as_tensor(orig_sizes_hw, dtype=torch.float32, device=boxes.device).reshape(bs, 2)

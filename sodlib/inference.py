@@ -35,24 +35,18 @@ def predict_dataset(model: nn.Module, dataset, device="cpu", batch_size: int = 8
     return results
 
 
-def protocol_num_top(protocol: str) -> int:
-    """Detections kept per image for a protocol: its largest maxDets (coco 100, sodad 300, visdrone 500)."""
-    return 500 if protocol == "visdrone" else 300 if protocol == "sodad" else 100
-
-
 def evaluate_model(model: nn.Module, dataset, protocol: str = "coco", device="cpu", batch_size: int = 8,
                    num_top: int | None = None):
     """(metrics, detections) of ``model`` on ``dataset`` under an evaluation protocol.
 
-    ``num_top``: (query, class) pairs kept per image; None = :func:`protocol_num_top`. RT-DETR's own
-    evaluation keeps 300 for COCO (pycocotools' maxDets 100 then applies per image and class).
+    ``num_top``: (query, class) pairs kept per image; None = the protocol's default (coco 100, sodad 300,
+    visdrone 500). RT-DETR's own evaluation keeps 300 for COCO (pycocotools' maxDets 100 then applies per
+    image and class).
     """
     from sodlib.evaluation import evaluate
 
     if num_top is None:
-        num_top = protocol_num_top(protocol)
-    elif num_top < 1:
-        raise ValueError(f"evaluate_model: num_top must be >= 1, got {num_top}")
+        num_top = 500 if protocol == "visdrone" else 300 if protocol == "sodad" else 100
     dets = predict_dataset(model, dataset, device, batch_size, num_top=num_top)
     return evaluate(dataset.coco, dets, protocol=protocol), dets
 
