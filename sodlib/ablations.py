@@ -38,7 +38,7 @@ import numpy as np
 import pandas as pd
 
 from sodlib.config import RunConfig, get_profile, override
-from sodlib.runs import load_finished_run, run_dir
+from sodlib.runs import finished, load_finished_run, run_dir
 
 METRICS = ("AP", "AP50", "APS", "APM", "APL")
 
@@ -105,8 +105,14 @@ class Table:
     def configs(self, profile: str, seeds: int | None = None, device: str = "") -> list[tuple[Row, int, RunConfig]]:
         """(row, seed, config) of every run; multi-seed tables use ``seeds`` (at least 2, for a std) when given."""
         n = 1 if self.seeds == 1 else (self.seeds if seeds is None else max(2, seeds))
-        return [(row, s, ablation_config(profile, *row.overrides(profile), seed=s, device=device))
-                for row in self.rows for s in range(n)]
+        out = []
+        for row in self.rows:
+            try:
+                cfgs = [ablation_config(profile, *row.overrides(profile), seed=s, device=device) for s in range(n)]
+            except ValueError as err:  # an unknown key or bad value: named before anything trains
+                raise ValueError(f"{self.name}, row {row.label!r}: {err}") from err
+            out += [(row, s, c) for s, c in enumerate(cfgs)]
+        return out
 
     def base_of(self, label: str) -> str:
         """The row ``label`` is compared with: the reference, or (trend "groups") its group's first row."""
@@ -139,7 +145,7 @@ TABLE3 = Table("table3", "Table 3 · ST / SR / SPR combinations", (
     Row("SPR", ("loss.spr=true",), _p(31.2, 61.0, 21.5, 48.3, 58.5)),
     Row("ST+SR", ("loss.st=true", "loss.sr=true", *ST_TUNED), _p(31.8, 62.1, 22.8, 49.5, 59.8)),
     Row("ST+SR+SPR", FULL, _p(32.3, 66.4, 23.7, 50.0, 60.2)),
-    Row("ST+SR+SPR, sr_grad=difficulty (ours)", (*FULL, "loss.sr_grad=difficulty")),
+    Row("ST+SR+SPR, sr_grad=end_to_end (ours)", (*FULL, "loss.sr_grad=end_to_end")),
 ), seeds=3)
 TABLE4 = Table("table4", "Table 4 · β of the confidence objective (Eq. 14)", tuple(
     Row(f"β={b:g}", (*FULL, f"loss.beta={b:g}"), _p(ap)) for b, ap in ((0.3, 30.4), (0.5, 31.4), (0.73, 32.3), (0.9, 31.9))),
@@ -215,7 +221,7 @@ def train_configs(cfgs: Sequence[RunConfig], results_dir: str | os.PathLike, dat
     dirs = [run_dir(c, results_dir) for c in cfgs]
     todo: dict[Path, tuple[RunConfig, str]] = {}
     for cfg, d, label in zip(cfgs, dirs, labels):
-        if not (d / "metrics.json").exists() and d not in todo:
+        if not finished(d) and d not in todo:
             todo[d] = (cfg, label)
     workers = default_workers(list(cfgs)) if workers is None else workers
     if todo:
@@ -398,6 +404,86 @@ def verdict(table: Table, summary: pd.DataFrame, noise: float) -> str:
     resolved = sum("beyond noise" in p for p in parts)
     return (f"{table.title}: our trend agrees with the paper's on {agree} of {total} comparisons; "
             f"{resolved} of {len(parts)} differences exceed the noise ({noise_txt}). " + "; ".join(parts) + ".")
+
+
+def compare(table: Table, runs: pd.DataFrame, metric: str = "AP") -> pd.DataFrame:
+    """Every row's mean ± std (×100) beside the paper's numbers, and its paired comparison with the row it
+    is measured against (:meth:`Table.base_of`): ``dAP`` (mean per-seed difference, points), ``ci95_low``,
+    ``ci95_high`` (t-interval), ``p`` and ``p_holm`` (Holm over the table's comparisons), ``pairs``.
+
+    Pairs are the seeds both rows ran; a row with one pair gets NaN for the interval and p-values.
+    """
+    from sodlib.stats import holm, paired_difference
+
+    by_row = {label: g.set_index("seed") for label, g in runs.groupby("row", sort=False)}
+    out = []
+    for row in table.rows:
+        g = by_row[row.label]
+        r = {"row": row.label, "seeds": len(g)}
+        for k in METRICS:
+            values = 100 * g[k].dropna()
+            r[k] = values.mean() if len(values) else np.nan
+            r[f"{k} std"] = values.std() if len(values) > 1 else np.nan
+        for k in METRICS:
+            r[f"paper {k}"] = row.paper.get(k, np.nan)
+        base = table.base_of(row.label)
+        r["vs"] = base
+        base_paper = next(x.paper for x in table.rows if x.label == base)
+        r["dAP paper"] = row.paper.get("AP", np.nan) - base_paper.get("AP", np.nan)
+        if row.label != base:
+            seeds = sorted(set(g.index) & set(by_row[base].index))
+            pd_ = paired_difference(100 * g.loc[seeds, metric].to_numpy(),
+                                    100 * by_row[base].loc[seeds, metric].to_numpy())
+            r.update({"pairs": pd_["n"], "dAP": pd_["diff"], "sd_diff": pd_["sd"], "ci95_low": pd_["ci_low"],
+                      "ci95_high": pd_["ci_high"], "p": pd_["p"]})
+        out.append(r)
+    df = pd.DataFrame(out)
+    for col in ("pairs", "dAP", "sd_diff", "ci95_low", "ci95_high", "p"):
+        if col not in df:
+            df[col] = np.nan
+    df["p_holm"] = holm(df["p"].tolist())
+    return df
+
+
+def resolution_line(summary: pd.DataFrame, confidence: float = 0.95) -> str:
+    """One line: the smallest |dAP| this table resolves, from the pooled spread of its paired differences."""
+    from sodlib.stats import resolvable_difference
+
+    d = summary.dropna(subset=["sd_diff"])
+    if d.empty:
+        return "Resolution: no comparison has two paired seeds, so this table resolves no difference."
+    n = int(d["pairs"].min())
+    sd = math.sqrt((d["sd_diff"] ** 2).mean())
+    half = resolvable_difference(sd, n, confidence)
+    return (f"Resolution: with {n} paired seeds and a pooled per-seed sd of the differences of {sd:.2f} AP points, "
+            f"the smallest difference whose {int(100 * confidence)}% interval excludes 0 is ±{half:.2f} AP points "
+            f"(before Holm's correction over {len(d)} comparisons).")
+
+
+def paired_verdict(table: Table, summary: pd.DataFrame, alpha: float = 0.05) -> str:
+    """Plain words per comparison: our paired dAP with its interval, its sign against the paper's, and
+    whether it is resolved (Holm-corrected p < ``alpha``)."""
+    parts, agree, total, resolved = [], 0, 0, 0
+    for r in summary.to_dict("records"):
+        if r["row"] == r["vs"]:
+            continue
+        if not np.isfinite(r["dAP"]):
+            parts.append(f"{r['row']}: not run")
+            continue
+        is_resolved = bool(np.isfinite(r["p_holm"]) and r["p_holm"] < alpha)
+        resolved += is_resolved
+        ci = (f"[{r['ci95_low']:+.2f}, {r['ci95_high']:+.2f}]" if np.isfinite(r["ci95_low"])
+              else "[no interval: one seed]")
+        text = f"{r['row']} vs {r['vs']}: dAP {r['dAP']:+.2f} {ci}, p_holm {r['p_holm']:.3f}"
+        if np.isfinite(r["dAP paper"]):
+            same = np.sign(r["dAP"]) == np.sign(r["dAP paper"])
+            agree += bool(same and is_resolved)
+            total += 1
+            text += f" (paper {r['dAP paper']:+.1f}: {'same' if same else 'opposite'} sign)"
+        parts.append(text + ("; resolved" if is_resolved else "; not resolved"))
+    head = (f"{table.title}: {resolved} of {len(parts)} comparisons are resolved (Holm-corrected p < {alpha}); "
+            f"{agree} of {total} with a paper number agree with the paper in sign and are resolved. ")
+    return head + "; ".join(parts) + ". " + resolution_line(summary)
 
 
 # ---------------------------------------------------------------- MRQM (paper B) tables

@@ -187,7 +187,9 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def _add_config_args(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--profile", default="cpu", choices=("smoke", "cpu", "paper"))
+    from sodlib.config import PROFILES
+
+    p.add_argument("--profile", default="cpu", choices=tuple(PROFILES))
     p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
                    help="config override, e.g. --set loss.st=true (repeatable)")
 

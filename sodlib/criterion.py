@@ -97,6 +97,7 @@ class SetCriterion(nn.Module):
         self.num_classes = num_classes
         self.weight_dict = dict(weight_dict)
         self.losses = tuple(losses)
+        self.cls_loss = next((name for name in self.losses if name in ("vfl", "qfl", "tal")), None)
         self.alpha, self.gamma = alpha, gamma
         self.tal_a, self.tal_b = tal_a, tal_b
         unknown = [name for name in self.losses if name not in self.loss_map()]
@@ -202,6 +203,16 @@ class SetCriterion(nn.Module):
         Baseline: None (VFL weights positives by their target, boxes are unweighted). SR returns r (Eq. 20).
         """
         return None
+
+    def baseline_positive_weight(self, target: Tensor, score: Tensor, task: str) -> Tensor:
+        """The weight each positive gets without SR [M] (what SR's r replaces, Eq. 20): VFL's q = target,
+        QFL's and TAL's modulation |target - s|^gamma (for TAL with its t_hat taken as the target), 1 for
+        the box terms."""
+        if task == "reg":
+            return torch.ones_like(target)
+        if self.cls_loss == "vfl":
+            return target
+        return (target - score).abs().pow(self.gamma)
 
     # ------------------------------------------------------------ loss terms
 

@@ -161,10 +161,15 @@ class MSDeformableAttention(nn.Module):
     ``centre + offset / num_points · wh · 0.5``; with reference points (x, y) they are
     ``point + offset / (W_l, H_l)`` (Deformable DETR). Offsets start on a ring of directions, one per
     head, scaled 1..num_points (Deformable DETR's initialisation); attention starts uniform.
+
+    ``sample_fp32``: attention weights and the bilinear sampling in float32 under autocast (the sampling
+    locations follow the reference's dtype: float32 references give float32 locations).
     """
 
-    def __init__(self, embed_dim: int = 256, num_heads: int = 8, num_levels: int = 3, num_points: int = 4):
+    def __init__(self, embed_dim: int = 256, num_heads: int = 8, num_levels: int = 3, num_points: int = 4,
+                 sample_fp32: bool = False):
         super().__init__()
+        self.sample_fp32 = sample_fp32
         if embed_dim % num_heads:
             raise ValueError(f"embed_dim {embed_dim} must be divisible by num_heads {num_heads}")
         self.embed_dim, self.num_heads = embed_dim, num_heads
@@ -219,6 +224,8 @@ class MSDeformableAttention(nn.Module):
         v = self.project_value(value, value_mask)
         offsets = self.sampling_offsets(query).view(bs, num_q, heads, levels, points, 2)
         attn = self.attention_weights(query).view(bs, num_q, heads, levels * points)
+        if self.sample_fp32:
+            attn, v = attn.float(), v.float()
         attn = attn.softmax(-1).view(bs, num_q, heads, levels, points)
         ref = reference if reference.dim() == 4 else reference.unsqueeze(2)  # [B, Q, 1|L, 2|4]
         ref = ref[:, :, None, :, None, :]  # [B, Q, 1, 1|L, 1, 2|4]

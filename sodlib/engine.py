@@ -28,8 +28,9 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from sodlib.config import RunConfig
+from sodlib.criterion import base_loss_name
 from sodlib.optim import ModelEMA, build_optimizer, lr_factor, set_lr
-from sodlib.runs import atomic_write_bytes, atomic_write_json, write_run
+from sodlib.runs import atomic_write_bytes, atomic_write_json, read_metrics, write_run
 
 log = logging.getLogger(__name__)
 CHECKPOINT_VERSION = 1
@@ -148,13 +149,14 @@ def train(cfg: RunConfig, out_dir: str | os.PathLike, data_root: str | None = No
     import json
 
     out_dir = Path(out_dir)
-    if resume and (out_dir / "metrics.json").exists():
+    stored_metrics = read_metrics(out_dir) if resume else None  # a corrupt metrics.json is moved aside
+    if stored_metrics is not None:
         stored = json.loads((out_dir / "config.json").read_text()) if (out_dir / "config.json").exists() else None
         if stored is not None and RunConfig.from_dict(stored) != cfg:
             raise ValueError(f"{out_dir} holds a run of a different config; choose another folder")
         if not need_checkpoint or (out_dir / "checkpoints" / "last.pt").exists():
             log.info("%s already finished; returning its stored metrics", out_dir)
-            return json.loads((out_dir / "metrics.json").read_text())
+            return stored_metrics
     from sodlib import build_criterion, build_detector
     from sodlib.datasets import build_dataset, collate_fn
 
@@ -313,6 +315,10 @@ def train(cfg: RunConfig, out_dir: str | os.PathLike, data_root: str | None = No
         _append_csv(out_dir / "eval.csv", {"iteration": it, "train_seconds": round(train_seconds, 2), **scores})
         metrics = {**scores, **metrics}
         atomic_write_json(out_dir / "detections_val.json", dets, indent=None)
+        from sodlib.mechanisms import measure
+
+        atomic_write_json(out_dir / "mechanisms.json",
+                          measure(eval_model, criterion, val_ds(), cfg.loss.eta_per_layer, log_path, device))
         write_run(out_dir, cfg, metrics, seed=tc.seed, wall_seconds=train_seconds, device=str(device))
     _barrier()
     return metrics
@@ -364,6 +370,10 @@ class _LogWriter:
         row = {"iteration": it, "epoch": epoch, "lr": f"{lr:.6g}", "loss": f"{loss.item():.6g}",
                "images_per_s": f"{images_per_s:.3f}", "train_seconds": f"{train_seconds:.2f}"}
         row.update({k: f"{v.item():.6g}" for k, v in weighted.items() if "_aux_" not in k and "_dn_" not in k})
+        totals: dict[str, float] = {}  # each term summed over every layer (aux, encoder, denoising)
+        for k, v in weighted.items():
+            totals[base_loss_name(k)] = totals.get(base_loss_name(k), 0.0) + v.item()
+        row.update({f"{k}_all": f"{v:.6g}" for k, v in totals.items()})
         if self.fields is None:
             self.fields = list(row)
             csv.writer(self.file).writerow(self.fields)

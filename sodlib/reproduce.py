@@ -221,6 +221,44 @@ def step_budget(profile: str, results_dir: Path) -> pd.DataFrame:
     return table
 
 
+PLATEAU_ITERS = (1000, 2000, 4000)  # full cosine schedules of N and 2N iterations (issue 15)
+
+
+def plateau_frame(runs: list[tuple[int, int, dict, str]]) -> pd.DataFrame:
+    """One line per (iterations, seed) run with ``gain_2x``: the AP points the same seed gains with a full
+    schedule twice as long (NaN where that run is missing). ``runs``: (iterations, seed, metrics, run name)."""
+    df = pd.DataFrame([{"iterations": n, "seed": s, **{k: round(100 * m[k], 2) for k in ("AP", "AP50", "APS")},
+                        "train_seconds": round(m["train_seconds"]), "run": name} for n, s, m, name in runs])
+    ap = df.set_index(["iterations", "seed"])["AP"]
+    df["gain_2x"] = [round(ap.get((n * 2, s), float("nan")) - a, 2) for n, s, a in
+                     zip(df["iterations"], df["seed"], df["AP"])]
+    return df
+
+
+def plateau_iterations(df: pd.DataFrame, max_gain: float = 1.0) -> int | None:
+    """The shortest schedule N whose every seed gains less than ``max_gain`` AP points at 2N (None if none)."""
+    for n, g in df.groupby("iterations"):
+        if g["gain_2x"].notna().all() and (g["gain_2x"] < max_gain).all():
+            return int(n)
+    return None
+
+
+def step_plateau(results_dir: Path, seeds: int = 2) -> pd.DataFrame:
+    """The ``ablation`` profile's baseline at full schedules of 1000, 2000 and 4000 iterations, ``seeds``
+    seeds each (one thread per run, two at a time): results/tables/ablation_plateau."""
+    from sodlib.ablations import ablation_config, train_configs
+    from sodlib.runs import run_dir
+
+    plan = [(n, s, ablation_config("ablation", f"train.max_iters={n}", seed=s)) for n in PLATEAU_ITERS
+            for s in range(seeds)]
+    metrics = train_configs([c for _, _, c in plan], results_dir, labels=[f"{n} it s{s}" for n, s, _ in plan])
+    df = plateau_frame([(n, s, m, run_dir(c, results_dir).name) for (n, s, c), m in zip(plan, metrics)])
+    write_table(df, results_dir / "tables" / "ablation_plateau")
+    print(df.to_string(index=False))
+    print(f"plateau (2N gains < 1 AP point on every seed): N = {plateau_iterations(df)}")
+    return df
+
+
 def main(profile: str = "cpu", only: str | None = None, seeds: int | None = None,
          results_dir: str | Path = "results", data: str = "", device: str = "",
          notebooks_dir: str | Path | None = None, progress: bool = True) -> int:
@@ -240,7 +278,8 @@ def main(profile: str = "cpu", only: str | None = None, seeds: int | None = None
     steps = [("00_data", lambda: step_data(profile, results_dir), True),
              ("00_baseline", lambda: step_baseline(profile, results_dir), True),
              ("00_sr_grad", lambda: step_sr_grad(profile, results_dir), False),
-             ("00_budget", lambda: step_budget(profile, results_dir), False)]
+             ("00_budget", lambda: step_budget(profile, results_dir), False),
+             ("00_plateau", lambda: step_plateau(results_dir), False)]
     nb_dir = Path(notebooks_dir) if notebooks_dir is not None else NOTEBOOKS_DIR
     if nb_dir.is_dir():
         params = notebooks.notebook_parameters(profile, results_dir, seeds=seeds, data=data, device=device)

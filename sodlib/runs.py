@@ -10,9 +10,12 @@ import dataclasses
 import hashlib
 import json
 import os
+import logging
 import tempfile
 from pathlib import Path
 from typing import Any
+
+log = logging.getLogger(__name__)
 
 
 def _non_default(obj) -> dict:
@@ -167,14 +170,35 @@ def rehash_runs(results_dir=None, config_cls=None) -> dict[str, str]:
     return moved
 
 
-def load_finished_run(config, results_dir=None) -> dict | None:
-    """The stored metrics of a finished run with this exact config, or None."""
-    d = run_dir(config, results_dir)
-    path = d / "metrics.json"
+def read_metrics(d: str | os.PathLike) -> dict | None:
+    """The metrics of the finished run in folder ``d``, or None when it has none or they are unreadable.
+
+    A corrupt ``metrics.json`` (not JSON, or not an object with numeric ``AP``) is reported by path in a
+    warning and moved aside to ``metrics.json.corrupt`` (kept, never deleted), so the run trains again.
+    """
+    path = Path(d) / "metrics.json"
     if not path.exists():
         return None
-    with open(path) as f:
-        return json.load(f)
+    try:
+        metrics = json.loads(path.read_text())
+        if not isinstance(metrics, dict) or not isinstance(metrics.get("AP"), (int, float)):
+            raise ValueError("no numeric 'AP'")
+    except (ValueError, UnicodeDecodeError) as err:
+        log.warning("%s is corrupt (%s); moved to %s, the run will be trained again", path, err,
+                    path.with_name("metrics.json.corrupt"))
+        os.replace(path, path.with_name("metrics.json.corrupt"))
+        return None
+    return metrics
+
+
+def finished(d: str | os.PathLike) -> bool:
+    """Whether folder ``d`` holds a finished run with readable metrics (see :func:`read_metrics`)."""
+    return read_metrics(d) is not None
+
+
+def load_finished_run(config, results_dir=None) -> dict | None:
+    """The stored metrics of a finished run with this exact config, or None."""
+    return read_metrics(run_dir(config, results_dir))
 
 
 def save_run(config, metrics: dict, results_dir=None, seed: int | None = None,

@@ -8,9 +8,14 @@
 * SR (Eqs. 16-21): :meth:`sample_weights` returns r = w^(1-|t-s|) (Eq. 19) from the weight generator
   (:class:`~sodlib.reweight.SampleWeightGenerator`, a submodule of the criterion): r^cls replaces the
   positive-term weight of the classification loss, r^reg scales L1 + GIoU of each matched query.
-  Negatives keep α·p^γ. ``sr_grad="difficulty"``: r is detached and mean-normalised over the positives;
-  the generator, fed detached features, learns to predict the difficulty 1 − t with its own BCE
-  (``loss_sr_gen``). ``sr_grad="end_to_end"``: r (mean-normalised) stays in the graph.
+  Negatives keep α·p^γ. r is normalised so that its mean over the positives equals the mean of the weight
+  it replaces (VFL: q = t; boxes: 1): SR redistributes weight among the positives, it does not change
+  the positive/negative balance. ``sr_grad="difficulty"`` (default): r is detached; the generator, fed
+  detached features, learns to predict the difficulty 1 − t with its own BCE (``loss_sr_gen``), so hard
+  positives (low t) get a larger w and so a larger r (§4.3: attention toward challenging positives).
+  ``sr_grad="end_to_end"``: r stays in the graph; the gradient of the weighted loss then lowers the
+  weight of the positives with the largest loss, i.e. it learns to favour the *easy* positives (kept as
+  an option and as an extra row of Table 3).
 * SPR (Eq. 5, L_atten): ``loss_offset`` and ``loss_atten`` on every decoder layer with that layer's η.
 
 Requires the detector's extras (see ``needs_sampling`` / ``needs_hidden``): call the model with
@@ -48,7 +53,7 @@ class BetterSamplingCriterion(SetCriterion):
 
     def __init__(self, matcher, num_classes: int, weight_dict: Mapping[str, float],
                  losses: tuple[str, ...] = ("vfl", "boxes"), *, st: bool = False, st_mode: str = "label",
-                 beta: float = 0.73, theta: float = 6.0, sr: bool = False, sr_grad: str = "end_to_end",
+                 beta: float = 0.73, theta: float = 6.0, sr: bool = False, sr_grad: str = "difficulty",
                  hidden_dim: int | None = None, spr: bool = False, eta_per_layer: tuple[float, ...] = (),
                  spr_denoising: bool = False, **kwargs):
         if st_mode not in ("label", "pred"):
@@ -118,10 +123,14 @@ class BetterSamplingCriterion(SetCriterion):
         logit_cls, logit_reg = self._generator_logits(outputs, matched, layer)
         w = (logit_cls if task == "cls" else logit_reg).sigmoid()  # Eqs. 17/18
         t = self.positive_target(outputs, matched, layer) if target is None else target.detach()
-        r = L.reweight_factor(w, t, self._matched_score(outputs, matched))  # Eq. 19
+        score = self._matched_score(outputs, matched)
+        r = L.reweight_factor(w, t, score)  # Eq. 19
         if self.sr_grad == "difficulty":
             r = r.detach()
-        return r / r.mean().clamp(min=1e-6)  # mean 1 over the positives: r only redistributes weight
+        # r only redistributes weight over the positives: its mean equals the mean of the weight it replaces
+        # (VFL's q = t, QFL/TAL's |t - s|^gamma, 1 for the boxes), so the positive/negative balance stays
+        replaced = self.baseline_positive_weight(t, score, task).detach()
+        return r / r.mean().clamp(min=1e-6) * replaced.mean()
 
     # ------------------------------------------------------------ extra terms
 

@@ -135,3 +135,24 @@ def test_default_workers():
     assert ablations.default_workers([cpu]) == max(1, (__import__("os").cpu_count() or 1) // 1)
     assert ablations.default_workers([ablations.ablation_config("smoke")]) == 1  # 8 iterations: in-process
     assert ablations.default_workers([ablations.ablation_config("cpu", device="cuda")]) == 1
+
+
+def test_a_bad_row_fails_before_training_naming_table_row_and_key():
+    table = Table("tbad", "T", (Row("fine", ()), Row("typo", ("loss.stt=true",))), seeds=2)
+    with pytest.raises(ValueError, match=r"tbad, row 'typo': unknown config key 'loss.stt'"):
+        table.configs("smoke")
+    table = Table("tbad", "T", (Row("range", ("loss.beta=2",)),), seeds=2)
+    with pytest.raises(ValueError, match=r"tbad, row 'range': loss.beta must be <= 1.0"):
+        ablations.run_tables([table], "smoke", "/nonexistent")  # raised before any run folder is touched
+
+
+def test_a_corrupt_metrics_json_is_reported_and_retrained(tmp_path, caplog):
+    cfg = ablations.ablation_config("smoke", "train.max_iters=2")
+    (first,) = ablations.train_configs([cfg], tmp_path, workers=1, verbose=False)
+    path = ablations.run_dir(cfg, tmp_path) / "metrics.json"
+    path.write_text('{"AP": 0.1')  # truncated
+    with caplog.at_level("WARNING"):
+        (again,) = ablations.train_configs([cfg], tmp_path, workers=1, verbose=False)
+    assert str(path) in caplog.text and "corrupt" in caplog.text
+    assert (path.parent / "metrics.json.corrupt").read_text() == '{"AP": 0.1'  # kept, not deleted
+    assert {k: again[k] for k in ablations.METRICS} == {k: first[k] for k in ablations.METRICS}  # retrained

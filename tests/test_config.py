@@ -3,7 +3,7 @@ import pytest
 from sodlib.config import RunConfig, get_profile, override
 
 
-@pytest.mark.parametrize("name", ["smoke", "cpu", "paper"])
+@pytest.mark.parametrize("name", ["smoke", "cpu", "ablation", "paper"])
 def test_profiles_build_and_round_trip(name):
     cfg = get_profile(name)
     assert RunConfig.from_dict(cfg.to_dict()) == cfg
@@ -58,3 +58,18 @@ def test_override_rejects_bad_values_naming_the_key(assignment, key):
 def test_unknown_profile():
     with pytest.raises(ValueError, match="unknown profile"):
         get_profile("huge")
+
+
+def test_ablation_profile_is_rt_detr_as_paper_a_used_it():
+    from sodlib import build_detector
+
+    cfg = get_profile("ablation")
+    assert cfg.model.query_nms == 0 and cfg.model.num_decoder_layers == 3 and cfg.model.num_denoising == 100
+    assert cfg.loss.cls_loss == "vfl" and not cfg.train.amp and cfg.model.fp32_geometry
+    assert cfg.data.image_size == 320 and cfg.train.max_iters > 0 and cfg.train.threads == 1
+    decoder = build_detector(cfg.model).decoder
+    assert decoder.query_nms == 0 and len(decoder.layers) == 3  # plain top-K, the stated layer count
+    # Table 7's four six-layer schedules stay four distinct three-layer schedules
+    from sodlib.ablations import TABLE7, eta_schedule
+
+    assert len({eta_schedule(r.eta, 3) for r in TABLE7.rows}) == 4

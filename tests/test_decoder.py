@@ -201,3 +201,26 @@ def test_select_from_level_samples_but_never_selects_the_finest_level():
     assert dense.shape == (2, 8 * 8 + 4 * 4 + 2 * 2, 4)
     # box heads start at zero: the proposals are the anchors of the 8x8 map, sized as RT-DETR's level 0
     assert_close(dense[0, 0], torch.tensor([1 / 16, 1 / 16, 0.05, 0.05]))
+
+
+@pytest.mark.parametrize("fp32_geometry", [False, True])
+def test_fp32_geometry_under_bf16_autocast(fp32_geometry):
+    """Boxes, reference boxes, sampling locations and attention weights stay float32 under autocast with
+    fp32_geometry (bf16 quantises a coordinate near 1 to 1/256 of the image); without it they are bf16."""
+    dec = _decoder(fp32_geometry=fp32_geometry).train()
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        out = dec(_feats(), _targets(), return_sampling=True)
+    want = torch.float32 if fp32_geometry else torch.bfloat16
+    layers = [out, *out["aux_outputs"], *out["dn_outputs"]]
+    for layer in layers:
+        for key in ("pred_boxes", "ref_boxes", "sampling_locations", "attention_weights"):
+            assert layer[key].dtype == want, key
+    assert out["enc_outputs"]["pred_boxes"].dtype == want
+
+
+def test_fp32_geometry_changes_nothing_in_float32():
+    plain, geo = _decoder().eval(), _decoder(fp32_geometry=True).eval()
+    a = plain(_feats(), return_sampling=True)
+    b = geo(_feats(), return_sampling=True)
+    for key in ("pred_logits", "pred_boxes", "sampling_locations", "attention_weights"):
+        assert torch.equal(a[key], b[key]), key

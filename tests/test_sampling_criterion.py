@@ -122,8 +122,8 @@ def test_st_and_sr_with_qfl_and_tal(cls_loss, sr):
     s = 1 / (1 + math.exp(-1.0))
     bce = -(c * math.log(s) + (1 - c) * math.log(1 - s))
     # ST replaces the IoU target (TAL under one-to-one matching: t_hat = c); SR with a single positive
-    # gives r = 1 after mean normalisation, replacing |t - s|^2
-    positive = bce * (1.0 if sr else abs(c - s) ** 2)
+    # gives r = the mean of what it replaces, |t - s|^2 itself
+    positive = bce * abs(c - s) ** 2
     expected = positive + 5 * LN2 * 0.25  # negatives: BCE(0.5, 0) * 0.5^2
     losses = _criterion(cls_loss, st=True, sr=sr)(out, targets)
     assert_close(losses[f"loss_{cls_loss}"], torch.tensor(expected))
@@ -137,9 +137,10 @@ def test_sample_reweighting_hand_computed():
     crit = _criterion(sr=True, sr_grad="difficulty")  # the one mode with the generator's own BCE
     _constant_generator(crit, 0.25)
     losses = crit(out, targets)
-    # s = 0.5 everywhere; t = IoU = (0.5, 1) -> r = (w, w^0.5) = (0.25, 0.5) -> mean-normalised (2/3, 4/3)
+    # s = 0.5 everywhere; t = IoU = (0.5, 1) -> r = (w, w^0.5) = (0.25, 0.5) -> mean-normalised (2/3, 4/3),
+    # times the mean of what r replaces: VFL's q = t, mean 0.75 (classification); 1 (boxes)
     r = torch.tensor([2 / 3, 4 / 3])
-    assert_close(losses["loss_vfl"], (r.sum() * LN2 + 7 * NEG) / 2)  # r replaces q on the positives
+    assert_close(losses["loss_vfl"], (0.75 * r.sum() * LN2 + 7 * NEG) / 2)  # r replaces q on the positives
     assert_close(losses["loss_bbox"], (r[0] * 0.15) / 2)  # r^reg scales L1 ...
     assert_close(losses["loss_giou"], (r[0] * 0.5) / 2)  # ... and GIoU
     # the generator's own objective: BCE(w, 1 - t) for both heads, 1 - t = (0.5, 0)
@@ -170,7 +171,7 @@ def test_sample_reweighting_single_positive_and_encoder():
     out, targets = _hand_case()
     out["enc_outputs"] = {k: out[k] for k in ("pred_logits", "pred_boxes")}  # no head features
     losses = _criterion(sr=True)(out, targets)
-    assert_close(losses["loss_vfl"], torch.tensor(LN2 + 5 * NEG))  # one positive: r = 1
+    assert_close(losses["loss_vfl"], torch.tensor(0.5 * LN2 + 5 * NEG))  # one positive: r = q (IoU 0.5), as without SR
     base = SetCriterion(HungarianMatcher(), K, WEIGHTS)(out, targets)
     assert_close(losses["loss_vfl_enc_0"], base["loss_vfl_enc_0"])  # encoder keeps the baseline weights
     assert "loss_sr_gen_enc_0" not in losses
@@ -325,3 +326,70 @@ def test_criterion_defaults_match_loss_config():
             assert p.default == getattr(defaults, name), f"{cls.__name__}({name}=) != LossConfig.{name}"
             checked += 1
     assert checked >= 20
+
+
+# ---------------------------------------------------------------- SR: normalisation and direction
+
+
+def _matched_final(crit, out, targets):
+    from sodlib.criterion import LayerInfo
+
+    indices = crit.matcher(out, targets)
+    return crit.matched(out, targets, indices), LayerInfo("final", 2)
+
+
+@pytest.mark.parametrize("cls_loss", ["vfl", "qfl"])
+def test_sr_keeps_the_mean_positive_weight(cls_loss):
+    # mean r over the positives = mean of the weight it replaces: q = t for VFL, |t - s|^gamma for QFL, 1 for boxes
+    logits = torch.zeros(1, 3, K)
+    logits[0, 0, 1], logits[0, 1, 0] = -1.0, 2.0
+    out, targets = _hand_case(num_gt=2, logits=logits)
+    crit = _criterion(cls_loss, sr=True)
+    m, layer = _matched_final(crit, out, targets)
+    t = crit.positive_target(out, m, layer)  # IoU (0.5, 1)
+    s = torch.sigmoid(torch.tensor([-1.0, 2.0]))
+    replaced = t if cls_loss == "vfl" else (t - s).abs() ** 2
+    r_cls = crit.sample_weights(out, m, t, layer, "cls")
+    assert_close(r_cls.mean(), replaced.mean())
+    assert_close(crit.sample_weights(out, m, None, layer, "reg").mean(), torch.tensor(1.0))
+    assert not torch.allclose(r_cls, replaced)  # r redistributes: not the baseline weights themselves
+
+
+def _generator_step(sr_grad):
+    """One SGD step of the generator on a hard (IoU 0.5, low score) and an easy (IoU 1, high score) positive;
+    returns r_hard / r_easy before and after."""
+    logits = torch.zeros(1, 3, K)
+    logits[0, 1, 0] = 2.0  # the easy positive is also confidently classified
+    out, targets = _hand_case(num_gt=2, logits=logits)
+    crit = _criterion(sr=True, sr_grad=sr_grad)
+    m, layer = _matched_final(crit, out, targets)
+    t = crit.positive_target(out, m, layer)
+    hard, easy = int((t < 0.9).nonzero()[0]), int((t > 0.9).nonzero()[0])
+
+    def ratio():
+        r = crit.sample_weights(out, m, t, layer, "cls")
+        return float((r[hard] / r[easy]).detach())
+
+    before = ratio()
+    losses = crit(out, targets)
+    objective = losses["loss_sr_gen"] if sr_grad == "difficulty" else losses["loss_vfl"]
+    params = list(crit.generator.parameters())
+    grads = torch.autograd.grad(objective, params, allow_unused=True)
+    with torch.no_grad():
+        for p, gr in zip(params, grads):
+            if gr is not None:
+                p -= 0.5 * gr
+    return before, ratio()
+
+
+def test_sr_default_mode_gives_hard_positives_more_weight():
+    assert LossConfig().sr_grad == "difficulty"
+    before, after = _generator_step("difficulty")
+    assert after > before  # a training step raises the hard positive's weight against the easy one's
+
+
+def test_sr_end_to_end_mode_learns_the_opposite():
+    # kept as an option (Table 3's extra row): the weighted loss's own gradient lowers the weight of the
+    # positive with the larger loss, i.e. it favours the easy positive
+    before, after = _generator_step("end_to_end")
+    assert after < before

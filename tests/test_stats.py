@@ -1,0 +1,71 @@
+"""Paired statistics of the ablation tables, against hand-computed values."""
+
+import math
+
+import pandas as pd
+import pytest
+
+from sodlib import ablations as A
+from sodlib.stats import holm, paired_difference, resolvable_difference
+
+
+def test_paired_difference_hand_computed():
+    # d = (2, 3, 3): mean 8/3, sd sqrt(1/3), t = 8 with 2 dof; t_0.975,2 = 4.302653
+    r = paired_difference([3, 4, 5], [1, 1, 2])
+    assert r["n"] == 3
+    assert r["diff"] == pytest.approx(8 / 3)
+    assert r["sd"] == pytest.approx(math.sqrt(1 / 3))
+    half = 4.302653 * math.sqrt(1 / 3) / math.sqrt(3)
+    assert r["ci_low"] == pytest.approx(8 / 3 - half, abs=1e-5)
+    assert r["ci_high"] == pytest.approx(8 / 3 + half, abs=1e-5)
+    assert r["p"] == pytest.approx(0.015268, abs=1e-5)
+
+
+def test_paired_difference_degenerate_cases():
+    one = paired_difference([2.0], [1.0])
+    assert one["diff"] == 1.0 and math.isnan(one["ci_low"]) and math.isnan(one["p"])
+    same = paired_difference([2.0, 3.0], [1.0, 2.0])  # identical differences: sd 0
+    assert same["ci_low"] == same["ci_high"] == 1.0 and same["p"] == 0.0
+    assert paired_difference([1.0, 2.0], [1.0, 2.0])["p"] == 1.0
+    with pytest.raises(ValueError, match="equal-length"):
+        paired_difference([], [])
+
+
+def test_holm_order_and_monotonicity():
+    # sorted 0.01, 0.03, 0.04 -> 3*0.01, 2*0.03, max(0.06, 1*0.04): back in input order
+    assert holm([0.01, 0.04, 0.03]) == pytest.approx([0.03, 0.06, 0.06])
+    out = holm([float("nan"), 0.02, 0.5])  # NaN is not a comparison: m = 2
+    assert math.isnan(out[0]) and out[1:] == pytest.approx([0.04, 0.5])
+    assert holm([0.6, 0.9]) == pytest.approx([1.0, 1.0])  # capped at 1
+
+
+def test_resolvable_difference_and_table_line():
+    assert resolvable_difference(1.0, 5) == pytest.approx(2.776445 / math.sqrt(5), abs=1e-6)
+    assert math.isnan(resolvable_difference(1.0, 1))
+    summary = pd.DataFrame({"sd_diff": [1.0, 2.0, float("nan")], "pairs": [5, 5, 1]})
+    line = A.resolution_line(summary)
+    # pooled sd sqrt((1 + 4) / 2) = 1.5811, t_0.975,4 = 2.776445: 1.9632
+    assert "5 paired seeds" in line and "1.58" in line and "±1.96 AP points" in line and "2 comparisons" in line
+
+
+def _runs(values: dict[str, list[float]]) -> pd.DataFrame:
+    rows = []
+    for label, aps in values.items():
+        for seed, ap in enumerate(aps):
+            rows.append({"row": label, "seed": seed, **{k: ap for k in A.METRICS}})
+    return pd.DataFrame(rows)
+
+
+def test_compare_pairs_rows_by_seed_and_corrects_over_the_table():
+    table = A.Table("t", "T", (A.Row("base", (), {"AP": 30.0}), A.Row("a", (), {"AP": 31.0}),
+                               A.Row("b", (), {"AP": 29.0})), seeds=3)
+    runs = _runs({"base": [0.10, 0.10, 0.20], "a": [0.12, 0.13, 0.23], "b": [0.10, 0.11, 0.19]})
+    s = A.compare(table, runs).set_index("row")
+    assert s.loc["a", "dAP"] == pytest.approx(8 / 3)  # per-seed differences (2, 3, 3) points
+    assert s.loc["a", "p"] == pytest.approx(0.015268, abs=1e-5)
+    assert s.loc["b", "dAP"] == pytest.approx(0.0, abs=1e-9)
+    assert s.loc["a", "p_holm"] == pytest.approx(min(1.0, 2 * s.loc["a", "p"]))
+    assert s.loc["a", "dAP paper"] == 1.0 and s.loc["a", "pairs"] == 3
+    assert math.isnan(s.loc["base", "dAP"]) and s.loc["base", "AP"] == pytest.approx(40 / 3)
+    text = A.paired_verdict(table, s.reset_index())
+    assert "a vs base: dAP +2.67" in text and "same sign" in text and "Resolution:" in text
