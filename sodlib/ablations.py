@@ -135,45 +135,60 @@ def _p(ap=None, ap50=None, aps=None, apm=None, apl=None) -> dict:
     return {k: v for k, v in zip(METRICS, (ap, ap50, aps, apm, apl)) if v is not None}
 
 
-def _eta_row(six: tuple[float, ...], paper: dict) -> Row:
-    return Row("η=(" + ", ".join(f"{v:g}" for v in six) + ")", FULL, paper, eta=six)
+def paper_a_tables(focal: tuple[str, ...], table3_seeds: int, other_seeds: int) -> tuple[Table, ...]:
+    """Paper A's Tables 3–8. ``focal``: the α/γ overrides of every row with ST (Table 6 sets its own);
+    ``table3_seeds`` / ``other_seeds``: seeds per row (1 = a single-seed table)."""
+    methods = ("loss.st=true", "loss.sr=true", "loss.spr=true")
+    full = (*methods, *focal)
+
+    def eta_row(six: tuple[float, ...], paper: dict) -> Row:
+        return Row("η=(" + ", ".join(f"{v:g}" for v in six) + ")", full, paper, eta=six)
+
+    table3 = Table("table3", "Table 3 · ST / SR / SPR combinations", (
+        Row("baseline", (), _p(29.9, 58.1, 20.5, 46.9, 58.2)),
+        Row("SR", ("loss.sr=true",), _p(30.5, 58.7, 21.1, 48.2, 58.6)),
+        Row("SPR", ("loss.spr=true",), _p(31.2, 61.0, 21.5, 48.3, 58.5)),
+        Row("ST+SR", ("loss.st=true", "loss.sr=true", *focal), _p(31.8, 62.1, 22.8, 49.5, 59.8)),
+        Row("ST+SR+SPR", full, _p(32.3, 66.4, 23.7, 50.0, 60.2)),
+        Row("ST+SR+SPR, sr_grad=end_to_end (ours)", (*full, "loss.sr_grad=end_to_end")),
+    ), seeds=table3_seeds)
+    table4 = Table("table4", "Table 4 · β of the confidence objective (Eq. 14)", tuple(
+        Row(f"β={b:g}", (*full, f"loss.beta={b:g}"), _p(ap)) for b, ap in ((0.3, 30.4), (0.5, 31.4), (0.73, 32.3),
+                                                                         (0.9, 31.9))),
+        reference=2, trend="best", seeds=other_seeds)
+    table5 = Table("table5", "Table 5 · θ of the area-ratio projection (Eq. 13)", tuple(
+        Row(f"θ={t:g}", (*full, f"loss.theta={t:g}"), _p(ap)) for t, ap in ((1.5, 30.6), (3, 30.9), (6, 32.3),
+                                                                          (9, 31.7))),
+        reference=2, trend="best", seeds=other_seeds)
+    table6 = Table("table6", "Table 6 · α and γ of the classification loss", tuple(
+        Row(f"γ={g:g}, α={a:g}", (*methods, f"loss.alpha={a:g}", f"loss.gamma={g:g}"), _p(ap))
+        for g, a, ap in ((1.5, 0.25, 32.1), (1.5, 0.5, 32.3), (1.5, 0.75, 31.5),
+                         (1.75, 0.25, 30.8), (1.75, 0.5, 30.6), (1.75, 0.75, 30.2))),
+        reference=1, trend="best", seeds=other_seeds)
+    table7 = Table("table7", "Table 7 · η schedules of SPR", (
+        eta_row((1.5, 1.4, 1.3, 1.2, 1.1, 1.0), _p(32.2, 64.8, 23.4, 50.6, 60.1)),
+        eta_row((1.5, 1.3, 1.2, 1.1, 1.05, 1.0), _p(32.3, 66.4, 23.7, 50.4, 60.2)),
+        eta_row((2.0, 1.8, 1.6, 1.4, 1.2, 1.0), _p(31.9, 65.1, 21.6, 50.9, 60.9)),
+        eta_row((2.0, 1.6, 1.4, 1.2, 1.1, 1.0), _p(32.0, 66.0, 22.3, 49.7, 59.6)),
+    ), reference=1, trend="best", seeds=other_seeds)
+    table8 = Table("table8", "Table 8 · ST and SR on other label assignments (GFL's QFL, TOOD's TAL)", (
+        Row("QFL (GFL)", ("loss.cls_loss=qfl",), _p(29.7, 60.7, 23.7, 47.7, 52.8)),
+        Row("QFL +ST", ("loss.cls_loss=qfl", "loss.st=true"), _p(30.8, 62.1, 24.1, 48.6, 53.2)),
+        Row("QFL +ST+SR", ("loss.cls_loss=qfl", "loss.st=true", "loss.sr=true"), _p(31.6, 64.5, 23.7, 49.8, 60.2)),
+        Row("TAL (TOOD)", ("loss.cls_loss=tal",), _p(29.5, 59.4, 21.7, 46.6, 55.9)),
+        Row("TAL +ST", ("loss.cls_loss=tal", "loss.st=true"), _p(30.3, 61.1, 22.5, 46.8, 55.2)),
+        Row("TAL +ST+SR", ("loss.cls_loss=tal", "loss.st=true", "loss.sr=true"), _p(31.5, 64.2, 23.1, 48.0, 57.4)),
+    ), trend="groups", seeds=other_seeds)
+    return table3, table4, table5, table6, table7, table8
 
 
-TABLE3 = Table("table3", "Table 3 · ST / SR / SPR combinations", (
-    Row("baseline", (), _p(29.9, 58.1, 20.5, 46.9, 58.2)),
-    Row("SR", ("loss.sr=true",), _p(30.5, 58.7, 21.1, 48.2, 58.6)),
-    Row("SPR", ("loss.spr=true",), _p(31.2, 61.0, 21.5, 48.3, 58.5)),
-    Row("ST+SR", ("loss.st=true", "loss.sr=true", *ST_TUNED), _p(31.8, 62.1, 22.8, 49.5, 59.8)),
-    Row("ST+SR+SPR", FULL, _p(32.3, 66.4, 23.7, 50.0, 60.2)),
-    Row("ST+SR+SPR, sr_grad=end_to_end (ours)", (*FULL, "loss.sr_grad=end_to_end")),
-), seeds=3)
-TABLE4 = Table("table4", "Table 4 · β of the confidence objective (Eq. 14)", tuple(
-    Row(f"β={b:g}", (*FULL, f"loss.beta={b:g}"), _p(ap)) for b, ap in ((0.3, 30.4), (0.5, 31.4), (0.73, 32.3), (0.9, 31.9))),
-    reference=2, trend="best")
-TABLE5 = Table("table5", "Table 5 · θ of the area-ratio projection (Eq. 13)", tuple(
-    Row(f"θ={t:g}", (*FULL, f"loss.theta={t:g}"), _p(ap)) for t, ap in ((1.5, 30.6), (3, 30.9), (6, 32.3), (9, 31.7))),
-    reference=2, trend="best")
-TABLE6 = Table("table6", "Table 6 · α and γ of the classification loss", tuple(
-    Row(f"γ={g:g}, α={a:g}", ("loss.st=true", "loss.sr=true", "loss.spr=true", f"loss.alpha={a:g}",
-                              f"loss.gamma={g:g}"), _p(ap))
-    for g, a, ap in ((1.5, 0.25, 32.1), (1.5, 0.5, 32.3), (1.5, 0.75, 31.5),
-                     (1.75, 0.25, 30.8), (1.75, 0.5, 30.6), (1.75, 0.75, 30.2))),
-    reference=1, trend="best")
-TABLE7 = Table("table7", "Table 7 · η schedules of SPR", (
-    _eta_row((1.5, 1.4, 1.3, 1.2, 1.1, 1.0), _p(32.2, 64.8, 23.4, 50.6, 60.1)),
-    _eta_row((1.5, 1.3, 1.2, 1.1, 1.05, 1.0), _p(32.3, 66.4, 23.7, 50.4, 60.2)),
-    _eta_row((2.0, 1.8, 1.6, 1.4, 1.2, 1.0), _p(31.9, 65.1, 21.6, 50.9, 60.9)),
-    _eta_row((2.0, 1.6, 1.4, 1.2, 1.1, 1.0), _p(32.0, 66.0, 22.3, 49.7, 59.6)),
-), reference=1, trend="best")
-TABLE8 = Table("table8", "Table 8 · ST and SR on other label assignments (GFL's QFL, TOOD's TAL)", (
-    Row("QFL (GFL)", ("loss.cls_loss=qfl",), _p(29.7, 60.7, 23.7, 47.7, 52.8)),
-    Row("QFL +ST", ("loss.cls_loss=qfl", "loss.st=true"), _p(30.8, 62.1, 24.1, 48.6, 53.2)),
-    Row("QFL +ST+SR", ("loss.cls_loss=qfl", "loss.st=true", "loss.sr=true"), _p(31.6, 64.5, 23.7, 49.8, 60.2)),
-    Row("TAL (TOOD)", ("loss.cls_loss=tal",), _p(29.5, 59.4, 21.7, 46.6, 55.9)),
-    Row("TAL +ST", ("loss.cls_loss=tal", "loss.st=true"), _p(30.3, 61.1, 22.5, 46.8, 55.2)),
-    Row("TAL +ST+SR", ("loss.cls_loss=tal", "loss.st=true", "loss.sr=true"), _p(31.5, 64.2, 23.1, 48.0, 57.4)),
-), trend="groups")
-PAPER_A_TABLES = (TABLE3, TABLE4, TABLE5, TABLE6, TABLE7, TABLE8)
+# The cpu profile's 120-iteration tables (notebook 04 until the ablation-profile tables are complete): rows with
+# ST at Table 6's best α/γ, Table 3 over 3 seeds, the others over one.
+PAPER_A_TABLES = paper_a_tables(ST_TUNED, 3, 1)
+TABLE3, TABLE4, TABLE5, TABLE6, TABLE7, TABLE8 = PAPER_A_TABLES
+# Issue 15: the ablation profile at its plateau. Every row at RT-DETR's VFL α 0.75 / γ 2 except Table 6's,
+# which vary them (no α/γ confound between rows); Table 3 over 5 paired seeds, the others over 2.
+ABLATION_TABLES = paper_a_tables((), 5, 2)
 
 
 # ---------------------------------------------------------------- running
@@ -280,13 +295,26 @@ def _prepare_data(cfgs: Sequence[RunConfig], data_root: str | None) -> None:
 
 
 def run_tables(tables: Sequence[Table], profile: str, results_dir: str | os.PathLike, seeds: int | None = None,
-               data_root: str | None = None, device: str = "", workers: int | None = None) -> dict[str, pd.DataFrame]:
+               data_root: str | None = None, device: str = "", workers: int | None = None,
+               train: bool = True) -> dict[str, pd.DataFrame]:
     """Train (or reuse) every run of ``tables`` in one batch (shared configurations once, the parallel
-    workers kept busy across tables); per table, one row per (row, seed) with its metrics and run folder."""
+    workers kept busy across tables, seed 0 of every row first, then seed 1, ... so that a partial batch
+    already pairs every row); per table, one row per (row, seed) with its metrics and run folder.
+
+    ``train=False`` trains nothing: runs missing from the cache get NaN metrics and an empty ``run``.
+    """
     entries = {t.name: t.configs(profile, seeds, device) for t in tables}
     flat = [(t, e) for t in tables for e in entries[t.name]]
-    metrics = train_configs([c for _, (_, _, c) in flat], results_dir, data_root, workers=workers,
-                            labels=[f"{t.name} {r.label} s{s}" for t, (r, s, _) in flat])
+    cfgs = [c for _, (_, _, c) in flat]
+    if train:
+        order = sorted(range(len(flat)), key=lambda i: flat[i][1][1])  # stable: seed-major
+        trained = train_configs([cfgs[i] for i in order], results_dir, data_root, workers=workers,
+                                labels=[f"{flat[i][0].name} {flat[i][1][0].label} s{flat[i][1][1]}" for i in order])
+        metrics = [None] * len(flat)
+        for i, m in zip(order, trained):
+            metrics[i] = m
+    else:
+        metrics = [load_finished_run(c, results_dir) for c in cfgs]
     out, i = {}, 0
     for t in tables:
         n = len(entries[t.name])
@@ -302,18 +330,32 @@ def run_table(table: Table, profile: str, results_dir: str | os.PathLike, seeds:
 
 
 def table_stem(name: str, profile: str) -> str:
-    """File stem of a table: ``table3`` for the default ``cpu`` profile, ``table3_<profile>`` otherwise."""
-    return name if profile == "cpu" else f"{name}_{profile}"
+    """File stem of a table: ``table3`` for the default reproduction (paper A's tables on the ``ablation``
+    profile, MRQM's on ``cpu``), ``table3_<profile>`` otherwise."""
+    return name if profile in ("cpu", "ablation") else f"{name}_{profile}"
 
 
 def runs_frame(table: Table, entries, metrics: Sequence[dict], results_dir) -> pd.DataFrame:
     rows = []
     for (row, seed, cfg), m in zip(entries, metrics):
+        m = m or {}  # a run not trained (yet)
         rows.append({"table": table.name, "row": row.label, "seed": seed,
                      **{k: _nan_if_missing(m.get(k)) for k in METRICS},
                      "iterations": m.get("iterations"), "train_seconds": m.get("train_seconds"),
-                     "run": run_dir(cfg, results_dir).name})
+                     "run": run_dir(cfg, results_dir).name if m else "",
+                     "code": _code_version(run_dir(cfg, results_dir)) if m else ""})
     return pd.DataFrame(rows)
+
+
+def _code_version(folder: Path) -> str:
+    """The git commit (12 characters, ``-dirty`` kept) that trained the run in ``folder``, from its provenance."""
+    import json
+
+    path = folder / "provenance.json"
+    if not path.exists():
+        return ""
+    sha = json.loads(path.read_text()).get("git_sha") or ""
+    return sha[:12] + ("-dirty" if sha.endswith("-dirty") else "")
 
 
 def _nan_if_missing(v) -> float:
@@ -430,10 +472,13 @@ def compare(table: Table, runs: pd.DataFrame, metric: str = "AP") -> pd.DataFram
         r["vs"] = base
         base_paper = next(x.paper for x in table.rows if x.label == base)
         r["dAP paper"] = row.paper.get("AP", np.nan) - base_paper.get("AP", np.nan)
-        if row.label != base:
-            seeds = sorted(set(g.index) & set(by_row[base].index))
-            pd_ = paired_difference(100 * g.loc[seeds, metric].to_numpy(),
-                                    100 * by_row[base].loc[seeds, metric].to_numpy())
+        if "code" in g:
+            r["code"] = " ".join(sorted({c for c in g["code"] if c}))
+        paired = sorted(s for s in set(g.index) & set(by_row[base].index)
+                        if np.isfinite(g.loc[s, metric]) and np.isfinite(by_row[base].loc[s, metric]))
+        if row.label != base and paired:
+            pd_ = paired_difference(100 * g.loc[paired, metric].to_numpy(),
+                                    100 * by_row[base].loc[paired, metric].to_numpy())
             r.update({"pairs": pd_["n"], "dAP": pd_["diff"], "sd_diff": pd_["sd"], "ci95_low": pd_["ci_low"],
                       "ci95_high": pd_["ci_high"], "p": pd_["p"]})
         out.append(r)

@@ -102,7 +102,7 @@ def _cmd_reproduce(args) -> int:
     try:
         return reproduce.main(profile=args.profile, only=args.only, seeds=args.seeds,
                               results_dir=Path(args.out) if args.out else _results(), data=args.data or "",
-                              device=args.device or "")
+                              device=args.device or "", train_missing=args.train_missing)
     except reproduce.ReproductionError as exc:  # a step failed: one line (step, notebook, cell), exit 2
         if os.environ.get("SODLIB_DEBUG"):
             raise
@@ -182,6 +182,8 @@ def build_parser() -> argparse.ArgumentParser:
     r.add_argument("--data", default=None, help="dataset root for the notebooks (DATA; default: the profile's)")
     r.add_argument("--device", default=None, help="device for the notebooks (DEVICE; default: the profile's)")
     r.add_argument("--out", default=None, help="results folder (default: the repository's results/)")
+    r.add_argument("--train-missing", action="store_true",
+                   help="notebook 04 trains the ablation runs the run cache lacks (hours on a CPU; with a fresh --out: all)")
     r.set_defaults(func=_cmd_reproduce)
     return p
 

@@ -144,7 +144,7 @@ def measure(model, criterion, dataset, eta_per_layer, log_csv: str | Path, devic
     return {**measure_model(model, criterion, dataset, eta_per_layer, device), "spr_loss_share": spr_loss_share(log_csv)}
 
 
-def mechanisms_frame(entries) -> "pd.DataFrame":  # noqa: F821 - pandas imported lazily
+def mechanisms_frame(entries) -> pd.DataFrame:  # noqa: F821 - pandas imported lazily
     """``metric,row,seed,value`` from ``(row label, seed, run folder)`` entries whose folder holds a
     ``mechanisms.json`` (runs without one are skipped)."""
     import json

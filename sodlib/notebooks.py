@@ -44,11 +44,14 @@ def discover(notebooks_dir: str | os.PathLike) -> list[Path]:
 
 
 def notebook_parameters(profile: str, out_dir: str | os.PathLike, seeds: int | None = None, data: str = "",
-                        device: str = "") -> dict:
-    """The parameters every notebook takes; ``seeds=None`` leaves the notebook's own default."""
+                        device: str = "", train_missing: bool = False) -> dict:
+    """The parameters every notebook takes; ``seeds=None`` leaves the notebook's own default.
+    ``train_missing`` adds ``TRAIN_MISSING=True`` (notebook 04: train the ablation runs the cache lacks)."""
     params = {"PROFILE": profile, "DATA": data, "DEVICE": device, "OUT_DIR": str(Path(out_dir).resolve())}
     if seeds is not None:
         params["SEEDS"] = int(seeds)
+    if train_missing:
+        params["TRAIN_MISSING"] = True
     return params
 
 

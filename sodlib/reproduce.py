@@ -261,11 +261,12 @@ def step_plateau(results_dir: Path, seeds: int = 2) -> pd.DataFrame:
 
 def main(profile: str = "cpu", only: str | None = None, seeds: int | None = None,
          results_dir: str | Path = "results", data: str = "", device: str = "",
-         notebooks_dir: str | Path | None = None, progress: bool = True) -> int:
+         notebooks_dir: str | Path | None = None, progress: bool = True, train_missing: bool = False) -> int:
     """Run the steps whose name starts with ``only`` (when None: every default step) for ``profile``.
 
     ``seeds``, ``data`` and ``device`` reach the notebooks as ``SEEDS`` (None: the notebook's default),
-    ``DATA`` and ``DEVICE`` ("": the profile's). Raises :class:`ReproductionError` at the first failure
+    ``DATA`` and ``DEVICE`` ("": the profile's); ``train_missing`` as ``TRAIN_MISSING`` (notebook 04 trains
+    the ablation runs the cache lacks; in a fresh ``--out`` folder that retrains every run). Raises :class:`ReproductionError` at the first failure
     and ``ValueError`` when ``only`` matches no step.
     """
     from sodlib import notebooks
@@ -282,7 +283,8 @@ def main(profile: str = "cpu", only: str | None = None, seeds: int | None = None
              ("00_plateau", lambda: step_plateau(results_dir), False)]
     nb_dir = Path(notebooks_dir) if notebooks_dir is not None else NOTEBOOKS_DIR
     if nb_dir.is_dir():
-        params = notebooks.notebook_parameters(profile, results_dir, seeds=seeds, data=data, device=device)
+        params = notebooks.notebook_parameters(profile, results_dir, seeds=seeds, data=data, device=device,
+                                               train_missing=train_missing)
         for nb in notebooks.discover(nb_dir):
             steps.append((nb.stem, lambda nb=nb: notebooks.run_notebook(
                 nb, results_dir / "notebooks" / nb.name, params, progress=progress), True))

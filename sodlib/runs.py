@@ -9,8 +9,8 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 import json
-import os
 import logging
+import os
 import tempfile
 from pathlib import Path
 from typing import Any
@@ -181,10 +181,13 @@ def read_metrics(d: str | os.PathLike) -> dict | None:
         return None
     try:
         metrics = json.loads(path.read_text())
-        if not isinstance(metrics, dict) or not isinstance(metrics.get("AP"), (int, float)):
-            raise ValueError("no numeric 'AP'")
     except (ValueError, UnicodeDecodeError) as err:
-        log.warning("%s is corrupt (%s); moved to %s, the run will be trained again", path, err,
+        problem = str(err)
+    else:
+        numeric_ap = isinstance(metrics, dict) and isinstance(metrics.get("AP"), (int, float))
+        problem = "" if numeric_ap else "no numeric 'AP'"
+    if problem:
+        log.warning("%s is corrupt (%s); moved to %s, the run will be trained again", path, problem,
                     path.with_name("metrics.json.corrupt"))
         os.replace(path, path.with_name("metrics.json.corrupt"))
         return None

@@ -361,3 +361,4 @@ def plot_ablation_deltas(summaries: Mapping[str, pd.DataFrame], noise: float, su
         fig.suptitle(suptitle)
     fig.tight_layout()
     return fig
+
