@@ -65,6 +65,7 @@ class ModelConfig:
     box_noise_scale: float = 1.0
     query_nms: float = 0.0  # IoU of class-agnostic NMS over the encoder proposals before top-K (0 = RT-DETR's plain top-K)
     fp32_geometry: bool = False  # boxes, reference points, sampling locations and weights in float32 under autocast
+    bf16_geometry: bool = False  # diagnostic: the same rounded to bfloat16 precision (what autocast does), in float32
     post_nms: float = 0.0  # IoU of a per-class NMS in post-processing (0 = end-to-end, RT-DETR's own post-processor)
     encoder: str = "hybrid"  # hybrid (RT-DETR AIFI+CCFM) | bifpn_sae (MRQM)
     bifpn_repeats: int = 2  # MRQM: BiFPN layers

@@ -29,7 +29,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 from torchvision.ops import batched_nms, box_convert
 
-from .deform_attn import MSDeformableAttention
+from .deform_attn import MSDeformableAttention, bf16_round
 from .denoising import get_contrastive_denoising_training_group, inverse_sigmoid
 
 __all__ = ["MLP", "DecoderLayer", "RTDETRDecoder"]
@@ -55,11 +55,12 @@ class DecoderLayer(nn.Module):
     """Post-norm decoder layer: self-attention, deformable cross-attention, FFN."""
 
     def __init__(self, dim: int = 256, num_heads: int = 8, dim_feedforward: int = 1024, dropout: float = 0.0,
-                 num_levels: int = 3, num_points: int = 4, fp32_geometry: bool = False):
+                 num_levels: int = 3, num_points: int = 4, fp32_geometry: bool = False, bf16_geometry: bool = False):
         super().__init__()
         self.self_attn = nn.MultiheadAttention(dim, num_heads, dropout=dropout, batch_first=True)
         self.norm1 = nn.LayerNorm(dim)
-        self.cross_attn = MSDeformableAttention(dim, num_heads, num_levels, num_points, sample_fp32=fp32_geometry)
+        self.cross_attn = MSDeformableAttention(dim, num_heads, num_levels, num_points, sample_fp32=fp32_geometry,
+                                                bf16_geometry=bf16_geometry)
         self.norm2 = nn.LayerNorm(dim)
         self.linear1 = nn.Linear(dim, dim_feedforward)
         self.linear2 = nn.Linear(dim_feedforward, dim)
@@ -112,7 +113,7 @@ class RTDETRDecoder(nn.Module):
                  num_heads: int = 8, num_layers: int = 6, dim_feedforward: int = 1024, dropout: float = 0.0,
                  num_denoising: int = 100, label_noise_ratio: float = 0.5, box_noise_scale: float = 1.0,
                  eps: float = 1e-2, query_nms: float = 0.0, select_from_level: int = 0,
-                 fp32_geometry: bool = False):
+                 fp32_geometry: bool = False, bf16_geometry: bool = False):
         super().__init__()
         if len(in_channels) > num_levels:
             raise ValueError(f"{len(in_channels)} input maps but num_levels={num_levels}")
@@ -120,6 +121,7 @@ class RTDETRDecoder(nn.Module):
         self.num_levels, self.num_layers, self.eps = num_levels, num_layers, eps
         self.query_nms = query_nms
         self.fp32_geometry = fp32_geometry
+        self.bf16_geometry = bf16_geometry
         self.select_from_level = select_from_level
         self.num_denoising, self.label_noise_ratio, self.box_noise_scale = (
             num_denoising, label_noise_ratio, box_noise_scale)
@@ -133,7 +135,8 @@ class RTDETRDecoder(nn.Module):
             c_in = hidden_dim
 
         self.layers = nn.ModuleList(
-            DecoderLayer(hidden_dim, num_heads, dim_feedforward, dropout, num_levels, num_points, fp32_geometry)
+            DecoderLayer(hidden_dim, num_heads, dim_feedforward, dropout, num_levels, num_points, fp32_geometry,
+                         bf16_geometry)
             for _ in range(num_layers))
         self.denoising_class_embed = (nn.Embedding(num_classes + 1, hidden_dim, padding_idx=num_classes)
                                       if num_denoising > 0 else None)
@@ -182,6 +185,11 @@ class RTDETRDecoder(nn.Module):
         logits = torch.log(anchors / (1 - anchors))
         return torch.where(valid, logits, torch.inf).to(dtype), valid
 
+    def round_geometry(self, x: Tensor) -> Tensor:
+        """``bf16_geometry`` (a diagnostic): boxes and references rounded to bfloat16 precision, as bf16
+        autocast leaves them, while computing in float32; otherwise ``x`` itself."""
+        return bf16_round(x) if self.bf16_geometry else x
+
     def geometry_dtype(self, features: Tensor) -> torch.dtype:
         """dtype of boxes, reference points and sampling locations: float32 with ``fp32_geometry`` (under
         bf16 autocast a coordinate near 1 is quantised to 1/256 of the image, 1.25 px at 320 px), else
@@ -194,7 +202,7 @@ class RTDETRDecoder(nn.Module):
         anchors, valid = self.anchors(shapes, memory.device, self.geometry_dtype(memory))
         out_memory = self.enc_output(memory * valid.to(memory.dtype))
         enc_logits = self.enc_score_head(out_memory)  # [B, ΣHW, K]
-        enc_coords = self.enc_bbox_head(out_memory).to(anchors.dtype) + anchors  # [B, ΣHW, 4] logit space
+        enc_coords = self.round_geometry(self.enc_bbox_head(out_memory).to(anchors.dtype) + anchors)  # logit cxcywh
         k = min(self.num_queries, memory.shape[1])
         scores = enc_logits.max(-1).values  # [B, ΣHW]
         if self.query_nms > 0:
@@ -272,7 +280,7 @@ class RTDETRDecoder(nn.Module):
         through all decoder layers; one dict per layer (``pred_logits``, ``pred_boxes`` and extras).
         ``attn_mask``: None, [Q, Q] or [B·heads, Q, Q] bool (True = may not attend)."""
         output = target
-        ref = ref_unact.sigmoid()  # detached reference boxes
+        ref = self.round_geometry(ref_unact.sigmoid())  # detached reference boxes
         prev_box = None  # undetached refined box of the previous layer
         layers = []
         for i, layer in enumerate(self.layers):
@@ -280,9 +288,9 @@ class RTDETRDecoder(nn.Module):
             output, locations, weights = layer(output, ref, memory, shapes, attn_mask, query_pos)
             delta, hidden_reg = self.dec_bbox_head[i](output, return_hidden=True)
             delta = delta.to(ref.dtype)  # fp32_geometry: the refined box is added up in float32
-            box = torch.sigmoid(delta + inverse_sigmoid(ref))
+            box = self.round_geometry(torch.sigmoid(delta + inverse_sigmoid(ref)))
             # the reported box adds this layer's delta to the undetached previous box (same value as `box`)
-            reported = box if prev_box is None else torch.sigmoid(delta + inverse_sigmoid(prev_box))
+            reported = box if prev_box is None else self.round_geometry(torch.sigmoid(delta + inverse_sigmoid(prev_box)))
             entry = {"pred_logits": self.dec_score_head[i](output), "pred_boxes": reported}
             if return_sampling:
                 entry.update(sampling_locations=locations, attention_weights=weights, ref_boxes=ref)

@@ -32,7 +32,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-__all__ = ["MSDeformableAttention", "benchmark_core", "ms_deform_attn_core", "ms_deform_attn_core_reference"]
+__all__ = ["MSDeformableAttention", "benchmark_core", "bf16_round", "ms_deform_attn_core",
+           "ms_deform_attn_core_reference"]
 
 
 def _shapes_list(spatial_shapes) -> list[tuple[int, int]]:
@@ -154,6 +155,11 @@ def _core_gather(value: Tensor, spatial_shapes, sampling_locations: Tensor,
     return out.view(bs, num_q, heads * dim)
 
 
+def bf16_round(x: Tensor) -> Tensor:
+    """``x`` rounded to bfloat16 precision, in its own dtype (emulates what bf16 autocast does to it)."""
+    return x.to(torch.bfloat16).to(x.dtype)
+
+
 class MSDeformableAttention(nn.Module):
     """Multi-scale deformable cross-attention around reference boxes (RT-DETR flavour).
 
@@ -164,12 +170,14 @@ class MSDeformableAttention(nn.Module):
 
     ``sample_fp32``: attention weights and the bilinear sampling in float32 under autocast (the sampling
     locations follow the reference's dtype: float32 references give float32 locations).
+    ``bf16_geometry`` (a diagnostic): sampling locations rounded to bfloat16 precision, as bf16 autocast
+    leaves them, while everything is computed in float32.
     """
 
     def __init__(self, embed_dim: int = 256, num_heads: int = 8, num_levels: int = 3, num_points: int = 4,
-                 sample_fp32: bool = False):
+                 sample_fp32: bool = False, bf16_geometry: bool = False):
         super().__init__()
-        self.sample_fp32 = sample_fp32
+        self.sample_fp32, self.bf16_geometry = sample_fp32, bf16_geometry
         if embed_dim % num_heads:
             raise ValueError(f"embed_dim {embed_dim} must be divisible by num_heads {num_heads}")
         self.embed_dim, self.num_heads = embed_dim, num_heads
@@ -237,6 +245,8 @@ class MSDeformableAttention(nn.Module):
             locations = ref + offsets / normaliser.view(1, 1, 1, levels, 1, 2)
         else:
             raise ValueError(f"reference must end in 2 or 4 values, got {tuple(reference.shape)}")
+        if self.bf16_geometry:
+            locations = bf16_round(locations)
         out = ms_deform_attn_core(v, spatial_shapes, locations, attn)
         return self.output_proj(out), locations, attn
 

@@ -109,7 +109,7 @@ def build_detector(model_cfg: ModelConfig) -> nn.Module:
                             cfg.num_levels, cfg.num_points, cfg.num_heads, cfg.num_decoder_layers,
                             cfg.dim_feedforward, cfg.dropout, cfg.num_denoising, cfg.label_noise_ratio,
                             cfg.box_noise_scale, query_nms=cfg.query_nms, select_from_level=int(cfg.p2_values),
-                            fp32_geometry=cfg.fp32_geometry)
+                            fp32_geometry=cfg.fp32_geometry, bf16_geometry=cfg.bf16_geometry)
     aux_head = (IoUAwareHead(cfg.hidden_dim, cfg.num_classes, cfg.iah_tb, cfg.iah_k, cfg.iah_p, cfg.iah_as_px,
                              cfg.iah_max_queries) if cfg.iah else None)
     model = RTDETR(backbone, encoder, decoder, aux_head)

@@ -259,6 +259,38 @@ def step_plateau(results_dir: Path, seeds: int = 2) -> pd.DataFrame:
     return df
 
 
+GEOMETRY_VARIANTS = {  # profile: {label: overrides}; the first is the reference
+    "ablation": {"float32 geometry": (), "bf16-rounded geometry": ("model.bf16_geometry=true",)},
+    "cpu": {"bf16 geometry (autocast)": (), "float32 geometry": ("model.fp32_geometry=true",)},
+}
+
+
+def step_geometry(results_dir: Path, profile: str = "ablation", iters: int = 1000, seeds: int = 2) -> pd.DataFrame:
+    """What float32 geometry does at equal iterations (issue 15): paired seeds of the baseline with boxes,
+    references and sampling locations in float32 against bfloat16 precision: results/tables/geometry_<profile>."""
+    from sodlib.ablations import ablation_config, train_configs
+    from sodlib.stats import paired_difference
+
+    variants = GEOMETRY_VARIANTS[profile]
+    plan = [(label, s, ablation_config(profile, *sets, f"train.max_iters={iters}", seed=s))
+            for label, sets in variants.items() for s in range(seeds)]
+    metrics = train_configs([c for _, _, c in plan], results_dir, labels=[f"{lbl} s{s}" for lbl, s, _ in plan])
+    runs = pd.DataFrame([{"variant": lbl, "seed": s, **{k: 100 * m[k] for k in ("AP", "AP50", "APS")}}
+                         for (lbl, s, _), m in zip(plan, metrics)])
+    ref, *others = variants
+    rows = []
+    for label in others:
+        for k in ("AP", "AP50", "APS"):
+            d = paired_difference(runs[runs.variant == label][k].to_numpy(), runs[runs.variant == ref][k].to_numpy())
+            rows.append({"variant": label, "vs": ref, "metric": k, "pairs": d["n"], "diff": d["diff"],
+                         "ci95_low": d["ci_low"], "ci95_high": d["ci_high"], "p": d["p"]})
+    table = pd.DataFrame(rows)
+    write_table(runs, results_dir / "tables" / f"geometry_{profile}_runs", float_format="%.2f")
+    write_table(table, results_dir / "tables" / f"geometry_{profile}", float_format="%.3f")
+    print(runs.to_string(index=False), table.to_string(index=False), sep="\n")
+    return table
+
+
 def main(profile: str = "cpu", only: str | None = None, seeds: int | None = None,
          results_dir: str | Path = "results", data: str = "", device: str = "",
          notebooks_dir: str | Path | None = None, progress: bool = True, train_missing: bool = False) -> int:
@@ -280,7 +312,8 @@ def main(profile: str = "cpu", only: str | None = None, seeds: int | None = None
              ("00_baseline", lambda: step_baseline(profile, results_dir), True),
              ("00_sr_grad", lambda: step_sr_grad(profile, results_dir), False),
              ("00_budget", lambda: step_budget(profile, results_dir), False),
-             ("00_plateau", lambda: step_plateau(results_dir), False)]
+             ("00_plateau", lambda: step_plateau(results_dir), False),
+             ("00_geometry", lambda: step_geometry(results_dir), False)]
     nb_dir = Path(notebooks_dir) if notebooks_dir is not None else NOTEBOOKS_DIR
     if nb_dir.is_dir():
         params = notebooks.notebook_parameters(profile, results_dir, seeds=seeds, data=data, device=device,

@@ -224,3 +224,14 @@ def test_fp32_geometry_changes_nothing_in_float32():
     b = geo(_feats(), return_sampling=True)
     for key in ("pred_logits", "pred_boxes", "sampling_locations", "attention_weights"):
         assert torch.equal(a[key], b[key]), key
+
+
+def test_bf16_geometry_rounds_boxes_and_locations_like_autocast():
+    plain, rounded = _decoder().eval(), _decoder(bf16_geometry=True).eval()
+    a = plain(_feats(), return_sampling=True)
+    b = rounded(_feats(), return_sampling=True)
+    for key in ("pred_boxes", "ref_boxes", "sampling_locations"):
+        assert b[key].dtype == torch.float32
+        assert torch.equal(b[key], b[key].to(torch.bfloat16).float()), key  # on the bf16 grid
+        assert not torch.equal(a[key], b[key]), key
+        assert (a[key] - b[key]).abs().max() < 2e-2, key  # the same model, only rounded
