@@ -329,10 +329,13 @@ def run_table(table: Table, profile: str, results_dir: str | os.PathLike, seeds:
     return run_tables([table], profile, results_dir, seeds, data_root, device, workers)[table.name]
 
 
-def table_stem(name: str, profile: str) -> str:
+def table_stem(name: str, profile: str, device: str = "") -> str:
     """File stem of a table: ``table3`` for the default reproduction (paper A's tables on the ``ablation``
-    profile, MRQM's on ``cpu``), ``table3_<profile>`` otherwise."""
-    return name if profile in ("cpu", "ablation") else f"{name}_{profile}"
+    profile, MRQM's on ``cpu``), ``table3_<profile>`` otherwise; runs on an accelerator add its kind
+    (``table3_cuda``), so a GPU set is committed beside the CPU tables."""
+    stem = name if profile in ("cpu", "ablation") else f"{name}_{profile}"
+    kind = device.split(":")[0]
+    return stem if kind in ("", "cpu") else f"{stem}_{kind}"
 
 
 def runs_frame(table: Table, entries, metrics: Sequence[dict], results_dir) -> pd.DataFrame:

@@ -74,7 +74,7 @@ def measure_model(model, criterion, dataset, eta_per_layer, device="cpu", batch_
         for i, layer_out in enumerate(layers):
             layer_out = {k: v.float() for k, v in layer_out.items()}
             indices = criterion.matcher(layer_out, targets)
-            mask = positive_mask(indices, layer_out["pred_logits"].shape[1]).to(images.device)
+            mask = positive_mask(indices, layer_out["pred_logits"].shape[1]).to(layer_out["pred_logits"].device)
             o, n = outside_expanded_box(layer_out["sampling_locations"], layer_out["ref_boxes"],
                                         eta_per_layer[i], mask)
             outside[i] += o
@@ -86,7 +86,7 @@ def measure_model(model, criterion, dataset, eta_per_layer, device="cpu", batch_
                 continue
             info = LayerInfo("final", i)
             t = criterion.positive_target(layer_out, m, info)
-            h, w = images.shape[-2:]
+            h, w = images.shape[-2:]  # gt areas in pixels of the network input
             area_px = m.gt_boxes[:, 2] * w * m.gt_boxes[:, 3] * h
             for name, lo, hi in SIZE_BUCKETS:
                 sel = (area_px >= lo) & (area_px < hi)

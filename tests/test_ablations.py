@@ -156,3 +156,11 @@ def test_a_corrupt_metrics_json_is_reported_and_retrained(tmp_path, caplog):
     assert str(path) in caplog.text and "corrupt" in caplog.text
     assert (path.parent / "metrics.json.corrupt").read_text() == '{"AP": 0.1'  # kept, not deleted
     assert {k: again[k] for k in ablations.METRICS} == {k: first[k] for k in ablations.METRICS}  # retrained
+
+
+def test_table_stems_keep_gpu_sets_beside_cpu_tables():
+    assert ablations.table_stem("table3", "ablation") == "table3"
+    assert ablations.table_stem("table3", "cpu", "cpu") == "table3"
+    assert ablations.table_stem("table3", "smoke") == "table3_smoke"
+    assert ablations.table_stem("table3", "ablation", "cuda:1") == "table3_cuda"
+    assert ablations.table_stem("", "ablation", "cuda") == "_cuda"
