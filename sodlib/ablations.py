@@ -464,7 +464,7 @@ def compare(table: Table, runs: pd.DataFrame, metric: str = "AP") -> pd.DataFram
     out = []
     for row in table.rows:
         g = by_row[row.label]
-        r = {"row": row.label, "seeds": len(g)}
+        r = {"row": row.label, "seeds": int(g[metric].notna().sum())}  # seeds trained
         for k in METRICS:
             values = 100 * g[k].dropna()
             r[k] = values.mean() if len(values) else np.nan
