@@ -13,7 +13,8 @@ from sodlib.viz import save_figure
 __all__ = ["plot_mechanisms", "plot_paired_deltas", "save_figure"]
 
 
-def plot_paired_deltas(summaries: Mapping[str, pd.DataFrame], suptitle: str = "", ncols: int = 3):
+def plot_paired_deltas(summaries: Mapping[str, pd.DataFrame], suptitle: str = "", ncols: int = 3,
+                       label: str = "ours (95% paired interval)"):
     """One panel per table: each row's paired dAP against the row it is compared with (``vs``), with its 95%
     t-interval, beside the paper's difference, in AP points. ``summaries`` maps a panel title to
     :func:`sodlib.ablations.compare` output. Rows not run yet show no bar. Returns the Figure."""
@@ -26,8 +27,7 @@ def plot_paired_deltas(summaries: Mapping[str, pd.DataFrame], suptitle: str = ""
         x = np.arange(len(rows))
         ours = rows["dAP"].to_numpy(dtype=float)
         err = np.vstack([ours - rows["ci95_low"].to_numpy(dtype=float), rows["ci95_high"].to_numpy(dtype=float) - ours])
-        ax.bar(x - 0.2, np.nan_to_num(ours), 0.4, yerr=np.nan_to_num(err), capsize=3, color="tab:blue",
-               label="ours (95% paired interval)")
+        ax.bar(x - 0.2, np.nan_to_num(ours), 0.4, yerr=np.nan_to_num(err), capsize=3, color="tab:blue", label=label)
         ax.bar(x + 0.2, rows["dAP paper"].fillna(0), 0.4, label="paper", color="tab:orange")
         ax.axhline(0, color="0.3", lw=0.8)
         ax.set_xticks(x, [f"{r}\nvs {v}" for r, v in zip(rows["row"], rows["vs"])], fontsize=6.5, rotation=20,

@@ -243,16 +243,20 @@ def plateau_iterations(df: pd.DataFrame, max_gain: float = 1.0) -> int | None:
     return None
 
 
-def step_plateau(results_dir: Path, seeds: int = 2) -> pd.DataFrame:
+def step_plateau(results_dir: Path, seeds: int = 2, train: bool = True) -> pd.DataFrame:
     """The ``ablation`` profile's baseline at full schedules of 1000, 2000 and 4000 iterations, ``seeds``
-    seeds each (one thread per run, two at a time): results/tables/ablation_plateau."""
+    seeds each (one thread per run, two at a time): results/tables/ablation_plateau. ``train=False`` tables
+    the runs already in the cache only."""
     from sodlib.ablations import ablation_config, train_configs
-    from sodlib.runs import run_dir
+    from sodlib.runs import load_finished_run, run_dir
 
     plan = [(n, s, ablation_config("ablation", f"train.max_iters={n}", seed=s)) for n in PLATEAU_ITERS
             for s in range(seeds)]
-    metrics = train_configs([c for _, _, c in plan], results_dir, labels=[f"{n} it s{s}" for n, s, _ in plan])
-    df = plateau_frame([(n, s, m, run_dir(c, results_dir).name) for (n, s, c), m in zip(plan, metrics)])
+    if train:
+        metrics = train_configs([c for _, _, c in plan], results_dir, labels=[f"{n} it s{s}" for n, s, _ in plan])
+    else:
+        metrics = [load_finished_run(c, results_dir) for _, _, c in plan]
+    df = plateau_frame([(n, s, m, run_dir(c, results_dir).name) for (n, s, c), m in zip(plan, metrics) if m])
     write_table(df, results_dir / "tables" / "ablation_plateau")
     print(df.to_string(index=False))
     print(f"plateau (2N gains < 1 AP point on every seed): N = {plateau_iterations(df)}")

@@ -337,28 +337,12 @@ def plot_ablation_deltas(summaries: Mapping[str, pd.DataFrame], noise: float, su
 
     ``summaries`` maps a panel title to :func:`sodlib.ablations.summarise` output. Returns the Figure.
     """
-    n = len(summaries)
-    ncols = min(ncols, n)
-    nrows = -(-n // ncols)
-    fig, axes = plt.subplots(nrows, ncols, figsize=(4.6 * ncols, 3.6 * nrows), squeeze=False)
-    for ax, (title, df) in zip(axes.flat, summaries.items()):
-        rows = df[df["row"] != df["vs"]]
-        x = np.arange(len(rows))
-        seeds = 3 if "AP std" in df.columns else 1
-        err = 2 * 100 * noise * np.sqrt(2 / seeds)
-        ax.bar(x - 0.2, rows["ΔAP ours"], 0.4, yerr=err, capsize=3, label="ours (±2 SE)", color="tab:blue")
-        ax.bar(x + 0.2, rows["ΔAP paper"].fillna(0), 0.4, label="paper", color="tab:orange",
-               hatch=None)
-        ax.axhline(0, color="0.3", lw=0.8)
-        ax.set_xticks(x, [f"{r}\nvs {v}" for r, v in zip(rows["row"], rows["vs"])], fontsize=6.5, rotation=20,
-                      ha="right")
-        ax.set(title=title, ylabel="ΔAP (points)")
-        ax.grid(alpha=0.3, axis="y")
-    for ax in list(axes.flat)[n:]:
-        ax.axis("off")
-    axes.flat[0].legend(fontsize=8)
-    if suptitle:
-        fig.suptitle(suptitle)
-    fig.tight_layout()
-    return fig
+    from sodlib.ablation_viz import plot_paired_deltas
 
+    frames = {}
+    for title, df in summaries.items():
+        err = 2 * 100 * noise * np.sqrt(2 / (3 if "AP std" in df.columns else 1))
+        frames[title] = pd.DataFrame({"row": df["row"], "vs": df["vs"], "dAP": df["ΔAP ours"],
+                                      "ci95_low": df["ΔAP ours"] - err, "ci95_high": df["ΔAP ours"] + err,
+                                      "dAP paper": df["ΔAP paper"]})
+    return plot_paired_deltas(frames, suptitle, ncols, label="ours (±2 SE)")
