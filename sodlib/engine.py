@@ -370,10 +370,10 @@ class _LogWriter:
         row = {"iteration": it, "epoch": epoch, "lr": f"{lr:.6g}", "loss": f"{loss.item():.6g}",
                "images_per_s": f"{images_per_s:.3f}", "train_seconds": f"{train_seconds:.2f}"}
         row.update({k: f"{v.item():.6g}" for k, v in weighted.items() if "_aux_" not in k and "_dn_" not in k})
-        totals: dict[str, float] = {}  # each term summed over every layer (aux, encoder, denoising)
+        totals: dict[str, torch.Tensor] = {}  # each term summed over every layer (aux, encoder, denoising)
         for k, v in weighted.items():
-            totals[base_loss_name(k)] = totals.get(base_loss_name(k), 0.0) + v.item()
-        row.update({f"{k}_all": f"{v:.6g}" for k, v in totals.items()})
+            totals[base_loss_name(k)] = totals.get(base_loss_name(k), 0.0) + v.detach()
+        row.update({f"{k}_all": f"{v.item():.6g}" for k, v in totals.items()})
         if self.fields is None:
             self.fields = list(row)
             csv.writer(self.file).writerow(self.fields)

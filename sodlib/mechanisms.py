@@ -39,9 +39,7 @@ def outside_expanded_box(sampling_locations: Tensor, ref_boxes: Tensor, eta: flo
     cxcywh (the box the layer sampled around), ``mask`` [B, Q] bool. A point is outside when
     |Δp| > η/2 in box units along x or y (the points Eq. 5 gives a non-zero loss).
     """
-    box = ref_boxes[mask].float()[:, None, None, None, :]  # [N, 1, 1, 1, 4]
-    loc = sampling_locations[mask].float()  # [N, heads, levels, points, 2]
-    dp = (loc - box[..., :2]) / box[..., 2:].clamp(min=1e-6)
+    dp = L._offsets_in_box_units(sampling_locations.float(), ref_boxes.float(), mask, eps=1e-6)  # as Eq. 5 sees it
     outside = (dp.abs() > eta / 2).any(-1)
     return int(outside.sum()), int(outside.numel())
 
