@@ -75,11 +75,13 @@ class ModelConfig:
     iah_k: float = 0.15  # MRQM: k of T_I (negative k makes max(T_b, ·) clamp to T_b)
     iah_p: float = 0.2  # MRQM: exponent p of T_I
     iah_as_px: float = 0.0  # MRQM: A_s as a LENGTH in pixels (sqrt of the smallest gt area); 0 = auto (engine)
+    iah_reading: str = "norm_px2"  # MRQM: units of sqrt(w·h)/A_s in T_I (sodlib.mrqm_head.READINGS)
     iah_max_queries: int = 300  # MRQM: cap on auxiliary positive queries per image (kept by IAH score)
 
     def __post_init__(self):
         _check_choice("model.backbone", self.backbone, ("tiny", "resnet18", "resnet34", "resnet50"))
         _check_choice("model.encoder", self.encoder, ("hybrid", "bifpn_sae"))
+        _check_choice("model.iah_reading", self.iah_reading, ("norm_px2", "px_px2", "px_px"))
         for key in ("num_classes", "hidden_dim", "num_heads", "num_levels", "num_points", "num_queries",
                     "num_decoder_layers", "dim_feedforward", "encoder_ffn", "backbone_width"):
             _check_range(f"model.{key}", getattr(self, key), lo=1)
@@ -152,6 +154,11 @@ class LossConfig:
     weight_iah_bbox: float = 5.0  # loss_iah_bbox: L1 of the IAH boxes of the positives
     weight_iah_giou: float = 2.0  # loss_iah_giou: 1 - GIoU of the IAH boxes of the positives
     weight_auxq: float = 1.0  # factor on every decoder term of the auxiliary positive queries (Eq. 10)
+    # Factor on the three IAH terms, balanced by measurement (sodlib.mrqm_stats.encoder_gradient_share,
+    # notebook 06): at factor 1 the IAH's dense loss sent the encoder 1.0x (hybrid) to 1.6x (BiFPN/SAE) the
+    # gradient of all the decoder's terms together at initialisation (ablation profile); 0.25 brings it to
+    # a quarter to 0.4x, beside the auxiliary queries' decoder terms.
+    weight_iah: float = 0.25
 
     def __post_init__(self):
         _check_choice("loss.cls_loss", self.cls_loss, ("vfl", "qfl", "tal"))
@@ -174,7 +181,7 @@ class LossConfig:
             _check_range("loss.eta_per_layer", eta, lo=1.0)
         for key in ("weight_vfl", "weight_bbox", "weight_giou", "cost_class", "cost_bbox", "cost_giou",
                     "weight_offset", "weight_atten", "weight_sr_gen", "weight_iah_cls", "weight_iah_bbox",
-                    "weight_iah_giou", "weight_auxq"):
+                    "weight_iah_giou", "weight_auxq", "weight_iah"):
             _check_range(f"loss.{key}", getattr(self, key), lo=0.0)
 
 

@@ -348,8 +348,9 @@ def build_criterion(loss_cfg: LossConfig, model_cfg: ModelConfig) -> SetCriterio
         # Eq. 10: the auxiliary queries' decoder terms, scaled by loss.weight_auxq
         weight_dict.update({f"loss_auxq_{k.removeprefix('loss_')}": loss_cfg.weight_auxq * w
                             for k, w in weight_dict.items()})
-        weight_dict.update(loss_iah_cls=loss_cfg.weight_iah_cls, loss_iah_bbox=loss_cfg.weight_iah_bbox,
-                           loss_iah_giou=loss_cfg.weight_iah_giou)
+        scale = loss_cfg.weight_iah  # the IAH's balance against the decoder (config.py, notebook 06)
+        weight_dict.update(loss_iah_cls=scale * loss_cfg.weight_iah_cls, loss_iah_bbox=scale * loss_cfg.weight_iah_bbox,
+                           loss_iah_giou=scale * loss_cfg.weight_iah_giou)
     return cls(
         matcher, model_cfg.num_classes, weight_dict, **common, st=loss_cfg.st, st_mode=loss_cfg.st_mode,
         beta=loss_cfg.beta, theta=loss_cfg.theta, sr=loss_cfg.sr, sr_grad=loss_cfg.sr_grad,

@@ -110,8 +110,9 @@ def build_detector(model_cfg: ModelConfig) -> nn.Module:
                             cfg.dim_feedforward, cfg.dropout, cfg.num_denoising, cfg.label_noise_ratio,
                             cfg.box_noise_scale, query_nms=cfg.query_nms, select_from_level=int(cfg.p2_values),
                             fp32_geometry=cfg.fp32_geometry, bf16_geometry=cfg.bf16_geometry)
-    aux_head = (IoUAwareHead(cfg.hidden_dim, cfg.num_classes, cfg.iah_tb, cfg.iah_k, cfg.iah_p, cfg.iah_as_px,
-                             cfg.iah_max_queries) if cfg.iah else None)
+    aux_head = (IoUAwareHead(cfg.hidden_dim, cfg.num_classes, tb=cfg.iah_tb, k=cfg.iah_k, p=cfg.iah_p,
+                             as_px=cfg.iah_as_px, max_queries=cfg.iah_max_queries, reading=cfg.iah_reading)
+                if cfg.iah else None)
     model = RTDETR(backbone, encoder, decoder, aux_head)
     model.config = cfg
     return model

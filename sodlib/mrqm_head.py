@@ -6,13 +6,21 @@ logit-space delta on the decoder's anchor of each token (cxcywh, wh = 0.05·2^le
 encoder head). Its positives come from a one-to-many, size-aware IoU assignment (dynamic anchor mining):
 
 * Threshold of a gt box of w×h pixels: ``T_I = max(T_b, T_b + k·(sqrt(w·h)/A_s)^p)`` (T_b = 0.55,
-  k = 0.15, p = 0.2). UNITS: sqrt(w·h) and A_s are both LENGTHS in pixels of the network input;
-  A_s = sqrt of the smallest gt area of the training set (``model.iah_as_px``; 0 = measured by the
-  engine, :func:`sodlib.mrqm_stats.min_instance_size_px`). The notes call A_s "the area of the minimal
-  instance", which would make the ratio a length over an area; as lengths the ratio is >= 1 on the
-  training set and T_I grows slowly with size (ratio 1 → 0.70, 32 → 0.85). For k >= 0, T_I >= T_b:
-  the dynamic threshold never gives MORE positives than a fixed T_b; LARGER objects get HIGHER
-  thresholds, so small objects lose fewer positives (relatively more positives) than large ones.
+  k = 0.15, p = 0.2). The notes call A_s "the area of the minimal instance" and leave the unit of
+  sqrt(w·h) open; :data:`READINGS` are the three we measured (``model.iah_reading``):
+
+  - ``norm_px2`` (default): sqrt(w·h) in the head's own box units (divided by sqrt(H·W) of the input, as
+    DETR's normalised cxcywh targets are) over A_s as an AREA in px² of the network input. The ratio is
+    far below 1 (1e-4..1e-2 at 320 px), so T_I starts near T_b for the smallest objects and rises with
+    size (4 px → 0.582, 128 px → 0.614 with A_s = 5.36² px² at 320 px): the one reading in which the
+    dynamic threshold approaches T_b for the smallest objects, as the notes say it should.
+  - ``px_px2``: sqrt(w·h) in px over A_s in px² (the notes' words, mixed units): 0.651..0.752.
+  - ``px_px``: both lengths in px (A_s = sqrt of the smallest area): the ratio is >= 1 on the training
+    set, so every T_I >= T_b + k = 0.70 (0.713..0.833): no mining for small objects (sessions <= 8).
+
+  The stored A_s (``model.iah_as_px``; measured by the engine on the training set when 0) is always the
+  LENGTH sqrt(smallest gt area) in px; the area readings square it. For k >= 0, T_I >= T_b: the dynamic
+  threshold never gives MORE positives than a fixed T_b; larger objects get higher thresholds.
 * IoU rule (:func:`assign_one_to_many`): IoU between the head's PREDICTED boxes (detached) of the
   valid tokens and the gt boxes. Token i is positive for gt j when IoU(i, j) > T_I(j); a token positive
   for several gts takes the one with the highest IoU. Fixed anchors (0.05·2^level) rarely reach IoU
@@ -42,16 +50,38 @@ from .box_ops import box_cxcywh_to_xyxy, box_iou
 from .decoder import MLP
 from .denoising import inverse_sigmoid
 
-__all__ = ["IoUAwareHead", "assign_one_to_many", "box_sine_embedding", "dynamic_iou_threshold"]
+__all__ = ["READINGS", "IoUAwareHead", "assign_one_to_many", "box_sine_embedding", "dynamic_iou_threshold",
+           "size_ratio"]
+
+# model.iah_reading → (unit of sqrt(w·h), unit of A_s); see the module docstring
+READINGS = {"norm_px2": ("fraction of the image side", "px²"), "px_px2": ("px", "px²"), "px_px": ("px", "px")}
 
 
-def dynamic_iou_threshold(size_px: Tensor, as_px: float, tb: float = 0.55, k: float = 0.15,
-                          p: float = 0.2) -> Tensor:
-    """T_I = max(T_b, T_b + k·(size_px / A_s)^p); ``size_px`` = sqrt(w·h) and ``as_px`` lengths in pixels."""
-    if as_px <= 0:
+def size_ratio(size_px: Tensor, as_px: float, reading: str = "norm_px2",
+               image_hw: tuple[int, int] | None = None) -> Tensor:
+    """sqrt(w·h)/A_s of T_I under ``reading`` (:data:`READINGS`).
+
+    ``size_px``: sqrt(w·h) of the gt boxes in pixels of the network input; ``as_px``: A_s as the LENGTH
+    sqrt(smallest gt area) in px; ``image_hw``: the input size (``norm_px2`` divides sqrt(w·h) by sqrt(H·W)).
+    """
+    if not as_px > 0:
         raise ValueError(f"A_s must be > 0 pixels, got {as_px}")
-    ratio = torch.as_tensor(size_px, dtype=torch.float32).clamp(min=0) / as_px
-    return torch.clamp(tb + k * ratio.pow(p), min=tb)  # T_I = max(T_b, T_b + k (sqrt(wh)/A_s)^p)
+    if reading not in READINGS:
+        raise ValueError(f"unknown T_I reading {reading!r}; choose one of {sorted(READINGS)}")
+    size = torch.as_tensor(size_px, dtype=torch.float32).clamp(min=0)
+    if reading == "px_px":
+        return size / as_px
+    if reading == "norm_px2":
+        if image_hw is None:
+            raise ValueError("the 'norm_px2' reading of T_I needs image_hw (sqrt(w·h) is normalised by the image)")
+        size = size / math.sqrt(image_hw[0] * image_hw[1])
+    return size / as_px**2
+
+
+def dynamic_iou_threshold(size_px: Tensor, as_px: float, tb: float = 0.55, k: float = 0.15, p: float = 0.2,
+                          reading: str = "norm_px2", image_hw: tuple[int, int] | None = None) -> Tensor:
+    """T_I = max(T_b, T_b + k·(sqrt(w·h)/A_s)^p) with the ratio of :func:`size_ratio` (same arguments)."""
+    return torch.clamp(tb + k * size_ratio(size_px, as_px, reading, image_hw).pow(p), min=tb)
 
 
 def box_sine_embedding(boxes: Tensor, dim: int, temperature: float = 10000.0) -> Tensor:
@@ -126,10 +156,12 @@ class IoUAwareHead(nn.Module):
     """
 
     def __init__(self, hidden_dim: int, num_classes: int, tb: float = 0.55, k: float = 0.15, p: float = 0.2,
-                 as_px: float = 0.0, max_queries: int = 300):
+                 as_px: float = 0.0, max_queries: int = 300, reading: str = "norm_px2"):
         super().__init__()
+        if reading not in READINGS:
+            raise ValueError(f"unknown T_I reading {reading!r}; choose one of {sorted(READINGS)}")
         self.hidden_dim, self.num_classes = hidden_dim, num_classes
-        self.tb, self.k, self.p, self.max_queries = tb, k, p, max_queries
+        self.tb, self.k, self.p, self.max_queries, self.reading = tb, k, p, max_queries, reading
         self.register_buffer("as_px", torch.tensor(float(as_px)))  # 0 until set (engine: training set)
         self.enc_output = nn.Sequential(nn.Linear(hidden_dim, hidden_dim), nn.LayerNorm(hidden_dim))
         self.score_head = nn.Linear(hidden_dim, num_classes)
@@ -141,7 +173,7 @@ class IoUAwareHead(nn.Module):
         nn.init.zeros_(self.bbox_head.layers[-1].bias)
 
     def extra_repr(self) -> str:
-        return (f"T_b={self.tb}, k={self.k}, p={self.p}, A_s={float(self.as_px):.3g}px, "
+        return (f"T_b={self.tb}, k={self.k}, p={self.p}, A_s={float(self.as_px):.3g}px, reading={self.reading}, "
                 f"max_queries={self.max_queries}")
 
     def set_min_instance_size(self, as_px: float) -> None:
@@ -159,7 +191,7 @@ class IoUAwareHead(nn.Module):
                              "set_min_instance_size(sodlib.mrqm_stats.min_instance_size_px(dataset, size))")
         h, w = image_hw
         size_px = (gt_boxes[:, 2].float() * w * gt_boxes[:, 3].float() * h).clamp(min=0).sqrt()
-        return dynamic_iou_threshold(size_px, as_px, self.tb, self.k, self.p)
+        return dynamic_iou_threshold(size_px, as_px, self.tb, self.k, self.p, self.reading, image_hw)
 
     def predict(self, memory: Tensor, anchors: Tensor, valid: Tensor) -> tuple[Tensor, Tensor]:
         """Dense class logits [B, N, K] and boxes [B, N, 4] (normalised cxcywh) from the memory tokens."""
@@ -170,8 +202,9 @@ class IoUAwareHead(nn.Module):
     def forward(self, memory: Tensor, shapes: list[tuple[int, int]], targets: list[dict[str, Tensor]],
                 decoder: nn.Module, image_hw: tuple[int, int], return_sampling: bool = False,
                 return_hidden: bool = False) -> dict:
-        anchors, valid = decoder.anchors(shapes, memory.device, memory.dtype)  # [1, N, 4] logit, [1, N, 1]
-        logits, boxes = self.predict(memory, anchors, valid)
+        with torch.autocast(memory.device.type, enabled=False):  # the head, its boxes and assignment in fp32
+            anchors, valid = decoder.anchors(shapes, memory.device, torch.float32)  # [1, N, 4] logit, [1, N, 1]
+            logits, boxes = self.predict(memory.float(), anchors, valid)
         gt_idx, ious, indices, thresholds, queries = [], [], [], [], []
         for b, t in enumerate(targets):
             thr = self.thresholds(t["boxes"], image_hw)

@@ -18,6 +18,7 @@
 
 from __future__ import annotations
 
+import math
 import statistics
 import time
 from collections.abc import Mapping, Sequence
@@ -28,12 +29,27 @@ import torch
 from torch import Tensor, nn
 from torch.utils.flop_counter import FlopCounterMode
 
+from .box_ops import box_cxcywh_to_xyxy, box_iou
 from .config import ModelConfig, RunConfig
 from .mrqm_head import assign_one_to_many, dynamic_iou_threshold
 
-__all__ = ["POSITIVE_RULES", "SODAD_BUCKETS_PX2", "encoder_cost", "encoder_cost_summary", "iah_dense_predictions",
-           "min_instance_size_px", "mined_queries", "positives_per_gt", "positives_table", "positives_verdict",
-           "trained_positives_per_gt"]
+__all__ = [
+    "LOSS_GROUPS",
+    "POSITIVE_RULES",
+    "SODAD_BUCKETS_PX2",
+    "atss_thresholds",
+    "encoder_cost",
+    "encoder_cost_summary",
+    "encoder_gradient_share",
+    "iah_dense_predictions",
+    "min_instance_size_px",
+    "mined_queries",
+    "positives_long",
+    "positives_per_gt",
+    "positives_table",
+    "positives_verdict",
+    "trained_positives_per_gt",
+]
 
 SODAD_BUCKETS_PX2 = {"eS": (0.0, 144.0), "rS": (144.0, 400.0), "gS": (400.0, 1024.0), "N": (1024.0, 2000.0)}
 
@@ -64,17 +80,19 @@ def min_instance_size_px(dataset, image_size: int) -> float:
 def positives_per_gt(gt_boxes_list: Sequence[Tensor], pred_boxes: Tensor, thresholds: str | float = "dynamic",
                      image_hw: tuple[int, int] = (640, 640), as_px: float = 2.0, tb: float = 0.55,
                      k: float = 0.15, p: float = 0.2, valid: Tensor | None = None,
-                     force_best: bool = True) -> dict:
+                     force_best: bool = True, reading: str = "norm_px2", level: Tensor | None = None) -> dict:
     """Positive tokens per gt under :func:`~sodlib.mrqm_head.assign_one_to_many`.
 
     Args:
         gt_boxes_list: per image [G, 4] normalised cxcywh.
         pred_boxes: [B, N, 4] (or [N, 4] for all images) normalised cxcywh boxes of the tokens (the IAH's
             predictions, or anchors).
-        thresholds: ``"dynamic"`` (T_I with ``as_px``, ``tb``, ``k``, ``p``) or a fixed IoU threshold.
+        thresholds: ``"dynamic"`` (T_I with ``as_px``, ``tb``, ``k``, ``p`` and ``reading``), ``"atss"`` (ATSS's
+            adaptive threshold, :func:`atss_thresholds`) or a fixed IoU threshold.
         image_hw: input size in pixels (gt sizes are measured in it).
         valid: optional [N] or [B, N] bool mask of usable tokens.
         force_best: the head's best-token rule (every gt >= 1 positive).
+        reading: units of T_I (:data:`~sodlib.mrqm_head.READINGS`); level: [N] level of each token (ATSS).
 
     Returns: ``per_gt`` [ΣG] counts, ``area_px2`` [ΣG], ``threshold`` [ΣG], ``buckets`` {eS|rS|gS|N:
     mean count} (NaN for an empty bucket) and ``num_gt`` {bucket: gts}.
@@ -86,7 +104,9 @@ def positives_per_gt(gt_boxes_list: Sequence[Tensor], pred_boxes: Tensor, thresh
         mask = None if valid is None else (valid if valid.dim() == 1 else valid[b])
         area = gt[:, 2].float() * w * gt[:, 3].float() * h
         if thresholds == "dynamic":
-            thr = dynamic_iou_threshold(area.clamp(min=0).sqrt(), as_px, tb, k, p)
+            thr = dynamic_iou_threshold(area.clamp(min=0).sqrt(), as_px, tb, k, p, reading, image_hw)
+        elif thresholds == "atss":
+            thr = atss_thresholds(boxes, gt, mask, level)
         else:
             thr = torch.full((len(gt),), float(thresholds))
         gt_idx, _, _ = assign_one_to_many(boxes, gt, thr, mask, force_best)
@@ -103,11 +123,41 @@ def positives_per_gt(gt_boxes_list: Sequence[Tensor], pred_boxes: Tensor, thresh
             "num_gt": num_gt}
 
 
+def atss_thresholds(boxes: Tensor, gt_boxes: Tensor, valid: Tensor | None = None, level: Tensor | None = None,
+                    topk: int = 9) -> Tensor:
+    """ATSS's adaptive IoU threshold of every gt (Zhang et al. 2020): mean + std of the IoUs of its candidates,
+    the ``topk`` tokens nearest to the gt centre on each level (``level`` [N]; all tokens one level if None).
+
+    ``boxes`` [N, 4] and ``gt_boxes`` [G, 4] normalised cxcywh; ``valid`` [N] bool. Returns [G]. The control
+    rule of :func:`positives_per_gt`: it adapts to each gt's own IoU statistics instead of its size.
+    """
+    g = gt_boxes.shape[0]
+    if g == 0:
+        return torch.zeros(0)
+    iou = box_iou(box_cxcywh_to_xyxy(boxes.float()), box_cxcywh_to_xyxy(gt_boxes.float()))  # [N, G]
+    dist = torch.cdist(boxes[:, :2].float(), gt_boxes[:, :2].float())  # [N, G]
+    if valid is not None:
+        dist = dist.masked_fill(~valid.reshape(-1, 1), math.inf)
+    levels = torch.zeros(len(boxes), dtype=torch.long) if level is None else level.cpu()
+    cand = []
+    for lvl in levels.unique().tolist():
+        idx = (levels == lvl).nonzero().squeeze(1).to(boxes.device)
+        near = dist[idx].topk(min(topk, len(idx)), dim=0, largest=False)
+        ok = torch.isfinite(near.values)
+        cand.append(torch.where(ok, iou[idx].gather(0, near.indices), torch.full_like(near.values, math.nan)))
+    cand = torch.cat(cand)  # [candidates, G], NaN = invalid token
+    mean = cand.nanmean(0)
+    std = ((cand - mean).pow(2).nansum(0) / ((~cand.isnan()).sum(0) - 1).clamp(min=1)).sqrt()
+    return (mean + std).nan_to_num(1.0)
+
+
 # ---------------------------------------------------------------- positives of a trained IoU-aware head
 
-# column of positives_table → (threshold, best-token rule): "dynamic" = the head's T_I, "fixed" = its T_b
-POSITIVE_RULES = {"IoU > T_I": ("dynamic", False), "IoU > T_b": ("fixed", False),
-                  "T_I + best token": ("dynamic", True), "T_b + best token": ("fixed", True)}
+# column of positives_table → (threshold, best-token rule, T_I reading): "dynamic" = the head's T_I (in the
+# head's own reading when None), "fixed" = its T_b, "atss" = ATSS's mean + std of the candidates' IoUs
+POSITIVE_RULES = {"IoU > T_I": ("dynamic", False, None), "IoU > T_b": ("fixed", False, None),
+                  "IoU > ATSS": ("atss", False, None), "IoU > T_I (px_px)": ("dynamic", False, "px_px"),
+                  "T_I + best token": ("dynamic", True, None), "T_b + best token": ("fixed", True, None)}
 
 
 @contextmanager
@@ -174,36 +224,46 @@ def positives_table(per_gt: Mapping[str, Tensor], area_px2: Tensor, threshold: T
 
 
 def trained_positives_per_gt(model: nn.Module, dataset, num_images: int | None = None, device="cpu",
-                             batch_size: int = 8) -> pd.DataFrame:
+                             batch_size: int = 8, rules: Sequence[str] | None = None) -> pd.DataFrame:
     """Positives per gt of a trained IoU-aware head on the first ``num_images`` of ``dataset`` (all: None).
 
     The head's predicted boxes (:func:`iah_dense_predictions`) and its own T_b, k, p and A_s go through
-    :func:`positives_per_gt` (the head's :func:`~sodlib.mrqm_head.assign_one_to_many`) under the four
-    :data:`POSITIVE_RULES`: dynamic T_I or fixed T_b, IoU above the threshold only or with the best-token
-    rule the head trains with. ``dataset`` yields (image [3, H, W], target with ``boxes`` normalised cxcywh)
+    :func:`positives_per_gt` (the head's :func:`~sodlib.mrqm_head.assign_one_to_many`) under ``rules`` (names of
+    :data:`POSITIVE_RULES`, all by default): dynamic T_I, fixed T_b or ATSS's adaptive threshold, IoU above
+    the threshold only or with the best-token rule the head trains with. ``mean T_I`` follows the first rule. ``dataset`` yields (image [3, H, W], target with ``boxes`` normalised cxcywh)
     at the working size. Returns :func:`positives_table`.
     """
     head = _head(model)
     params = {"as_px": float(head.as_px), "tb": float(head.tb), "k": float(head.k), "p": float(head.p)}
+    rules = POSITIVE_RULES if rules is None else {r: POSITIVE_RULES[r] for r in rules}
     n = len(dataset) if num_images is None else min(num_images, len(dataset))
-    counts: dict[str, list[Tensor]] = {k: [] for k in POSITIVE_RULES}
+    counts: dict[str, list[Tensor]] = {k: [] for k in rules}
     areas, thresholds = [], []
     for start in range(0, n, batch_size):
         samples = [dataset[i] for i in range(start, min(start + batch_size, n))]
         images = torch.stack([image for image, _ in samples]).to(device)
         gts = [target["boxes"].float().cpu() for _, target in samples]
         dense = iah_dense_predictions(model, images)
-        boxes, valid = dense["pred_boxes"].float().cpu(), dense["valid"].cpu()
-        for name, (rule, force) in POSITIVE_RULES.items():
-            r = positives_per_gt(gts, boxes, "dynamic" if rule == "dynamic" else params["tb"],
-                                 tuple(images.shape[-2:]), valid=valid, force_best=force, **params)
+        boxes, valid, level = dense["pred_boxes"].float().cpu(), dense["valid"].cpu(), dense["level"].cpu()
+        for name, (rule, force, reading) in rules.items():
+            r = positives_per_gt(gts, boxes, params["tb"] if rule == "fixed" else rule, tuple(images.shape[-2:]),
+                                 valid=valid, force_best=force, reading=reading or head.reading, level=level,
+                                 **params)
             counts[name].append(r["per_gt"])
-            if name == "IoU > T_I":
+            if name == next(iter(rules)):
                 areas.append(r["area_px2"])
                 thresholds.append(r["threshold"])
     if not areas:
         raise ValueError("trained_positives_per_gt: no image to measure (empty dataset or num_images=0)")
     return positives_table({k: torch.cat(v) for k, v in counts.items()}, torch.cat(areas), torch.cat(thresholds))
+
+
+def positives_long(table: pd.DataFrame) -> pd.DataFrame:
+    """:func:`positives_table` in long form, columns ``rule, bucket, positives_per_gt`` (SODA-D buckets and
+    ``all``; the rules are the table's :data:`POSITIVE_RULES` columns)."""
+    rules = [c for c in table.columns if c in POSITIVE_RULES]
+    return table.melt(id_vars="bucket", value_vars=rules, var_name="rule",
+                      value_name="positives_per_gt")[["rule", "bucket", "positives_per_gt"]]
 
 
 def positives_verdict(table: pd.DataFrame, label: str = "") -> str:
@@ -236,6 +296,47 @@ def positives_verdict(table: pd.DataFrame, label: str = "") -> str:
         share = "; no box reaches T_b, so only the best-token rule gives positives"
     return (f"{label + ': ' if label else ''}positives per GT above the IoU threshold, dynamic T_I vs fixed T_b: "
             f"{pairs}; the dynamic threshold gives {word}{share}.")
+
+
+LOSS_GROUPS = {"decoder": "everything else (matching, denoising, encoder top-K, paper A's terms)",
+               "iah": "loss_iah_*", "auxq": "loss_auxq_*"}
+
+
+def _loss_group(key: str) -> str:
+    return "iah" if key.startswith("loss_iah_") else "auxq" if key.startswith("loss_auxq_") else "decoder"
+
+
+def encoder_gradient_share(model: nn.Module, criterion: nn.Module, images: Tensor,
+                           targets: list[dict[str, Tensor]]) -> dict[str, float]:
+    """How hard each part of the objective pulls on the encoder: the L2 norm of the gradient that the
+    weighted terms of each :data:`LOSS_GROUPS` group send to the encoder's output maps, on one batch.
+
+    ``model`` (training mode is set for the call) and ``criterion`` as the engine builds them. Returns
+    ``{group: norm}`` plus ``{group}_loss`` (the group's weighted loss) for the groups present. Used to
+    balance the IoU-aware head's dense loss against the decoder's (notebook 06).
+    """
+    captured = []
+    hook = model.encoder.register_forward_hook(lambda _m, _i, out: captured.extend(out))
+    was_training = model.training
+    model.train()
+    try:
+        outputs = model(images, targets, return_sampling=criterion.needs_sampling,
+                        return_hidden=criterion.needs_hidden)
+    finally:
+        hook.remove()
+        model.train(was_training)
+    weighted = criterion.weighted(criterion(outputs, targets))
+    groups: dict[str, list[Tensor]] = {}
+    for key, value in weighted.items():
+        groups.setdefault(_loss_group(key), []).append(value.float())
+    out = {}
+    names = [g for g in LOSS_GROUPS if g in groups]
+    for i, name in enumerate(names):
+        total = torch.stack(groups[name]).sum()
+        grads = torch.autograd.grad(total, captured, retain_graph=i < len(names) - 1, allow_unused=True)
+        out[name] = float(torch.sqrt(sum((g.float() ** 2).sum() for g in grads if g is not None)))
+        out[f"{name}_loss"] = float(total)
+    return out
 
 
 @torch.no_grad()
