@@ -19,10 +19,12 @@
 from __future__ import annotations
 
 import math
+import os
 import statistics
 import time
 from collections.abc import Mapping, Sequence
 from contextlib import contextmanager
+from pathlib import Path
 
 import pandas as pd
 import torch
@@ -31,7 +33,7 @@ from torch.utils.flop_counter import FlopCounterMode
 
 from .box_ops import box_cxcywh_to_xyxy, box_iou
 from .config import ModelConfig, RunConfig
-from .mrqm_head import assign_one_to_many, dynamic_iou_threshold
+from .mrqm_head import READINGS, assign_one_to_many, dynamic_iou_threshold
 
 __all__ = [
     "LOSS_GROUPS",
@@ -149,6 +151,33 @@ def atss_thresholds(boxes: Tensor, gt_boxes: Tensor, valid: Tensor | None = None
     mean = cand.nanmean(0)
     std = ((cand - mean).pow(2).nansum(0) / ((~cand.isnan()).sum(0) - 1).clamp(min=1)).sqrt()
     return (mean + std).nan_to_num(1.0)
+
+
+def threshold_readings(sides_px: Sequence[float] = (4, 8, 16, 32, 64, 128), as_px: float = 5.36,
+                       image_size: int = 320, tb: float = 0.55, k: float = 0.15, p: float = 0.2) -> pd.DataFrame:
+    """T_I of square gts of ``sides_px`` under every reading of :data:`~sodlib.mrqm_head.READINGS`, for A_s
+    = ``as_px`` (the length sqrt(smallest area)) at a square input of ``image_size`` px: one row per side."""
+    sides = torch.as_tensor(list(sides_px), dtype=torch.float32)
+    out = {"side_px": sides.tolist()}
+    for reading in READINGS:
+        thr = dynamic_iou_threshold(sides, as_px, tb, k, p, reading, (image_size, image_size))
+        out[f"T_I {reading}"] = [round(v, 4) for v in thr.tolist()]
+    return pd.DataFrame(out)
+
+
+def decoder_loss_curve(run: str | os.PathLike, window: int = 10) -> pd.DataFrame:
+    """The main decoder's loss over training, from a run folder's log.csv: its last layer's weighted
+    classification, L1 and GIoU terms (weights from the run's config.json), smoothed over ``window`` logged
+    points. Columns ``iteration``, ``decoder_loss``; what the IAH must not pull away (notebook 06)."""
+    import json
+
+    folder = Path(run)
+    log = pd.read_csv(folder / "log.csv")
+    loss = json.loads((folder / "config.json").read_text())["loss"]
+    cls = next(c for c in ("loss_vfl", "loss_qfl", "loss_tal") if c in log.columns)
+    total = (loss["weight_vfl"] * log[cls] + loss["weight_bbox"] * log["loss_bbox"]
+             + loss["weight_giou"] * log["loss_giou"])
+    return pd.DataFrame({"iteration": log["iteration"], "decoder_loss": total.rolling(window, min_periods=1).mean()})
 
 
 # ---------------------------------------------------------------- positives of a trained IoU-aware head

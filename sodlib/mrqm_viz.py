@@ -1,7 +1,7 @@
 """MRQM figures: positives per gt by size bucket, and where the mined auxiliary queries sit (Figure 2).
 
 * :func:`plot_positives_per_gt` — bars by SODA-D bucket of :func:`sodlib.mrqm_stats.positives_table`,
-  dynamic T_I vs fixed T_b, one panel per model.
+  dynamic T_I vs fixed T_b vs ATSS's adaptive threshold, one panel per model.
 * :func:`query_panels` / :func:`plot_mined_queries` — MRQM's "query heatmaps": a validation image with the
   auxiliary positive queries the IoU-aware head mines (:func:`sodlib.mrqm_stats.mined_queries`), their
   centres over the whole image, then crops around its smallest objects with each query's box, coloured by
@@ -25,9 +25,10 @@ from torchvision.ops import box_convert
 from sodlib.mrqm_stats import POSITIVE_RULES, SODAD_BUCKETS_PX2
 from sodlib.viz import crop_to_box
 
-__all__ = ["plot_mined_queries", "plot_positives_per_gt", "query_panels"]
+__all__ = ["plot_decoder_losses", "plot_mined_queries", "plot_positives_per_gt", "query_panels"]
 
 _RULE_STYLE = {"IoU > T_I": ("tab:blue", None), "IoU > T_b": ("tab:orange", None),
+               "IoU > ATSS": ("tab:green", None), "IoU > T_I (px_px)": ("0.6", None),
                "T_I + best token": ("lightsteelblue", "//"), "T_b + best token": ("navajowhite", "//")}
 
 
@@ -55,6 +56,27 @@ def plot_positives_per_gt(tables: Mapping[str, pd.DataFrame], suptitle: str = ""
     if suptitle:
         fig.suptitle(suptitle, fontsize=10)
     fig.tight_layout(rect=(0, 0.07, 1, 1))
+    return fig
+
+
+def plot_decoder_losses(curves: Mapping[str, Sequence[pd.DataFrame]], suptitle: str = ""):
+    """The main decoder's loss over training (:func:`~sodlib.mrqm_stats.decoder_loss_curve`), one line per
+    ``curves`` entry (label → one frame per seed: the mean, with the seeds' range shaded). A collapse caused
+    by an auxiliary objective shows as a curve that stops falling or rises above the baseline's."""
+    fig, ax = plt.subplots(figsize=(7.5, 4.2))
+    for label, frames in curves.items():
+        if not frames:
+            continue
+        table = pd.concat([f.set_index("iteration")["decoder_loss"] for f in frames], axis=1).dropna()
+        line, = ax.plot(table.index, table.mean(axis=1), lw=1.4, label=f"{label} ({len(frames)} seed(s))")
+        if len(frames) > 1:
+            ax.fill_between(table.index, table.min(axis=1), table.max(axis=1), color=line.get_color(), alpha=0.15, lw=0)
+    ax.set(xlabel="iteration", ylabel="main decoder loss, last layer (weighted)", yscale="log")
+    ax.grid(alpha=0.3, which="both")
+    ax.legend(fontsize=8)
+    if suptitle:
+        ax.set_title(suptitle, fontsize=10)
+    fig.tight_layout()
     return fig
 
 

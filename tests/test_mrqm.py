@@ -103,13 +103,34 @@ def test_config_requires_four_levels_for_bifpn_sae():
 
 
 def test_dynamic_threshold_hand_computed():
-    # T_I = max(T_b, T_b + k (sqrt(wh)/A_s)^p), T_b = 0.55, k = 0.15, p = 0.2; sizes and A_s in pixels
-    t = dynamic_iou_threshold(torch.tensor([2.0, 64.0, 0.0, 1.0]), as_px=2.0)
+    # T_I = max(T_b, T_b + k (sqrt(wh)/A_s)^p), T_b = 0.55, k = 0.15, p = 0.2; A_s stored as a length (2 px)
+    sizes = torch.tensor([2.0, 64.0, 0.0, 1.0])
+    # px_px: both lengths in px -> ratios 1, 32, 0, 0.5
+    t = dynamic_iou_threshold(sizes, as_px=2.0, reading="px_px")
     assert_close(t, torch.tensor([0.70, 0.55 + 0.15 * 2.0, 0.55, 0.55 + 0.15 * 0.5 ** 0.2]))  # 32^0.2 = 2
-    assert_close(dynamic_iou_threshold(torch.tensor([10.0]), 2.0, tb=0.5, k=-0.1), torch.tensor([0.5]))  # max(T_b, .)
-    assert (dynamic_iou_threshold(torch.rand(100) * 500, 1.0) >= 0.55).all()  # k >= 0: T_I >= T_b always
-    with pytest.raises(ValueError):
-        dynamic_iou_threshold(torch.tensor([4.0]), 0.0)
+    # px_px2: A_s an area, 4 px^2 -> ratios 0.5, 16, 0, 0.25
+    t = dynamic_iou_threshold(sizes, as_px=2.0, reading="px_px2")
+    assert_close(t, torch.tensor([0.55 + 0.15 * 0.5 ** 0.2, 0.55 + 0.15 * 16 ** 0.2, 0.55, 0.55 + 0.15 * 0.25 ** 0.2]))
+    # norm_px2 (default): sqrt(wh) / sqrt(H W) over 4 px^2; a 64-px box in a 128 x 32 image (sqrt(HW) = 64)
+    t = dynamic_iou_threshold(sizes, as_px=2.0, image_hw=(128, 32))
+    assert_close(t, 0.55 + 0.15 * (sizes / 64 / 4) ** 0.2)
+    assert_close(t[1], torch.tensor(0.55 + 0.15 * 0.25 ** 0.2))
+    # the reading documented for SynthSOD at 320 px (A_s = 5.36 px): 4 px -> 0.582, 128 px -> 0.614
+    doc = dynamic_iou_threshold(torch.tensor([4.0, 128.0]), 5.36, image_hw=(320, 320))
+    assert_close(doc, torch.tensor([0.582, 0.614]), atol=5e-4, rtol=0)
+    assert_close(dynamic_iou_threshold(torch.tensor([10.0]), 2.0, tb=0.5, k=-0.1, reading="px_px"),
+                 torch.tensor([0.5]))  # max(T_b, .)
+    for reading in ("norm_px2", "px_px2", "px_px"):  # k >= 0: T_I >= T_b always, and it grows with size
+        t = dynamic_iou_threshold(torch.arange(0, 500.0), 1.0, reading=reading, image_hw=(320, 320))
+        assert (t >= 0.55).all() and (t.diff() >= 0).all()
+    with pytest.raises(ValueError, match="A_s"):
+        dynamic_iou_threshold(torch.tensor([4.0]), 0.0, reading="px_px")
+    with pytest.raises(ValueError, match="A_s"):
+        dynamic_iou_threshold(torch.tensor([4.0]), -1.0, image_hw=(8, 8))
+    with pytest.raises(ValueError, match="image_hw"):
+        dynamic_iou_threshold(torch.tensor([4.0]), 2.0)
+    with pytest.raises(ValueError, match="reading"):
+        dynamic_iou_threshold(torch.tensor([4.0]), 2.0, reading="px")
 
 
 def test_assignment_rules():
@@ -145,14 +166,14 @@ def test_small_boxes_lose_fewer_positives_than_large_ones():
     ious = torch.linspace(0.505, 0.995, 50)  # steps of 0.01, never exactly at a threshold
     gts = [torch.tensor([[0.3, 0.3, 8 / size, 8 / size]]), torch.tensor([[0.5, 0.5, 128 / size, 128 / size]])]
     preds = torch.stack([_concentric(g[0], ious) for g in gts])  # [2, 50, 4], same IoUs for both gts
-    kw = {"image_hw": (size, size), "as_px": 2.0}
+    kw = {"image_hw": (size, size), "as_px": 2.0, "reading": "px_px"}  # T_I 0.72 (8 px) and 0.79 (128 px)
     dyn = positives_per_gt(gts, preds, "dynamic", **kw)
     fix = positives_per_gt(gts, preds, 0.55, **kw)
     assert fix["per_gt"].tolist() == [(ious > 0.55).sum().item()] * 2
     assert (dyn["per_gt"] <= fix["per_gt"]).all() and (dyn["per_gt"] >= 1).all()  # T_I >= T_b
     kept = dyn["per_gt"] / fix["per_gt"]
     assert kept[0] > kept[1]  # the 8-px box keeps a larger share of its positives than the 128-px box
-    assert_close(dyn["threshold"], dynamic_iou_threshold(torch.tensor([8.0, 128.0]), 2.0))
+    assert_close(dyn["threshold"], dynamic_iou_threshold(torch.tensor([8.0, 128.0]), 2.0, reading="px_px"))
     assert dyn["per_gt"].tolist() == [(ious > dyn["threshold"][i]).sum().item() for i in range(2)]
     assert dyn["num_gt"] == {"eS": 1, "rS": 0, "gS": 0, "N": 0} and math.isnan(dyn["buckets"]["N"])
     assert dyn["buckets"]["eS"] == dyn["per_gt"][0]
@@ -258,9 +279,12 @@ def test_build_criterion_weights_and_loss_keys():
     cfg = _cfg("loss.weight_auxq=0.5", "loss.weight_iah_bbox=3")
     crit = build_criterion(cfg.loss, cfg.model)
     assert isinstance(crit, MRQMCriterion)
+    # the IAH terms carry loss.weight_iah (0.25 by default) times their own weights
     assert crit.weight_dict == {"loss_vfl": 1.0, "loss_bbox": 5.0, "loss_giou": 2.0, "loss_auxq_vfl": 0.5,
-                                "loss_auxq_bbox": 2.5, "loss_auxq_giou": 1.0, "loss_iah_cls": 1.0,
-                                "loss_iah_bbox": 3.0, "loss_iah_giou": 2.0}
+                                "loss_auxq_bbox": 2.5, "loss_auxq_giou": 1.0, "loss_iah_cls": 0.25,
+                                "loss_iah_bbox": 0.75, "loss_iah_giou": 0.5}
+    unscaled = _cfg("loss.weight_iah=1")
+    assert build_criterion(unscaled.loss, unscaled.model).weight_dict["loss_iah_bbox"] == 5.0
     assert base_loss_name("loss_auxq_giou_1") == "loss_auxq_giou" and base_loss_name("loss_vfl_aux_0") == "loss_vfl"
     torch.manual_seed(0)
     model = sodlib.build_detector(cfg.model).train()
@@ -327,3 +351,53 @@ def test_deepcopy_keeps_the_head():  # EMA deep-copies the detector
     model = sodlib.build_detector(_cfg().model)
     ema = copy.deepcopy(model)
     assert float(ema.aux_head.as_px) == 2.0
+
+
+# ---------------------------------------------------------------- issue 16: readings, mining, balance, fp32
+
+
+def test_default_reading_mines_more_than_one_positive_and_favours_small_boxes():
+    """norm_px2 (default): T_I 0.587 for an 8-px and 0.614 for a 128-px gt at 320 px (A_s = 5.36 px); with the
+    same IoU profile the small gt gets at least as many positives, and several when several tokens pass T_I."""
+    size = 320
+    ious = torch.tensor([0.97, 0.9, 0.8, 0.7, 0.6, 0.59, 0.2])  # 0.6 lies between the two thresholds
+    gts = [torch.tensor([[0.3, 0.3, 8 / size, 8 / size]]), torch.tensor([[0.5, 0.5, 128 / size, 128 / size]])]
+    preds = torch.stack([_concentric(g[0], ious) for g in gts])
+    dyn = positives_per_gt(gts, preds, "dynamic", image_hw=(size, size), as_px=5.36, force_best=False)
+    assert_close(dyn["threshold"], torch.tensor([0.55 + 0.15 * (8 / 320 / 5.36**2) ** 0.2,
+                                                 0.55 + 0.15 * (128 / 320 / 5.36**2) ** 0.2]))
+    assert dyn["per_gt"].tolist() == [6, 4]  # 0.6 and 0.59 pass 0.587 but not 0.614
+    fixed = positives_per_gt(gts, preds, 0.55, image_hw=(size, size), force_best=False)
+    assert fixed["per_gt"].tolist() == [6, 6]
+
+
+def test_iah_runs_in_float32_under_autocast():
+    head, dec = _head_and_decoder()
+    memory, shapes = dec.memory([torch.randn(2, 16, s, s) for s in (16, 8, 4, 2)])
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        out = head(memory.bfloat16(), shapes, _targets(), dec, (64, 64))
+    iah = out["iah_outputs"]
+    assert iah["pred_boxes"].dtype == iah["pred_logits"].dtype == torch.float32
+    assert all(t.dtype == torch.float32 for t in iah["thresholds"])
+
+
+def test_iah_config_errors_name_the_key():
+    for bad, key in (("model.iah_reading=px", "model.iah_reading"), ("model.iah_as_px=-1", "model.iah_as_px"),
+                     ("loss.weight_iah=-0.5", "loss.weight_iah"), ("model.iah_tb=1.5", "model.iah_tb"),
+                     ("model.iah_p=-1", "model.iah_p")):
+        with pytest.raises(ValueError, match=key):
+            _cfg(bad)
+
+
+def test_iah_trains_on_images_without_boxes():
+    cfg = _cfg()
+    torch.manual_seed(0)
+    model, crit = sodlib.build_detector(cfg.model).train(), build_criterion(cfg.loss, cfg.model)
+    empty = [{"labels": torch.zeros(0, dtype=torch.long), "boxes": torch.zeros(0, 4)}] * 2
+    mixed = [_targets()[0], empty[0]]
+    for targets in (empty, mixed):
+        loss = crit.weighted_total(crit(model(torch.rand(2, 3, 64, 64), targets), targets))
+        loss.backward()
+        assert torch.isfinite(loss)
+        assert all(torch.isfinite(p.grad).all() for p in model.parameters() if p.grad is not None)
+        model.zero_grad()

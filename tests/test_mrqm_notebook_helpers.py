@@ -177,3 +177,85 @@ def test_query_panels_and_figures(tmp_path):
     tables = {"a": trained_positives_per_gt(model, data), "b": trained_positives_per_gt(model, data[:1])}
     png = viz.save_figure(plot_positives_per_gt(tables, suptitle="t"), tmp_path / "p.png")
     assert png.read_bytes()[:4] == b"\x89PNG"
+
+
+# ---------------------------------------------------------------- issue 16: ATSS control, balance, curves
+
+
+def test_atss_thresholds_hand_computed():
+    from sodlib.mrqm_stats import atss_thresholds
+
+    gt = torch.tensor([[0.5, 0.5, 0.2, 0.2]])
+    # three tokens centred on the gt with IoU 1, 0.81, 0.64 (side ×1, ×0.9, ×0.8), one far token (IoU 0)
+    boxes = torch.tensor([[0.5, 0.5, 0.2, 0.2], [0.5, 0.5, 0.18, 0.18], [0.5, 0.5, 0.16, 0.16], [0.9, 0.9, 0.2, 0.2]])
+    # top-3 nearest: the three centred ones; mean 0.81667, sample std 0.18009
+    assert_close(atss_thresholds(boxes, gt, topk=3), torch.tensor([0.816667 + 0.180093]), atol=1e-5, rtol=0)
+    # top-1 per level on two levels: IoU 1 (level 0) and 0.64 (level 1): mean 0.82, std 0.254558
+    level = torch.tensor([0, 1, 1, 1])
+    assert_close(atss_thresholds(boxes[[0, 2, 3, 1]], gt, level=level, topk=1), torch.tensor([0.82 + 0.254558]),
+                 atol=1e-5, rtol=0)
+    # invalid tokens are never candidates: without token 0 the three nearest are 0.81, 0.64 and 0
+    valid = torch.tensor([False, True, True, True])
+    ious = torch.tensor([0.81, 0.64, 0.0])
+    assert_close(atss_thresholds(boxes, gt, valid, topk=3), (ious.mean() + ious.std()).reshape(1))
+    assert atss_thresholds(boxes, torch.zeros(0, 4)).shape == (0,)
+    # all four tokens are candidates at topk 9: IoUs 1, 0.81, 0.64, 0 give 0.6125 + 0.4340 > 1, no positive
+    counts = positives_per_gt([gt], boxes, "atss", image_hw=(SIZE, SIZE), force_best=False)
+    assert counts["per_gt"].tolist() == [0]
+    counts = positives_per_gt([gt], boxes[:3], "atss", image_hw=(SIZE, SIZE), force_best=False)
+    assert counts["per_gt"].tolist() == [1]  # without the far token: only IoU 1 exceeds 0.997
+
+
+def test_encoder_gradient_share_scales_with_the_iah_factor():
+    from sodlib.criterion import build_criterion
+    from sodlib.mrqm_stats import encoder_gradient_share
+
+    targets = [{"labels": torch.tensor([0, 1]), "boxes": torch.tensor([[0.3, 0.3, 0.1, 0.1], [0.6, 0.6, 0.2, 0.1]])}]
+    images = torch.rand(1, 3, SIZE, SIZE, generator=torch.Generator().manual_seed(0))
+    shares = {}
+    for factor in (1.0, 0.5):
+        cfg = override(get_profile("smoke"), "model.iah=true", "model.iah_as_px=2", f"data.image_size={SIZE}",
+                       f"loss.weight_iah={factor}")
+        torch.manual_seed(0)
+        model = sodlib.build_detector(cfg.model)
+        shares[factor] = encoder_gradient_share(model, build_criterion(cfg.loss, cfg.model), images, targets)
+    one, half = shares[1.0], shares[0.5]
+    assert {"decoder", "iah", "auxq"} <= set(one) and all(v > 0 and math.isfinite(v) for v in one.values())
+    assert half["iah"] == pytest.approx(one["iah"] / 2, rel=1e-4)  # the IAH's pull is linear in its factor
+    assert half["iah_loss"] == pytest.approx(one["iah_loss"] / 2, rel=1e-5)
+    assert half["decoder"] == pytest.approx(one["decoder"], rel=1e-5) and half["auxq"] == pytest.approx(one["auxq"])
+
+
+def test_threshold_readings_and_long_positives():
+    from sodlib.mrqm_stats import positives_long, threshold_readings
+
+    t = threshold_readings((4, 128), as_px=5.36, image_size=320)
+    assert list(t.columns) == ["side_px", "T_I norm_px2", "T_I px_px2", "T_I px_px"]
+    assert t["T_I norm_px2"].tolist() == pytest.approx([0.582, 0.614], abs=5e-4)
+    assert t["T_I px_px"].tolist() == pytest.approx([0.6915, 0.8329], abs=1e-4)
+    table = positives_table({"IoU > T_I": torch.tensor([2.0, 4.0]), "IoU > T_b": torch.tensor([3.0, 5.0])},
+                            torch.tensor([100.0, 300.0]), torch.tensor([0.6, 0.6]))
+    long = positives_long(table)
+    assert list(long.columns) == ["rule", "bucket", "positives_per_gt"]
+    got = long.set_index(["rule", "bucket"])["positives_per_gt"]
+    assert got[("IoU > T_I", "eS")] == 2.0 and got[("IoU > T_b", "rS")] == 5.0 and got[("IoU > T_b", "all")] == 4.0
+
+
+def test_decoder_loss_curve_and_figure(tmp_path):
+    import json
+
+    from sodlib.mrqm_stats import decoder_loss_curve
+    from sodlib.mrqm_viz import plot_decoder_losses
+
+    run = tmp_path / "run"
+    run.mkdir()
+    (run / "config.json").write_text(json.dumps({"loss": {"weight_vfl": 1.0, "weight_bbox": 5.0, "weight_giou": 2.0}}))
+    pd.DataFrame({"iteration": [10, 20, 30], "loss_vfl": [1.0, 0.5, 0.25], "loss_bbox": [0.2, 0.1, 0.1],
+                  "loss_giou": [0.5, 0.5, 0.25]}).to_csv(run / "log.csv", index=False)
+    curve = decoder_loss_curve(run, window=2)
+    # 1 + 5·0.2 + 2·0.5 = 3; 0.5 + 0.5 + 1 = 2; 0.25 + 0.5 + 0.5 = 1.25; rolling mean over 2
+    assert curve["decoder_loss"].tolist() == pytest.approx([3.0, 2.5, 1.625])
+    fig = plot_decoder_losses({"a": [curve, curve], "b": [curve], "none": []}, suptitle="t")
+    assert len(fig.axes[0].lines) == 2
+    viz.save_figure(fig, tmp_path / "curves.png")
+    assert (tmp_path / "curves.png").stat().st_size > 0
