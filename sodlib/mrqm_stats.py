@@ -42,7 +42,7 @@ __all__ = [
     "atss_thresholds",
     "encoder_cost",
     "encoder_cost_summary",
-    "encoder_gradient_share",
+    "encoder_gradient_share", "gradient_share_table",
     "iah_dense_predictions",
     "min_instance_size_px",
     "mined_queries",
@@ -364,8 +364,32 @@ def encoder_gradient_share(model: nn.Module, criterion: nn.Module, images: Tenso
         total = torch.stack(groups[name]).sum()
         grads = torch.autograd.grad(total, captured, retain_graph=i < len(names) - 1, allow_unused=True)
         out[name] = float(torch.sqrt(sum((g.float() ** 2).sum() for g in grads if g is not None)))
-        out[f"{name}_loss"] = float(total)
+        out[f"{name}_loss"] = float(total.detach())
     return out
+
+
+def gradient_share_table(configs: Mapping[str, RunConfig], images: Tensor, targets: list[dict[str, Tensor]],
+                         seed: int = 0) -> pd.DataFrame:
+    """:func:`encoder_gradient_share` of freshly initialised detectors (``label → config``, seeded alike) on one
+    batch: one row per label with each group's gradient norm, its ratio to the decoder's, and its weighted loss."""
+    from .criterion import build_criterion
+    from .detector import build_detector
+
+    rows = []
+    for label, cfg in configs.items():
+        torch.manual_seed(seed)
+        model, criterion = build_detector(cfg.model), build_criterion(cfg.loss, cfg.model)
+        if cfg.model.iah and not float(model.aux_head.as_px) > 0:
+            raise ValueError(f"{label}: set model.iah_as_px (A_s) to measure the IAH")
+        share = encoder_gradient_share(model, criterion, images, targets)
+        row = {"model": label}
+        for group in LOSS_GROUPS:
+            if group in share:
+                row[f"grad {group}"] = share[group]
+                row[f"{group} / decoder"] = share[group] / share["decoder"]
+                row[f"loss {group}"] = share[f"{group}_loss"]
+        rows.append(row)
+    return pd.DataFrame(rows)
 
 
 @torch.no_grad()
