@@ -538,21 +538,6 @@ def paired_verdict(table: Table, summary: pd.DataFrame, alpha: float = 0.05) -> 
 
 SAE = ("model.encoder=bifpn_sae", "model.num_levels=4")
 IAH = ("model.iah=true",)
-MRQM_TABLE3 = Table("mrqm_table3", "MRQM Table 3 · BiFPN/SAE and IAH", (
-    Row("baseline", (), _p(28.5, aps=20.5)),
-    Row("+BiFPN/SAE", SAE, _p(30.7, aps=23.7)),
-    Row("+IAH", IAH, _p(30.1, aps=23.1)),
-    Row("+BiFPN/SAE +IAH (MRQM)", (*SAE, *IAH), _p(31.9, aps=24.1)),
-    Row("MRQM + ST+SR+SPR (both papers, ours)", (*SAE, *IAH, *FULL)),
-))
-MRQM_TABLE4 = Table("mrqm_table4", "MRQM Table 4 · base IoU threshold T_b (on +IAH)", tuple(
-    Row(f"T_b={tb:.2f}", (*IAH, f"model.iah_tb={tb}"), _p(ap)) for tb, ap in ((0.50, 31.2), (0.55, 31.9), (0.60, 31.5),
-                                                                            (0.65, 30.8))),
-    reference=1, trend="best")
-MRQM_TABLE5 = Table("mrqm_table5", "MRQM Table 5 · exponent p of T_I (on +IAH)", tuple(
-    Row(f"p={p:g}", (*IAH, f"model.iah_p={p}"), _p(ap)) for p, ap in ((0.1, 31.7), (0.2, 31.9), (0.3, 31.3))),
-    reference=1, trend="best")
-MRQM_TABLES = (MRQM_TABLE3, MRQM_TABLE4, MRQM_TABLE5)
 
 # MRQM on the ablation profile (issue 16): every row trains this many iterations. The profile has no plateau
 # within 4000 (results/tables/ablation_plateau) and a BiFPN/SAE run costs twice the baseline's time, so

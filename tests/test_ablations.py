@@ -164,3 +164,26 @@ def test_table_stems_keep_gpu_sets_beside_cpu_tables():
     assert ablations.table_stem("table3", "smoke") == "table3_smoke"
     assert ablations.table_stem("table3", "ablation", "cuda:1") == "table3_cuda"
     assert ablations.table_stem("", "ablation", "cuda") == "_cuda"
+
+
+def test_mrqm_tables_share_runs_with_the_plateau_ladder_and_each_other():
+    from sodlib.reproduce import PLATEAU_ITERS
+
+    t3, t4, t5 = ablations.mrqm_tables(ablations.MRQM_ITERS, table3_seeds=3, other_seeds=2)
+    assert ablations.MRQM_ITERS in PLATEAU_ITERS
+    c3 = {(r.label, s): c for r, s, c in t3.configs("ablation")}
+    assert len(c3) == 7 * 3 and all(c.train.max_iters == ablations.MRQM_ITERS for c in c3.values())
+    ladder = ablations.ablation_config("ablation", f"train.max_iters={ablations.MRQM_ITERS}", seed=1)
+    assert config_hash(c3[("baseline", 1)]) == config_hash(ladder)  # the plateau ladder's run, reused
+    iah = c3[("+IAH", 0)]
+    assert iah.model.iah and iah.loss.weight_iah == 0.25 and iah.model.iah_reading == "norm_px2"
+    assert c3[("+IAH, fixed T_b (k=0, ours)", 0)].model.iah_k == 0
+    assert c3[("+IAH, unbalanced weights (ours)", 0)].loss.weight_iah == 1.0
+    mrqm = c3[("+BiFPN/SAE +IAH (MRQM)", 0)]
+    assert mrqm.model.encoder == "bifpn_sae" and mrqm.model.num_levels == 4 and mrqm.model.iah
+    c4 = {(r.label, s): c for r, s, c in t4.configs("ablation")}
+    assert len(c4) == 4 * 2 and config_hash(c4[("T_b=0.55", 1)]) == config_hash(c3[("+IAH", 1)])
+    c5 = {(r.label, s): c for r, s, c in t5.configs("ablation")}
+    assert config_hash(c5[("p=0.2", 0)]) == config_hash(iah) and c5[("p=0.3", 1)].model.iah_p == 0.3
+    smoke = ablations.mrqm_tables(None)[0].configs("smoke")
+    assert all(c.train.max_iters == get_profile("smoke").train.max_iters for _, _, c in smoke)
