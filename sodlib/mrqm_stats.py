@@ -368,17 +368,19 @@ def encoder_gradient_share(model: nn.Module, criterion: nn.Module, images: Tenso
     return out
 
 
-def gradient_share_table(configs: Mapping[str, RunConfig], images: Tensor, targets: list[dict[str, Tensor]],
-                         seed: int = 0) -> pd.DataFrame:
-    """:func:`encoder_gradient_share` of freshly initialised detectors (``label → config``, seeded alike) on one
-    batch: one row per label with each group's gradient norm, its ratio to the decoder's, and its weighted loss."""
+def gradient_share_table(entries: Mapping[str, RunConfig | tuple[nn.Module, RunConfig]], images: Tensor,
+                         targets: list[dict[str, Tensor]], seed: int = 0) -> pd.DataFrame:
+    """:func:`encoder_gradient_share` on one batch for every ``label → config`` (a freshly initialised
+    detector, seeded alike) or ``label → (detector, config)`` (e.g. a trained one, whose criterion the config
+    builds): one row per label with each group's gradient norm, its ratio to the decoder's, and its weighted loss."""
     from .criterion import build_criterion
     from .detector import build_detector
 
     rows = []
-    for label, cfg in configs.items():
+    for label, entry in entries.items():
         torch.manual_seed(seed)
-        model, criterion = build_detector(cfg.model), build_criterion(cfg.loss, cfg.model)
+        model, cfg = entry if isinstance(entry, tuple) else (build_detector(entry.model), entry)
+        criterion = build_criterion(cfg.loss, cfg.model)
         if cfg.model.iah and not float(model.aux_head.as_px) > 0:
             raise ValueError(f"{label}: set model.iah_as_px (A_s) to measure the IAH")
         share = encoder_gradient_share(model, criterion, images, targets)
