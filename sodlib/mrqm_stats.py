@@ -6,9 +6,15 @@
   threshold, with means per SODA-D size bucket (areas in px²: eS (0,144], rS (144,400], gS (400,1024],
   N (1024,2000]).
 * :func:`trained_positives_per_gt` — the same count on a TRAINED detector with ``model.iah``: its encoder and
-  IAH run on images, the head's own predicted boxes and parameters (T_b, k, p, A_s) go through the head's
-  assignment, dynamic T_I vs the fixed T_b, with and without the best-token rule; :func:`positives_table`
-  makes the per-bucket table, :func:`positives_verdict` says in words whether small objects get more.
+  IAH run on images, the head's own predicted boxes and parameters (T_b, k, p, A_s, reading) go through the
+  head's assignment under :data:`POSITIVE_RULES` (dynamic T_I, fixed T_b, ATSS's adaptive threshold
+  :func:`atss_thresholds` as the control, with and without the best-token rule); :func:`positives_table`
+  makes the per-bucket table (:func:`positives_long` its ``rule, bucket, positives_per_gt`` form),
+  :func:`positives_verdict` says in words whether small objects get more.
+* :func:`threshold_readings` — T_I by gt side under each reading of its units (``model.iah_reading``).
+* :func:`encoder_gradient_share` / :func:`gradient_share_table` — how hard the IAH, the auxiliary queries and
+  the decoder's own terms pull on the encoder (gradient norms at its output), which sets ``loss.weight_iah``;
+  :func:`decoder_loss_curve` — the main decoder's loss from a run's log.csv (with vs without the IAH).
 * :func:`mined_queries` — the auxiliary positive queries the trained head mines on one image given its
   targets (the head's own ``forward``), for the query heatmap figure.
 * :func:`encoder_cost` — GFLOPs (``torch.utils.flop_counter``) and latency of RT-DETR's hybrid encoder,
