@@ -57,6 +57,11 @@ __all__ = ["READINGS", "IoUAwareHead", "assign_one_to_many", "box_sine_embedding
 READINGS = {"norm_px2": ("fraction of the image side", "px²"), "px_px2": ("px", "px²"), "px_px": ("px", "px")}
 
 
+def _check_reading(reading: str) -> None:
+    if reading not in READINGS:
+        raise ValueError(f"unknown T_I reading {reading!r}; choose one of {sorted(READINGS)}")
+
+
 def size_ratio(size_px: Tensor, as_px: float, reading: str = "norm_px2",
                image_hw: tuple[int, int] | None = None) -> Tensor:
     """sqrt(w·h)/A_s of T_I under ``reading`` (:data:`READINGS`).
@@ -66,8 +71,7 @@ def size_ratio(size_px: Tensor, as_px: float, reading: str = "norm_px2",
     """
     if not as_px > 0:
         raise ValueError(f"A_s must be > 0 pixels, got {as_px}")
-    if reading not in READINGS:
-        raise ValueError(f"unknown T_I reading {reading!r}; choose one of {sorted(READINGS)}")
+    _check_reading(reading)
     size = torch.as_tensor(size_px, dtype=torch.float32).clamp(min=0)
     if reading == "px_px":
         return size / as_px
@@ -158,8 +162,7 @@ class IoUAwareHead(nn.Module):
     def __init__(self, hidden_dim: int, num_classes: int, tb: float = 0.55, k: float = 0.15, p: float = 0.2,
                  as_px: float = 0.0, max_queries: int = 300, reading: str = "norm_px2"):
         super().__init__()
-        if reading not in READINGS:
-            raise ValueError(f"unknown T_I reading {reading!r}; choose one of {sorted(READINGS)}")
+        _check_reading(reading)
         self.hidden_dim, self.num_classes = hidden_dim, num_classes
         self.tb, self.k, self.p, self.max_queries, self.reading = tb, k, p, max_queries, reading
         self.register_buffer("as_px", torch.tensor(float(as_px)))  # 0 until set (engine: training set)

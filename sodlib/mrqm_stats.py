@@ -24,6 +24,7 @@
 
 from __future__ import annotations
 
+import json
 import math
 import os
 import statistics
@@ -41,23 +42,10 @@ from .box_ops import box_cxcywh_to_xyxy, box_iou
 from .config import ModelConfig, RunConfig
 from .mrqm_head import READINGS, assign_one_to_many, dynamic_iou_threshold
 
-__all__ = [
-    "LOSS_GROUPS",
-    "POSITIVE_RULES",
-    "SODAD_BUCKETS_PX2",
-    "atss_thresholds",
-    "encoder_cost",
-    "encoder_cost_summary",
-    "encoder_gradient_share", "gradient_share_table",
-    "iah_dense_predictions",
-    "min_instance_size_px",
-    "mined_queries",
-    "positives_long",
-    "positives_per_gt",
-    "positives_table",
-    "positives_verdict",
-    "trained_positives_per_gt",
-]
+__all__ = ["LOSS_GROUPS", "POSITIVE_RULES", "SODAD_BUCKETS_PX2", "atss_thresholds", "decoder_loss_curve",
+           "encoder_cost", "encoder_cost_summary", "encoder_gradient_share", "gradient_share_table",
+           "iah_dense_predictions", "min_instance_size_px", "mined_queries", "positives_long", "positives_per_gt",
+           "positives_table", "positives_verdict", "threshold_readings", "trained_positives_per_gt"]
 
 SODAD_BUCKETS_PX2 = {"eS": (0.0, 144.0), "rS": (144.0, 400.0), "gS": (400.0, 1024.0), "N": (1024.0, 2000.0)}
 
@@ -175,8 +163,6 @@ def decoder_loss_curve(run: str | os.PathLike, window: int = 10) -> pd.DataFrame
     """The main decoder's loss over training, from a run folder's log.csv: its last layer's weighted
     classification, L1 and GIoU terms (weights from the run's config.json), smoothed over ``window`` logged
     points. Columns ``iteration``, ``decoder_loss``; what the IAH must not pull away (notebook 06)."""
-    import json
-
     folder = Path(run)
     log = pd.read_csv(folder / "log.csv")
     loss = json.loads((folder / "config.json").read_text())["loss"]
@@ -259,20 +245,19 @@ def positives_table(per_gt: Mapping[str, Tensor], area_px2: Tensor, threshold: T
 
 
 def trained_positives_per_gt(model: nn.Module, dataset, num_images: int | None = None, device="cpu",
-                             batch_size: int = 8, rules: Sequence[str] | None = None) -> pd.DataFrame:
+                             batch_size: int = 8) -> pd.DataFrame:
     """Positives per gt of a trained IoU-aware head on the first ``num_images`` of ``dataset`` (all: None).
 
     The head's predicted boxes (:func:`iah_dense_predictions`) and its own T_b, k, p and A_s go through
-    :func:`positives_per_gt` (the head's :func:`~sodlib.mrqm_head.assign_one_to_many`) under ``rules`` (names of
-    :data:`POSITIVE_RULES`, all by default): dynamic T_I, fixed T_b or ATSS's adaptive threshold, IoU above
-    the threshold only or with the best-token rule the head trains with. ``mean T_I`` follows the first rule. ``dataset`` yields (image [3, H, W], target with ``boxes`` normalised cxcywh)
-    at the working size. Returns :func:`positives_table`.
+    :func:`positives_per_gt` (the head's :func:`~sodlib.mrqm_head.assign_one_to_many`) under every rule of
+    :data:`POSITIVE_RULES`: dynamic T_I, fixed T_b or ATSS's adaptive threshold, IoU above the threshold only
+    or with the best-token rule the head trains with. ``dataset`` yields (image [3, H, W], target with
+    ``boxes`` normalised cxcywh) at the working size. Returns :func:`positives_table`.
     """
     head = _head(model)
     params = {"as_px": float(head.as_px), "tb": float(head.tb), "k": float(head.k), "p": float(head.p)}
-    rules = POSITIVE_RULES if rules is None else {r: POSITIVE_RULES[r] for r in rules}
     n = len(dataset) if num_images is None else min(num_images, len(dataset))
-    counts: dict[str, list[Tensor]] = {k: [] for k in rules}
+    counts: dict[str, list[Tensor]] = {k: [] for k in POSITIVE_RULES}
     areas, thresholds = [], []
     for start in range(0, n, batch_size):
         samples = [dataset[i] for i in range(start, min(start + batch_size, n))]
@@ -280,12 +265,12 @@ def trained_positives_per_gt(model: nn.Module, dataset, num_images: int | None =
         gts = [target["boxes"].float().cpu() for _, target in samples]
         dense = iah_dense_predictions(model, images)
         boxes, valid, level = dense["pred_boxes"].float().cpu(), dense["valid"].cpu(), dense["level"].cpu()
-        for name, (rule, force, reading) in rules.items():
+        for name, (rule, force, reading) in POSITIVE_RULES.items():
             r = positives_per_gt(gts, boxes, params["tb"] if rule == "fixed" else rule, tuple(images.shape[-2:]),
                                  valid=valid, force_best=force, reading=reading or head.reading, level=level,
                                  **params)
             counts[name].append(r["per_gt"])
-            if name == next(iter(rules)):
+            if name == "IoU > T_I":
                 areas.append(r["area_px2"])
                 thresholds.append(r["threshold"])
     if not areas:
