@@ -9,6 +9,7 @@ step, e.g. a notebook cell) are printed as one line and give exit status 2 (no t
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import logging
 import os
 import sys
@@ -47,6 +48,8 @@ def _cmd_train(args) -> int:
     from sodlib.runs import run_dir
 
     cfg = _config(args)
+    if args.init_from:
+        cfg = dataclasses.replace(cfg, train=dataclasses.replace(cfg.train, init_from=str(args.init_from)))
     out = Path(args.out) if args.out else run_dir(cfg)
     print(f"run folder: {out}")
     metrics = train(cfg, out, data_root=args.data, resume=not args.no_resume, protocol=args.protocol)
@@ -141,6 +144,9 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--data", default=None, help="dataset root (overrides data.root)")
     t.add_argument("--out", default=None, help="run folder (default results/runs/<config hash>)")
     t.add_argument("--no-resume", action="store_true", help="start over even if a checkpoint exists")
+    t.add_argument("--init-from", default=None, metavar="CKPT",
+                   help="fine-tune: start from the tensors of CKPT (RT-DETR, transformers or sodlib checkpoint) "
+                        "whose name and shape fit; same as --set train.init_from=CKPT")
     t.add_argument("--protocol", default="coco", choices=("coco", "sodad", "visdrone"))
     t.set_defaults(func=_cmd_train)
 

@@ -25,6 +25,7 @@ loader concatenates them. Checkpoints written by transformers 4.x use older name
 from __future__ import annotations
 
 import dataclasses
+import logging
 import os
 import re
 from collections.abc import Callable, Mapping
@@ -35,8 +36,10 @@ from torch import Tensor, nn
 
 from .config import ModelConfig
 
-__all__ = ["LAYOUTS", "convert_state_dict", "detect_layout", "hf_names", "load_rtdetr", "official_names",
-           "read_state_dict", "rtdetr_model_config", "to_layout"]
+log = logging.getLogger(__name__)
+
+__all__ = ["LAYOUTS", "InitReport", "convert_state_dict", "detect_layout", "hf_names", "init_from", "load_rtdetr",
+           "official_names", "read_state_dict", "rtdetr_model_config", "to_layout"]
 
 LAYOUTS = ("sodlib", "official", "hf")
 
@@ -242,6 +245,21 @@ def detect_layout(state: Mapping[str, Tensor]) -> str:
 
 # ---------------------------------------------------------------- converting
 
+def _lookup(state: Mapping[str, Tensor], key: str, layout: str) -> tuple[list[str], Tensor | None]:
+    """The checkpoint name(s) of sodlib ``key`` and its tensor (None when a name is absent)."""
+    theirs = _NAMES[layout](key)
+    if not all(n in state for n in theirs):
+        return theirs, None
+    return theirs, torch.cat([state[n] for n in theirs]) if len(theirs) > 1 else state[theirs[0]]
+
+
+def _prepare(state: Mapping[str, Tensor], layout: str | None) -> tuple[Mapping[str, Tensor], str]:
+    layout = layout or detect_layout(state)
+    if layout not in LAYOUTS:
+        raise ValueError(f"layout must be one of {LAYOUTS}, got {layout!r}")
+    return (_hf_v4_to_v5(state) if layout == "hf" else state), layout
+
+
 def convert_state_dict(state: Mapping[str, Tensor], model: nn.Module, layout: str | None = None,
                        source: str = "checkpoint") -> dict[str, Tensor]:
     """``state`` (any layout; detected when ``layout`` is None) renamed to ``model``'s keys.
@@ -250,21 +268,15 @@ def convert_state_dict(state: Mapping[str, Tensor], model: nn.Module, layout: st
     the buffers sodlib recomputes (anchors, position embeddings, ``num_batches_tracked``). Otherwise a
     ValueError names ``source``, the layout, and the first missing / unexpected keys and shape mismatches.
     """
-    layout = layout or detect_layout(state)
-    if layout not in LAYOUTS:
-        raise ValueError(f"layout must be one of {LAYOUTS}, got {layout!r}")
-    if layout == "hf":
-        state = _hf_v4_to_v5(state)
-    names = _NAMES[layout]
+    state, layout = _prepare(state, layout)
     out, used, missing, mismatched = {}, set(), [], []
     for key, ref in model.state_dict().items():
-        theirs = names(key)
-        if not all(n in state for n in theirs):
+        theirs, tensor = _lookup(state, key, layout)
+        if tensor is None:
             if not key.endswith("num_batches_tracked"):
                 missing.append(theirs[0] if len(theirs) == 1 else f"{key} (as {', '.join(theirs)})")
             continue
         used.update(theirs)
-        tensor = torch.cat([state[n] for n in theirs]) if len(theirs) > 1 else state[theirs[0]]
         if tensor.shape != ref.shape:
             mismatched.append(f"{theirs[0]}: {tuple(tensor.shape)} in the checkpoint, {tuple(ref.shape)} in the model")
             continue
@@ -309,3 +321,54 @@ def load_rtdetr(checkpoint: str | os.PathLike | Mapping, model_cfg: ModelConfig)
     model.config = model_cfg
     model.load_state_dict(convert_state_dict(state, model, source=source), strict=False)
     return model.eval()
+
+
+@dataclasses.dataclass
+class InitReport:
+    """What :func:`init_from` did: sodlib keys loaded, re-initialised (shape differs: the class heads when
+    the class count changes) and absent from the checkpoint (e.g. MRQM's head on an RT-DETR checkpoint)."""
+
+    source: str
+    layout: str
+    loaded: list[str]
+    reinitialised: list[str]
+    absent: list[str]
+
+    def __str__(self) -> str:
+        def short(items: list[str]) -> str:
+            return f"{len(items)}" + (f" ({', '.join(items[:6])}{', ...' if len(items) > 6 else ''})" if items else "")
+        return (f"initialised from {self.source} ({self.layout} layout): {len(self.loaded)} tensors loaded; "
+                f"re-initialised, shape differs: {short(self.reinitialised)}; not in the checkpoint: "
+                f"{short(self.absent)}")
+
+
+def init_from(model: nn.Module, checkpoint: str | os.PathLike | Mapping, layout: str | None = None) -> InitReport:
+    """Fine-tuning start, as RT-DETR's tuning mode: load every tensor of ``checkpoint`` (any layout) whose
+    name and shape fit ``model``; the others keep their fresh initialisation and are logged.
+
+    A checkpoint of which less than half the tensors fit is refused (ValueError naming it): training from
+    scratch by mistake is the failure this guards against. A different class count (the class heads) or an
+    added MRQM head fits that rule; a different backbone or width does not.
+    """
+    source = str(checkpoint) if isinstance(checkpoint, (str, os.PathLike)) else "state dict"
+    state, layout = _prepare(read_state_dict(checkpoint), layout)
+    fitting, reinitialised, absent, used = {}, [], [], set()
+    for key, ref in model.state_dict().items():
+        theirs, tensor = _lookup(state, key, layout)
+        if tensor is None:
+            if not key.endswith("num_batches_tracked"):
+                absent.append(key)
+        elif tensor.shape != ref.shape:
+            reinitialised.append(key)
+        else:
+            fitting[key] = tensor
+            used.update(theirs)
+    counted = [k for k in state if not _IGNORED.search(k)]
+    if sum(k in used for k in counted) < 0.5 * len(counted):
+        raise ValueError(f"{source} ({layout} layout): only {sum(k in used for k in counted)} of its {len(counted)} "
+                         f"tensors fit the model; it is not a checkpoint of this architecture")
+    model.load_state_dict(fitting, strict=False)
+    report = InitReport(source, layout, [k for k in fitting if not k.endswith("num_batches_tracked")],
+                        reinitialised, absent)
+    log.info("%s", report)
+    return report

@@ -296,3 +296,51 @@ def test_paper_profile_is_the_released_r50():
     from sodlib.config import get_profile
 
     assert get_profile("paper").model == rtdetr_model_config(50, num_classes=10)
+
+
+# ---------------------------------------------------------------- fine-tuning
+
+
+def test_init_from_loads_what_fits_and_reinitialises_the_class_heads():
+    from sodlib.official import init_from
+
+    coco = build_detector(rtdetr_model_config(18, num_classes=80))
+    _randomise(coco, seed=5)
+    model = build_detector(rtdetr_model_config(18, num_classes=3))
+    fresh_head = model.decoder.dec_score_head[0].weight.clone()
+    report = init_from(model, to_layout(coco, "official"))
+    heads = {f"decoder.{h}.{p}" for h in ("enc_score_head", *(f"dec_score_head.{i}" for i in range(3)))
+             for p in ("weight", "bias")} | {"decoder.denoising_class_embed.weight"}
+    assert set(report.reinitialised) == heads and report.absent == [] and report.layout == "official"
+    assert "re-initialised, shape differs: 9" in str(report)
+    assert torch.equal(model.backbone.res_layers[3].blocks[1].branch2b.conv.weight,
+                       coco.backbone.res_layers[3].blocks[1].branch2b.conv.weight)
+    assert torch.equal(model.decoder.layers[2].cross_attn.sampling_offsets.bias,
+                       coco.decoder.layers[2].cross_attn.sampling_offsets.bias)
+    assert torch.equal(model.decoder.dec_score_head[0].weight, fresh_head)
+    with pytest.raises(ValueError, match="not a checkpoint of this architecture"):
+        init_from(build_detector(ModelConfig(backbone="tiny", hidden_dim=32, num_heads=4, dim_feedforward=64,
+                                             encoder_ffn=64, num_decoder_layers=1)), to_layout(coco, "official"))
+
+
+@pytest.mark.slow
+def test_cli_train_init_from_another_class_count(tmp_path, capsys):
+    import json
+
+    from sodlib.cli import main
+    from sodlib.config import get_profile, override
+
+    donor_cfg = override(get_profile("smoke"), "model.num_classes=2", "data.num_classes=2").model
+    donor = build_detector(donor_cfg)
+    _randomise(donor, seed=7)
+    ckpt = tmp_path / "donor.pth"
+    torch.save({"ema": {"module": to_layout(donor, "official")}}, ckpt)
+    out = tmp_path / "run"
+    assert main(["train", "--profile", "smoke", "--init-from", str(ckpt), "--out", str(out),
+                 "--data", str(tmp_path / "data"), "--set", "train.max_iters=1"]) == 0
+    printed = capsys.readouterr().out
+    assert f"initialised from {ckpt} (official layout)" in printed
+    assert "decoder.enc_score_head.weight" in printed
+    assert json.loads((out / "config.json").read_text())["train"]["init_from"] == str(ckpt)
+    assert main(["train", "--profile", "smoke", "--init-from", str(tmp_path / "absent.pth"),
+                 "--out", str(tmp_path / "run2"), "--data", str(tmp_path / "data")]) == 2
