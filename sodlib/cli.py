@@ -99,6 +99,15 @@ def _cmd_bench(args) -> int:
     return 0
 
 
+def _cmd_export(args) -> int:
+    from sodlib.export import export_checkpoint
+
+    path = export_checkpoint(args.checkpoint, args.out, image_size=args.image_size, postprocess=args.postprocess,
+                             num_top=args.num_top)
+    print(f"wrote {path}")
+    return 0
+
+
 def _cmd_reproduce(args) -> int:
     from sodlib import reproduce
 
@@ -175,6 +184,15 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--out", default=None, help="folder for metrics.csv / per_class.csv")
     e.set_defaults(func=_cmd_eval)
 
+    x = sub.add_parser("export", help="export a checkpoint's detector to ONNX (onnxruntime-checked in the tests)")
+    x.add_argument("--checkpoint", required=True, help="sodlib checkpoint (results/runs/<hash>/checkpoints/last.pt)")
+    x.add_argument("--out", required=True, help="the .onnx file to write (must not exist)")
+    x.add_argument("--image-size", type=int, default=None, help="square input size (default: the run's)")
+    x.add_argument("--postprocess", action="store_true",
+                   help="add RT-DETR's post-processor: input orig_target_sizes (w, h), outputs labels/boxes/scores")
+    x.add_argument("--num-top", type=int, default=300, help="detections per image with --postprocess")
+    x.set_defaults(func=_cmd_export)
+
     b = sub.add_parser("bench", help="benchmarks writing results/bench/<what>.csv")
     b.add_argument("what", choices=("data", "model", "methods", "mrqm"))
     b.add_argument("--out", default=None)
@@ -208,7 +226,7 @@ def main(argv: list[str] | None = None) -> int:
                         format="%(levelname)s %(name)s: %(message)s")
     try:
         return args.func(args)
-    except (ValueError, FileNotFoundError, KeyError) as exc:
+    except (ValueError, FileNotFoundError, FileExistsError, KeyError) as exc:
         if os.environ.get("SODLIB_DEBUG"):
             raise
         print(f"sodlib {args.command}: error: {exc}", file=sys.stderr)

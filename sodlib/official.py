@@ -25,7 +25,6 @@ loader concatenates them. Checkpoints written by transformers 4.x use older name
 from __future__ import annotations
 
 import dataclasses
-import logging
 import os
 import re
 from collections.abc import Callable, Mapping
@@ -35,8 +34,6 @@ import torch
 from torch import Tensor, nn
 
 from .config import ModelConfig
-
-log = logging.getLogger(__name__)
 
 __all__ = ["LAYOUTS", "InitReport", "convert_state_dict", "detect_layout", "hf_names", "init_from", "load_rtdetr",
            "official_names", "read_state_dict", "rtdetr_model_config", "to_layout"]
@@ -368,7 +365,5 @@ def init_from(model: nn.Module, checkpoint: str | os.PathLike | Mapping, layout:
         raise ValueError(f"{source} ({layout} layout): only {sum(k in used for k in counted)} of its {len(counted)} "
                          f"tensors fit the model; it is not a checkpoint of this architecture")
     model.load_state_dict(fitting, strict=False)
-    report = InitReport(source, layout, [k for k in fitting if not k.endswith("num_batches_tracked")],
-                        reinitialised, absent)
-    log.info("%s", report)
-    return report
+    return InitReport(source, layout, [k for k in fitting if not k.endswith("num_batches_tracked")],
+                      reinitialised, absent)
