@@ -9,7 +9,7 @@ from sodlib.detector import build_detector, postprocess
 from sodlib.engine import save_checkpoint
 
 ort = pytest.importorskip("onnxruntime")
-from sodlib.export import check_onnx, export_onnx, graph_signature, match_queries  # noqa: E402
+from sodlib.export import check_onnx, export_onnx, graph_signature, match_queries
 
 
 def _checkpoint(path, *sets, seed=0):
