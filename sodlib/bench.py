@@ -146,6 +146,29 @@ def time_inference(cfg, batch: int, steps: int = 20, warmup: int = 3, model=None
         return _median_time(lambda: model(images), steps)
 
 
+def time_onnxruntime(cfg, batch: int, steps: int = 20, warmup: int = 3, threads: int = 2) -> float:
+    """Median seconds of one forward pass of the exported ONNX graph in onnxruntime (CPU provider, ``threads``
+    intra-op threads) on the same synthetic batch as :func:`time_inference`."""
+    import onnxruntime as ort
+    import torch
+
+    from sodlib import build_detector
+    from sodlib.export import export_onnx
+
+    torch.manual_seed(0)
+    model = build_detector(cfg.model).eval()
+    images, _ = _synthetic_batch(batch, cfg.data.image_size, cfg.model.num_classes)
+    with tempfile.TemporaryDirectory() as tmp:
+        path = export_onnx(model, Path(tmp) / "model.onnx", cfg.data.image_size)
+        options = ort.SessionOptions()
+        options.intra_op_num_threads = threads
+        session = ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
+    feed = {"images": images.numpy()}
+    for _ in range(warmup):
+        session.run(None, feed)
+    return _median_time(lambda: session.run(None, feed), steps)
+
+
 def count_gflops(cfg) -> float:
     """Forward GFLOPs of one image at the working size (torch.utils.flop_counter; 1 MAC = 2 FLOPs)."""
     import torch
@@ -160,7 +183,8 @@ def count_gflops(cfg) -> float:
 
 
 def bench_model(steps: int = 20, threads: int = 2) -> pd.DataFrame:
-    """Training step and inference time per profile at its working size; deformable-attention core."""
+    """Training step and inference time per profile at its working size (PyTorch, and the exported ONNX graph
+    in onnxruntime); deformable-attention core."""
     import torch
 
     from sodlib import build_detector
@@ -189,6 +213,11 @@ def bench_model(steps: int = 20, threads: int = 2) -> pd.DataFrame:
             if "bf16" not in tag:
                 t = time_inference(c, 1, steps=n)
                 rows.append((name, f"inference_batch1@{cfg.data.image_size}px_{tag}", t * 1e3, "ms/image"))
+            if tag == "fp32":  # the exported graph beside PyTorch, same batch, same threads
+                t_ort = time_onnxruntime(c, 1, steps=n, threads=threads)
+                rows.append((name, f"inference_batch1@{cfg.data.image_size}px_onnxruntime_fp32", t_ort * 1e3,
+                             "ms/image"))
+                rows.append((name, "onnxruntime_speedup_vs_pytorch_fp32", t / t_ort, "x"))
     for label, kwargs in (("cpu_decoder", {}),
                           ("paper_decoder", {"batch": 2, "queries": 500, "head_dim": 32,
                                              "spatial_shapes": ((80, 80), (40, 40), (20, 20))})):
