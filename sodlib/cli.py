@@ -194,7 +194,7 @@ def build_parser() -> argparse.ArgumentParser:
     x.set_defaults(func=_cmd_export)
 
     b = sub.add_parser("bench", help="benchmarks writing results/bench/<what>.csv")
-    b.add_argument("what", choices=("data", "model", "methods", "mrqm"))
+    b.add_argument("what", choices=("data", "model", "methods", "mrqm", "sahi"))
     b.add_argument("--out", default=None)
     b.set_defaults(func=_cmd_bench)
 

@@ -99,12 +99,15 @@ class ModelConfig:
         _check_range("model.box_noise_scale", self.box_noise_scale, lo=0.0)
         _check_range("model.query_nms", self.query_nms, lo=0.0, hi=1.0)
         _check_range("model.post_nms", self.post_nms, lo=0.0, hi=1.0)
-        if (self.encoder_dim or self.hidden_dim) % self.num_heads or (self.encoder_dim or self.hidden_dim) % 4:
-            raise ValueError(f"model.encoder_dim ({self.encoder_dim or self.hidden_dim}) must be divisible by "
-                             f"model.num_heads ({self.num_heads}) and by 4 (2-D sin-cos position embedding)")
         if self.hidden_dim % self.num_heads:
             raise ValueError(f"model.hidden_dim ({self.hidden_dim}) must be divisible by "
                              f"model.num_heads ({self.num_heads})")
+        width, key = (self.encoder_dim, "model.encoder_dim") if self.encoder_dim else (self.hidden_dim, "model.hidden_dim")
+        if self.encoder == "hybrid" and (width % self.num_heads or width % 4):
+            raise ValueError(f"{key} ({width}) must be divisible by model.num_heads ({self.num_heads}) and by 4 "
+                             f"(the hybrid encoder's 2-D sin-cos position embedding)")
+        if self.encoder_dim and self.encoder != "hybrid":
+            raise ValueError(f"model.encoder_dim applies to model.encoder='hybrid' only, got {self.encoder!r}")
         if self.encoder == "bifpn_sae" and self.num_levels != 4:
             raise ValueError(f"model.num_levels must be 4 with model.encoder='bifpn_sae' (P2..P5), "
                              f"got {self.num_levels}")
