@@ -1,23 +1,27 @@
-"""Backbones returning multi-scale feature maps: torchvision ResNets and a tiny CPU backbone.
+"""Backbones returning multi-scale feature maps: RT-DETR's ResNet-vd, torchvision ResNets and a tiny CPU backbone.
 
-Both return a list of maps ``[C_l, ...]`` for ``return_levels`` (level l has stride 2**l: 2 → 4,
+All return a list of maps ``[C_l, ...]`` for ``return_levels`` (level l has stride 2**l: 2 → 4,
 3 → 8, 4 → 16, 5 → 32) and expose ``out_channels`` / ``out_strides`` tuples in the same order.
 
-Nothing is downloaded: pretrained ResNet weights come from a local torchvision ``state_dict`` file
-(``torch.save(resnet50(weights=...).state_dict(), path)`` on a machine that has them).
+Nothing is downloaded: pretrained weights come from a local ``state_dict`` file: torchvision's layout for
+:class:`ResNetBackbone` (``torch.save(resnet50(weights=...).state_dict(), path)`` on a machine that has
+them), RT-DETR's PResNet layout for :class:`PResNet` (the ``ResNet50_vd_ssld_v2_pretrained_from_paddle.pth``
+files its configs download).
 """
 
 from __future__ import annotations
 
+from collections import OrderedDict
 from collections.abc import Callable
 from pathlib import Path
 
 import torch
+import torch.nn.functional as F
 from torch import Tensor, nn
 from torchvision.models import resnet
 from torchvision.ops.misc import FrozenBatchNorm2d
 
-__all__ = ["ResNetBackbone", "TinyBackbone", "load_state_dict_file"]
+__all__ = ["PRESNET_DEPTHS", "PResNet", "ResNetBackbone", "TinyBackbone", "load_state_dict_file"]
 
 _RESNETS = {18: resnet.resnet18, 34: resnet.resnet34, 50: resnet.resnet50}
 
@@ -125,7 +129,7 @@ class _BasicBlock(nn.Module):
         return self.act(self.conv2(self.conv1(x)) + self.shortcut(x))
 
 
-def _run_stages(stem: nn.Module, stages, return_levels: tuple[int, ...], images: Tensor) -> list[Tensor]:
+def _run_stages(stem: Callable[[Tensor], Tensor], stages, return_levels: tuple[int, ...], images: Tensor) -> list[Tensor]:
     """Stem, then stages C2..C5; collect the requested levels and stop after the last one."""
     x = stem(images)
     outs = []
@@ -171,3 +175,124 @@ class TinyBackbone(nn.Module):
 
     def forward(self, images: Tensor) -> list[Tensor]:
         return _run_stages(self.stem, self.stages, self.return_levels, images)
+
+
+# ---------------------------------------------------------------- ResNet-vd (RT-DETR's PResNet)
+
+PRESNET_DEPTHS = {18: (2, 2, 2, 2), 34: (3, 4, 6, 3), 50: (3, 4, 6, 3), 101: (3, 4, 23, 3)}
+
+
+class _ConvNorm(nn.Module):
+    """conv (no bias, "same" padding) → norm → optional ReLU; submodules ``conv`` and ``norm`` (PResNet's names)."""
+
+    def __init__(self, c_in: int, c_out: int, kernel: int, stride: int, norm_layer: Callable[[int], nn.Module],
+                 act: bool):
+        super().__init__()
+        self.conv = nn.Conv2d(c_in, c_out, kernel, stride, (kernel - 1) // 2, bias=False)
+        self.norm = norm_layer(c_out)
+        self.act = nn.ReLU(inplace=True) if act else nn.Identity()
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.act(self.norm(self.conv(x)))
+
+
+class _VdBlock(nn.Module):
+    """A ResNet-vd residual block: basic (two 3×3 convs: ``branch2a``, ``branch2b``) or bottleneck (1×1, 3×3
+    carrying the stride, 1×1 to 4× the width: ``branch2a..c``), then ReLU(branch + shortcut).
+
+    The first block of every stage has a projection shortcut ``short`` (even where the widths already agree,
+    as in ResNet-18/34's first stage); where that block halves the resolution the shortcut is "variant d":
+    2×2 average pooling, then a stride-1 1×1 conv (``short.pool``, ``short.conv``), so that no input pixel is
+    skipped. The other blocks add their input unchanged.
+    """
+
+    def __init__(self, c_in: int, width: int, stride: int, project: bool, bottleneck: bool,
+                 norm_layer: Callable[[int], nn.Module]):
+        super().__init__()
+        c_out = width * (4 if bottleneck else 1)
+        if bottleneck:
+            self.branch2a = _ConvNorm(c_in, width, 1, 1, norm_layer, act=True)
+            self.branch2b = _ConvNorm(width, width, 3, stride, norm_layer, act=True)
+            self.branch2c = _ConvNorm(width, c_out, 1, 1, norm_layer, act=False)
+        else:
+            self.branch2a = _ConvNorm(c_in, width, 3, stride, norm_layer, act=True)
+            self.branch2b = _ConvNorm(width, width, 3, 1, norm_layer, act=False)
+        self.short: nn.Module | None = None
+        if project and stride == 2:
+            self.short = nn.Sequential(OrderedDict(
+                pool=nn.AvgPool2d(2, 2, 0, ceil_mode=True), conv=_ConvNorm(c_in, c_out, 1, 1, norm_layer, act=False)))
+        elif project:
+            self.short = _ConvNorm(c_in, c_out, 1, stride, norm_layer, act=False)
+        self.branches = [self.branch2a, self.branch2b] + ([self.branch2c] if bottleneck else [])
+
+    def forward(self, x: Tensor) -> Tensor:
+        out = x
+        for branch in self.branches:
+            out = branch(out)
+        return F.relu(out + (x if self.short is None else self.short(x)))
+
+
+class _VdStage(nn.Module):
+    def __init__(self, blocks: list[_VdBlock]):
+        super().__init__()
+        self.blocks = nn.ModuleList(blocks)
+
+    def forward(self, x: Tensor) -> Tensor:
+        for block in self.blocks:
+            x = block(x)
+        return x
+
+
+class PResNet(nn.Module):
+    """ResNet-vd as RT-DETR builds it ("PResNet", from PaddleDetection): R18/R34/R50/R101, C2..C5 as selected.
+
+    Differences from torchvision's ResNet (:class:`ResNetBackbone`): a deep stem of three 3×3 convs
+    (3→32 with stride 2, 32→32, 32→64; ``conv1.conv1_1..3``) before the 3×3/2 max pool; average-pool
+    shortcuts in the downsampling blocks (see :class:`_VdBlock`); the bottleneck's stride on its 3×3 conv.
+    Parameter and buffer names follow RT-DETR's PResNet (``conv1.conv1_1.conv.weight``,
+    ``res_layers.2.blocks.0.short.conv.norm.running_var``, ...), so its ImageNet checkpoints load as they
+    are through ``pretrained_path`` and the backbone part of a released RT-DETR checkpoint maps one to one.
+
+    Args:
+        depth: 18, 34, 50 or 101.
+        return_levels: which of C2 (stride 4) .. C5 (stride 32) to return (RT-DETR: C3..C5).
+        freeze_norm: ``FrozenBatchNorm2d`` everywhere (RT-DETR-R50/R101); else trainable BatchNorm (R18/R34).
+        freeze_at: -1 trains everything; 0 freezes the stem (R50/R101); k > 0 also the first k stages.
+        pretrained_path: local state_dict file in PResNet's layout ("" = random initialisation).
+    """
+
+    def __init__(self, depth: int = 50, return_levels: tuple[int, ...] = (3, 4, 5), freeze_norm: bool = True,
+                 freeze_at: int = -1, pretrained_path: str = ""):
+        super().__init__()
+        if depth not in PRESNET_DEPTHS:
+            raise ValueError(f"PResNet depth must be one of {sorted(PRESNET_DEPTHS)}, got {depth}")
+        self.return_levels = _check_levels(return_levels)
+        norm = FrozenBatchNorm2d if freeze_norm else nn.BatchNorm2d
+        self.conv1 = nn.Sequential(OrderedDict(
+            conv1_1=_ConvNorm(3, 32, 3, 2, norm, act=True),
+            conv1_2=_ConvNorm(32, 32, 3, 1, norm, act=True),
+            conv1_3=_ConvNorm(32, 64, 3, 1, norm, act=True)))
+        bottleneck = depth >= 50
+        expansion = 4 if bottleneck else 1
+        widths = (64, 128, 256, 512)
+        stages, c_in = [], 64
+        for i, (width, count) in enumerate(zip(widths, PRESNET_DEPTHS[depth])):
+            stride = 1 if i == 0 else 2
+            blocks = [_VdBlock(c_in if j == 0 else width * expansion, width, stride if j == 0 else 1,
+                               project=j == 0, bottleneck=bottleneck, norm_layer=norm) for j in range(count)]
+            stages.append(_VdStage(blocks))
+            c_in = width * expansion
+        self.res_layers = nn.ModuleList(stages)
+        self.out_channels = tuple(widths[lv - 2] * expansion for lv in self.return_levels)
+        self.out_strides = tuple(2 ** lv for lv in self.return_levels)
+        if pretrained_path:
+            load_state_dict_file(self, pretrained_path)
+        if freeze_at >= 0:
+            for module in [self.conv1, *self.res_layers[:freeze_at]]:
+                module.requires_grad_(False)
+
+    def forward(self, images: Tensor) -> list[Tensor]:
+        return _run_stages(self._stem, self.res_layers, self.return_levels, images)
+
+    def _stem(self, images: Tensor) -> Tensor:
+        return F.max_pool2d(self.conv1(images), 3, 2, 1)

@@ -146,6 +146,29 @@ def time_inference(cfg, batch: int, steps: int = 20, warmup: int = 3, model=None
         return _median_time(lambda: model(images), steps)
 
 
+def time_onnxruntime(cfg, batch: int, steps: int = 20, warmup: int = 3, threads: int = 2) -> float:
+    """Median seconds of one forward pass of the exported ONNX graph in onnxruntime (CPU provider, ``threads``
+    intra-op threads) on the same synthetic batch as :func:`time_inference`."""
+    import onnxruntime as ort
+    import torch
+
+    from sodlib import build_detector
+    from sodlib.export import export_onnx
+
+    torch.manual_seed(0)
+    model = build_detector(cfg.model).eval()
+    images, _ = _synthetic_batch(batch, cfg.data.image_size, cfg.model.num_classes)
+    with tempfile.TemporaryDirectory() as tmp:
+        path = export_onnx(model, Path(tmp) / "model.onnx", cfg.data.image_size)
+        options = ort.SessionOptions()
+        options.intra_op_num_threads = threads
+        session = ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
+    feed = {"images": images.numpy()}
+    for _ in range(warmup):
+        session.run(None, feed)
+    return _median_time(lambda: session.run(None, feed), steps)
+
+
 def count_gflops(cfg) -> float:
     """Forward GFLOPs of one image at the working size (torch.utils.flop_counter; 1 MAC = 2 FLOPs)."""
     import torch
@@ -160,7 +183,8 @@ def count_gflops(cfg) -> float:
 
 
 def bench_model(steps: int = 20, threads: int = 2) -> pd.DataFrame:
-    """Training step and inference time per profile at its working size; deformable-attention core."""
+    """Training step and inference time per profile at its working size (PyTorch, and the exported ONNX graph
+    in onnxruntime); deformable-attention core."""
     import torch
 
     from sodlib import build_detector
@@ -189,6 +213,11 @@ def bench_model(steps: int = 20, threads: int = 2) -> pd.DataFrame:
             if "bf16" not in tag:
                 t = time_inference(c, 1, steps=n)
                 rows.append((name, f"inference_batch1@{cfg.data.image_size}px_{tag}", t * 1e3, "ms/image"))
+            if tag == "fp32":  # the exported graph beside PyTorch, same batch, same threads
+                t_ort = time_onnxruntime(c, 1, steps=n, threads=threads)
+                rows.append((name, f"inference_batch1@{cfg.data.image_size}px_onnxruntime_fp32", t_ort * 1e3,
+                             "ms/image"))
+                rows.append((name, "onnxruntime_speedup_vs_pytorch_fp32", t / t_ort, "x"))
     for label, kwargs in (("cpu_decoder", {}),
                           ("paper_decoder", {"batch": 2, "queries": 500, "head_dim": 32,
                                              "spatial_shapes": ((80, 80), (40, 40), (20, 20))})):
@@ -270,7 +299,54 @@ def bench_mrqm(repeats: int = 3, threads: int = 2) -> pd.DataFrame:
     return df
 
 
-BENCHES = {"data": bench_data, "model": bench_model, "methods": bench_methods, "mrqm": bench_mrqm}
+def bench_sahi(checkpoint: str = "", slice_size: int = 640, overlap: float = 0.2, threads: int = 2) -> pd.DataFrame:
+    """SAHI's sliced prediction against ``sodlib predict --slice`` on ../shared/data/visdrone_mini (8 images):
+    detections, agreement with predict --slice, seconds (after one warm-up image), AP/AP50 (visdrone protocol).
+
+    ``checkpoint`` "" uses a random-weight ``cpu``-profile detector with VisDrone's 10 classes (decoder weights
+    perturbed so that confidences vary): no VisDrone-trained checkpoint is committed, so its AP is ~0 and only
+    the counts, the agreement and the time compare the pipelines.
+    """
+    import torch
+
+    from sodlib import build_detector
+    from sodlib.config import get_profile, override
+    from sodlib.engine import save_checkpoint
+    from sodlib.formats import visdrone_to_coco
+    from sodlib.reproduce import SHARED_DATA
+    from sodlib.sahi_model import compare_sliced
+
+    torch.set_num_threads(threads)
+    root = SHARED_DATA / "visdrone_mini"
+    if not root.is_dir():
+        raise FileNotFoundError(f"{root}: the VisDrone sample is not beside the repository")
+    with tempfile.TemporaryDirectory() as tmp:
+        if not checkpoint:
+            cfg = override(get_profile("cpu"), "data.num_classes=10", "model.num_classes=10")
+            torch.manual_seed(0)
+            model = build_detector(cfg.model)
+            with torch.no_grad():
+                for p in model.decoder.parameters():
+                    p.add_(0.05 * torch.randn_like(p))
+            checkpoint = str(save_checkpoint(Path(tmp) / "random.pt", model=model.state_dict(), config=cfg.to_dict()))
+            name = "random-weight cpu detector"
+        else:
+            name = Path(checkpoint).parent.parent.name
+        rows = compare_sliced(checkpoint, sorted((root / "images").glob("*.jpg")), visdrone_to_coco(root), slice_size,
+                              overlap)
+    out = []
+    for r in rows:
+        for key, unit in (("detections", "count"), ("agreement", "fraction"), ("seconds", "s"), ("AP", "fraction"),
+                          ("AP50", "fraction")):
+            out.append((f"sliced_{slice_size}_overlap{overlap:g}/{name}", f"{r['pipeline']}/{key}", r[key], unit))
+    base = rows[0]["seconds"]
+    for r in rows[1:]:
+        out.append((f"sliced_{slice_size}_overlap{overlap:g}/{name}", f"{r['pipeline']}/time_vs_predict_slice",
+                    r["seconds"] / base, "x"))
+    return pd.DataFrame(out, columns=["benchmark", "variant", "value", "unit"])
+
+
+BENCHES = {"data": bench_data, "model": bench_model, "methods": bench_methods, "mrqm": bench_mrqm, "sahi": bench_sahi}
 
 
 def run(what: str, out_dir: str | Path) -> Path:

@@ -9,6 +9,7 @@ step, e.g. a notebook cell) are printed as one line and give exit status 2 (no t
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import logging
 import os
 import sys
@@ -47,6 +48,8 @@ def _cmd_train(args) -> int:
     from sodlib.runs import run_dir
 
     cfg = _config(args)
+    if args.init_from:
+        cfg = dataclasses.replace(cfg, train=dataclasses.replace(cfg.train, init_from=str(args.init_from)))
     out = Path(args.out) if args.out else run_dir(cfg)
     print(f"run folder: {out}")
     metrics = train(cfg, out, data_root=args.data, resume=not args.no_resume, protocol=args.protocol)
@@ -96,6 +99,15 @@ def _cmd_bench(args) -> int:
     return 0
 
 
+def _cmd_export(args) -> int:
+    from sodlib.export import export_checkpoint
+
+    path = export_checkpoint(args.checkpoint, args.out, image_size=args.image_size, postprocess=args.postprocess,
+                             num_top=args.num_top)
+    print(f"wrote {path}")
+    return 0
+
+
 def _cmd_reproduce(args) -> int:
     from sodlib import reproduce
 
@@ -141,6 +153,9 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--data", default=None, help="dataset root (overrides data.root)")
     t.add_argument("--out", default=None, help="run folder (default results/runs/<config hash>)")
     t.add_argument("--no-resume", action="store_true", help="start over even if a checkpoint exists")
+    t.add_argument("--init-from", default=None, metavar="CKPT",
+                   help="fine-tune: start from the tensors of CKPT (RT-DETR, transformers or sodlib checkpoint) "
+                        "whose name and shape fit; same as --set train.init_from=CKPT")
     t.add_argument("--protocol", default="coco", choices=("coco", "sodad", "visdrone"))
     t.set_defaults(func=_cmd_train)
 
@@ -169,8 +184,17 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--out", default=None, help="folder for metrics.csv / per_class.csv")
     e.set_defaults(func=_cmd_eval)
 
+    x = sub.add_parser("export", help="export a checkpoint's detector to ONNX (onnxruntime-checked in the tests)")
+    x.add_argument("--checkpoint", required=True, help="sodlib checkpoint (results/runs/<hash>/checkpoints/last.pt)")
+    x.add_argument("--out", required=True, help="the .onnx file to write (must not exist)")
+    x.add_argument("--image-size", type=int, default=None, help="square input size (default: the run's)")
+    x.add_argument("--postprocess", action="store_true",
+                   help="add RT-DETR's post-processor: input orig_target_sizes (w, h), outputs labels/boxes/scores")
+    x.add_argument("--num-top", type=int, default=300, help="detections per image with --postprocess")
+    x.set_defaults(func=_cmd_export)
+
     b = sub.add_parser("bench", help="benchmarks writing results/bench/<what>.csv")
-    b.add_argument("what", choices=("data", "model", "methods", "mrqm"))
+    b.add_argument("what", choices=("data", "model", "methods", "mrqm", "sahi"))
     b.add_argument("--out", default=None)
     b.set_defaults(func=_cmd_bench)
 
@@ -202,7 +226,7 @@ def main(argv: list[str] | None = None) -> int:
                         format="%(levelname)s %(name)s: %(message)s")
     try:
         return args.func(args)
-    except (ValueError, FileNotFoundError, KeyError) as exc:
+    except (ValueError, FileNotFoundError, FileExistsError, KeyError) as exc:
         if os.environ.get("SODLIB_DEBUG"):
             raise
         print(f"sodlib {args.command}: error: {exc}", file=sys.stderr)

@@ -40,11 +40,14 @@ class DataConfig:
         _check_range("data.num_workers", self.num_workers, lo=0)
 
 
+BACKBONES = ("tiny", "resnet18", "resnet34", "resnet50", "presnet18vd", "presnet34vd", "presnet50vd", "presnet101vd")
+
+
 @dataclass(frozen=True)
 class ModelConfig:
-    backbone: str = "resnet18"  # tiny | resnet18 | resnet34 | resnet50
+    backbone: str = "resnet18"  # tiny | resnet18/34/50 (torchvision) | presnet18vd/34vd/50vd/101vd (RT-DETR's ResNet-vd)
     backbone_width: int = 32  # stem width of the `tiny` backbone (ignored by ResNets)
-    pretrained_path: str = ""  # local torchvision state_dict for the ResNet; "" = random init
+    pretrained_path: str = ""  # local backbone state_dict (torchvision layout for resnetNN, PResNet's for presnetNNvd)
     freeze_norm: bool = True  # FrozenBatchNorm2d in the backbone (RT-DETR practice)
     freeze_at: int = -1  # ResNet: -1 trains all; 0 freezes the stem (RT-DETR-R50); k also stages 1..k
     num_classes: int = 6  # foreground classes (must equal data.num_classes)
@@ -57,6 +60,8 @@ class ModelConfig:
     num_decoder_layers: int = 6  # decoder layers (one box/class head each)
     dim_feedforward: int = 1024  # decoder FFN width
     encoder_ffn: int = 1024  # AIFI FFN width
+    encoder_dim: int = 0  # hybrid encoder width (0 = hidden_dim; RT-DETR-R101: 384, projected to hidden_dim)
+    pos_embed: str = "xy"  # AIFI's sin-cos layout: xy (x then y) | rtdetr (the released code's; see encoder.py)
     csp_blocks: int = 3  # RepVGG blocks per CSP stage in CCFM
     expansion: float = 1.0  # CSP hidden-width expansion
     dropout: float = 0.0
@@ -79,13 +84,15 @@ class ModelConfig:
     iah_max_queries: int = 300  # MRQM: cap on auxiliary positive queries per image (kept by IAH score)
 
     def __post_init__(self):
-        _check_choice("model.backbone", self.backbone, ("tiny", "resnet18", "resnet34", "resnet50"))
+        _check_choice("model.backbone", self.backbone, BACKBONES)
+        _check_choice("model.pos_embed", self.pos_embed, ("xy", "rtdetr"))
         _check_choice("model.encoder", self.encoder, ("hybrid", "bifpn_sae"))
         _check_choice("model.iah_reading", self.iah_reading, ("norm_px2", "px_px2", "px_px"))
         for key in ("num_classes", "hidden_dim", "num_heads", "num_levels", "num_points", "num_queries",
                     "num_decoder_layers", "dim_feedforward", "encoder_ffn", "backbone_width"):
             _check_range(f"model.{key}", getattr(self, key), lo=1)
         _check_range("model.num_denoising", self.num_denoising, lo=0)
+        _check_range("model.encoder_dim", self.encoder_dim, lo=0)
         _check_range("model.freeze_at", self.freeze_at, lo=-1, hi=4)
         _check_range("model.dropout", self.dropout, lo=0.0, hi=1.0)
         _check_range("model.label_noise_ratio", self.label_noise_ratio, lo=0.0, hi=1.0)
@@ -95,6 +102,12 @@ class ModelConfig:
         if self.hidden_dim % self.num_heads:
             raise ValueError(f"model.hidden_dim ({self.hidden_dim}) must be divisible by "
                              f"model.num_heads ({self.num_heads})")
+        width, key = (self.encoder_dim, "model.encoder_dim") if self.encoder_dim else (self.hidden_dim, "model.hidden_dim")
+        if self.encoder == "hybrid" and (width % self.num_heads or width % 4):
+            raise ValueError(f"{key} ({width}) must be divisible by model.num_heads ({self.num_heads}) and by 4 "
+                             f"(the hybrid encoder's 2-D sin-cos position embedding)")
+        if self.encoder_dim and self.encoder != "hybrid":
+            raise ValueError(f"model.encoder_dim applies to model.encoder='hybrid' only, got {self.encoder!r}")
         if self.encoder == "bifpn_sae" and self.num_levels != 4:
             raise ValueError(f"model.num_levels must be 4 with model.encoder='bifpn_sae' (P2..P5), "
                              f"got {self.num_levels}")
@@ -208,6 +221,7 @@ class TrainConfig:
     checkpoint_every: int = 200  # iterations between checkpoints
     log_every: int = 10
     threads: int = 0  # torch.set_num_threads; 0 = leave as is
+    init_from: str = ""  # checkpoint (RT-DETR, transformers or sodlib) whose fitting tensors start the model
 
     def __post_init__(self):
         _check_range("train.batch_size", self.batch_size, lo=1)
@@ -319,12 +333,14 @@ ABLATION_ITERS = 4000  # provisional: the longest schedule measured; 2000 -> 400
 
 
 def _paper() -> RunConfig:
-    # RT-DETR-R50 as trained in paper A, §5.2.
+    # RT-DETR-R50 as trained in paper A, §5.2: the released architecture (sodlib.official.rtdetr_model_config(50)),
+    # so that RT-DETR's COCO or ImageNet weights initialise it (`sodlib train --init-from`, model.pretrained_path).
     return RunConfig(
         name="paper",
         data=DataConfig(dataset="visdrone", image_size=640, num_classes=10, num_workers=4),
-        model=ModelConfig(backbone="resnet50", freeze_at=0, num_classes=10, hidden_dim=256, num_heads=8,
-                          num_levels=3, num_points=4, num_queries=300, num_decoder_layers=6, num_denoising=100),
+        model=ModelConfig(backbone="presnet50vd", freeze_at=0, num_classes=10, hidden_dim=256, num_heads=8,
+                          num_levels=3, num_points=4, num_queries=300, num_decoder_layers=6, num_denoising=100,
+                          pos_embed="rtdetr"),
         train=TrainConfig(device="cuda", batch_size=16, epochs=72, lr=2e-4, lr_backbone_mult=0.1,
                           weight_decay=1e-4, warmup_iters=2000, ema_decay=0.9999, clip_max_norm=0.1,
                           amp=True),

@@ -84,7 +84,8 @@ def ms_deform_attn_core(value: Tensor, spatial_shapes: Sequence[tuple[int, int]]
     if impl == "auto":
         needs_grad = torch.is_grad_enabled() and (
             value.requires_grad or sampling_locations.requires_grad or attention_weights.requires_grad)
-        impl = "grid_sample" if needs_grad else "gather"
+        # ONNX export: GridSample is a standard operator (opset 16) where embedding_bag is not
+        impl = "grid_sample" if needs_grad or torch.onnx.is_in_onnx_export() else "gather"
     if impl == "gather":
         return _core_gather(value, spatial_shapes, sampling_locations, attention_weights)
     if impl == "grid_sample":

@@ -28,7 +28,7 @@ import torch
 from torch import Tensor, nn
 from torchvision.ops import batched_nms, box_convert
 
-from .backbone import ResNetBackbone, TinyBackbone, load_state_dict_file
+from .backbone import PResNet, ResNetBackbone, TinyBackbone, load_state_dict_file
 from .config import ModelConfig
 from .decoder import RTDETRDecoder
 from .encoder import HybridEncoder
@@ -69,12 +69,16 @@ class RTDETR(nn.Module):
 
 def build_backbone(cfg: ModelConfig, return_levels: tuple[int, ...] = (3, 4, 5)) -> nn.Module:
     """``tiny`` → :class:`TinyBackbone` (trainable BatchNorm; ``freeze_norm`` applies to ResNets only);
-    ``resnetNN`` → :class:`ResNetBackbone` (``model.freeze_at``: 0 freezes the stem, as RT-DETR-R50 does)."""
+    ``resnetNN`` → torchvision's :class:`ResNetBackbone`, ``presnetNNvd`` → RT-DETR's :class:`PResNet`
+    (``model.freeze_at``: 0 freezes the stem, as RT-DETR-R50 does)."""
     if cfg.backbone == "tiny":
         backbone = TinyBackbone(cfg.backbone_width, return_levels)
         if cfg.pretrained_path:
             load_state_dict_file(backbone, cfg.pretrained_path)
         return backbone
+    if cfg.backbone.startswith("presnet"):
+        depth = int(cfg.backbone.removeprefix("presnet").removesuffix("vd"))
+        return PResNet(depth, return_levels, cfg.freeze_norm, cfg.freeze_at, cfg.pretrained_path)
     depth = int(cfg.backbone.removeprefix("resnet"))
     return ResNetBackbone(depth, return_levels, cfg.freeze_norm, cfg.freeze_at, cfg.pretrained_path)
 
@@ -88,8 +92,9 @@ def encoder_levels(cfg: ModelConfig) -> tuple[int, ...]:
 def build_encoder(cfg: ModelConfig, in_channels: tuple[int, ...]) -> nn.Module:
     """``hybrid`` → RT-DETR's :class:`HybridEncoder`; ``bifpn_sae`` → MRQM's BiFPN + scale-aware encoder."""
     if cfg.encoder == "hybrid":
-        return HybridEncoder(in_channels, cfg.hidden_dim, cfg.num_heads, cfg.encoder_ffn, cfg.dropout,
-                             csp_blocks=cfg.csp_blocks, expansion=cfg.expansion, light_levels=int(cfg.p2_values))
+        return HybridEncoder(in_channels, cfg.encoder_dim or cfg.hidden_dim, cfg.num_heads, cfg.encoder_ffn,
+                             cfg.dropout, csp_blocks=cfg.csp_blocks, expansion=cfg.expansion,
+                             light_levels=int(cfg.p2_values), pos_embed=cfg.pos_embed)
     if cfg.encoder == "bifpn_sae":
         return BiFPNSAEEncoder(in_channels, cfg.hidden_dim, cfg.num_heads, cfg.num_points, cfg.encoder_ffn,
                                cfg.dropout, cfg.bifpn_repeats, cfg.sae_high_updates)

@@ -25,20 +25,33 @@ __all__ = [
 
 
 def sincos_position_embedding_2d(h: int, w: int, dim: int, temperature: float = 10000.0,
-                                 device=None, dtype=torch.float32) -> Tensor:
+                                 device=None, dtype=torch.float32, layout: str = "xy") -> Tensor:
     """Fixed 2-D sin-cos embedding [1, h·w, dim] for a row-major flattened h×w map.
 
-    Channels: [sin(x·ω), cos(x·ω), sin(y·ω), cos(y·ω)] with ω_k = temperature^(-k/(dim/4)).
+    ``layout="xy"``: token (y, x) gets [sin(x·ω), cos(x·ω), sin(y·ω), cos(y·ω)] with
+    ω_k = temperature^(-k/(dim/4)).
+
+    ``layout="rtdetr"``: what RT-DETR's released code computes, needed to reproduce its checkpoints. It
+    builds the grid as (w, h) and flattens it in that order, so token t = y·w + x gets the pair
+    (a, b) = (t // h, t % h) in place of (x, y). On a square map that is (y, x): the same embedding as
+    ``xy`` with its two halves swapped (transformers' RT-DETR port computes (y, x) on every map; the two
+    agree on square maps, the size RT-DETR trains and evaluates at). On a non-square map (a, b) is not a
+    spatial coordinate; we keep it for equal outputs with the released weights.
     """
     if dim % 4:
         raise ValueError(f"embedding dim must be divisible by 4 for a 2-D sin-cos embedding, got {dim}")
+    if layout not in ("xy", "rtdetr"):
+        raise ValueError(f"position embedding layout must be 'xy' or 'rtdetr', got {layout!r}")
     quarter = dim // 4
     omega = 1.0 / temperature ** (torch.arange(quarter, dtype=torch.float32, device=device) / quarter)
-    ys, xs = torch.meshgrid(torch.arange(h, dtype=torch.float32, device=device),
-                            torch.arange(w, dtype=torch.float32, device=device), indexing="ij")
-    out_x = xs.reshape(-1, 1) * omega
-    out_y = ys.reshape(-1, 1) * omega
-    emb = torch.cat([out_x.sin(), out_x.cos(), out_y.sin(), out_y.cos()], dim=1)
+    token = torch.arange(h * w, device=device)
+    if layout == "xy":
+        first, second = token % w, token // w  # x, y
+    else:
+        first, second = token // h, token % h
+    out_1 = first.to(torch.float32).reshape(-1, 1) * omega
+    out_2 = second.to(torch.float32).reshape(-1, 1) * omega
+    emb = torch.cat([out_1.sin(), out_1.cos(), out_2.sin(), out_2.cos()], dim=1)
     return emb.unsqueeze(0).to(dtype)
 
 
@@ -111,6 +124,8 @@ class HybridEncoder(nn.Module):
         csp_blocks: RepVGG blocks per CSPRepLayer (RT-DETR: round(3 · depth_mult)).
         expansion: CSPRepLayer hidden width factor.
         pe_temperature: temperature of the sin-cos position embedding.
+        pos_embed: layout of the AIFI position embedding, ``xy`` or ``rtdetr`` (see
+            :func:`sincos_position_embedding_2d`).
         light_levels: how many of the finest maps bypass AIFI and CCFM (not RT-DETR; ``model.p2_values``):
             each is a 1×1 projection plus the nearest-upsampled output of the next coarser level, a cheap
             high-resolution level for the decoder to sample.
@@ -123,8 +138,10 @@ class HybridEncoder(nn.Module):
                  num_encoder_layers: int = 1, use_encoder_idx: tuple[int, ...] = (-1,), csp_blocks: int = 3,
                  expansion: float = 1.0, pe_temperature: float = 10000.0,
                  act: Callable[[], nn.Module] = nn.SiLU, enc_act: Callable[[], nn.Module] = nn.GELU,
-                 light_levels: int = 0):
+                 light_levels: int = 0, pos_embed: str = "xy"):
         super().__init__()
+        sincos_position_embedding_2d(1, 1, hidden_dim, layout=pos_embed)  # validates dim and layout now
+        self.pos_embed = pos_embed
         if not 0 <= light_levels < len(in_channels):
             raise ValueError(f"light_levels must lie in [0, {len(in_channels)}), got {light_levels}")
         self.in_channels = tuple(in_channels)
@@ -170,7 +187,7 @@ class HybridEncoder(nn.Module):
         for layers, idx in zip(self.encoder, self.use_encoder_idx):
             b, c, h, w = proj[idx].shape
             src = proj[idx].flatten(2).transpose(1, 2)  # [B, H*W, C]
-            pos = sincos_position_embedding_2d(h, w, c, self.pe_temperature, src.device, src.dtype)
+            pos = sincos_position_embedding_2d(h, w, c, self.pe_temperature, src.device, src.dtype, self.pos_embed)
             for layer in layers:
                 src = layer(src, pos)
             proj[idx] = src.transpose(1, 2).reshape(b, c, h, w)

@@ -174,7 +174,14 @@ def train(cfg: RunConfig, out_dir: str | os.PathLike, data_root: str | None = No
     if not main_process:
         train_ds = build_dataset(cfg.data, cfg.data.train_split, train=True, data_root=data_root)
 
-    model = build_detector(cfg.model).to(device)
+    model = build_detector(cfg.model)
+    if tc.init_from and not (resume and (out_dir / "checkpoints" / "last.pt").exists()):
+        from sodlib.official import init_from
+
+        report = init_from(model, tc.init_from)
+        if main_process:
+            print(report, flush=True)
+    model = model.to(device)
     if cfg.model.iah and cfg.model.iah_as_px == 0:  # MRQM's A_s: sqrt of the smallest training gt area (px)
         from sodlib.mrqm_stats import min_instance_size_px
 

@@ -13,7 +13,7 @@ def test_profiles_build_and_round_trip(name):
 def test_cpu_is_default_and_paper_matches_paper_a():
     assert get_profile() == get_profile("cpu")
     p = get_profile("paper")
-    assert (p.model.backbone, p.data.image_size, p.model.num_queries, p.model.hidden_dim) == ("resnet50", 640, 300, 256)
+    assert (p.model.backbone, p.data.image_size, p.model.num_queries, p.model.hidden_dim) == ("presnet50vd", 640, 300, 256)
     assert (p.model.num_heads, p.model.num_levels, p.model.num_points, p.model.num_denoising) == (8, 3, 4, 100)
     assert (p.train.lr, p.train.lr_backbone_mult, p.train.weight_decay) == (2e-4, 0.1, 1e-4)
     assert (p.train.warmup_iters, p.train.ema_decay, p.train.clip_max_norm) == (2000, 0.9999, 0.1)
