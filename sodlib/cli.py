@@ -103,7 +103,7 @@ def _cmd_export(args) -> int:
     from sodlib.export import export_checkpoint
 
     path = export_checkpoint(args.checkpoint, args.out, image_size=args.image_size, postprocess=args.postprocess,
-                             num_top=args.num_top)
+                             num_top=args.num_top, rtdetr_depth=args.rtdetr, num_classes=args.num_classes)
     print(f"wrote {path}")
     return 0
 
@@ -185,12 +185,16 @@ def build_parser() -> argparse.ArgumentParser:
     e.set_defaults(func=_cmd_eval)
 
     x = sub.add_parser("export", help="export a checkpoint's detector to ONNX (onnxruntime-checked in the tests)")
-    x.add_argument("--checkpoint", required=True, help="sodlib checkpoint (results/runs/<hash>/checkpoints/last.pt)")
+    x.add_argument("--checkpoint", required=True,
+                   help="sodlib checkpoint (results/runs/<hash>/checkpoints/last.pt), or a released one with --rtdetr")
     x.add_argument("--out", required=True, help="the .onnx file to write (must not exist)")
     x.add_argument("--image-size", type=int, default=None, help="square input size (default: the run's)")
     x.add_argument("--postprocess", action="store_true",
                    help="add RT-DETR's post-processor: input orig_target_sizes (w, h), outputs labels/boxes/scores")
     x.add_argument("--num-top", type=int, default=300, help="detections per image with --postprocess")
+    x.add_argument("--rtdetr", type=int, choices=(18, 34, 50, 101), default=None,
+                   help="the checkpoint is a released RT-DETR-R<depth> (RT-DETR's or transformers' layout)")
+    x.add_argument("--num-classes", type=int, default=80, help="its class count with --rtdetr (COCO: 80)")
     x.set_defaults(func=_cmd_export)
 
     b = sub.add_parser("bench", help="benchmarks writing results/bench/<what>.csv")

@@ -91,21 +91,32 @@ def export_onnx(model: nn.Module, out: str | os.PathLike, image_size: int, postp
 
 
 def export_checkpoint(checkpoint: str | os.PathLike, out: str | os.PathLike, image_size: int | None = None,
-                      postprocess: bool = False, num_top: int = 300) -> Path:
-    """``sodlib export``: the sodlib checkpoint's detector (EMA weights when present) → ONNX. ``out`` must not
-    exist (nothing the user owns is overwritten); ``image_size`` defaults to the run's ``data.image_size``."""
+                      postprocess: bool = False, num_top: int = 300, rtdetr_depth: int | None = None,
+                      num_classes: int = 80) -> Path:
+    """``sodlib export``: a checkpoint's detector → ONNX. ``out`` must not exist (nothing the user owns is
+    overwritten).
+
+    A sodlib checkpoint carries its config (EMA weights when present; ``image_size`` defaults to the run's).
+    With ``rtdetr_depth`` the checkpoint is a released RT-DETR-R``depth`` one (RT-DETR's or transformers'
+    layout, ``num_classes`` classes), read with :func:`sodlib.official.load_rtdetr`; ``image_size`` defaults
+    to 640, RT-DETR's evaluation size.
+    """
     from .inference import load_model
+    from .official import load_rtdetr, rtdetr_model_config
 
     out = Path(out)
     if out.exists():
         raise FileExistsError(f"{out} exists; choose another --out (an export never overwrites a file)")
+    if rtdetr_depth is not None:
+        model = load_rtdetr(checkpoint, rtdetr_model_config(rtdetr_depth, num_classes=num_classes))
+        return export_onnx(model, out, image_size or 640, postprocess, num_top)
     try:
         model, cfg = load_model(checkpoint)
     except FileNotFoundError:
         raise
     except Exception as exc:  # a truncated file, a foreign pickle, a state dict without its config
         raise ValueError(f"{checkpoint}: not a sodlib checkpoint ({type(exc).__name__}: "
-                         f"{(str(exc).splitlines() or [''])[0]})") from exc
+                         f"{(str(exc).splitlines() or [''])[0]}); a released RT-DETR one needs --rtdetr DEPTH") from exc
     return export_onnx(model, out, image_size or cfg.data.image_size, postprocess, num_top)
 
 

@@ -83,3 +83,20 @@ def test_paper_a_methods_export_to_the_baseline_graph(tmp_path):
     (ops_a, params_a), (ops_b, params_b) = graph_signature(paths[0]), graph_signature(paths[1])
     assert ops_a == ops_b and params_a == params_b
     assert "GridSample" in ops_a and "TopK" in ops_a
+
+
+@pytest.mark.slow
+def test_export_a_released_rtdetr_checkpoint(tmp_path):
+    from sodlib.official import load_rtdetr, rtdetr_model_config, to_layout
+
+    cfg = rtdetr_model_config(18, num_classes=3)
+    model = build_detector(cfg)
+    ckpt = tmp_path / "rtdetr_r18.pth"
+    torch.save({"ema": {"module": to_layout(model, "official")}}, ckpt)
+    out = tmp_path / "r18.onnx"
+    assert main(["export", "--checkpoint", str(ckpt), "--rtdetr", "18", "--num-classes", "3", "--out", str(out),
+                 "--image-size", "128"]) == 0
+    assert check_onnx(out, load_rtdetr(ckpt, cfg), torch.rand(2, 3, 128, 128)) < 1e-4
+    # without --rtdetr a released checkpoint is not a sodlib one: one line, no file
+    assert main(["export", "--checkpoint", str(ckpt), "--out", str(tmp_path / "x.onnx")]) == 2
+    assert not (tmp_path / "x.onnx").exists()
