@@ -34,6 +34,51 @@ def splat_attention(sampling_locations: Tensor, attention_weights: Tensor, size_
     return heat.reshape(h, w)
 
 
+def attention_density(sampling_locations: Tensor, attention_weights: Tensor, level_strides, size_hw: tuple[int, int],
+                      sigma_per_stride: float = 0.5) -> Tensor:
+    """Attention as a smooth density [H, W]: every sampling point's weight spread by a Gaussian whose width
+    follows its feature level's stride.
+
+    ``sampling_locations`` [..., levels, points, 2] normalised (x, y); ``attention_weights`` [..., levels, points]
+    (e.g. one query's [heads, levels, points], or several queries'); ``level_strides`` (L,) the stride of each
+    level in pixels of the *output* grid (a stride-8 level of a 320-px input drawn at 960 px: 24);
+    ``size_hw`` the output grid. A point of level l gets σ_l = ``sigma_per_stride`` · stride_l pixels: a
+    bilinear sample of that level reads a 2·stride-wide tent of the image, whose standard deviation is
+    stride/√6 ≈ 0.41·stride; 0.5 keeps the picture smooth at that scale.
+
+    Mass: each point's kernel is normalised over the pixels *inside* the grid, so a point near the border
+    keeps all its weight, and the density's total is the attention mass of the points inside the image
+    (points outside, x or y ∉ [0, 1], are dropped). Pixel (i, j) has centre ((j + 0.5)/W, (i + 0.5)/H).
+    Cost: one [H, P] × [P, W] product per level (P points of that level).
+    """
+    if sampling_locations.shape[:-1] != attention_weights.shape or sampling_locations.dim() < 3:
+        raise ValueError(f"sampling_locations {tuple(sampling_locations.shape)} and attention_weights "
+                         f"{tuple(attention_weights.shape)} must be [..., levels, points, 2] and [..., levels, points]")
+    strides = torch.as_tensor(level_strides, dtype=torch.float32).flatten()
+    levels = attention_weights.shape[-2]
+    if len(strides) != levels or not bool((strides > 0).all()):
+        raise ValueError(f"level_strides must give {levels} positive strides (one per level), got {level_strides}")
+    h, w = int(size_hw[0]), int(size_hw[1])
+    xy = sampling_locations.detach().float().movedim(-3, 0).reshape(levels, -1, 2)  # [L, N, 2]
+    weights = attention_weights.detach().float().movedim(-2, 0).reshape(levels, -1)  # [L, N]
+    cols = torch.arange(w, dtype=torch.float32, device=xy.device) + 0.5
+    rows = torch.arange(h, dtype=torch.float32, device=xy.device) + 0.5
+    density = torch.zeros(h, w, dtype=torch.float32, device=xy.device)
+    for level in range(levels):
+        p, a = xy[level], weights[level]
+        inside = (p >= 0).all(-1) & (p <= 1).all(-1) & (a != 0)
+        if not bool(inside.any()):
+            continue
+        p, a = p[inside], a[inside]
+        sigma = max(float(sigma_per_stride * strides[level]), 0.5)  # at least half a pixel: no underflow
+        gx = torch.exp(-0.5 * ((cols[None] - p[:, :1] * w) / sigma) ** 2)  # [N, W]
+        gy = torch.exp(-0.5 * ((rows[None] - p[:, 1:] * h) / sigma) ** 2)  # [N, H]
+        gx = gx / gx.sum(1, keepdim=True).clamp(min=1e-30)
+        gy = gy / gy.sum(1, keepdim=True).clamp(min=1e-30)
+        density += (gy * a[:, None]).T @ gx
+    return density
+
+
 def attention_mass_in_boxes(sampling_locations: Tensor, attention_weights: Tensor, boxes_cxcywh: Tensor) -> Tensor:
     """Share of each query's attention mass on points inside its box: Σ_{k inside} A_k / Σ_k A_k.
 

@@ -1,7 +1,12 @@
 import torch
 from torch.testing import assert_close
 
-from sodlib.heatmaps import attention_for_objects, attention_mass_in_boxes, query_per_box, splat_attention
+import math
+
+import pytest
+
+from sodlib.heatmaps import (attention_density, attention_for_objects, attention_mass_in_boxes, query_per_box,
+                             splat_attention)
 
 
 def test_splat_puts_a_point_in_its_pixel():
@@ -62,3 +67,41 @@ def test_attention_for_objects_on_a_tiny_detector():
     assert loc.shape == (2, cfg.num_heads, cfg.num_levels, cfg.num_points, 2)
     assert_close(r["in_box_share"][-1], attention_mass_in_boxes(loc, attn, gt))
     assert attention_for_objects(model, image, gt[:0])["in_box_share"].shape == (cfg.num_decoder_layers, 0)
+
+
+def test_density_of_one_point_is_a_kernel_centred_on_it():
+    """A point at the centre of pixel (row 30, col 12) of a 50×40 grid, stride 8 → σ = 4 px: the peak is that
+    pixel, the profile is symmetric, and 4 px away it has fallen to exp(-1/2) of the peak (hand-computed)."""
+    loc = torch.tensor([[[12.5 / 40, 30.5 / 50]]])  # [levels=1, points=1, 2]
+    density = attention_density(loc, torch.tensor([[2.0]]), [8], (50, 40))
+    assert divmod(int(density.argmax()), 40) == (30, 12)
+    assert_close(density.sum(), torch.tensor(2.0))
+    row = density[30]
+    assert_close(row[12 - 4], row[12 + 4])
+    assert_close(row[16] / row[12], torch.tensor(math.exp(-0.5)))
+    assert_close(density[:, 12][34] / density[30, 12], torch.tensor(math.exp(-0.5)))
+
+
+def test_density_conserves_the_mass_of_the_points_inside():
+    g = torch.Generator().manual_seed(0)
+    loc = torch.rand(8, 3, 4, 2, generator=g) * 1.4 - 0.2  # heads, levels, points; some outside [0, 1]
+    attn = torch.rand(8, 3, 4, generator=g)
+    density = attention_density(loc, attn, [8, 16, 32], (64, 48))
+    inside = ((loc >= 0) & (loc <= 1)).all(-1)
+    assert bool((~inside).any()) and bool(inside.any())
+    assert_close(density.sum(), (attn * inside).sum())
+    assert bool((density >= 0).all())
+    # a point on the border keeps all its weight inside (its kernel is renormalised)
+    edge = attention_density(torch.tensor([[[0.0, 1.0]]]), torch.tensor([[1.0]]), [32], (20, 20))
+    assert_close(edge.sum(), torch.tensor(1.0))
+
+
+def test_density_kernel_widens_with_the_level_stride():
+    loc = torch.full((2, 1, 2), 0.5)  # level 0 and level 1, one point each, at the centre
+    fine = attention_density(loc, torch.tensor([[1.0], [0.0]]), [4, 32], (64, 64))
+    coarse = attention_density(loc, torch.tensor([[0.0], [1.0]]), [4, 32], (64, 64))
+    assert fine.max() > 10 * coarse.max()
+    with pytest.raises(ValueError, match="level_strides"):
+        attention_density(loc, torch.ones(2, 1), [4], (8, 8))
+    with pytest.raises(ValueError, match="must be"):
+        attention_density(loc, torch.ones(2, 2), [4, 8], (8, 8))
