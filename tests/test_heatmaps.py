@@ -1,12 +1,16 @@
-import torch
-from torch.testing import assert_close
-
 import math
 
 import pytest
+import torch
+from torch.testing import assert_close
 
-from sodlib.heatmaps import (attention_density, attention_for_objects, attention_mass_in_boxes, query_per_box,
-                             splat_attention)
+from sodlib.heatmaps import (
+    attention_density,
+    attention_for_objects,
+    attention_mass_in_boxes,
+    query_per_box,
+    splat_attention,
+)
 
 
 def test_splat_puts_a_point_in_its_pixel():
