@@ -99,6 +99,15 @@ def _cmd_bench(args) -> int:
     return 0
 
 
+def _cmd_heatmap(args) -> int:
+    from sodlib.heatmaps import heatmap_files
+
+    paths = heatmap_files(args.checkpoint, args.images, args.out, layer=args.layer, objects=args.objects,
+                          box=args.box, slice_size=args.slice, overlap=args.overlap)
+    print(f"wrote {len(paths)} figure(s) to {args.out}")
+    return 0
+
+
 def _cmd_export(args) -> int:
     from sodlib.export import export_checkpoint
 
@@ -183,6 +192,18 @@ def build_parser() -> argparse.ArgumentParser:
                         "visdrone 500; RT-DETR's own evaluation keeps 300)")
     e.add_argument("--out", default=None, help="folder for metrics.csv / per_class.csv")
     e.set_defaults(func=_cmd_eval)
+
+    hm = sub.add_parser("heatmap", help="decoder attention of chosen objects, one figure per image")
+    hm.add_argument("images", nargs="+")
+    hm.add_argument("--checkpoint", required=True)
+    hm.add_argument("--out", required=True, help="folder for <image stem>_heatmap.png")
+    hm.add_argument("--layer", default="all", help="decoder layer 1..L, or all (default)")
+    pick = hm.add_mutually_exclusive_group()
+    pick.add_argument("--objects", type=int, default=3, help="the N best-scoring detections (default 3)")
+    pick.add_argument("--box", default=None, metavar="x,y,w,h", help="the query that best covers this box (px)")
+    hm.add_argument("--slice", type=int, default=None, help="run on overlapping windows of this size (large images)")
+    hm.add_argument("--overlap", type=float, default=0.2)
+    hm.set_defaults(func=_cmd_heatmap)
 
     x = sub.add_parser("export", help="export a checkpoint's detector to ONNX (onnxruntime-checked in the tests)")
     x.add_argument("--checkpoint", required=True,

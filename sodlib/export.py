@@ -101,7 +101,7 @@ def export_checkpoint(checkpoint: str | os.PathLike, out: str | os.PathLike, ima
     layout, ``num_classes`` classes), read with :func:`sodlib.official.load_rtdetr`; ``image_size`` defaults
     to 640, RT-DETR's evaluation size.
     """
-    from .inference import load_model
+    from .inference import load_checked_model
     from .official import load_rtdetr, rtdetr_model_config
 
     out = Path(out)
@@ -110,13 +110,7 @@ def export_checkpoint(checkpoint: str | os.PathLike, out: str | os.PathLike, ima
     if rtdetr_depth is not None:
         model = load_rtdetr(checkpoint, rtdetr_model_config(rtdetr_depth, num_classes=num_classes))
         return export_onnx(model, out, image_size or 640, postprocess, num_top)
-    try:
-        model, cfg = load_model(checkpoint)
-    except FileNotFoundError:
-        raise
-    except Exception as exc:  # a truncated file, a foreign pickle, a state dict without its config
-        raise ValueError(f"{checkpoint}: not a sodlib checkpoint ({type(exc).__name__}: "
-                         f"{(str(exc).splitlines() or [''])[0]}); a released RT-DETR one needs --rtdetr DEPTH") from exc
+    model, cfg = load_checked_model(checkpoint, hint="; a released RT-DETR one needs --rtdetr DEPTH")
     return export_onnx(model, out, image_size or cfg.data.image_size, postprocess, num_top)
 
 

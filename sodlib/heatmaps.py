@@ -129,3 +129,147 @@ def attention_for_objects(model: torch.nn.Module, image_chw: Tensor, gt_boxes_cx
         else torch.zeros(len(layers), 0)
     return {"queries": queries, "scores": scores[queries], "sampling_locations": locs, "attention_weights": attns,
             "in_box_share": share}
+
+
+# ---------------------------------------------------------------- one image, chosen objects (sodlib heatmap)
+
+def level_strides(model_cfg) -> tuple[int, ...]:
+    """Stride (input pixels) of each decoder level: the encoder's maps (8, 16, 32; from 4 with a stride-4 level),
+    then each extra level twice the previous one."""
+    from sodlib.detector import encoder_levels
+
+    strides = [2 ** lv for lv in encoder_levels(model_cfg)]
+    while len(strides) < model_cfg.num_levels:
+        strides.append(strides[-1] * 2)
+    return tuple(strides[:model_cfg.num_levels])
+
+
+@torch.no_grad()
+def object_attention(model: torch.nn.Module, image_uint8: Tensor, image_size: int, objects: int = 3,
+                     box_xywh: tuple[float, float, float, float] | None = None, slice_size: int | None = None,
+                     overlap: float = 0.2) -> list[dict]:
+    """The queries to draw on one image and their attention in every decoder layer.
+
+    The image (or, with ``slice_size``, each overlapping window of it) is resized to ``image_size`` and run
+    through the eval-mode detector. Chosen: the ``objects`` queries with the best class scores (across windows),
+    or with ``box_xywh`` (pixels) the query that best covers that box (score × IoU, :func:`query_per_box`).
+
+    Returns one dict per chosen query: ``window`` (x0, y0, x1, y1) pixels of the image it was run on, ``score``,
+    ``label``, ``query``, ``pred_xyxy`` [4] and per layer ``ref_xyxy`` [L, 4] (pixels of the full image), and
+    ``sampling_locations`` [L, heads, levels, points, 2] / ``attention_weights`` [L, heads, levels, points]
+    normalised to the window.
+    """
+    from sodlib.tiling import tile_windows
+
+    _, h, w = image_uint8.shape
+    windows = (tile_windows(w, h, slice_size, round(overlap * slice_size))
+               if slice_size and (h > slice_size or w > slice_size) else [(0, 0, w, h)])
+    if box_xywh is not None:
+        x, y, bw, bh = box_xywh
+        cx, cy = x + bw / 2, y + bh / 2  # the window that holds the box best: its centre, farthest from the edge
+        windows = [max(windows, key=lambda win: min(cx - win[0], win[2] - cx, cy - win[1], win[3] - cy))]
+    device = next(model.parameters()).device
+    candidates = []
+    for win in windows:
+        x0, y0, x1, y1 = win
+        crop = image_uint8[:, y0:y1, x0:x1].to(device).float().div(255)
+        crop = torch.nn.functional.interpolate(crop[None], size=(image_size, image_size), mode="bilinear",
+                                               align_corners=False)
+        layers = [{k: v[0].float().cpu() for k, v in layer.items()}
+                  for layer in model.eval()(crop, return_sampling=True)["layers"]]
+        scores, labels = layers[-1]["pred_logits"].sigmoid().max(-1)
+        scale = torch.tensor([x1 - x0, y1 - y0, x1 - x0, y1 - y0], dtype=torch.float32)
+        shift = torch.tensor([x0, y0, x0, y0], dtype=torch.float32)
+
+        def to_pixels(cxcywh: Tensor, scale=scale, shift=shift) -> Tensor:
+            return box_convert(cxcywh, "cxcywh", "xyxy") * scale + shift
+
+        if box_xywh is not None:
+            gt = torch.tensor([[(cx - x0) / (x1 - x0), (cy - y0) / (y1 - y0), bw / (x1 - x0), bh / (y1 - y0)]])
+            chosen = query_per_box(layers[-1]["pred_boxes"], scores, gt).tolist()
+        else:
+            chosen = scores.topk(min(objects, len(scores))).indices.tolist()
+        for q in chosen:
+            candidates.append({
+                "window": win, "query": q, "score": float(scores[q]), "label": int(labels[q]),
+                "pred_xyxy": to_pixels(layers[-1]["pred_boxes"][q]),
+                "ref_xyxy": torch.stack([to_pixels(layer["ref_boxes"][q]) for layer in layers]),
+                "sampling_locations": torch.stack([layer["sampling_locations"][q] for layer in layers]),
+                "attention_weights": torch.stack([layer["attention_weights"][q] for layer in layers])})
+    candidates.sort(key=lambda c: -c["score"])
+    return candidates[:1] if box_xywh is not None else candidates[:objects]
+
+
+def object_density(obj: dict, layer: int, strides: tuple[int, ...], image_size: int,
+                   size_hw: tuple[int, int]) -> Tensor:
+    """:func:`attention_density` of one :func:`object_attention` entry's ``layer`` on the full image grid
+    ``size_hw`` (zero outside its window), as a share of the query's attention (total over all heads = 1)."""
+    x0, y0, x1, y1 = obj["window"]
+    scale = ((x1 - x0) / image_size * (y1 - y0) / image_size) ** 0.5  # model pixels → image pixels
+    weights = obj["attention_weights"][layer]
+    heads = weights.shape[0]
+    density = torch.zeros(size_hw)
+    density[y0:y1, x0:x1] = attention_density(obj["sampling_locations"][layer], weights / heads,
+                                              [s * scale for s in strides], (y1 - y0, x1 - x0))
+    return density
+
+
+def parse_box(text: str) -> tuple[float, float, float, float]:
+    """``"x,y,w,h"`` (pixels) → floats; a ValueError names the text."""
+    try:
+        x, y, w, h = (float(v) for v in text.split(","))
+    except ValueError:
+        raise ValueError(f"--box must be x,y,w,h in pixels, got {text!r}") from None
+    if w <= 0 or h <= 0:
+        raise ValueError(f"--box {text!r} has no area")
+    return x, y, w, h
+
+
+def heatmap_files(checkpoint: str, images: list[str], out_dir: str, layer: str = "all", objects: int = 3,
+                  box: str | None = None, slice_size: int | None = None, overlap: float = 0.2) -> list:
+    """``sodlib heatmap``: one figure per image, ``<out_dir>/<stem>_heatmap.png`` (a suffix keeps equal stems
+    apart). Everything is checked before the first figure is written: the checkpoint, ``layer`` ("all" or
+    1..L), ``objects``, every image's decoding, ``box`` inside every image. Returns the written paths."""
+    from pathlib import Path
+
+    from sodlib.inference import load_checked_model, read_image_rgb
+    from sodlib.viz import plot_object_attention, save_figure
+
+    if objects < 1:
+        raise ValueError(f"--objects must be at least 1, got {objects}")
+    box_xywh = parse_box(box) if box else None
+    model, cfg, categories = load_checked_model(checkpoint, with_categories=True)
+    depth = cfg.model.num_decoder_layers
+    if layer == "all":
+        layers = list(range(depth))
+    elif layer.isdigit() and 1 <= int(layer) <= depth:
+        layers = [int(layer) - 1]
+    else:
+        raise ValueError(f"--layer must be 'all' or 1..{depth} (the decoder's depth), got {layer!r}")
+    decoded = [read_image_rgb(p) for p in images]
+    if box_xywh is not None:
+        x, y, w, h = box_xywh
+        for path, img in zip(images, decoded):
+            if x < 0 or y < 0 or x + w > img.shape[2] or y + h > img.shape[1]:
+                raise ValueError(f"--box {box} lies outside {path} ({img.shape[2]}x{img.shape[1]} px)")
+    out = Path(out_dir)
+    if out.exists() and not out.is_dir():
+        raise ValueError(f"--out {out} is a file, not a folder")
+    names = [c["name"] for c in categories]
+    strides = level_strides(cfg.model)
+    written, seen = [], {}
+    for path, img in zip(images, decoded):
+        stem = Path(path).stem
+        seen[stem] = seen.get(stem, 0) + 1
+        name = f"{stem}_heatmap.png" if seen[stem] == 1 else f"{stem}_{seen[stem]}_heatmap.png"
+        found = object_attention(model, img, cfg.data.image_size, objects, box_xywh, slice_size, overlap)
+        rows = [{"densities": [object_density(o, lv, strides, cfg.data.image_size, tuple(img.shape[1:]))
+                               .numpy() for lv in layers],
+                 "ref_xyxy": o["ref_xyxy"].numpy(), "pred_xyxy": o["pred_xyxy"].numpy(),
+                 "label": f"{names[o['label']]} {o['score']:.2f}"} for o in found]
+        trained_on = {"synthsod": "SynthSOD"}.get(cfg.data.dataset, cfg.data.dataset)
+        title = (f"{Path(path).name} · model {Path(checkpoint).parent.parent.name or Path(checkpoint).name}, "
+                 f"trained on {trained_on} {cfg.data.root or ''}".rstrip())
+        fig = plot_object_attention(img.permute(1, 2, 0).numpy(), rows, layers, title=title)
+        written.append(save_figure(fig, out / name))
+    return written

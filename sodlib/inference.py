@@ -68,6 +68,18 @@ def load_model(checkpoint: str | Path, device="cpu", use_ema: bool = True, with_
     return model.eval(), cfg
 
 
+def load_checked_model(checkpoint: str | Path, hint: str = "", **kwargs):
+    """:func:`load_model`, with any failure to read the checkpoint (a truncated file, a foreign pickle, a state
+    dict without its config, shapes that do not fit) as a one-line ValueError naming it (+ ``hint``)."""
+    try:
+        return load_model(checkpoint, **kwargs)
+    except FileNotFoundError:
+        raise
+    except Exception as exc:
+        raise ValueError(f"{checkpoint}: not a sodlib checkpoint ({type(exc).__name__}: "
+                         f"{(str(exc).splitlines() or [''])[0]}){hint}") from exc
+
+
 def read_image_rgb(path: str | Path) -> torch.Tensor:
     """uint8 [3, H, W]; a missing or unreadable file raises an error naming it."""
     from torchvision.io import ImageReadMode, decode_image

@@ -109,3 +109,69 @@ def test_density_kernel_widens_with_the_level_stride():
         attention_density(loc, torch.ones(2, 1), [4], (8, 8))
     with pytest.raises(ValueError, match="must be"):
         attention_density(loc, torch.ones(2, 2), [4, 8], (8, 8))
+
+
+def _smoke_checkpoint(path):
+    from sodlib.config import get_profile
+    from sodlib.detector import build_detector
+    from sodlib.engine import save_checkpoint
+
+    cfg = get_profile("smoke")
+    torch.manual_seed(0)
+    model = build_detector(cfg.model)
+    with torch.no_grad():
+        for p in model.decoder.parameters():
+            p.add_(0.05 * torch.randn_like(p))
+    return save_checkpoint(path, model=model.state_dict(), config=cfg.to_dict()), model, cfg
+
+
+def test_object_attention_and_its_density(tmp_path):
+    from sodlib.heatmaps import level_strides, object_attention, object_density
+
+    _, model, cfg = _smoke_checkpoint(tmp_path / "last.pt")
+    assert level_strides(cfg.model) == (8, 16, 32)
+    image = (torch.rand(3, 200, 260) * 255).to(torch.uint8)
+    found = object_attention(model, image, cfg.data.image_size, objects=2)
+    assert len(found) == 2 and found[0]["score"] >= found[1]["score"]
+    depth = cfg.model.num_decoder_layers
+    assert found[0]["ref_xyxy"].shape == (depth, 4) and found[0]["window"] == (0, 0, 260, 200)
+    density = object_density(found[0], depth - 1, level_strides(cfg.model), cfg.data.image_size, (200, 260))
+    loc = found[0]["sampling_locations"][depth - 1]
+    inside = ((loc >= 0) & (loc <= 1)).all(-1)
+    expected = (found[0]["attention_weights"][depth - 1] * inside).sum() / loc.shape[0]  # share of the query
+    assert_close(density.sum(), expected)
+    # a box picks the query that covers it, in the window that holds it (sliced)
+    sliced = object_attention(model, image, cfg.data.image_size, box_xywh=(150, 100, 40, 30), slice_size=128)
+    assert len(sliced) == 1
+    x0, y0, x1, y1 = sliced[0]["window"]
+    assert x0 <= 170 <= x1 and y0 <= 115 <= y1 and (x1 - x0, y1 - y0) == (128, 128)
+
+
+@pytest.mark.slow
+def test_heatmap_command_writes_one_figure_per_image_and_refuses_bad_input(tmp_path):
+    from PIL import Image
+
+    from sodlib.cli import main
+
+    ckpt, _, _ = _smoke_checkpoint(tmp_path / "last.pt")
+    for folder in ("a", "b"):
+        (tmp_path / folder).mkdir()
+        Image.fromarray((torch.rand(96, 128, 3) * 255).to(torch.uint8).numpy()).save(tmp_path / folder / "x.png")
+    images = [str(tmp_path / "a" / "x.png"), str(tmp_path / "b" / "x.png")]
+    out = tmp_path / "figs"
+    assert main(["heatmap", *images, "--checkpoint", str(ckpt), "--out", str(out), "--objects", "2"]) == 0
+    assert sorted(p.name for p in out.iterdir()) == ["x_2_heatmap.png", "x_heatmap.png"]
+    assert main(["heatmap", images[0], "--checkpoint", str(ckpt), "--out", str(out / "one"),
+                 "--box", "10,10,20,16", "--layer", "2"]) == 0
+    broken = tmp_path / "broken.png"
+    broken.write_bytes(b"\x89PNG not really")
+    junk = tmp_path / "junk.pt"
+    junk.write_bytes(b"junk")
+    bad = {"undecodable": [str(broken), "--checkpoint", str(ckpt)],
+           "box outside": [images[0], "--checkpoint", str(ckpt), "--box", "100,80,40,40"],
+           "layer beyond depth": [images[0], "--checkpoint", str(ckpt), "--layer", "3"],
+           "not a checkpoint": [images[0], "--checkpoint", str(junk)]}
+    for case, args in bad.items():
+        target = tmp_path / case.replace(" ", "_")
+        assert main(["heatmap", *args, "--out", str(target)]) == 2, case
+        assert not target.exists() or not any(target.iterdir()), case
