@@ -5,7 +5,7 @@ USER_BIN := $(shell python3 -c 'import site; print(site.getuserbase())')/bin
 UV := $(shell command -v uv 2>/dev/null || echo $(USER_BIN)/uv)
 PROFILE ?= cpu
 
-.PHONY: setup test reproduce smoke bench lab strip clean-venv
+.PHONY: setup test reproduce smoke bench lab tensorboard strip clean-venv
 
 setup: .venv/.installed
 
@@ -28,8 +28,13 @@ smoke: setup
 bench: setup
 	$(PY) -m sodlib bench data
 
+# JupyterLab on the notebooks; adds --allow-root where the user is root (containers, cloud VMs)
 lab: setup
-	$(PY) -m jupyter lab notebooks/
+	$(PY) -m sodlib.lab notebooks/
+
+# TensorBoard on every run's event files (training writes them beside log.csv)
+tensorboard: setup
+	$(PY) -m tensorboard.main --logdir results/runs
 
 # run before committing a notebook edited in Jupyter (tests/test_notebooks.py checks it)
 strip: setup
