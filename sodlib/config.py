@@ -222,6 +222,7 @@ class TrainConfig:
     log_every: int = 10
     threads: int = 0  # torch.set_num_threads; 0 = leave as is
     init_from: str = ""  # checkpoint (RT-DETR, transformers or sodlib) whose fitting tensors start the model
+    tensorboard: bool = True  # TensorBoard event files in <run>/tensorboard (log.csv stays the source of truth)
 
     def __post_init__(self):
         _check_range("train.batch_size", self.batch_size, lo=1)

@@ -244,6 +244,7 @@ def train(cfg: RunConfig, out_dir: str | os.PathLike, data_root: str | None = No
     bar = tqdm(total=total_iters, initial=it, desc=f"train {cfg.name}", disable=show,
                dynamic_ncols=True)
     writer = _LogWriter(log_path) if main_process else None
+    board = _Board(out_dir, it, main_process and tc.tensorboard)
     clip_params = [*model.parameters(), *criterion.parameters()]  # built once, not every step
     ddp_model.train()
     criterion.train()
@@ -288,8 +289,9 @@ def train(cfg: RunConfig, out_dir: str | os.PathLike, data_root: str | None = No
             step_s, t_last = now - t_last, now
             train_seconds += step_s
             if writer is not None and (it % tc.log_every == 0 or it == 1):
-                writer.write(it, epoch, lr, loss, criterion.weighted(loss_dict), tc.batch_size * world / step_s,
-                             train_seconds)
+                row = writer.write(it, epoch, lr, loss, criterion.weighted(loss_dict),
+                                   tc.batch_size * world / step_s, train_seconds)
+                board.scalars(it, row, "train")
             bar.update(1)
             bar.set_postfix(loss=f"{loss.item():.3f}", lr=f"{lr:.1e}")
             if tc.time_budget_s and train_seconds >= tc.time_budget_s:
@@ -298,7 +300,7 @@ def train(cfg: RunConfig, out_dir: str | os.PathLike, data_root: str | None = No
                 stop = True
             if main_process and tc.eval_every and it % tc.eval_every == 0 and not stop:
                 _log_eval(out_dir / "eval.csv", it, train_seconds, val_ds(), ema.module if ema else model,
-                          protocol, device)
+                          protocol, device, board, cfg)
                 ddp_model.train()
             if stop or it % tc.checkpoint_every == 0:
                 checkpoint()
@@ -311,6 +313,7 @@ def train(cfg: RunConfig, out_dir: str | os.PathLike, data_root: str | None = No
     if writer is not None:
         writer.close()
     if stop_after is not None and it < total_iters and not (tc.time_budget_s and train_seconds >= tc.time_budget_s):
+        board.close()
         return {"iterations": it, "train_seconds": train_seconds, "interrupted": True}
 
     metrics = {"iterations": it, "train_seconds": round(train_seconds, 2)}
@@ -320,6 +323,8 @@ def train(cfg: RunConfig, out_dir: str | os.PathLike, data_root: str | None = No
         eval_model = ema.module if ema is not None else model
         scores, dets = evaluate_model(eval_model, val_ds(), protocol=protocol, device=device)
         _append_csv(out_dir / "eval.csv", {"iteration": it, "train_seconds": round(train_seconds, 2), **scores})
+        board.scalars(it, scores, "val")
+        board.attention(it, eval_model, val_ds(), cfg)
         metrics = {**scores, **metrics}
         atomic_write_json(out_dir / "detections_val.json", dets, indent=None)
         from sodlib.mechanisms import measure
@@ -327,15 +332,19 @@ def train(cfg: RunConfig, out_dir: str | os.PathLike, data_root: str | None = No
         atomic_write_json(out_dir / "mechanisms.json",
                           measure(eval_model, criterion, val_ds(), cfg.loss.eta_per_layer, log_path, device))
         write_run(out_dir, cfg, metrics, seed=tc.seed, wall_seconds=train_seconds, device=str(device))
+    board.close()
     _barrier()
     return metrics
 
 
-def _log_eval(path: Path, it: int, train_seconds: float, dataset, model, protocol: str, device) -> None:
+def _log_eval(path: Path, it: int, train_seconds: float, dataset, model, protocol: str, device, board: _Board,
+              cfg: RunConfig) -> None:
     from sodlib.inference import evaluate_model
 
     scores, _ = evaluate_model(model, dataset, protocol=protocol, device=device)
     _append_csv(path, {"iteration": it, "train_seconds": round(train_seconds, 2), **scores})
+    board.scalars(it, scores, "val")
+    board.attention(it, model, dataset, cfg)
 
 
 def _append_csv(path: Path, row: dict) -> None:
@@ -386,6 +395,56 @@ class _LogWriter:
             csv.writer(self.file).writerow(self.fields)
         csv.DictWriter(self.file, self.fields, restval="", extrasaction="ignore").writerow(row)
         self.file.flush()
+        return row
 
     def close(self):
         self.file.close()
+
+
+class _Board:
+    """TensorBoard event files in ``<run>/tensorboard`` (``train.tensorboard``): every logged row of log.csv as
+    scalars (``train/…``), the evaluation metrics (``val/…``) and, at each evaluation, the attention of the
+    best-scoring query on the first validation image through the decoder layers (``attention/val_image_0``).
+    log.csv and eval.csv stay the source the notebooks read. A resumed run purges the events after its
+    checkpoint, as it truncates the CSV logs."""
+
+    def __init__(self, out_dir: Path, start_iteration: int, enabled: bool):
+        self.writer = None
+        if enabled:
+            from torch.utils.tensorboard import SummaryWriter
+
+            # events after the checkpoint's iteration are dropped, as _truncate_log drops those rows
+            self.writer = SummaryWriter(str(out_dir / "tensorboard"),
+                                        purge_step=start_iteration + 1 if start_iteration else None)
+
+    def scalars(self, it: int, row: dict, prefix: str) -> None:
+        if self.writer is None:
+            return
+        for key, value in row.items():
+            if key in ("iteration", "epoch"):
+                continue
+            try:
+                self.writer.add_scalar(f"{prefix}/{key}", float(value), it)
+            except (TypeError, ValueError):
+                continue
+
+    def attention(self, it: int, model: nn.Module, dataset, cfg: RunConfig) -> None:
+        if self.writer is None or len(dataset) == 0:
+            return
+        from sodlib.heatmaps import level_strides, object_attention, object_density
+        from sodlib.viz import plot_object_attention
+
+        image = (dataset[0][0].clamp(0, 1) * 255).round().to(torch.uint8)
+        size = cfg.data.image_size
+        found = object_attention(model, image, size, objects=1)
+        layers = list(range(cfg.model.num_decoder_layers))
+        rows = [{"densities": [object_density(o, lv, level_strides(cfg.model), size, tuple(image.shape[1:])).numpy()
+                               for lv in layers],
+                 "ref_xyxy": o["ref_xyxy"].numpy(), "pred_xyxy": o["pred_xyxy"].numpy(),
+                 "label": f"class {o['label']} {o['score']:.2f}"} for o in found]
+        fig = plot_object_attention(image.permute(1, 2, 0).numpy(), rows, layers, title=f"iteration {it}")
+        self.writer.add_figure("attention/val_image_0", fig, it, close=True)
+
+    def close(self) -> None:
+        if self.writer is not None:
+            self.writer.close()

@@ -104,3 +104,27 @@ def test_finished_run_is_not_trained_again(tmp_path, monkeypatch):
     monkeypatch.undo()
     train(cfg, tmp_path, progress=False, need_checkpoint=True)  # weights wanted: retrains
     assert (tmp_path / "checkpoints" / "last.pt").exists()
+
+
+def test_tensorboard_events_follow_the_csv_logs(tmp_path):
+    """Training writes TensorBoard events beside log.csv: the logged losses, learning rate and throughput, the
+    evaluation metrics, and the attention figure at the evaluation; an interrupted and resumed run keeps one
+    value per iteration."""
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    cfg = override(_smoke(), "train.max_iters=4", "train.log_every=1", "train.eval_every=2",
+                   "train.checkpoint_every=2")
+    train(cfg, tmp_path, progress=False, stop_after=3)  # interrupted after iteration 3, checkpoint at 2
+    train(cfg, tmp_path, progress=False)
+    events = EventAccumulator(str(tmp_path / "tensorboard"), size_guidance={"images": 0, "scalars": 0}).Reload()
+    tags = events.Tags()
+    assert {"train/loss", "train/lr", "train/images_per_s", "val/AP", "val/AP50"} <= set(tags["scalars"])
+    assert "attention/val_image_0" in tags["images"]
+    with open(tmp_path / "log.csv") as f:
+        csv_loss = {int(r["iteration"]): float(r["loss"]) for r in csv.DictReader(f)}
+    board_loss = {e.step: e.value for e in events.Scalars("train/loss")}
+    assert sorted(board_loss) == sorted(csv_loss) == [1, 2, 3, 4]
+    for step, value in csv_loss.items():
+        assert board_loss[step] == pytest.approx(value, rel=1e-5)
+    assert [e.step for e in events.Scalars("val/AP")] == [2, 4]
+    assert not override(cfg, "train.tensorboard=false").train.tensorboard
