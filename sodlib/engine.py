@@ -431,17 +431,15 @@ class _Board:
     def attention(self, it: int, model: nn.Module, dataset, cfg: RunConfig) -> None:
         if self.writer is None or len(dataset) == 0:
             return
-        from sodlib.heatmaps import level_strides, object_attention, object_density
+        from sodlib.heatmaps import figure_rows, object_attention
         from sodlib.viz import plot_object_attention
 
         image = (dataset[0][0].clamp(0, 1) * 255).round().to(torch.uint8)
         size = cfg.data.image_size
         found = object_attention(model, image, size, objects=1)
         layers = list(range(cfg.model.num_decoder_layers))
-        rows = [{"densities": [object_density(o, lv, level_strides(cfg.model), size, tuple(image.shape[1:])).numpy()
-                               for lv in layers],
-                 "ref_xyxy": o["ref_xyxy"].numpy(), "pred_xyxy": o["pred_xyxy"].numpy(),
-                 "label": f"class {o['label']} {o['score']:.2f}"} for o in found]
+        rows = figure_rows(found, cfg.model, size, tuple(image.shape[1:]), layers,
+                           [f"class {o['label']} {o['score']:.2f}" for o in found])
         fig = plot_object_attention(image.permute(1, 2, 0).numpy(), rows, layers, title=f"iteration {it}")
         self.writer.add_figure("attention/val_image_0", fig, it, close=True)
 

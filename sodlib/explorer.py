@@ -42,7 +42,7 @@ class AttentionFigures:
         return self._cache[key]
 
     def figure(self, model: str, image: int, obj: int, layer: int | str = "all"):
-        from sodlib.heatmaps import level_strides, object_density
+        from sodlib.heatmaps import figure_rows
         from sodlib.viz import plot_object_attention
 
         _, cfg = self.models[model]
@@ -51,11 +51,9 @@ class AttentionFigures:
             raise ValueError(f"object {obj} out of range: {len(found)} detections on {self.names[image]}")
         o, img = found[obj], self.images[image]
         layers = list(range(cfg.model.num_decoder_layers)) if layer == "all" else [int(layer)]
-        row = {"densities": [object_density(o, lv, level_strides(cfg.model), cfg.data.image_size,
-                                            tuple(img.shape[1:])).numpy() for lv in layers],
-               "ref_xyxy": o["ref_xyxy"].numpy(), "pred_xyxy": o["pred_xyxy"].numpy(),
-               "label": f"object {obj + 1}, class {o['label']}, score {o['score']:.2f}"}
-        return plot_object_attention(img.permute(1, 2, 0).numpy(), [row], layers,
+        rows = figure_rows([o], cfg.model, cfg.data.image_size, tuple(img.shape[1:]), layers,
+                           [f"object {obj + 1}, class {o['label']}, score {o['score']:.2f}"])
+        return plot_object_attention(img.permute(1, 2, 0).numpy(), rows, layers,
                                      title=f"{model} · {self.names[image]}")
 
 

@@ -214,6 +214,16 @@ def object_density(obj: dict, layer: int, strides: tuple[int, ...], image_size: 
     return density
 
 
+def figure_rows(found: list[dict], model_cfg, image_size: int, size_hw: tuple[int, int], layers: list[int],
+                labels: list[str]) -> list[dict]:
+    """:func:`object_attention` entries as the rows :func:`sodlib.viz.plot_object_attention` draws: the density
+    of each of ``layers`` on the image grid ``size_hw``, the boxes, and the row label."""
+    strides = level_strides(model_cfg)
+    return [{"densities": [object_density(o, lv, strides, image_size, size_hw).numpy() for lv in layers],
+             "ref_xyxy": o["ref_xyxy"].numpy(), "pred_xyxy": o["pred_xyxy"].numpy(), "label": label}
+            for o, label in zip(found, labels)]
+
+
 def parse_box(text: str) -> tuple[float, float, float, float]:
     """``"x,y,w,h"`` (pixels) → floats; a ValueError names the text."""
     try:
@@ -256,17 +266,14 @@ def heatmap_files(checkpoint: str, images: list[str], out_dir: str, layer: str =
     if out.exists() and not out.is_dir():
         raise ValueError(f"--out {out} is a file, not a folder")
     names = [c["name"] for c in categories]
-    strides = level_strides(cfg.model)
     written, seen = [], {}
     for path, img in zip(images, decoded):
         stem = Path(path).stem
         seen[stem] = seen.get(stem, 0) + 1
         name = f"{stem}_heatmap.png" if seen[stem] == 1 else f"{stem}_{seen[stem]}_heatmap.png"
         found = object_attention(model, img, cfg.data.image_size, objects, box_xywh, slice_size, overlap)
-        rows = [{"densities": [object_density(o, lv, strides, cfg.data.image_size, tuple(img.shape[1:]))
-                               .numpy() for lv in layers],
-                 "ref_xyxy": o["ref_xyxy"].numpy(), "pred_xyxy": o["pred_xyxy"].numpy(),
-                 "label": f"{names[o['label']]} {o['score']:.2f}"} for o in found]
+        rows = figure_rows(found, cfg.model, cfg.data.image_size, tuple(img.shape[1:]), layers,
+                           [f"{names[o['label']]} {o['score']:.2f}" for o in found])
         trained_on = {"synthsod": "SynthSOD"}.get(cfg.data.dataset, cfg.data.dataset)
         title = (f"{Path(path).name} · model {Path(checkpoint).parent.parent.name or Path(checkpoint).name}, "
                  f"trained on {trained_on} {cfg.data.root or ''}".rstrip())
