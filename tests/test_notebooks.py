@@ -21,7 +21,7 @@ EXPECTED_FIGURES = {
     "04_ablations": ["ablations_smoke.png", "mechanisms_smoke.png"],
     "05_heatmaps": ["heatmaps_smoke.png"],
     "06_mrqm": ["mrqm_query_heatmap_smoke.png", "mrqm_positives_per_gt_smoke.png"],
-    "07_real_data": ["real_data_neon_smoke.png"],
+    "07_real_data": ["real_data_neon_smoke.png", "real_data_neon_heatmaps_smoke.png"],
 }
 EXPECTED_TEXT = {
     "01_scale_aligned_target": ["rho always in [u, 1/u]: True", "r is increasing in |t - s| for every w: True"],
