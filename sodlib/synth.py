@@ -178,6 +178,32 @@ def _png_bytes(image: np.ndarray) -> bytes:
     return buf.getvalue()
 
 
+OWNER_MARK = ".synthsod"  # written into every image folder SynthSOD creates
+
+
+def check_ours(out_dir, split: str) -> None:
+    """Refuse (ValueError naming the folder) to touch a split that SynthSOD did not write.
+
+    Ours: nothing there yet; an annotation json whose ``info`` SynthSOD wrote; or an image folder holding
+    :data:`OWNER_MARK` (a write interrupted between removing the old json and swapping the folders). Anything
+    else — a COCO dataset pointed at without ``--set data.dataset=coco``, say — is the user's, and generating
+    there would replace it.
+    """
+    out_dir = Path(out_dir)
+    json_path, folder = annotation_path(out_dir, split), out_dir / "images" / split
+    if not json_path.exists() and not folder.exists():
+        return
+    data = _load_json(json_path) if json_path.exists() else None
+    info = data.get("info") if isinstance(data, dict) else None
+    if isinstance(info, dict) and "sodlib.synth" in str(info.get("description", "")):
+        return
+    if folder.is_dir() and (folder / OWNER_MARK).exists():
+        return
+    raise ValueError(f"{out_dir}: images/{split} or annotations/instances_{split}.json exist and SynthSOD did not "
+                     f"write them; nothing was changed. For your own COCO data add --set data.dataset=coco; for "
+                     f"SynthSOD choose an empty folder")
+
+
 def write_split(out_dir, split: str, num_images: int, size: int, seed: int = 0,
                 ignore_regions: bool = False, progress: bool = True, reuse: bool = False) -> Path:
     """Generate a split as ``out_dir/images/<split>/<index:06d>.png`` + ``annotations/instances_<split>.json``.
@@ -195,6 +221,7 @@ def write_split(out_dir, split: str, num_images: int, size: int, seed: int = 0,
     if num_images < 0 or size < 16:
         raise ValueError(f"need num_images >= 0 and size >= 16, got {num_images}, {size}")
     out_dir = Path(out_dir)
+    check_ours(out_dir, split)  # before anything is removed
     info = _info(split, num_images, size, seed, ignore_regions)
     json_path = annotation_path(out_dir, split)
     final, partial = out_dir / "images" / split, out_dir / "images" / f".{split}.partial"
@@ -204,6 +231,7 @@ def write_split(out_dir, split: str, num_images: int, size: int, seed: int = 0,
         shutil.rmtree(side)
         shutil.rmtree(partial, ignore_errors=True)
     partial.mkdir(parents=True, exist_ok=True)
+    (partial / OWNER_MARK).touch()
     if not marker.exists():
         atomic_write_json(marker, info)
     old = _load_json(json_path) if reuse and final.is_dir() else None

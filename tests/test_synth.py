@@ -215,3 +215,63 @@ def test_plot_stats_and_box_stats(tmp_path):
     assert synth.plot_stats([p_val], tmp_path / "val.png")["num_images"] == 2
     text = synth.format_stats(summary)
     assert "16²" in text and str(summary["num_boxes"]) in text
+
+
+def _snapshot(root):
+    return {p.relative_to(root): p.read_bytes() for p in sorted(root.rglob("*")) if p.is_file()}
+
+
+def test_synthsod_never_overwrites_a_dataset_it_did_not_write(tmp_path):
+    """A COCO folder given as SynthSOD's root (no --set data.dataset=coco) is refused and left byte-identical."""
+    import json
+
+    from sodlib.synth import ensure_split, write_split
+
+    root = tmp_path / "my_coco"
+    (root / "images" / "train").mkdir(parents=True)
+    (root / "annotations").mkdir()
+    (root / "images" / "train" / "photo.jpg").write_bytes(b"\xff\xd8 my photo")
+    (root / "annotations" / "instances_train.json").write_text(json.dumps(
+        {"info": {"description": "my drone survey"}, "images": [], "annotations": [], "categories": []}))
+    before = _snapshot(root)
+    for call in (lambda: write_split(root, "train", 2, 64, progress=False),
+                 lambda: ensure_split(root, "train", 2, 64, progress=False)):
+        with pytest.raises(ValueError, match=r"my_coco.*SynthSOD did not write them.*data\.dataset=coco"):
+            call()
+        assert _snapshot(root) == before
+    # an image folder alone (no json) is the user's too
+    only_images = tmp_path / "only_images"
+    (only_images / "images" / "val").mkdir(parents=True)
+    (only_images / "images" / "val" / "a.png").write_bytes(b"png")
+    with pytest.raises(ValueError, match="only_images"):
+        write_split(only_images, "val", 1, 64, progress=False)
+    assert (only_images / "images" / "val" / "a.png").read_bytes() == b"png"
+
+
+def test_synthsod_rewrites_its_own_splits(tmp_path):
+    from sodlib.synth import OWNER_MARK, write_split
+
+    write_split(tmp_path, "val", 2, 64, progress=False)
+    assert (tmp_path / "images" / "val" / OWNER_MARK).exists()
+    write_split(tmp_path, "val", 3, 64, progress=False)  # ours: regenerated
+    assert len(list((tmp_path / "images" / "val").glob("*.png"))) == 3
+    # a write interrupted after the json was removed: the marked folder is still recognised as ours
+    (tmp_path / "annotations" / "instances_val.json").unlink()
+    write_split(tmp_path, "val", 2, 64, progress=False)
+    assert len(list((tmp_path / "images" / "val").glob("*.png"))) == 2
+
+
+def test_train_cli_refuses_a_foreign_folder_as_synthsod(tmp_path, capsys):
+    import json
+
+    from sodlib.cli import main
+
+    root = tmp_path / "coco"
+    (root / "images" / "train").mkdir(parents=True)
+    (root / "annotations").mkdir()
+    (root / "annotations" / "instances_train.json").write_text(json.dumps({"images": [], "annotations": []}))
+    before = _snapshot(root)
+    assert main(["train", "--profile", "smoke", "--data", str(root), "--out", str(tmp_path / "run")]) == 2
+    err = capsys.readouterr().err
+    assert "SynthSOD did not write them" in err and "Traceback" not in err
+    assert _snapshot(root) == before
