@@ -205,6 +205,12 @@ def train(cfg: RunConfig, out_dir: str | os.PathLike, data_root: str | None = No
     it, epoch, batch_in_epoch, train_seconds = 0, 0, 0, 0.0
     if resume and ckpt_path.exists():
         state = load_checkpoint(ckpt_path, map_location=device)
+        # through RunConfig, so that fields added since the checkpoint was written take their defaults
+        changed = config_differences(RunConfig.from_dict(state.get("config") or {}).to_dict(), cfg.to_dict())
+        if changed:
+            raise ValueError(f"{ckpt_path} holds an interrupted run of another config ({'; '.join(changed[:4])}"
+                             f"{'; ...' if len(changed) > 4 else ''}); resume it with the same settings, or start "
+                             f"over with --no-resume or another --out")
         model.load_state_dict(state["model"])
         criterion.load_state_dict(state["criterion"])
         optimizer.load_state_dict(state["optimizer"])
@@ -335,6 +341,26 @@ def train(cfg: RunConfig, out_dir: str | os.PathLike, data_root: str | None = No
     board.close()
     _barrier()
     return metrics
+
+
+# settings a resumed run may change: they change bookkeeping or speed, not what is computed
+RESUME_MAY_CHANGE = ("train.threads", "data.num_workers", "train.log_every", "train.checkpoint_every",
+                     "train.eval_every", "train.tensorboard")
+
+
+def config_differences(stored: dict, requested: dict, prefix: str = "") -> list[str]:
+    """``key: stored → requested`` for every leaf that differs between two config dicts, except
+    :data:`RESUME_MAY_CHANGE`."""
+    out = []
+    for key in sorted(set(stored) | set(requested)):
+        name = f"{prefix}{key}"
+        a, b = stored.get(key), requested.get(key)
+        if isinstance(a, dict) and isinstance(b, dict):
+            out += config_differences(a, b, f"{name}.")
+        elif a != b and not (isinstance(a, (list, tuple)) and isinstance(b, (list, tuple)) and list(a) == list(b)) \
+                and name not in RESUME_MAY_CHANGE:
+            out.append(f"{name}: {a!r} → {b!r}")
+    return out
 
 
 def _log_eval(path: Path, it: int, train_seconds: float, dataset, model, protocol: str, device, board: _Board,

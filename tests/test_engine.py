@@ -128,3 +128,23 @@ def test_tensorboard_events_follow_the_csv_logs(tmp_path):
         assert board_loss[step] == pytest.approx(value, rel=1e-5)
     assert [e.step for e in events.Scalars("val/AP")] == [2, 4]
     assert not override(cfg, "train.tensorboard=false").train.tensorboard
+
+
+def test_resume_refuses_another_config_naming_the_keys(tmp_path):
+    from sodlib.cli import main
+    from sodlib.engine import config_differences
+
+    assert config_differences({"train": {"lr": 1e-3, "threads": 1, "multiscale": [256]}},
+                              {"train": {"lr": 2e-3, "threads": 2, "multiscale": (256,)}}) == ["train.lr: 0.001 → 0.002"]
+    cfg = _smoke()
+    part = train(cfg, tmp_path / "run", progress=False, stop_after=2)
+    assert part["interrupted"]
+    changed = override(cfg, "train.lr=0.002", "loss.st=true")
+    with pytest.raises(ValueError, match=r"interrupted run of another config \(loss\.st: False → True; "
+                                         r"train\.lr: 0\.001 → 0\.002\)"):
+        train(changed, tmp_path / "run", progress=False)
+    assert load_checkpoint(tmp_path / "run" / "checkpoints" / "last.pt")["iteration"] == 2  # untouched
+    # the CLI: one line, exit 2; the same settings (threads aside) resume
+    assert main(["train", "--profile", "smoke", "--set", "train.lr=0.002", "--out", str(tmp_path / "run")]) == 2
+    resumed = train(override(cfg, "train.threads=1", "train.log_every=3"), tmp_path / "run", progress=False)
+    assert resumed["iterations"] == cfg.train.max_iters
