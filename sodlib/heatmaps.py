@@ -242,7 +242,7 @@ def heatmap_files(checkpoint: str, images: list[str], out_dir: str, layer: str =
     1..L), ``objects``, every image's decoding, ``box`` inside every image. Returns the written paths."""
     from pathlib import Path
 
-    from sodlib.inference import load_checked_model, read_image_rgb
+    from sodlib.inference import load_checked_model, output_names, read_image_rgb
     from sodlib.viz import plot_object_attention, save_figure
 
     if objects < 1:
@@ -266,11 +266,8 @@ def heatmap_files(checkpoint: str, images: list[str], out_dir: str, layer: str =
     if out.exists() and not out.is_dir():
         raise ValueError(f"--out {out} is a file, not a folder")
     names = [c["name"] for c in categories]
-    written, seen = [], {}
-    for path, img in zip(images, decoded):
-        stem = Path(path).stem
-        seen[stem] = seen.get(stem, 0) + 1
-        name = f"{stem}_heatmap.png" if seen[stem] == 1 else f"{stem}_{seen[stem]}_heatmap.png"
+    written = []
+    for path, img, name in zip(images, decoded, output_names(images, "_heatmap.png")):
         found = object_attention(model, img, cfg.data.image_size, objects, box_xywh, slice_size, overlap)
         rows = figure_rows(found, cfg.model, cfg.data.image_size, tuple(img.shape[1:]), layers,
                            [f"{names[o['label']]} {o['score']:.2f}" for o in found])

@@ -80,6 +80,18 @@ def load_checked_model(checkpoint: str | Path, hint: str = "", **kwargs):
                          f"{(str(exc).splitlines() or [''])[0]}){hint}") from exc
 
 
+def output_names(paths, suffix: str) -> list[str]:
+    """``<stem><suffix>`` per input path, made unique: a repeated stem (``a/x.png``, ``b/x.png``) gets ``_2``,
+    ``_3``, ... so that no output replaces another."""
+    seen: dict[str, int] = {}
+    names = []
+    for path in paths:
+        stem = Path(path).stem
+        seen[stem] = seen.get(stem, 0) + 1
+        names.append(f"{stem}{suffix}" if seen[stem] == 1 else f"{stem}_{seen[stem]}{suffix}")
+    return names
+
+
 def read_image_rgb(path: str | Path) -> torch.Tensor:
     """uint8 [3, H, W]; a missing or unreadable file raises an error naming it."""
     from torchvision.io import ImageReadMode, decode_image
@@ -145,6 +157,7 @@ def predict_files(checkpoint: str | Path, images: list[str | Path], out_dir: str
     out_dir = Path(out_dir)
     names = [c["name"] for c in categories]
     results, image_records = [], []
+    drawn_names = output_names(images, "_pred.png")
     for image_id, path in enumerate(tqdm(images, desc="predict", dynamic_ncols=True), start=1):
         img = read_image_rgb(path)
         det = predict_image(model, img, cfg.data.image_size, slice_size, overlap,
@@ -156,5 +169,5 @@ def predict_files(checkpoint: str | Path, images: list[str | Path], out_dir: str
         keep = det["scores"] >= score_thr
         drawn = draw_bounding_boxes(img, det["boxes_xyxy"][keep], labels=[names[i] for i in det["labels"][keep]],
                                     colors="red", width=1)
-        atomic_write_bytes(out_dir / f"{Path(path).stem}_pred.png", encode_png(drawn).numpy().tobytes())
+        atomic_write_bytes(out_dir / drawn_names[image_id - 1], encode_png(drawn).numpy().tobytes())
     return atomic_write_json(out_dir / "predictions.json", {"images": image_records, "detections": results})

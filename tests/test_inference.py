@@ -77,3 +77,18 @@ def test_read_image_errors_name_the_file(tmp_path):
     bad.write_bytes(b"not an image")
     with pytest.raises(ValueError, match="bad.png"):
         read_image_rgb(bad)
+
+
+def test_predict_keeps_one_drawing_per_input_even_with_equal_names(checkpoint, tmp_path):
+    from sodlib.inference import output_names
+
+    assert output_names(["a/x.png", "b/x.png", "c/y.jpg", "d/x.jpg"], "_pred.png") == [
+        "x_pred.png", "x_2_pred.png", "y_pred.png", "x_3_pred.png"]
+    paths = []
+    for folder in ("a", "b"):
+        (tmp_path / folder).mkdir()
+        Image.fromarray(np.full((64, 64, 3), 40 * len(paths), dtype=np.uint8)).save(tmp_path / folder / "x.png")
+        paths.append(str(tmp_path / folder / "x.png"))
+    out = tmp_path / "pred"
+    assert main(["predict", *paths, "--checkpoint", str(checkpoint), "--out", str(out)]) == 0
+    assert sorted(p.name for p in out.glob("*.png")) == ["x_2_pred.png", "x_pred.png"]
