@@ -51,6 +51,7 @@ def _cmd_train(args) -> int:
     if args.init_from:
         cfg = dataclasses.replace(cfg, train=dataclasses.replace(cfg.train, init_from=str(args.init_from)))
     out = Path(args.out) if args.out else run_dir(cfg)
+    args.run_dir = out  # named by the Ctrl-C message
     print(f"run folder: {out}")
     metrics = train(cfg, out, data_root=args.data, resume=not args.no_resume, protocol=args.protocol)
     print(json.dumps(metrics, indent=2))
@@ -249,12 +250,24 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO,
                         format="%(levelname)s %(name)s: %(message)s")
+    # the error boundary: whatever the user can cause ends in one line and a non-zero exit (2; 130 for Ctrl-C);
+    # SODLIB_DEBUG=1 shows the traceback. Library code raises typed exceptions.
     try:
         return args.func(args)
-    except (ValueError, FileNotFoundError, FileExistsError, KeyError) as exc:
+    except KeyboardInterrupt:
         if os.environ.get("SODLIB_DEBUG"):
             raise
-        print(f"sodlib {args.command}: error: {exc}", file=sys.stderr)
+        run = getattr(args, "run_dir", None)
+        hint = (f"; the last checkpoint is in {Path(run) / 'checkpoints'} — run the same command to resume"
+                if run else "")
+        print(f"sodlib {args.command}: interrupted{hint}", file=sys.stderr)
+        return 130
+    except Exception as exc:
+        if os.environ.get("SODLIB_DEBUG"):
+            raise
+        kind = "" if isinstance(exc, (ValueError, FileNotFoundError, FileExistsError)) else f"{type(exc).__name__}: "
+        text = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        print(f"sodlib {args.command}: error: {kind}{text} (SODLIB_DEBUG=1 shows the traceback)", file=sys.stderr)
         return 2
 
 

@@ -53,3 +53,26 @@ def test_papermill_uses_the_project_interpreter_without_kernel_registration(tmp_
     outputs = "".join(o.get("text", "") for c in nbformat.read(dst, 4).cells if c.cell_type == "code"
                       for o in c.outputs)
     assert sys.executable in outputs and "set" in outputs
+
+
+def test_ctrl_c_exits_130_naming_the_checkpoint_to_resume_from(tmp_path, monkeypatch, capsys):
+    import sodlib.engine
+
+    def interrupted(*args, **kwargs):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(sodlib.engine, "train", interrupted)
+    assert main(["train", "--profile", "smoke", "--out", str(tmp_path / "run")]) == 130
+    err = capsys.readouterr().err
+    assert f"interrupted; the last checkpoint is in {tmp_path / 'run' / 'checkpoints'}" in err
+
+
+def test_any_failure_is_one_line_and_exit_2_unless_debugging(tmp_path, monkeypatch, capsys):
+    bad = tmp_path / "corrupt.pt"
+    bad.write_bytes(b"not a checkpoint at all")
+    assert main(["eval", "--checkpoint", str(bad), "--out", str(tmp_path / "ev")]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "Traceback" not in err and "sodlib eval: error:" in err
+    monkeypatch.setenv("SODLIB_DEBUG", "1")
+    with pytest.raises(Exception):  # noqa: B017 - whichever error torch raises, it is not swallowed
+        main(["eval", "--checkpoint", str(bad), "--out", str(tmp_path / "ev")])
