@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import math
 import typing
 from dataclasses import dataclass, field, fields, replace
 from typing import Any
@@ -233,6 +234,11 @@ class TrainConfig:
         _check_range("train.ema_decay", self.ema_decay, lo=0.0, hi=1.0)
         _check_range("train.clip_max_norm", self.clip_max_norm, lo=0.0)
         _check_range("train.warmup_iters", self.warmup_iters, lo=0)
+        _check_range("train.checkpoint_every", self.checkpoint_every, lo=1)
+        _check_range("train.log_every", self.log_every, lo=1)
+        _check_range("train.eval_every", self.eval_every, lo=0)
+        _check_range("train.weight_decay", self.weight_decay, lo=0.0)
+        _check_range("train.lr_backbone_mult", self.lr_backbone_mult, lo=0.0)
         _check_choice("train.lr_schedule", self.lr_schedule, ("constant", "cosine"))
 
 
@@ -245,6 +251,12 @@ class RunConfig:
     train: TrainConfig = field(default_factory=TrainConfig)
 
     def __post_init__(self):
+        for section in ("data", "model", "loss", "train"):  # NaN and inf pass every `<`/`>` range check
+            for f in fields(getattr(self, section)):
+                value = getattr(getattr(self, section), f.name)
+                for v in value if isinstance(value, tuple) else (value,):
+                    if isinstance(v, float) and not math.isfinite(v):
+                        raise ValueError(f"{section}.{f.name} must be finite, got {value!r}")
         if self.model.num_classes != self.data.num_classes:
             raise ValueError(f"model.num_classes ({self.model.num_classes}) must equal "
                              f"data.num_classes ({self.data.num_classes})")
@@ -449,6 +461,8 @@ def _check_choice(key: str, value: str, choices: tuple[str, ...]) -> None:
 
 
 def _check_range(key: str, value, lo=None, hi=None) -> None:
+    if isinstance(value, float) and not math.isfinite(value):
+        raise ValueError(f"{key} must be a finite number, got {value!r}")
     if lo is not None and value < lo:
         raise ValueError(f"{key} must be >= {lo}, got {value!r}")
     if hi is not None and value > hi:

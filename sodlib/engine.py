@@ -198,6 +198,10 @@ def train(cfg: RunConfig, out_dir: str | os.PathLike, data_root: str | None = No
         raise ValueError(f"train split has {len(train_ds)} images, fewer than train.batch_size={tc.batch_size}")
     total_iters = tc.epochs * batches_per_epoch
     if tc.max_iters:
+        if tc.max_iters > total_iters and main_process:
+            log.warning("train.max_iters=%d is more than train.epochs=%d allow (%d batches per epoch): training "
+                        "stops at %d iterations; raise train.epochs to train longer", tc.max_iters, tc.epochs,
+                        batches_per_epoch, total_iters)
         total_iters = min(total_iters, tc.max_iters)
 
     ckpt_path = out_dir / "checkpoints" / "last.pt"

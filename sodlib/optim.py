@@ -53,9 +53,12 @@ def lr_factor(iteration: int, cfg: TrainConfig, total_iters: int | None = None) 
 
 
 def set_lr(optimizer: torch.optim.Optimizer, factor: float) -> float:
+    """Scale every group's base rate by ``factor``; return the rate of the main (``default``) group — the
+    ``train.lr`` schedule that log.csv reports, not the backbone's ``lr_backbone_mult`` share of it."""
     for g in optimizer.param_groups:
         g["lr"] = g["base_lr"] * factor
-    return optimizer.param_groups[0]["lr"]
+    main = next((g for g in optimizer.param_groups if g.get("name") == "default"), optimizer.param_groups[0])
+    return main["lr"]
 
 
 class ModelEMA:

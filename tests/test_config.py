@@ -49,6 +49,11 @@ def test_override_parses_types():
     ("data.num_classes=3", "num_classes"),
     ("model.p2_values=true", "model.p2_values"),  # needs num_levels 4
     ("loss.enc_o2m=-1", "loss.enc_o2m"),
+    ("loss.beta=nan", "loss.beta"),  # NaN passes every < / > comparison
+    ("train.lr=inf", "train.lr"),
+    ("loss.eta_per_layer=[1.5, nan]", "loss.eta_per_layer"),
+    ("train.checkpoint_every=0", "train.checkpoint_every"),
+    ("train.log_every=0", "train.log_every"),
 ])
 def test_override_rejects_bad_values_naming_the_key(assignment, key):
     with pytest.raises(ValueError, match=key.replace(".", r"\.")):

@@ -148,3 +148,22 @@ def test_resume_refuses_another_config_naming_the_keys(tmp_path):
     assert main(["train", "--profile", "smoke", "--set", "train.lr=0.002", "--out", str(tmp_path / "run")]) == 2
     resumed = train(override(cfg, "train.threads=1", "train.log_every=3"), tmp_path / "run", progress=False)
     assert resumed["iterations"] == cfg.train.max_iters
+
+
+def test_logged_lr_is_the_main_groups_not_the_backbones():
+    from sodlib.detector import build_detector
+    from sodlib.optim import build_optimizer, set_lr
+
+    cfg = override(_smoke(), "train.lr=0.001", "train.lr_backbone_mult=0.1")
+    optimizer = build_optimizer(build_detector(cfg.model), cfg.train)
+    assert optimizer.param_groups[0]["name"].startswith("backbone")
+    assert set_lr(optimizer, 0.5) == pytest.approx(0.0005)
+    assert {g["name"]: g["lr"] for g in optimizer.param_groups}["backbone"] == pytest.approx(0.00005)
+
+
+def test_max_iters_beyond_the_epochs_is_announced(tmp_path, caplog):
+    cfg = override(_smoke(), "train.epochs=1", "train.max_iters=50")  # 16 images / batch 2: 8 per epoch
+    with caplog.at_level("WARNING", logger="sodlib.engine"):
+        metrics = train(cfg, tmp_path, progress=False)
+    assert metrics["iterations"] == 8
+    assert "train.max_iters=50 is more than train.epochs=1 allow" in caplog.text
