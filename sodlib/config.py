@@ -21,6 +21,7 @@ from typing import Any
 class DataConfig:
     dataset: str = "synthsod"  # synthsod | coco | visdrone | voc
     root: str = ""  # dataset folder; "" = SynthSOD in the data cache (generated on demand)
+    allow_outside_paths: bool = False  # coco: image file_names may point outside images/<split> (../, absolute)
     image_size: int = 320  # square working size in pixels (images are resized to it)
     num_classes: int = 6  # foreground classes
     synth_train_images: int = 512  # SynthSOD train split size

@@ -54,6 +54,18 @@ IGNORE_CATEGORY_NAMES = ("ignore", "ignored", "ignored regions", "ignored_region
 # --------------------------------------------------------------------------------------------------
 
 
+def _check_inside(image_dir: Path, images: list[dict], source) -> None:
+    """Every ``file_name`` must name a file inside ``image_dir`` (lexically: no ``..`` escape, no absolute
+    path; symlinks inside the folder are the user's business), or a ValueError names the first that does not."""
+    root = os.path.normpath(image_dir)
+    for img in images:
+        name = str(img["file_name"])
+        target = os.path.normpath(os.path.join(root, name))
+        if os.path.isabs(name) or not (target + os.sep).startswith(root + os.sep) or target == root:
+            raise ValueError(f"{source}: image {img['id']} file_name {name!r} lies outside the image folder "
+                             f"{image_dir}; set data.allow_outside_paths=true if that is intended")
+
+
 class CocoDetection(torch.utils.data.Dataset):
     """Detection samples from an image folder and a COCO dict or json file.
 
@@ -68,7 +80,7 @@ class CocoDetection(torch.utils.data.Dataset):
     """
 
     def __init__(self, image_dir: PathLike, ann_file_or_dict: PathLike | Mapping,
-                 transforms: Callable | None = None):
+                 transforms: Callable | None = None, allow_outside: bool = False):
         self.image_dir = Path(image_dir)
         if isinstance(ann_file_or_dict, Mapping):
             self.coco = validate_coco(ann_file_or_dict)
@@ -84,6 +96,8 @@ class CocoDetection(torch.utils.data.Dataset):
         self.names = [cats[i] for i in self.category_ids]
         self.cat_to_label = {c: i for i, c in enumerate(self.category_ids)}
         self.images = list(self.coco["images"])
+        if not allow_outside:
+            _check_inside(self.image_dir, self.images, self.ann_file or "the annotation dict")
         self.ids = [img["id"] for img in self.images]
         self._anns: dict[Any, list[dict]] = defaultdict(list)
         for a in self.coco["annotations"]:
@@ -267,7 +281,7 @@ def build_dataset(data_cfg, split: str, train: bool, data_root: str | None = Non
         ann = next((p for p in candidates if p.is_file()), None)
         if ann is None:
             raise FileNotFoundError(f"no annotation file for split {split!r}: tried {[str(p) for p in candidates]}")
-        ds = CocoDetection(root / "images" / split, ann, tf)
+        ds = CocoDetection(root / "images" / split, ann, tf, allow_outside=data_cfg.allow_outside_paths)
     elif kind == "visdrone":
         folder = root / split
         if not folder.is_dir() and (root / f"VisDrone2019-DET-{split}").is_dir():

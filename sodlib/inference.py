@@ -97,6 +97,8 @@ def read_image_rgb(path: str | Path) -> torch.Tensor:
     from torchvision.io import ImageReadMode, decode_image
 
     path = Path(path)
+    if path.is_dir():
+        raise ValueError(f"{path} is a folder; give the image files (e.g. {path}/*.jpg)")
     if not path.is_file():
         raise FileNotFoundError(f"image not found: {path}")
     try:

@@ -343,3 +343,17 @@ def test_build_dataset_layouts(tmp_path, monkeypatch):
     ds = build_dataset(cfg, "val", train=False)
     assert calls == [(tmp_path / "cache" / "synthsod_s64_seed3", "val", 5, 64, 3)]
     assert len(ds) == 3 and ds[0][0].shape == (3, 64, 64)
+
+
+@pytest.mark.parametrize("file_name", ["../secret.png", "/etc/passwd", "sub/../../x.png", "."])
+def test_file_names_must_stay_inside_the_image_folder(tmp_path, file_name):
+    from sodlib.datasets import CocoDetection
+
+    coco = {"images": [{"id": 7, "file_name": file_name, "width": 8, "height": 8}], "annotations": [],
+            "categories": [{"id": 1, "name": "car"}]}
+    (tmp_path / "images").mkdir()
+    with pytest.raises(ValueError, match=r"image 7 file_name .* lies outside the image folder .*allow_outside_paths"):
+        CocoDetection(tmp_path / "images", coco)
+    CocoDetection(tmp_path / "images", coco, allow_outside=True)  # when the user says so
+    inside = {**coco, "images": [{"id": 1, "file_name": "sub/./a.png", "width": 8, "height": 8}]}
+    CocoDetection(tmp_path / "images", inside)

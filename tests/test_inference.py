@@ -77,6 +77,8 @@ def test_read_image_errors_name_the_file(tmp_path):
     bad.write_bytes(b"not an image")
     with pytest.raises(ValueError, match="bad.png"):
         read_image_rgb(bad)
+    with pytest.raises(ValueError, match="is a folder; give the image files"):
+        read_image_rgb(tmp_path)
 
 
 def test_predict_keeps_one_drawing_per_input_even_with_equal_names(checkpoint, tmp_path):
