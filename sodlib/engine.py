@@ -228,6 +228,13 @@ def train(cfg: RunConfig, out_dir: str | os.PathLike, data_root: str | None = No
         _truncate_log(log_path, it)
 
     def checkpoint():
+        # a finite loss can still leave exploding weights: never replace the last good checkpoint with those
+        bad = next((name for name, p in model.state_dict().items()
+                    if p.is_floating_point() and not bool(torch.isfinite(p).all())), None)
+        if _any_rank(bad is not None, device):
+            raise NonFiniteLossError(
+                f"non-finite weights at iteration {it} ({bad or 'on another rank'}); the last checkpoint with "
+                f"finite weights is {ckpt_path if ckpt_path.exists() else 'none yet'}")
         rngs = [None] * world
         if world > 1:
             dist.all_gather_object(rngs, _rng_state())

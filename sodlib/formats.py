@@ -124,6 +124,8 @@ def validate_coco(coco: Mapping, source: str = "<dict>") -> dict:
             bbox = [float(v) for v in bbox]
         except (TypeError, ValueError) as e:
             raise ValueError(f"{source}: annotations[{i}] 'bbox' has a non-numeric value") from e
+        if not all(math.isfinite(v) for v in bbox):
+            raise ValueError(f"{source}: annotations[{i}] (id {ann['id']!r}) 'bbox' {bbox} is not finite")
         a = dict(ann)
         a["bbox"] = bbox
         a.setdefault("area", bbox[2] * bbox[3])

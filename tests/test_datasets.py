@@ -357,3 +357,17 @@ def test_file_names_must_stay_inside_the_image_folder(tmp_path, file_name):
     CocoDetection(tmp_path / "images", coco, allow_outside=True)  # when the user says so
     inside = {**coco, "images": [{"id": 1, "file_name": "sub/./a.png", "width": 8, "height": 8}]}
     CocoDetection(tmp_path / "images", inside)
+
+
+def test_a_non_finite_box_in_a_coco_json_is_named(tmp_path):
+    import json
+
+    from sodlib.formats import load_coco
+
+    coco = {"images": [{"id": 1, "file_name": "a.png", "width": 8, "height": 8}],
+            "annotations": [{"id": 5, "image_id": 1, "category_id": 1, "bbox": [1, 1, float("nan"), 2]}],
+            "categories": [{"id": 1, "name": "car"}]}
+    path = tmp_path / "instances_train.json"
+    path.write_text(json.dumps(coco))  # json.dumps writes NaN, as many tools do
+    with pytest.raises(ValueError, match=r"instances_train.json: annotations\[0\] \(id 5\) 'bbox' .* is not finite"):
+        load_coco(path)

@@ -167,3 +167,32 @@ def test_max_iters_beyond_the_epochs_is_announced(tmp_path, caplog):
         metrics = train(cfg, tmp_path, progress=False)
     assert metrics["iterations"] == 8
     assert "train.max_iters=50 is more than train.epochs=1 allow" in caplog.text
+
+
+def test_exploding_weights_never_replace_the_last_good_checkpoint(tmp_path, monkeypatch):
+    """The loss stays finite but a BatchNorm statistic turns inf after iteration 3 (train-mode batch norms do not
+    read it, so nothing else fails): the run stops at the next checkpoint naming the iteration and the tensor,
+    and the checkpoint of iteration 2 is kept."""
+    import sodlib
+
+    cfg = override(_smoke(), "train.checkpoint_every=2")
+    built = []
+    original_build, original_step = sodlib.build_detector, torch.optim.AdamW.step
+
+    def build(*args, **kwargs):
+        built.append(original_build(*args, **kwargs))
+        return built[-1]
+
+    def step(self, *args, **kwargs):
+        out = original_step(self, *args, **kwargs)
+        if self.state and min(s["step"] for s in self.state.values()) == 3:
+            norm = next(m for m in built[0].modules() if isinstance(m, torch.nn.BatchNorm2d))
+            norm.running_var.fill_(float("inf"))
+        return out
+
+    monkeypatch.setattr(sodlib, "build_detector", build)
+    monkeypatch.setattr(torch.optim.AdamW, "step", step)
+    with pytest.raises(NonFiniteLossError, match=r"non-finite weights at iteration 4 \(.*running_var\); the last "
+                                                 r"checkpoint with finite weights is .*last.pt"):
+        train(cfg, tmp_path, progress=False)
+    assert load_checkpoint(tmp_path / "checkpoints" / "last.pt")["iteration"] == 2
