@@ -129,6 +129,22 @@ class CocoDetection(torch.utils.data.Dataset):
         except Exception as e:
             raise OSError(f"cannot read image {path}: {e}") from e
 
+    def check_images(self) -> None:
+        """Every image exists, opens, and has the size its record states: a header read per file (no
+        decoding), so a dataset fails when it is built, naming the file, not at the batch that reaches it."""
+        for index, record in enumerate(self.images):
+            path = self.image_path(index)
+            if not path.is_file():
+                raise FileNotFoundError(f"image not found: {path} (image id {record['id']})")
+            try:
+                with Image.open(path) as im:
+                    size = im.size
+            except Exception as e:
+                raise ValueError(f"cannot read image {path} (image id {record['id']}): {e}") from e
+            if size != (int(record["width"]), int(record["height"])):
+                raise ValueError(f"image {path} is {size[0]}x{size[1]} but its record says "
+                                 f"{record['width']}x{record['height']}")
+
     def training_annotations(self, index: int) -> list[dict]:
         """The annotations that become targets: not crowd, not ignore, not an ignore category."""
         return [
@@ -313,6 +329,8 @@ def build_dataset(data_cfg, split: str, train: bool, data_root: str | None = Non
     else:
         raise ValueError(f"unknown dataset {kind!r}")
 
+    if kind != "synthsod":  # the user's files: read every header now (SynthSOD's were just written and checked)
+        ds.check_images()
     if ds.num_classes != data_cfg.num_classes:
         logger.warning("%s split %r has %d classes but data.num_classes=%d", kind, split, ds.num_classes,
                        data_cfg.num_classes)

@@ -39,8 +39,12 @@ Results are fractions in [0, 1] (the toolkit prints percentages); -1 where there
 
 from __future__ import annotations
 
+import logging
+
 import numpy as np
 import pandas as pd
+
+logger = logging.getLogger(__name__)
 
 MAX_DETS = (1, 10, 100, 500)  # calcAccuracy.m: for maxDets = [1 10 100 500]
 
@@ -244,6 +248,13 @@ def evaluate_visdrone(images, cat_ids, cat_names, g_img, g_cat, g_box, g_ign,
     pos = np.empty(len(d_img), np.int64)
     pos[o] = np.arange(len(o)) - np.searchsorted(d_img[o], d_img[o])
     top = pos < max(max_dets)  # calcAccuracy.m: det(1:min(size(det,1),maxDets), :)
+    order = np.lexsort((pos, d_img))  # maxDets cuts follow list order: say so when that order is not by score
+    unsorted = (d_img[order][1:] == d_img[order][:-1]) & (d_score[order][1:] > d_score[order][:-1])
+    if unsorted.any():
+        logger.warning("VisDrone protocol: maxDets (%s) keeps each image's first detections in list order, as the "
+                       "toolkit does, and the detections of image %r are not sorted by score: sort each image's "
+                       "detections by descending score, or AR and AP count the wrong ones",
+                       "/".join(map(str, max_dets)), images[int(d_img[order][1:][unsorted][0])].get("id"))
     dk = np.nonzero(top)[0]
     d_img, d_cat, d_box, d_score, pos = d_img[dk], d_cat[dk], d_box[dk], d_score[dk], pos[dk]
     n_keys = n_img * C

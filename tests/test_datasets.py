@@ -371,3 +371,32 @@ def test_a_non_finite_box_in_a_coco_json_is_named(tmp_path):
     path.write_text(json.dumps(coco))  # json.dumps writes NaN, as many tools do
     with pytest.raises(ValueError, match=r"instances_train.json: annotations\[0\] \(id 5\) 'bbox' .* is not finite"):
         load_coco(path)
+
+
+def test_a_coco_dataset_checks_its_images_when_built(tmp_path):
+    import json
+
+    from PIL import Image as PILImage
+
+    from sodlib.config import DataConfig
+    from sodlib.datasets import build_dataset
+
+    (tmp_path / "images" / "val").mkdir(parents=True)
+    (tmp_path / "annotations").mkdir()
+    PILImage.new("RGB", (20, 10)).save(tmp_path / "images" / "val" / "good.png")
+    (tmp_path / "images" / "val" / "broken.png").write_bytes(b"\x89PNG\r\n cut short")
+    images = [{"id": 1, "file_name": "good.png", "width": 20, "height": 10},
+              {"id": 2, "file_name": "broken.png", "width": 20, "height": 10}]
+    cats = [{"id": 1, "name": "car"}]
+
+    def build(imgs):
+        (tmp_path / "annotations" / "instances_val.json").write_text(
+            json.dumps({"images": imgs, "annotations": [], "categories": cats}))
+        return build_dataset(DataConfig(dataset="coco", root=str(tmp_path), num_classes=1, image_size=64), "val",
+                             train=False)
+
+    with pytest.raises(ValueError, match=r"cannot read image .*broken.png \(image id 2\)"):
+        build(images)
+    with pytest.raises(ValueError, match=r"good.png is 20x10 but its record says 30x10"):
+        build([{**images[0], "width": 30}])
+    assert len(build(images[:1])) == 1

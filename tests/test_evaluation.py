@@ -353,6 +353,17 @@ def test_visdrone_max_dets():
     assert ev.evaluate(gt, [fp, tp], "visdrone")["AR1"] == 0.0
 
 
+def test_visdrone_warns_about_detections_not_sorted_by_score(caplog):
+    gt = make_gt([(1, 1, [10, 10, 20, 20], 0)], CATS10)
+    tp, fp = det(1, 1, [10, 10, 20, 20], 0.5), det(1, 1, [100, 100, 20, 20], 0.9)
+    with caplog.at_level("WARNING", logger="sodlib.visdrone_eval"):
+        ev.evaluate(gt, [fp, tp], "visdrone")
+    assert not caplog.records
+    with caplog.at_level("WARNING", logger="sodlib.visdrone_eval"):
+        ev.evaluate(gt, [tp, fp], "visdrone")
+    assert "the detections of image 1 are not sorted by score" in caplog.text
+
+
 def test_visdrone_class_mean_weighted_by_images():
     # calcAccuracy.m appends a class once per image holding it: class 1 (2 images, AP 1) and
     # class 2 (1 image, AP 0) average to 2/3, not 1/2
