@@ -61,15 +61,23 @@ def _cmd_train(args) -> int:
 def _cmd_predict(args) -> int:
     from sodlib.inference import predict_files
 
+    _out_folder(args.out)
     path = predict_files(args.checkpoint, args.images, args.out, device=args.device, slice_size=args.slice,
                          overlap=args.overlap, score_thr=args.score_thr)
     print(f"wrote {path} and {len(args.images)} drawn image(s)")
     return 0
 
 
+def _out_folder(path) -> None:
+    """An ``--out`` folder may exist, but not as a file: refused before any work."""
+    if path is not None and Path(path).exists() and not Path(path).is_dir():
+        raise ValueError(f"--out {path} is a file, not a folder; nothing was written")
+
+
 def _cmd_eval(args) -> int:
     from sodlib import evaluation
 
+    _out_folder(args.out)
     if args.checkpoint:
         from sodlib.datasets import build_dataset
         from sodlib.inference import evaluate_model, load_model

@@ -76,3 +76,12 @@ def test_any_failure_is_one_line_and_exit_2_unless_debugging(tmp_path, monkeypat
     monkeypatch.setenv("SODLIB_DEBUG", "1")
     with pytest.raises(Exception):  # noqa: B017 - whichever error torch raises, it is not swallowed
         main(["eval", "--checkpoint", str(bad), "--out", str(tmp_path / "ev")])
+
+
+def test_an_out_that_is_a_file_is_refused_before_any_work(tmp_path, capsys):
+    mine = tmp_path / "notes.txt"
+    mine.write_text("mine")
+    assert main(["predict", str(tmp_path / "x.png"), "--checkpoint", "c.pt", "--out", str(mine)]) == 2
+    assert main(["eval", "--gt", "g.json", "--dets", "d.json", "--out", str(mine)]) == 2
+    assert capsys.readouterr().err.count("is a file, not a folder") == 2
+    assert mine.read_text() == "mine"
