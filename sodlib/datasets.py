@@ -54,6 +54,13 @@ IGNORE_CATEGORY_NAMES = ("ignore", "ignored", "ignored regions", "ignored_region
 # --------------------------------------------------------------------------------------------------
 
 
+def _parse_xml(path: Path) -> ET.ElementTree:
+    try:
+        return ET.parse(path)
+    except ET.ParseError as e:
+        raise ValueError(f"{path}: not valid XML ({e})") from e
+
+
 def _check_inside(image_dir: Path, images: list[dict], source) -> None:
     """Every ``file_name`` must name a file inside ``image_dir`` (lexically: no ``..`` escape, no absolute
     path; symlinks inside the folder are the user's business), or a ValueError names the first that does not."""
@@ -321,7 +328,7 @@ def build_dataset(data_cfg, split: str, train: bool, data_root: str | None = Non
                 el.text.strip()
                 for p in sorted((folder / "annotations").glob("*.xml"))
                 if stems is None or p.stem in stems
-                for el in ET.parse(p).getroot().iterfind("object/name")
+                for el in _parse_xml(p).getroot().iterfind("object/name")
                 if el.text
             )
             single = names.most_common(1)[0][0] if names else "object"

@@ -400,3 +400,14 @@ def test_a_coco_dataset_checks_its_images_when_built(tmp_path):
     with pytest.raises(ValueError, match=r"good.png is 20x10 but its record says 30x10"):
         build([{**images[0], "width": 30}])
     assert len(build(images[:1])) == 1
+
+
+def test_an_unparsable_voc_xml_is_named_in_the_single_class_path(tmp_path):
+    from sodlib.config import DataConfig
+    from sodlib.datasets import build_dataset
+
+    (tmp_path / "all" / "annotations").mkdir(parents=True)
+    (tmp_path / "all" / "images").mkdir()
+    (tmp_path / "all" / "annotations" / "tile.xml").write_text("<annotation><object><name>Tree</name>")
+    with pytest.raises(ValueError, match=r"tile.xml: not valid XML"):
+        build_dataset(DataConfig(dataset="voc", root=str(tmp_path), num_classes=1), "all", train=False)
