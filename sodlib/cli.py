@@ -69,9 +69,11 @@ def _cmd_predict(args) -> int:
 
 
 def _out_folder(path) -> None:
-    """An ``--out`` folder may exist, but not as a file: refused before any work."""
-    if path is not None and Path(path).exists() and not Path(path).is_dir():
-        raise ValueError(f"--out {path} is a file, not a folder; nothing was written")
+    """An explicit ``--out`` folder: new, empty, or sodlib's own (:func:`sodlib.runs.claim_output_dir`)."""
+    if path is not None:
+        from sodlib.runs import claim_output_dir
+
+        claim_output_dir(path)
 
 
 def _cmd_eval(args) -> int:

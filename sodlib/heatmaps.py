@@ -262,9 +262,9 @@ def heatmap_files(checkpoint: str, images: list[str], out_dir: str, layer: str =
         for path, img in zip(images, decoded):
             if x < 0 or y < 0 or x + w > img.shape[2] or y + h > img.shape[1]:
                 raise ValueError(f"--box {box} lies outside {path} ({img.shape[2]}x{img.shape[1]} px)")
-    out = Path(out_dir)
-    if out.exists() and not out.is_dir():
-        raise ValueError(f"--out {out} is a file, not a folder")
+    from sodlib.runs import claim_output_dir
+
+    out = claim_output_dir(out_dir)  # last of the checks: a refused --out is never created
     names = [c["name"] for c in categories]
     written = []
     for path, img, name in zip(images, decoded, output_names(images, "_heatmap.png")):

@@ -219,3 +219,20 @@ def write_run(d: str | os.PathLike, config, metrics: dict, seed: int | None = No
     atomic_write_json(d / "provenance.json", provenance(seed, wall_seconds, device))
     atomic_write_json(d / "metrics.json", metrics)
     return d
+
+
+OUTPUT_MARK = ".sodlib-output"  # in every --out folder sodlib creates or adopts
+
+
+def claim_output_dir(path: str | os.PathLike) -> Path:
+    """An ``--out`` folder sodlib may write into: created (and marked) when absent, adopted when empty, reused
+    when marked as sodlib's; a file, or a folder holding someone else's files, is refused with a ValueError
+    before any work — nothing the user owns is overwritten."""
+    path = Path(path)
+    if path.exists() and not path.is_dir():
+        raise ValueError(f"--out {path} is a file, not a folder; nothing was written")
+    if path.is_dir() and not (path / OUTPUT_MARK).exists() and any(path.iterdir()):
+        raise ValueError(f"--out {path} exists and holds files sodlib did not write; choose a new or empty folder")
+    path.mkdir(parents=True, exist_ok=True)
+    (path / OUTPUT_MARK).touch()
+    return path

@@ -85,3 +85,20 @@ def test_an_out_that_is_a_file_is_refused_before_any_work(tmp_path, capsys):
     assert main(["eval", "--gt", "g.json", "--dets", "d.json", "--out", str(mine)]) == 2
     assert capsys.readouterr().err.count("is a file, not a folder") == 2
     assert mine.read_text() == "mine"
+
+
+def test_an_out_folder_with_someone_elses_files_is_refused(tmp_path, capsys):
+    from sodlib.runs import OUTPUT_MARK, claim_output_dir
+
+    theirs = tmp_path / "theirs"
+    theirs.mkdir()
+    (theirs / "predictions.json").write_text("their work")
+    assert main(["eval", "--gt", "g.json", "--dets", "d.json", "--out", str(theirs)]) == 2
+    assert "holds files sodlib did not write" in capsys.readouterr().err
+    assert (theirs / "predictions.json").read_text() == "their work" and not (theirs / OUTPUT_MARK).exists()
+    ours = claim_output_dir(tmp_path / "new" / "out")  # created and marked; reused afterwards
+    (ours / "metrics.csv").write_text("x")
+    assert claim_output_dir(ours) == ours
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    assert (claim_output_dir(empty) / OUTPUT_MARK).exists()

@@ -160,7 +160,7 @@ def test_heatmap_command_writes_one_figure_per_image_and_refuses_bad_input(tmp_p
     images = [str(tmp_path / "a" / "x.png"), str(tmp_path / "b" / "x.png")]
     out = tmp_path / "figs"
     assert main(["heatmap", *images, "--checkpoint", str(ckpt), "--out", str(out), "--objects", "2"]) == 0
-    assert sorted(p.name for p in out.iterdir()) == ["x_2_heatmap.png", "x_heatmap.png"]
+    assert sorted(p.name for p in out.glob("*.png")) == ["x_2_heatmap.png", "x_heatmap.png"]
     assert main(["heatmap", images[0], "--checkpoint", str(ckpt), "--out", str(out / "one"),
                  "--box", "10,10,20,16", "--layer", "2"]) == 0
     broken = tmp_path / "broken.png"
