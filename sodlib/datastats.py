@@ -9,7 +9,6 @@ Crowd / ignore annotations are regions, not objects, and are left out everywhere
 from __future__ import annotations
 
 import io
-import json
 from pathlib import Path
 
 import numpy as np
@@ -18,8 +17,9 @@ from sodlib.runs import atomic_write_bytes
 
 
 def _load(path) -> dict:
-    with open(path, encoding="utf-8") as f:
-        return json.load(f)
+    from sodlib.runs import read_json
+
+    return read_json(path, "COCO annotation")
 
 
 def _resolve(paths) -> list[Path]:

@@ -35,7 +35,6 @@ from __future__ import annotations
 
 import contextlib
 import io
-import json
 import math
 import numbers
 import os
@@ -67,11 +66,9 @@ PER_CLASS_COLUMNS = ["category_id", "name", "AP", "AP50", "num_gt"]
 # ----------------------------------------------------------------------------- inputs
 def _load_json(obj, what: str):
     if isinstance(obj, (str, os.PathLike)):
-        path = Path(obj)
-        if not path.is_file():
-            raise FileNotFoundError(f"{what} file not found: {path}")
-        with open(path) as f:
-            return json.load(f)
+        from sodlib.runs import read_json
+
+        return read_json(obj, what)
     return obj
 
 

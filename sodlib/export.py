@@ -101,7 +101,7 @@ def export_checkpoint(checkpoint: str | os.PathLike, out: str | os.PathLike, ima
     layout, ``num_classes`` classes), read with :func:`sodlib.official.load_rtdetr`; ``image_size`` defaults
     to 640, RT-DETR's evaluation size.
     """
-    from .inference import load_checked_model
+    from .inference import load_model
     from .official import load_rtdetr, rtdetr_model_config
 
     out = Path(out)
@@ -110,7 +110,10 @@ def export_checkpoint(checkpoint: str | os.PathLike, out: str | os.PathLike, ima
     if rtdetr_depth is not None:
         model = load_rtdetr(checkpoint, rtdetr_model_config(rtdetr_depth, num_classes=num_classes))
         return export_onnx(model, out, image_size or 640, postprocess, num_top)
-    model, cfg = load_checked_model(checkpoint, hint="; a released RT-DETR one needs --rtdetr DEPTH")
+    try:
+        model, cfg = load_model(checkpoint)
+    except ValueError as exc:
+        raise ValueError(f"{exc}; a released RT-DETR one needs --rtdetr DEPTH") from exc
     return export_onnx(model, out, image_size or cfg.data.image_size, postprocess, num_top)
 
 

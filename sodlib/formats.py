@@ -16,7 +16,6 @@ Loaders (all re-exported by :mod:`sodlib.datasets`)
 
 from __future__ import annotations
 
-import json
 import logging
 import math
 import os
@@ -57,15 +56,9 @@ _CAT_KEYS = ("id", "name")
 
 def load_coco(path: PathLike) -> dict:
     """Read and validate a COCO detection json file (see :func:`validate_coco`)."""
-    path = Path(path)
-    if not path.is_file():
-        raise FileNotFoundError(f"COCO annotation file not found: {path}")
-    try:
-        with open(path, encoding="utf-8") as f:
-            coco = json.load(f)
-    except json.JSONDecodeError as e:
-        raise ValueError(f"{path}: not valid JSON ({e})") from e
-    return validate_coco(coco, source=str(path))
+    from sodlib.runs import read_json
+
+    return validate_coco(read_json(path, "COCO annotation"), source=str(path))
 
 
 def validate_coco(coco: Mapping, source: str = "<dict>") -> dict:

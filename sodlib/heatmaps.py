@@ -242,13 +242,13 @@ def heatmap_files(checkpoint: str, images: list[str], out_dir: str, layer: str =
     1..L), ``objects``, every image's decoding, ``box`` inside every image. Returns the written paths."""
     from pathlib import Path
 
-    from sodlib.inference import load_checked_model, output_names, read_image_rgb
+    from sodlib.inference import load_model, output_names, read_image_rgb
     from sodlib.viz import plot_object_attention, save_figure
 
     if objects < 1:
         raise ValueError(f"--objects must be at least 1, got {objects}")
     box_xywh = parse_box(box) if box else None
-    model, cfg, categories = load_checked_model(checkpoint, with_categories=True)
+    model, cfg, categories = load_model(checkpoint, with_categories=True)
     depth = cfg.model.num_decoder_layers
     if layer == "all":
         layers = list(range(depth))

@@ -52,32 +52,29 @@ def evaluate_model(model: nn.Module, dataset, protocol: str = "coco", device="cp
 
 
 def load_model(checkpoint: str | Path, device="cpu", use_ema: bool = True, with_categories: bool = False):
-    """The detector stored in a checkpoint (EMA weights when present), its RunConfig (and categories)."""
+    """The detector stored in a checkpoint (EMA weights when present), its RunConfig (and categories).
+
+    A file that is not a sodlib checkpoint (truncated, a foreign pickle, no config, shapes that do not fit)
+    raises a one-line ValueError naming it."""
     from sodlib import build_detector
     from sodlib.config import RunConfig
     from sodlib.engine import load_checkpoint
 
-    state = load_checkpoint(checkpoint, map_location=device)
-    cfg = RunConfig.from_dict(state["config"])
-    model = build_detector(cfg.model).to(device)
-    weights = state["ema"]["module"] if use_ema and state.get("ema") else state["model"]
-    model.load_state_dict(weights)
+    try:
+        state = load_checkpoint(checkpoint, map_location=device)
+        cfg = RunConfig.from_dict(state["config"])
+        model = build_detector(cfg.model).to(device)
+        weights = state["ema"]["module"] if use_ema and state.get("ema") else state["model"]
+        model.load_state_dict(weights)
+    except FileNotFoundError:
+        raise
+    except Exception as exc:  # a truncated file, a foreign pickle, a state dict without config, other shapes
+        raise ValueError(f"{checkpoint}: not a sodlib checkpoint ({type(exc).__name__}: "
+                         f"{(str(exc).splitlines() or [''])[0]})") from exc
     if with_categories:
         cats = state.get("categories") or [{"id": i + 1, "name": str(i + 1)} for i in range(cfg.model.num_classes)]
         return model.eval(), cfg, cats
     return model.eval(), cfg
-
-
-def load_checked_model(checkpoint: str | Path, hint: str = "", **kwargs):
-    """:func:`load_model`, with any failure to read the checkpoint (a truncated file, a foreign pickle, a state
-    dict without its config, shapes that do not fit) as a one-line ValueError naming it (+ ``hint``)."""
-    try:
-        return load_model(checkpoint, **kwargs)
-    except FileNotFoundError:
-        raise
-    except Exception as exc:
-        raise ValueError(f"{checkpoint}: not a sodlib checkpoint ({type(exc).__name__}: "
-                         f"{(str(exc).splitlines() or [''])[0]}){hint}") from exc
 
 
 def output_names(paths, suffix: str) -> list[str]:

@@ -236,3 +236,17 @@ def claim_output_dir(path: str | os.PathLike) -> Path:
     path.mkdir(parents=True, exist_ok=True)
     (path / OUTPUT_MARK).touch()
     return path
+
+
+def read_json(path: str | os.PathLike, what: str = "json") -> Any:
+    """A json file's content; a missing file or invalid json raises an error naming the file (and line)."""
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"{what} file not found: {path}")
+    try:
+        with open(path, encoding="utf-8") as f:
+            return json.load(f)
+    except json.JSONDecodeError as e:
+        raise ValueError(f"{path}: not valid JSON ({e})") from e
+    except UnicodeDecodeError as e:
+        raise ValueError(f"{path}: not a text (UTF-8) file") from e

@@ -102,3 +102,20 @@ def test_an_out_folder_with_someone_elses_files_is_refused(tmp_path, capsys):
     empty = tmp_path / "empty"
     empty.mkdir()
     assert (claim_output_dir(empty) / OUTPUT_MARK).exists()
+
+
+def test_bad_json_and_foreign_checkpoints_are_named(tmp_path, capsys):
+    import torch
+
+    bad = tmp_path / "bad.json"
+    bad.write_text("not json")
+    foreign = tmp_path / "foreign.pt"
+    torch.save({"epoch": 3}, foreign)
+    cases = [["eval", "--gt", str(bad), "--dets", str(bad), "--out", str(tmp_path / "e")],
+             ["data", "stats", str(bad), "--out", str(tmp_path / "s.png")],
+             ["eval", "--checkpoint", str(foreign), "--out", str(tmp_path / "e2")],
+             ["predict", str(bad), "--checkpoint", str(foreign), "--out", str(tmp_path / "p")]]
+    for args in cases:
+        assert main(args) == 2, args
+        err = capsys.readouterr().err
+        assert err.count("\n") == 1 and (f"{bad}: not valid JSON" in err or f"{foreign}: not a sodlib checkpoint" in err), err
