@@ -98,12 +98,17 @@ class ResNetBackbone(nn.Module):
         expansion = 4 if depth == 50 else 1
         self.out_channels = tuple(64 * 2 ** (lv - 2) * expansion for lv in self.return_levels)
         self.out_strides = tuple(2 ** lv for lv in self.return_levels)
-        if freeze_at >= 0:
-            for module in [self.stem, *self.stages[:freeze_at]]:
-                module.requires_grad_(False)
+        _freeze(self.stem, self.stages, freeze_at)
 
     def forward(self, images: Tensor) -> list[Tensor]:
         return _run_stages(self.stem, self.stages, self.return_levels, images)
+
+
+def _freeze(stem: nn.Module, stages, freeze_at: int) -> None:
+    """``freeze_at`` -1: train all; 0: freeze the stem; k > 0: also the first k stages."""
+    if freeze_at >= 0:
+        for module in [stem, *stages[:freeze_at]]:
+            module.requires_grad_(False)
 
 
 def _conv_bn(c_in: int, c_out: int, stride: int = 1, act: bool = True,
@@ -287,9 +292,7 @@ class PResNet(nn.Module):
         self.out_strides = tuple(2 ** lv for lv in self.return_levels)
         if pretrained_path:
             load_state_dict_file(self, pretrained_path)
-        if freeze_at >= 0:
-            for module in [self.conv1, *self.res_layers[:freeze_at]]:
-                module.requires_grad_(False)
+        _freeze(self.conv1, self.res_layers, freeze_at)
 
     def forward(self, images: Tensor) -> list[Tensor]:
         return _run_stages(self._stem, self.res_layers, self.return_levels, images)

@@ -28,6 +28,7 @@ from pathlib import Path
 import numpy as np
 import torch
 from torch import Tensor, nn
+from torchvision.ops import box_convert
 
 __all__ = ["ExportedDetector", "check_onnx", "export_checkpoint", "export_onnx", "graph_signature",
            "match_queries"]
@@ -50,9 +51,7 @@ class ExportedDetector(nn.Module):
         scores, index = scores.topk(min(self.num_top, scores.shape[1]), dim=1)
         labels = index % num_classes
         query = index // num_classes
-        cx, cy, w, h = boxes.unbind(-1)
-        xyxy = torch.stack([cx - w / 2, cy - h / 2, cx + w / 2, cy + h / 2], -1)
-        xyxy = xyxy * orig_target_sizes.to(xyxy.dtype).repeat(1, 2).unsqueeze(1)
+        xyxy = box_convert(boxes, "cxcywh", "xyxy") * orig_target_sizes.to(boxes.dtype).repeat(1, 2).unsqueeze(1)
         picked = xyxy.gather(1, query.unsqueeze(-1).expand(-1, -1, 4))
         return labels, picked, scores
 
