@@ -299,41 +299,58 @@ def bench_mrqm(repeats: int = 3, threads: int = 2) -> pd.DataFrame:
     return df
 
 
-def bench_sahi(checkpoint: str = "", slice_size: int = 640, overlap: float = 0.2, threads: int = 2) -> pd.DataFrame:
+VISDRONE_ITERS = 2000  # 40 passes over the 200 patches of visdrone_mini
+
+
+def visdrone_run(results_dir: str | Path = "results", patch: int = 320, verbose: bool = True):
+    """Train (or reuse from the run cache) the ``ablation``-profile detector on visdrone_mini cut into ``patch``-px
+    patches (:func:`sodlib.realdata.visdrone_patches`: its eight images are both train and test, so the model
+    has seen what it is scored on), for :data:`VISDRONE_ITERS` iterations; return ``(config, run folder, patch
+    folder)``. The checkpoint (``run/checkpoints/last.pt``, not committed) is retrained when absent."""
+    from sodlib.ablations import ablation_config, train_configs
+    from sodlib.engine import train
+    from sodlib.realdata import visdrone_patches
+    from sodlib.runs import run_dir
+
+    root = visdrone_patches(patch=patch)
+    cfg = ablation_config("ablation", "data.dataset=coco", f"data.root={root.name}", "data.val_split=test",
+                          "data.num_classes=10", "model.num_classes=10", f"data.image_size={patch}",
+                          f"train.max_iters={VISDRONE_ITERS}")
+    train_configs([cfg], results_dir, data_root=str(root), labels=["visdrone_mini"], workers=1,
+                  verbose=verbose)
+    d = run_dir(cfg, results_dir)
+    train(cfg, d, data_root=str(root), progress=False, need_checkpoint=True)
+    return cfg, d, root
+
+
+def bench_sahi(checkpoint: str = "", slice_size: int = 0, overlap: float = 0.2, threads: int = 2) -> pd.DataFrame:
     """SAHI's sliced prediction against ``sodlib predict --slice`` on ../shared/data/visdrone_mini (8 images):
     detections, agreement with predict --slice, seconds (after one warm-up image), AP/AP50 (visdrone protocol).
 
-    ``checkpoint`` "" uses a random-weight ``cpu``-profile detector with VisDrone's 10 classes (decoder weights
-    perturbed so that confidences vary): no VisDrone-trained checkpoint is committed, so its AP is ~0 and only
-    the counts, the agreement and the time compare the pipelines.
+    ``checkpoint`` "" uses :func:`visdrone_run`'s detector (trained on these eight images: its AP says that the
+    detections are real objects, so that the pipelines' merges can be told apart, not how well it generalises);
+    ``slice_size`` 0 = the checkpoint's training size (patches at native resolution, no resizing).
     """
     import torch
 
-    from sodlib import build_detector
-    from sodlib.config import get_profile, override
-    from sodlib.engine import save_checkpoint
     from sodlib.formats import visdrone_to_coco
-    from sodlib.reproduce import SHARED_DATA
+    from sodlib.inference import load_model
+    from sodlib.realdata import find_visdrone_mini
     from sodlib.sahi_model import compare_sliced
 
+    root = find_visdrone_mini()
+    if root is None:
+        raise FileNotFoundError("../shared/data/visdrone_mini: the VisDrone sample is not beside the repository")
+    if not checkpoint:
+        _, run, _ = visdrone_run(verbose=False)
+        checkpoint = str(run / "checkpoints" / "last.pt")
+        name = f"visdrone_mini-trained detector ({run.name})"
+    else:
+        name = Path(checkpoint).parent.parent.name
     torch.set_num_threads(threads)
-    root = SHARED_DATA / "visdrone_mini"
-    if not root.is_dir():
-        raise FileNotFoundError(f"{root}: the VisDrone sample is not beside the repository")
-    with tempfile.TemporaryDirectory() as tmp:
-        if not checkpoint:
-            cfg = override(get_profile("cpu"), "data.num_classes=10", "model.num_classes=10")
-            torch.manual_seed(0)
-            model = build_detector(cfg.model)
-            with torch.no_grad():
-                for p in model.decoder.parameters():
-                    p.add_(0.05 * torch.randn_like(p))
-            checkpoint = str(save_checkpoint(Path(tmp) / "random.pt", model=model.state_dict(), config=cfg.to_dict()))
-            name = "random-weight cpu detector"
-        else:
-            name = Path(checkpoint).parent.parent.name
-        rows = compare_sliced(checkpoint, sorted((root / "images").glob("*.jpg")), visdrone_to_coco(root), slice_size,
-                              overlap)
+    slice_size = slice_size or load_model(checkpoint)[1].data.image_size
+    rows = compare_sliced(checkpoint, sorted((root / "images").glob("*.jpg")), visdrone_to_coco(root), slice_size,
+                          overlap)
     out = []
     for r in rows:
         for key, unit in (("detections", "count"), ("agreement", "fraction"), ("seconds", "s"), ("AP", "fraction"),

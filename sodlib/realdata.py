@@ -41,6 +41,7 @@ from sodlib.runs import atomic_write_json
 logger = logging.getLogger(__name__)
 
 DEFAULT_NEON_DIR = Path(__file__).resolve().parents[2] / "shared" / "data" / "neon_trees"
+DEFAULT_VISDRONE_DIR = DEFAULT_NEON_DIR.parent / "visdrone_mini"
 NEON_TRAIN = ("OSBS_029", "SOAP_061", "2019_YELL_2_528000_4978000_image_crop2")
 NEON_TEST = "2019_YELL_2_541000_4977000_image_crop"
 MANIFEST = "neon_patches.json"  # written last: a folder without it is not a finished cache
@@ -76,9 +77,9 @@ def _fingerprint(src: Path, stems: Sequence[str], params: dict) -> str:
     return h.hexdigest()
 
 
-def patch_dataset_name(patch: int, overlap: int, fingerprint: str) -> str:
-    """``neon_trees_p{patch}_o{overlap}_{hash}``: the cache folder, and the machine-independent ``data.root``."""
-    return f"neon_trees_p{patch}_o{overlap}_{fingerprint[:10]}"
+def patch_dataset_name(patch: int, overlap: int, fingerprint: str, prefix: str = "neon_trees") -> str:
+    """``{prefix}_p{patch}_o{overlap}_{hash}``: the cache folder, and the machine-independent ``data.root``."""
+    return f"{prefix}_p{patch}_o{overlap}_{fingerprint[:10]}"
 
 
 def read_manifest(root: PathLike) -> dict | None:
@@ -141,37 +142,87 @@ def neon_patches(
     unreadable xml or image raises naming the file (``FileNotFoundError`` / ``ValueError`` from
     :func:`sodlib.formats.voc_to_coco`); a tile in both splits raises ``ValueError``.
     """
-    from sodlib.datasets import data_cache_dir
-    from sodlib.tiling import tile_coco
-
     src = Path(src_dir).expanduser() if src_dir else DEFAULT_NEON_DIR
     if find_neon_trees(src) is None:
         raise NeonTreesAbsent(f"neon_trees data not found: {src} (expected images/ and annotations/ in it)")
-    overlap = default_overlap(patch) if overlap is None else int(overlap)
     train_stems = sorted(train_stems)
     if not train_stems:
         raise ValueError("neon_patches: train_stems is empty")
     if test_stem in train_stems:
         raise ValueError(f"neon_patches: tile {test_stem!r} is both a train and the test tile")
+
+    def splits() -> dict:
+        coco = voc_to_coco(src, single_class="Tree", stems=[*train_stems, test_stem])
+        return {"train": subset_coco(coco, train_stems), "test": subset_coco(coco, [test_stem])}
+
+    return _patch_dataset(src, "neon_trees", splits, [*train_stems, test_stem], out_root, patch, overlap,
+                          min_visible, drop_empty_train,
+                          {"train_stems": train_stems, "test_stem": test_stem, "single_class": "Tree"})
+
+
+def find_visdrone_mini(path: PathLike | None = "") -> Path | None:
+    """The visdrone_mini folder (``path``, or ``../shared/data/visdrone_mini`` when empty), or None when absent."""
+    src = Path(path).expanduser() if path else DEFAULT_VISDRONE_DIR
+    return src if (src / "images").is_dir() and (src / "annotations").is_dir() else None
+
+
+def visdrone_patches(
+    src_dir: PathLike | None = "",
+    out_root: PathLike | None = None,
+    patch: int = 320,
+    overlap: int | None = None,
+    min_visible: float = 0.5,
+) -> Path:
+    """Cut every image of a VisDrone2019-DET folder (default ``../shared/data/visdrone_mini``) into patches.
+
+    Both splits hold all the images (``train`` and ``test`` are the same patches): the eight images of
+    visdrone_mini are too few to hold any out, so a model trained on this folder has *seen* what it is
+    evaluated on. It exists to give VisDrone-format checkpoints whose detections score (the SAHI
+    comparison of ``sodlib bench sahi``, heatmaps on VisDrone images), not generalisation numbers.
+    The 10 VisDrone classes keep their ids (1-10); "others" and ignored regions are not targets; boxes with
+    score 0 become ignore annotations. Layout, caching and atomicity as :func:`neon_patches`; the folder is
+    ``visdrone_p{patch}_o{overlap}_{hash}``. Raises ``FileNotFoundError`` when the folder is absent.
+    """
+    from sodlib.formats import visdrone_to_coco
+
+    src = Path(src_dir).expanduser() if src_dir else DEFAULT_VISDRONE_DIR
+    if find_visdrone_mini(src) is None:
+        raise FileNotFoundError(f"VisDrone folder not found: {src} (expected images/ and annotations/ in it)")
+    stems = sorted(p.stem for p in (src / "images").glob("*.jpg"))
+
+    def splits() -> dict:
+        coco = visdrone_to_coco(src)
+        return {"train": coco, "test": coco}
+
+    return _patch_dataset(src, "visdrone", splits, stems, out_root, patch, overlap, min_visible, False,
+                          {"split": "train=test=all"})
+
+
+def _patch_dataset(src: Path, prefix: str, make_splits, stems: Sequence[str], out_root: PathLike | None,
+                   patch: int, overlap: int | None, min_visible: float, drop_empty_train: bool,
+                   extra: dict) -> Path:
+    """Build (or reuse) ``out_root / patch_dataset_name(...)`` from ``make_splits()`` = {split: COCO dict of
+    whole images in ``src / "images"``}; see :func:`neon_patches` for the caching and atomicity rules."""
+    from sodlib.datasets import data_cache_dir
+    from sodlib.tiling import tile_coco
+
+    overlap = default_overlap(patch) if overlap is None else int(overlap)
     params = {"patch": int(patch), "overlap": overlap, "min_visible": float(min_visible),
-              "drop_empty_train": bool(drop_empty_train), "train_stems": train_stems, "test_stem": test_stem,
-              "single_class": "Tree"}
-    fingerprint = _fingerprint(src, [*train_stems, test_stem], params)
+              "drop_empty_train": bool(drop_empty_train), **extra}
+    fingerprint = _fingerprint(src, stems, params)
     out_root = Path(out_root).expanduser() if out_root else data_cache_dir()
-    final = out_root / patch_dataset_name(patch, overlap, fingerprint)
+    final = out_root / patch_dataset_name(patch, overlap, fingerprint, prefix)
     if read_manifest(final) is not None:
         logger.info("reusing %s", final)
         return final
 
-    # the whole split is converted and checked before any patch is written
-    coco = voc_to_coco(src, single_class="Tree", stems=[*train_stems, test_stem])
-    splits = {"train": subset_coco(coco, train_stems), "test": subset_coco(coco, [test_stem])}
+    splits = make_splits()  # the whole source is converted and checked before any patch is written
     out_root.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{final.name}.", suffix=".tmp", dir=out_root))
     try:
         counts = {}
         for split, tiles in splits.items():
-            logger.info("cutting %d %s tile(s) into %d px patches (overlap %d)", len(tiles["images"]), split,
+            logger.info("cutting %d %s image(s) into %d px patches (overlap %d)", len(tiles["images"]), split,
                         patch, overlap)
             patches = tile_coco(tiles, src / "images", tmp, tile=patch, overlap=overlap, min_visible=min_visible,
                                 split=split)
@@ -208,13 +259,16 @@ def _install(tmp: Path, final: Path) -> None:
 
 __all__ = [
     "DEFAULT_NEON_DIR",
+    "DEFAULT_VISDRONE_DIR",
     "MANIFEST",
     "NEON_TEST",
     "NEON_TRAIN",
     "NeonTreesAbsent",
     "default_overlap",
     "find_neon_trees",
+    "find_visdrone_mini",
     "neon_patches",
     "patch_dataset_name",
     "read_manifest",
+    "visdrone_patches",
 ]

@@ -243,3 +243,31 @@ def test_absent_data_is_reported_not_crashed(tmp_path):
     assert isinstance(info.value, FileNotFoundError)
     assert not (tmp_path / "out").exists()
     assert realdata.find_neon_trees("") in (None, realdata.DEFAULT_NEON_DIR)
+
+
+# ---------------------------------------------------------------- VisDrone patches
+
+
+def test_visdrone_patches_keep_every_valid_box_and_the_ten_classes(tmp_path):
+    src = realdata.find_visdrone_mini()
+    if src is None:
+        pytest.skip("../shared/data/visdrone_mini is absent")
+    root = realdata.visdrone_patches(src, tmp_path, patch=PATCH)
+    assert root.name.startswith(f"visdrone_p{PATCH}_o{OVERLAP}_")
+    counts = realdata.read_manifest(root)["counts"]
+    assert counts["train"] == counts["test"]  # the eight images are both splits (see the docstring)
+    # every valid box (score 1, category 1-10) counted straight from the txt files
+    valid = 0
+    for txt in (src / "annotations").glob("*.txt"):
+        for line in txt.read_text().splitlines():
+            f = line.strip().rstrip(",").split(",")
+            if len(f) >= 6 and f[4] == "1" and 1 <= int(f[5]) <= 10 and float(f[2]) > 0 and float(f[3]) > 0:
+                valid += 1
+    tiles = load_coco(root / "annotations" / "tiles_train.json")
+    assert sum(1 for a in tiles["annotations"] if not a["iscrowd"]) == valid
+    assert counts["train"]["tiles"] == 8
+    ds = build_dataset(DataConfig(dataset="coco", root=str(root), num_classes=10, image_size=PATCH, augment="none"),
+                       "train", train=False)
+    assert ds.num_classes == 10 and len(ds) == counts["train"]["patches"]
+    with pytest.raises(FileNotFoundError, match="nope"):
+        realdata.visdrone_patches(tmp_path / "nope", tmp_path / "out")
