@@ -30,7 +30,7 @@ bench: setup
 
 # JupyterLab on the notebooks; adds --allow-root where the user is root (containers, cloud VMs)
 lab: setup
-	$(PY) -m sodlib.lab notebooks/
+	$(PY) -m sodlib.studies.lab notebooks/
 
 # TensorBoard on every run's event files (training writes them beside log.csv)
 tensorboard: setup
@@ -38,7 +38,7 @@ tensorboard: setup
 
 # run before committing a notebook edited in Jupyter (tests/test_notebooks.py checks it)
 strip: setup
-	$(PY) -m sodlib.notebooks notebooks/*.ipynb
+	$(PY) -m sodlib.studies.notebooks notebooks/*.ipynb
 
 clean-venv:
 	rm -rf .venv

@@ -6,8 +6,8 @@ __version__ = "0.1.0"
 
 # Top-level builders, imported on first use so that `import sodlib` stays light (no torch import).
 _LAZY_EXPORTS = {
-    "build_criterion": "sodlib.criterion",
-    "build_detector": "sodlib.detector",
+    "build_criterion": "sodlib.build",
+    "build_detector": "sodlib.build",
 }
 
 

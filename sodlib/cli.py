@@ -17,8 +17,7 @@ from pathlib import Path
 
 
 def _cmd_data_synth(args) -> int:
-    from sodlib import synth
-
+    from sodlib.data import synth
     path = synth.write_split(args.out, args.split, args.num_images, args.size, seed=args.seed,
                              ignore_regions=args.ignore_regions)
     print(f"wrote {args.num_images} {args.split} images and {path}")
@@ -26,11 +25,10 @@ def _cmd_data_synth(args) -> int:
 
 
 def _cmd_data_stats(args) -> int:
-    from sodlib import synth
-
+    from sodlib.data import datastats
     out_png = Path(args.out) if args.out else _results() / "figures" / "synthsod_stats.png"
-    summary = synth.plot_stats(args.dirs, out_png)
-    print(synth.format_stats(summary))
+    summary = datastats.plot_stats(args.dirs, out_png)
+    print(datastats.format_stats(summary))
     print(f"figure: {out_png}")
     return 0
 
@@ -44,8 +42,8 @@ def _config(args):
 def _cmd_train(args) -> int:
     import json
 
-    from sodlib.engine import train
-    from sodlib.runs import run_dir
+    from sodlib.training.engine import train
+    from sodlib.training.runs import run_dir
 
     cfg = _config(args)
     if args.init_from:
@@ -59,7 +57,7 @@ def _cmd_train(args) -> int:
 
 
 def _cmd_predict(args) -> int:
-    from sodlib.inference import predict_files
+    from sodlib.inference.predict import predict_files
 
     _out_folder(args.out)
     path = predict_files(args.checkpoint, args.images, args.out, device=args.device, slice_size=args.slice,
@@ -69,21 +67,20 @@ def _cmd_predict(args) -> int:
 
 
 def _out_folder(path) -> None:
-    """An explicit ``--out`` folder: new, empty, or sodlib's own (:func:`sodlib.runs.claim_output_dir`)."""
+    """An explicit ``--out`` folder: new, empty, or sodlib's own (:func:`sodlib.io.claim_output_dir`)."""
     if path is not None:
-        from sodlib.runs import claim_output_dir
+        from sodlib.io import claim_output_dir
 
         claim_output_dir(path)
 
 
 def _cmd_eval(args) -> int:
-    from sodlib import evaluation
-
+    from sodlib.evaluation import protocols as evaluation
     _out_folder(args.out)
     if args.checkpoint:
-        from sodlib.datasets import build_dataset
-        from sodlib.inference import evaluate_model, load_model
-        from sodlib.runs import atomic_write_json
+        from sodlib.data.datasets import build_dataset
+        from sodlib.inference.predict import evaluate_model, load_model
+        from sodlib.io import atomic_write_json
 
         model, cfg = load_model(args.checkpoint, args.device)
         ds = build_dataset(cfg.data, args.split or cfg.data.val_split, train=False, data_root=args.data)
@@ -103,15 +100,14 @@ def _cmd_eval(args) -> int:
 
 
 def _cmd_bench(args) -> int:
-    from sodlib import bench
-
+    from sodlib.studies import bench
     path = bench.run(args.what, out_dir=Path(args.out) if args.out else _results() / "bench")
     print(f"wrote {path}")
     return 0
 
 
 def _cmd_heatmap(args) -> int:
-    from sodlib.heatmaps import heatmap_files
+    from sodlib.inference.heatmaps import heatmap_files
 
     paths = heatmap_files(args.checkpoint, args.images, args.out, layer=args.layer, objects=args.objects,
                           box=args.box, slice_size=args.slice, overlap=args.overlap)
@@ -120,7 +116,7 @@ def _cmd_heatmap(args) -> int:
 
 
 def _cmd_export(args) -> int:
-    from sodlib.export import export_checkpoint
+    from sodlib.inference.export import export_checkpoint
 
     path = export_checkpoint(args.checkpoint, args.out, image_size=args.image_size, postprocess=args.postprocess,
                              num_top=args.num_top, rtdetr_depth=args.rtdetr, num_classes=args.num_classes)
@@ -129,8 +125,7 @@ def _cmd_export(args) -> int:
 
 
 def _cmd_reproduce(args) -> int:
-    from sodlib import reproduce
-
+    from sodlib.studies import reproduce
     try:
         return reproduce.main(profile=args.profile, only=args.only, seeds=args.seeds,
                               results_dir=Path(args.out) if args.out else _results(), data=args.data or "",
@@ -143,7 +138,7 @@ def _cmd_reproduce(args) -> int:
 
 
 def _results() -> Path:
-    from sodlib.runs import default_results_dir
+    from sodlib.training.runs import default_results_dir
 
     return default_results_dir()
 

@@ -82,7 +82,7 @@ class ModelConfig:
     iah_k: float = 0.15  # MRQM: k of T_I (negative k makes max(T_b, ·) clamp to T_b)
     iah_p: float = 0.2  # MRQM: exponent p of T_I
     iah_as_px: float = 0.0  # MRQM: A_s as a LENGTH in pixels (sqrt of the smallest gt area); 0 = auto (engine)
-    iah_reading: str = "norm_px2"  # MRQM: units of sqrt(w·h)/A_s in T_I (sodlib.mrqm_head.READINGS)
+    iah_reading: str = "norm_px2"  # MRQM: units of sqrt(w·h)/A_s in T_I (sodlib.models.iou_head.READINGS)
     iah_max_queries: int = 300  # MRQM: cap on auxiliary positive queries per image (kept by IAH score)
 
     def __post_init__(self):
@@ -169,7 +169,7 @@ class LossConfig:
     weight_iah_bbox: float = 5.0  # loss_iah_bbox: L1 of the IAH boxes of the positives
     weight_iah_giou: float = 2.0  # loss_iah_giou: 1 - GIoU of the IAH boxes of the positives
     weight_auxq: float = 1.0  # factor on every decoder term of the auxiliary positive queries (Eq. 10)
-    # Factor on the three IAH terms, balanced by measurement (sodlib.mrqm_stats.encoder_gradient_share,
+    # Factor on the three IAH terms, balanced by measurement (sodlib.studies.mrqm_analysis.encoder_gradient_share,
     # notebook 06): at factor 1 the IAH's dense loss sent the encoder 1.0x (hybrid) to 1.6x (BiFPN/SAE) the
     # gradient of all the decoder's terms together at initialisation (ablation profile); 0.25 brings it to
     # a quarter to 0.4x, beside the auxiliary queries' decoder terms.

@@ -33,7 +33,8 @@ from pathlib import Path
 import torch
 from torch import Tensor, nn
 
-from .config import ModelConfig
+from sodlib.build import build_detector
+from sodlib.config import ModelConfig
 
 __all__ = ["LAYOUTS", "InitReport", "convert_state_dict", "detect_layout", "hf_names", "init_from", "load_rtdetr",
            "official_names", "read_state_dict", "rtdetr_model_config", "to_layout"]
@@ -307,7 +308,6 @@ def load_rtdetr(checkpoint: str | os.PathLike | Mapping, model_cfg: ModelConfig)
     :func:`read_state_dict`). Anything that does not fit ``model_cfg`` is refused with a ValueError naming
     the first missing / unexpected keys and shape mismatches (:func:`convert_state_dict`).
     """
-    from .detector import build_detector
 
     if not isinstance(model_cfg, ModelConfig):
         raise TypeError(f"model_cfg must be a ModelConfig, got {type(model_cfg).__name__}")

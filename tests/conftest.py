@@ -4,7 +4,9 @@ from pathlib import Path
 import pytest
 import torch
 
-SHARED_DATA = Path(__file__).resolve().parents[2] / "shared" / "data"
+from sodlib.data import shared_data_dir
+
+SHARED_DATA = shared_data_dir()  # $SODLIB_SHARED_DATA or ../shared/data
 
 
 @pytest.fixture(autouse=True, scope="session")

@@ -5,10 +5,10 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from sodlib import ablations
-from sodlib.ablations import Row, Table
 from sodlib.config import get_profile
-from sodlib.runs import config_hash
+from sodlib.studies import ablations
+from sodlib.studies.ablations import Row, Table
+from sodlib.training.runs import config_hash
 
 
 def test_eta_schedule_maps_six_layers_onto_the_decoder():
@@ -167,7 +167,7 @@ def test_table_stems_keep_gpu_sets_beside_cpu_tables():
 
 
 def test_mrqm_tables_share_runs_with_the_plateau_ladder_and_each_other():
-    from sodlib.reproduce import PLATEAU_ITERS
+    from sodlib.studies.reproduce import PLATEAU_ITERS
 
     t3, t4, t5 = ablations.mrqm_tables(ablations.MRQM_ITERS, table3_seeds=3, other_seeds=2)
     assert ablations.MRQM_ITERS in PLATEAU_ITERS

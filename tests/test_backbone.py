@@ -3,7 +3,7 @@ import torch
 from torchvision.models import resnet18, resnet34
 from torchvision.ops.misc import FrozenBatchNorm2d
 
-from sodlib.backbone import ResNetBackbone, TinyBackbone
+from sodlib.models.backbone import ResNetBackbone, TinyBackbone
 
 
 def test_resnet18_levels_channels_and_frozen_norm():

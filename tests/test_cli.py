@@ -56,12 +56,12 @@ def test_papermill_uses_the_project_interpreter_without_kernel_registration(tmp_
 
 
 def test_ctrl_c_exits_130_naming_the_checkpoint_to_resume_from(tmp_path, monkeypatch, capsys):
-    import sodlib.engine
+    import sodlib.training.engine
 
     def interrupted(*args, **kwargs):
         raise KeyboardInterrupt
 
-    monkeypatch.setattr(sodlib.engine, "train", interrupted)
+    monkeypatch.setattr(sodlib.training.engine, "train", interrupted)
     assert main(["train", "--profile", "smoke", "--out", str(tmp_path / "run")]) == 130
     err = capsys.readouterr().err
     assert f"interrupted; the last checkpoint is in {tmp_path / 'run' / 'checkpoints'}" in err
@@ -88,7 +88,7 @@ def test_an_out_that_is_a_file_is_refused_before_any_work(tmp_path, capsys):
 
 
 def test_an_out_folder_with_someone_elses_files_is_refused(tmp_path, capsys):
-    from sodlib.runs import OUTPUT_MARK, claim_output_dir
+    from sodlib.io import OUTPUT_MARK, claim_output_dir
 
     theirs = tmp_path / "theirs"
     theirs.mkdir()

@@ -67,7 +67,6 @@ def test_unknown_profile():
 
 def test_ablation_profile_is_rt_detr_as_paper_a_used_it():
     from sodlib import build_detector
-
     cfg = get_profile("ablation")
     assert cfg.model.query_nms == 0 and cfg.model.num_decoder_layers == 3 and cfg.model.num_denoising == 100
     assert cfg.loss.cls_loss == "vfl" and not cfg.train.amp and cfg.model.fp32_geometry
@@ -75,6 +74,6 @@ def test_ablation_profile_is_rt_detr_as_paper_a_used_it():
     decoder = build_detector(cfg.model).decoder
     assert decoder.query_nms == 0 and len(decoder.layers) == 3  # plain top-K, the stated layer count
     # Table 7's four six-layer schedules stay four distinct three-layer schedules
-    from sodlib.ablations import TABLE7, eta_schedule
+    from sodlib.studies.ablations import TABLE7, eta_schedule
 
     assert len({eta_schedule(r.eta, 3) for r in TABLE7.rows}) == 4

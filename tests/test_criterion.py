@@ -5,9 +5,10 @@ import torch
 from torch.testing import assert_close
 
 import sodlib
+from sodlib.build import build_criterion
 from sodlib.config import get_profile, override
-from sodlib.criterion import SetCriterion, base_loss_name, build_criterion, one_to_many, positive_mask
-from sodlib.matcher import HungarianMatcher
+from sodlib.losses.criterion import SetCriterion, base_loss_name, one_to_many, positive_mask
+from sodlib.losses.matcher import HungarianMatcher
 
 K = 3  # classes
 WEIGHTS = {"loss_vfl": 1.0, "loss_bbox": 5.0, "loss_giou": 2.0}

@@ -1,6 +1,5 @@
 import json
 import logging
-import sys
 import types
 import xml.etree.ElementTree as ET
 from pathlib import Path
@@ -10,20 +9,12 @@ import torch
 from PIL import Image
 
 from sodlib.config import DataConfig
-from sodlib.datasets import (
-    VISDRONE_CATEGORIES,
-    CocoDetection,
-    VisDroneDataset,
-    build_dataset,
-    collate_fn,
-    load_coco,
-    subset_coco,
-    visdrone_to_coco,
-    voc_to_coco,
-)
-from sodlib.transforms import build_transforms
+from sodlib.data import shared_data_dir
+from sodlib.data.datasets import CocoDetection, VisDroneDataset, build_dataset, collate_fn
+from sodlib.data.formats import VISDRONE_CATEGORIES, load_coco, subset_coco, visdrone_to_coco, voc_to_coco
+from sodlib.data.transforms import build_transforms
 
-DATA = Path(__file__).resolve().parents[2] / "shared" / "data"
+DATA = shared_data_dir()
 VISDRONE_MINI = DATA / "visdrone_mini"
 VISDRONE_VAL_ANN = DATA / "visdrone_val_annotations"
 NEON = DATA / "neon_trees"
@@ -139,7 +130,7 @@ SYNTH_LINES = [
 
 def test_visdrone_mapping_drop_and_clip(tmp_path, caplog):
     root = _visdrone_folder(tmp_path / "vd", SYNTH_LINES)
-    with caplog.at_level(logging.INFO, logger="sodlib.formats"):
+    with caplog.at_level(logging.INFO, logger="sodlib.data.formats"):
         coco = visdrone_to_coco(root)
     assert "dropped 2" in caplog.text
     img = coco["images"][0]
@@ -334,10 +325,9 @@ def test_build_dataset_layouts(tmp_path, monkeypatch):
         calls.append((Path(out_dir), split, num_images, size, seed))
         return _coco_folder(Path(out_dir), split=split)[1]
 
-    monkeypatch.setitem(sys.modules, "sodlib.synth", types.SimpleNamespace(ensure_split=ensure_split))
-    import sodlib
+    import sodlib.data.datasets
 
-    monkeypatch.setattr(sodlib, "synth", sys.modules["sodlib.synth"], raising=False)
+    monkeypatch.setattr(sodlib.data.datasets, "synth", types.SimpleNamespace(ensure_split=ensure_split))
     monkeypatch.setenv("SODLIB_DATA", str(tmp_path / "cache"))
     cfg = DataConfig(image_size=64, synth_seed=3, synth_val_images=5)
     ds = build_dataset(cfg, "val", train=False)
@@ -347,7 +337,7 @@ def test_build_dataset_layouts(tmp_path, monkeypatch):
 
 @pytest.mark.parametrize("file_name", ["../secret.png", "/etc/passwd", "sub/../../x.png", "."])
 def test_file_names_must_stay_inside_the_image_folder(tmp_path, file_name):
-    from sodlib.datasets import CocoDetection
+    from sodlib.data.datasets import CocoDetection
 
     coco = {"images": [{"id": 7, "file_name": file_name, "width": 8, "height": 8}], "annotations": [],
             "categories": [{"id": 1, "name": "car"}]}
@@ -362,7 +352,7 @@ def test_file_names_must_stay_inside_the_image_folder(tmp_path, file_name):
 def test_a_non_finite_box_in_a_coco_json_is_named(tmp_path):
     import json
 
-    from sodlib.formats import load_coco
+    from sodlib.data.formats import load_coco
 
     coco = {"images": [{"id": 1, "file_name": "a.png", "width": 8, "height": 8}],
             "annotations": [{"id": 5, "image_id": 1, "category_id": 1, "bbox": [1, 1, float("nan"), 2]}],
@@ -379,7 +369,7 @@ def test_a_coco_dataset_checks_its_images_when_built(tmp_path):
     from PIL import Image as PILImage
 
     from sodlib.config import DataConfig
-    from sodlib.datasets import build_dataset
+    from sodlib.data.datasets import build_dataset
 
     (tmp_path / "images" / "val").mkdir(parents=True)
     (tmp_path / "annotations").mkdir()
@@ -404,7 +394,7 @@ def test_a_coco_dataset_checks_its_images_when_built(tmp_path):
 
 def test_an_unparsable_voc_xml_is_named_in_the_single_class_path(tmp_path):
     from sodlib.config import DataConfig
-    from sodlib.datasets import build_dataset
+    from sodlib.data.datasets import build_dataset
 
     (tmp_path / "all" / "annotations").mkdir(parents=True)
     (tmp_path / "all" / "images").mkdir()

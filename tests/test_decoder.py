@@ -5,9 +5,9 @@ import torch
 from torch.testing import assert_close
 
 from sodlib.config import get_profile
-from sodlib.decoder import RTDETRDecoder
-from sodlib.deform_attn import ms_deform_attn_core
-from sodlib.denoising import inverse_sigmoid
+from sodlib.models.decoder import RTDETRDecoder
+from sodlib.models.deform_attn import ms_deform_attn_core
+from sodlib.models.denoising import inverse_sigmoid
 
 LAYER_KEYS = {"pred_logits", "pred_boxes", "sampling_locations", "attention_weights", "ref_boxes",
               "hidden_cls", "hidden_reg"}
@@ -145,7 +145,7 @@ def test_more_queries_than_tokens_and_extra_level():
 
 
 def test_distinct_topk_suppresses_overlapping_proposals():
-    from sodlib.decoder import distinct_topk
+    from sodlib.models.decoder import distinct_topk
 
     # image 0: proposals 0 and 1 overlap (IoU 0.90), 2 and 3 are apart; image 1: all apart, scores reversed
     boxes = torch.tensor([[[.2, .2, .1, .1], [.205, .2, .1, .1], [.7, .7, .1, .1], [.5, .5, .1, .1]],
@@ -163,7 +163,7 @@ def test_distinct_topk_matches_nms_over_every_proposal():
     """The 4k-candidate pool gives the first k survivors of greedy NMS over all N proposals."""
     from torchvision.ops import box_convert, nms
 
-    from sodlib.decoder import distinct_topk
+    from sodlib.models.decoder import distinct_topk
 
     g = torch.Generator().manual_seed(0)
     n, k = 600, 40

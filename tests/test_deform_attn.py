@@ -2,7 +2,11 @@ import pytest
 import torch
 from torch.testing import assert_close
 
-from sodlib.deform_attn import MSDeformableAttention, ms_deform_attn_core, ms_deform_attn_core_reference
+from sodlib.models.deform_attn import (
+    MSDeformableAttention,
+    ms_deform_attn_core,
+    ms_deform_attn_core_reference,
+)
 
 SHAPES = [(6, 5), (3, 3), (2, 2)]
 

@@ -2,7 +2,7 @@ import torch
 from torch import nn
 
 from sodlib.box_ops import box_cxcywh_to_xyxy
-from sodlib.denoising import get_contrastive_denoising_training_group
+from sodlib.models.denoising import get_contrastive_denoising_training_group
 
 
 def _targets(counts, seed=0):

@@ -5,8 +5,9 @@ import torch
 from torch.testing import assert_close
 
 import sodlib
+from sodlib.build import build_detector
 from sodlib.config import get_profile, override
-from sodlib.detector import RTDETR, build_detector, postprocess, to_coco_results
+from sodlib.models.detector import RTDETR, postprocess, to_coco_results
 
 TRAIN_KEYS = {"pred_logits", "pred_boxes", "aux_outputs", "enc_outputs", "enc_dense_outputs", "dn_outputs", "dn_meta"}
 

@@ -4,8 +4,8 @@ import json
 
 import pytest
 
-from sodlib import drift
-from sodlib.runs import default_results_dir
+from sodlib.studies import drift
+from sodlib.training.runs import default_results_dir
 
 RECORDED = default_results_dir() / "drift.json"
 
@@ -19,7 +19,7 @@ def test_code_path_matches_recorded_losses(path):
     assert not problems, (
         f"code path {path!r} no longer gives the losses recorded at {recorded['code']} "
         f"({'; '.join(problems[:3])}): the committed runs of this path are stale. Regenerate them, then "
-        f"`python -m sodlib.drift --record`.")
+        f"`python -m sodlib.studies.drift --record`.")
 
 
 def test_mismatches_reports_a_moved_value():

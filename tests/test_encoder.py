@@ -4,9 +4,9 @@ import pytest
 import torch
 from torch.testing import assert_close
 
+from sodlib.build import build_backbone, build_encoder
 from sodlib.config import get_profile
-from sodlib.detector import build_backbone, build_encoder
-from sodlib.encoder import CSPRepLayer, HybridEncoder, sincos_position_embedding_2d
+from sodlib.models.encoder import CSPRepLayer, HybridEncoder, sincos_position_embedding_2d
 
 
 def test_sincos_embedding_is_row_major():

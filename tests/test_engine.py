@@ -8,8 +8,9 @@ from pathlib import Path
 import pytest
 import torch
 
+from sodlib.checkpoints import load_checkpoint
 from sodlib.config import get_profile, override
-from sodlib.engine import NonFiniteLossError, epoch_batches, load_checkpoint, train
+from sodlib.training.engine import NonFiniteLossError, epoch_batches, train
 
 
 def _smoke(*extra):
@@ -48,7 +49,7 @@ def test_resume_equals_uninterrupted(tmp_path):
 
 @pytest.mark.slow
 def test_non_finite_loss_stops_and_keeps_last_good_checkpoint(tmp_path, monkeypatch):
-    from sodlib.criterion import SetCriterion
+    from sodlib.losses.criterion import SetCriterion
 
     calls = {"n": 0}
     original = SetCriterion.weighted_total
@@ -94,8 +95,7 @@ def test_finished_run_is_not_trained_again(tmp_path, monkeypatch):
     cfg = override(get_profile("smoke"), "train.max_iters=2", "train.checkpoint_every=2")
     first = train(cfg, tmp_path, progress=False)
     (tmp_path / "checkpoints" / "last.pt").unlink()  # a fresh clone has metrics but no checkpoint
-    from sodlib import engine
-
+    from sodlib.training import engine
     monkeypatch.setattr(engine, "init_distributed", lambda *a: (_ for _ in ()).throw(AssertionError("retrained")))
     assert train(cfg, tmp_path, progress=False) == json.loads((tmp_path / "metrics.json").read_text())
     assert first["iterations"] == 2
@@ -132,7 +132,7 @@ def test_tensorboard_events_follow_the_csv_logs(tmp_path):
 
 def test_resume_refuses_another_config_naming_the_keys(tmp_path):
     from sodlib.cli import main
-    from sodlib.engine import config_differences
+    from sodlib.training.engine import config_differences
 
     assert config_differences({"train": {"lr": 1e-3, "threads": 1, "multiscale": [256]}},
                               {"train": {"lr": 2e-3, "threads": 2, "multiscale": (256,)}}) == ["train.lr: 0.001 → 0.002"]
@@ -151,8 +151,8 @@ def test_resume_refuses_another_config_naming_the_keys(tmp_path):
 
 
 def test_logged_lr_is_the_main_groups_not_the_backbones():
-    from sodlib.detector import build_detector
-    from sodlib.optim import build_optimizer, set_lr
+    from sodlib.build import build_detector
+    from sodlib.training.optim import build_optimizer, set_lr
 
     cfg = override(_smoke(), "train.lr=0.001", "train.lr_backbone_mult=0.1")
     optimizer = build_optimizer(build_detector(cfg.model), cfg.train)
@@ -163,7 +163,7 @@ def test_logged_lr_is_the_main_groups_not_the_backbones():
 
 def test_max_iters_beyond_the_epochs_is_announced(tmp_path, caplog):
     cfg = override(_smoke(), "train.epochs=1", "train.max_iters=50")  # 16 images / batch 2: 8 per epoch
-    with caplog.at_level("WARNING", logger="sodlib.engine"):
+    with caplog.at_level("WARNING", logger="sodlib.training.engine"):
         metrics = train(cfg, tmp_path, progress=False)
     assert metrics["iterations"] == 8
     assert "train.max_iters=50 is more than train.epochs=1 allow" in caplog.text
@@ -173,7 +173,7 @@ def test_exploding_weights_never_replace_the_last_good_checkpoint(tmp_path, monk
     """The loss stays finite but a BatchNorm statistic turns inf after iteration 3 (train-mode batch norms do not
     read it, so nothing else fails): the run stops at the next checkpoint naming the iteration and the tensor,
     and the checkpoint of iteration 2 is kept."""
-    import sodlib
+    import sodlib.training.engine
 
     cfg = override(_smoke(), "train.checkpoint_every=2")
     built = []
@@ -190,7 +190,7 @@ def test_exploding_weights_never_replace_the_last_good_checkpoint(tmp_path, monk
             norm.running_var.fill_(float("inf"))
         return out
 
-    monkeypatch.setattr(sodlib, "build_detector", build)
+    monkeypatch.setattr(sodlib.training.engine, "build_detector", build)
     monkeypatch.setattr(torch.optim.AdamW, "step", step)
     with pytest.raises(NonFiniteLossError, match=r"non-finite weights at iteration 4 \(.*running_var\); the last "
                                                  r"checkpoint with finite weights is .*last.pt"):

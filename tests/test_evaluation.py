@@ -1,4 +1,4 @@
-"""Tests for sodlib.evaluation (COCO / SODA-D / VisDrone-DET protocols)."""
+"""Tests for sodlib.evaluation.protocols (COCO / SODA-D / VisDrone-DET protocols)."""
 
 from __future__ import annotations
 
@@ -13,8 +13,8 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from sodlib import evaluation as ev
-from sodlib import visdrone_eval as vd
+from sodlib.evaluation import protocols as ev
+from sodlib.evaluation import visdrone as vd
 
 VAL_ANN = Path(__file__).resolve().parents[1] / ".." / "shared" / "data" / "visdrone_val_annotations"
 if not VAL_ANN.is_dir():
@@ -356,10 +356,10 @@ def test_visdrone_max_dets():
 def test_visdrone_warns_about_detections_not_sorted_by_score(caplog):
     gt = make_gt([(1, 1, [10, 10, 20, 20], 0)], CATS10)
     tp, fp = det(1, 1, [10, 10, 20, 20], 0.5), det(1, 1, [100, 100, 20, 20], 0.9)
-    with caplog.at_level("WARNING", logger="sodlib.visdrone_eval"):
+    with caplog.at_level("WARNING", logger="sodlib.evaluation.visdrone"):
         ev.evaluate(gt, [fp, tp], "visdrone")
     assert not caplog.records
-    with caplog.at_level("WARNING", logger="sodlib.visdrone_eval"):
+    with caplog.at_level("WARNING", logger="sodlib.evaluation.visdrone"):
         ev.evaluate(gt, [tp, fp], "visdrone")
     assert "the detections of image 1 are not sorted by score" in caplog.text
 

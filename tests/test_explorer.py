@@ -3,9 +3,9 @@
 import pytest
 import torch
 
+from sodlib.build import build_detector
 from sodlib.config import get_profile
-from sodlib.detector import build_detector
-from sodlib.explorer import attention_explorer
+from sodlib.studies.explorer import attention_explorer
 
 
 @pytest.fixture(scope="module")

@@ -3,13 +3,14 @@
 import pytest
 import torch
 
+from sodlib.build import build_detector
+from sodlib.checkpoints import save_checkpoint
 from sodlib.cli import main
 from sodlib.config import get_profile, override
-from sodlib.detector import build_detector, postprocess
-from sodlib.engine import save_checkpoint
+from sodlib.models.detector import postprocess
 
 ort = pytest.importorskip("onnxruntime")
-from sodlib.export import check_onnx, export_onnx, graph_signature, match_queries
+from sodlib.inference.export import check_onnx, export_onnx, graph_signature, match_queries
 
 
 def _checkpoint(path, *sets, seed=0):

@@ -4,7 +4,7 @@ import pytest
 import torch
 from torch.testing import assert_close
 
-from sodlib.heatmaps import (
+from sodlib.inference.heatmaps import (
     attention_density,
     attention_for_objects,
     attention_mass_in_boxes,
@@ -112,9 +112,9 @@ def test_density_kernel_widens_with_the_level_stride():
 
 
 def _smoke_checkpoint(path):
+    from sodlib.build import build_detector
+    from sodlib.checkpoints import save_checkpoint
     from sodlib.config import get_profile
-    from sodlib.detector import build_detector
-    from sodlib.engine import save_checkpoint
 
     cfg = get_profile("smoke")
     torch.manual_seed(0)
@@ -126,7 +126,7 @@ def _smoke_checkpoint(path):
 
 
 def test_object_attention_and_its_density(tmp_path):
-    from sodlib.heatmaps import level_strides, object_attention, object_density
+    from sodlib.inference.heatmaps import level_strides, object_attention, object_density
 
     _, model, cfg = _smoke_checkpoint(tmp_path / "last.pt")
     assert level_strides(cfg.model) == (8, 16, 32)

@@ -7,8 +7,8 @@ from PIL import Image
 
 from sodlib.cli import main
 from sodlib.config import get_profile, override
-from sodlib.engine import train
-from sodlib.inference import load_model, predict_image, read_image_rgb
+from sodlib.inference.predict import load_model, predict_image, read_image_rgb
+from sodlib.training.engine import train
 
 
 @pytest.fixture(scope="module")
@@ -82,7 +82,7 @@ def test_read_image_errors_name_the_file(tmp_path):
 
 
 def test_predict_keeps_one_drawing_per_input_even_with_equal_names(checkpoint, tmp_path):
-    from sodlib.inference import output_names
+    from sodlib.inference.predict import output_names
 
     assert output_names(["a/x.png", "b/x.png", "c/y.jpg", "d/x.jpg"], "_pred.png") == [
         "x_pred.png", "x_2_pred.png", "y_pred.png", "x_3_pred.png"]

@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 
-from sodlib.lab import lab_command
+from sodlib.studies.lab import lab_command
 
 NOTEBOOKS = Path(__file__).resolve().parents[1] / "notebooks"
 

@@ -4,7 +4,7 @@ import pytest
 import torch
 from torch.testing import assert_close
 
-from sodlib.losses import (
+from sodlib.losses import (  # the public API of paper A's formulas
     giou_box_loss,
     l1_box_loss,
     quality_focal_loss,

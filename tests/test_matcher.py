@@ -7,7 +7,7 @@ import torch
 from torch.testing import assert_close
 from torchvision.ops import box_convert, generalized_box_iou
 
-from sodlib.matcher import HungarianMatcher
+from sodlib.losses.matcher import HungarianMatcher
 
 
 def _batch(sizes, num_queries=7, num_classes=3, seed=0):

@@ -6,8 +6,8 @@ import math
 import pytest
 import torch
 
-from sodlib import mechanisms as M
 from sodlib.config import get_profile, override
+from sodlib.training import mechanisms as M
 
 
 def test_outside_expanded_box_hand_made_points():
@@ -43,7 +43,7 @@ def test_spr_loss_share_reads_the_last_quarter(tmp_path):
 
 @pytest.fixture(scope="module")
 def smoke_runs(tmp_path_factory):
-    from sodlib.engine import train
+    from sodlib.training.engine import train
 
     out = {}
     for name, sets in {"base": (), "full": ("loss.st=true", "loss.sr=true", "loss.spr=true")}.items():

@@ -8,13 +8,16 @@ import torch
 from torch.testing import assert_close
 
 import sodlib
+from sodlib.build import build_criterion
 from sodlib.config import get_profile, override
-from sodlib.criterion import base_loss_name, build_criterion
-from sodlib.decoder import RTDETRDecoder
-from sodlib.mrqm import BiFPN, BiFPNSAEEncoder, NaiveDeformableEncoder, ScaleAwareEncoder, _FastFusion
-from sodlib.mrqm_criterion import MRQMCriterion
-from sodlib.mrqm_head import IoUAwareHead, assign_one_to_many, box_sine_embedding, dynamic_iou_threshold
-from sodlib.mrqm_stats import encoder_cost, min_instance_size_px, positives_per_gt
+from sodlib.data.datastats import min_instance_size_px
+from sodlib.losses.criterion import base_loss_name
+from sodlib.losses.mrqm import MRQMCriterion
+from sodlib.models.bifpn import BiFPN, BiFPNSAEEncoder, NaiveDeformableEncoder, ScaleAwareEncoder, _FastFusion
+from sodlib.models.decoder import RTDETRDecoder
+from sodlib.models.iou_head import IoUAwareHead, assign_one_to_many, box_sine_embedding, dynamic_iou_threshold
+from sodlib.studies.bench import encoder_cost
+from sodlib.studies.mrqm_analysis import positives_per_gt
 
 MRQM = ("model.encoder=bifpn_sae", "model.num_levels=4", "model.iah=true")
 
@@ -80,11 +83,12 @@ def test_naive_encoder_and_bifpn_sae_encoder():
     naive = NaiveDeformableEncoder(16, 4, 4, 2, 32, num_layers=3)
     maps = [torch.randn(1, 16, h, w, generator=g) for h, w in ((8, 8), (4, 4), (2, 2), (1, 1))]
     assert [o.shape for o in naive(maps)] == [m.shape for m in maps]
-    enc = BiFPNSAEEncoder((8, 16, 24, 32), 16, 4, 2, 32, bifpn_repeats=1, sae_high_updates=1)
+    enc = BiFPNSAEEncoder((8, 16, 24, 32), hidden_dim=16, num_heads=4, num_points=2, dim_feedforward=32,
+                          bifpn_repeats=1, sae_high_updates=1)
     assert enc.out_channels == (16,) * 4
     assert [o.shape[1:] for o in enc(_maps(g))] == [(16, *m.shape[-2:]) for m in _maps(g)]
     with pytest.raises(ValueError, match="C2..C5"):
-        BiFPNSAEEncoder((8, 16, 24), 16)
+        BiFPNSAEEncoder((8, 16, 24), hidden_dim=16)
 
 
 def test_config_requires_four_levels_for_bifpn_sae():
@@ -199,6 +203,12 @@ def test_box_sine_embedding():
         box_sine_embedding(torch.rand(1, 4), 12)
 
 
+def _run(head, memory, shapes, targets, dec, image_hw):
+    """The head as RTDETR calls it: the decoder's anchors and its decode_queries passed explicitly."""
+    anchors, valid = dec.anchors(shapes, memory.device, torch.float32)
+    return head(memory, shapes, targets, anchors=anchors, valid=valid, decode=dec.decode_queries, image_hw=image_hw)
+
+
 def _head_and_decoder(max_queries=300):
     torch.manual_seed(0)
     dec = RTDETRDecoder(6, (16,) * 4, 16, num_queries=10, num_levels=4, num_points=2, num_heads=4, num_layers=2,
@@ -212,7 +222,7 @@ def test_iah_outputs_gradients_and_batched_equals_per_image():
     memory, shapes = dec.memory([torch.randn(2, 16, s, s, generator=g) for s in (16, 8, 4, 2)])
     memory = memory.detach().requires_grad_()
     targets = _targets()
-    out = head(memory, shapes, targets, dec, (64, 64))
+    out = _run(head, memory, shapes, targets, dec, (64, 64))
     iah, layers = out["iah_outputs"], out["aux_query_outputs"]
     n = sum(h * w for h, w in shapes)
     assert iah["pred_logits"].shape == (2, n, 6) and iah["pred_boxes"].shape == (2, n, 4)
@@ -229,12 +239,12 @@ def test_iah_outputs_gradients_and_batched_equals_per_image():
             assert p.grad is not None and torch.isfinite(p.grad).all(), name
     # padded auxiliary queries are masked: image 1 alone gives the same outputs for its real queries
     with torch.no_grad():
-        alone = head(memory[1:], shapes, targets[1:], dec, (64, 64))["aux_query_outputs"]
+        alone = _run(head, memory[1:], shapes, targets[1:], dec, (64, 64))["aux_query_outputs"]
         m = len(out["aux_query_indices"][1][0])
         assert_close(alone[-1]["pred_boxes"][0], layers[-1]["pred_boxes"][1, :m].detach(), atol=1e-5, rtol=1e-5)
     capped = IoUAwareHead(16, 6, as_px=2.0, max_queries=1)
     capped.load_state_dict(head.state_dict())
-    out1 = capped(memory, shapes, targets, dec, (64, 64))
+    out1 = _run(capped, memory, shapes, targets, dec, (64, 64))
     assert out1["aux_query_outputs"][0]["pred_logits"].shape[1] == 1
 
 
@@ -242,10 +252,10 @@ def test_iah_without_gt_and_unset_a_s():
     head, dec = _head_and_decoder()
     memory, shapes = dec.memory([torch.randn(1, 16, s, s) for s in (8, 4, 2, 1)])
     empty = [{"labels": torch.zeros(0, dtype=torch.long), "boxes": torch.zeros(0, 4)}]
-    out = head(memory, shapes, empty, dec, (32, 32))
+    out = _run(head, memory, shapes, empty, dec, (32, 32))
     assert set(out) == {"iah_outputs"} and (out["iah_outputs"]["gt_idx"] == -1).all()
     with pytest.raises(ValueError, match="iah_as_px"):
-        IoUAwareHead(16, 6)(memory, shapes, _targets()[:1], dec, (32, 32))
+        _run(IoUAwareHead(16, 6), memory, shapes, _targets()[:1], dec, (32, 32))
 
 
 def test_iah_is_absent_from_inference():
@@ -323,7 +333,7 @@ def test_combination_with_paper_a_switches(cls_loss):
 
 
 def test_smoke_training_with_bifpn_sae_and_iah_reduces_the_loss(tmp_path):
-    from sodlib.engine import train
+    from sodlib.training.engine import train
 
     cfg = override(get_profile("smoke"), *MRQM, "train.max_iters=40", "train.log_every=1", "train.epochs=5")
     train(cfg, tmp_path, progress=False)  # model.iah_as_px=0: the engine measures A_s on the training set
@@ -375,7 +385,7 @@ def test_iah_runs_in_float32_under_autocast():
     head, dec = _head_and_decoder()
     memory, shapes = dec.memory([torch.randn(2, 16, s, s) for s in (16, 8, 4, 2)])
     with torch.autocast("cpu", dtype=torch.bfloat16):
-        out = head(memory.bfloat16(), shapes, _targets(), dec, (64, 64))
+        out = _run(head, memory.bfloat16(), shapes, _targets(), dec, (64, 64))
     iah = out["iah_outputs"]
     assert iah["pred_boxes"].dtype == iah["pred_logits"].dtype == torch.float32
     assert all(t.dtype == torch.float32 for t in iah["thresholds"])

@@ -7,11 +7,11 @@ import torch
 from torch.testing import assert_close
 
 import sodlib
-from sodlib import viz
 from sodlib.config import get_profile, override
-from sodlib.mrqm_stats import (
+from sodlib.io import save_figure
+from sodlib.studies.bench import encoder_cost_summary
+from sodlib.studies.mrqm_analysis import (
     POSITIVE_RULES,
-    encoder_cost_summary,
     iah_dense_predictions,
     mined_queries,
     positives_per_gt,
@@ -19,7 +19,7 @@ from sodlib.mrqm_stats import (
     positives_verdict,
     trained_positives_per_gt,
 )
-from sodlib.mrqm_viz import plot_mined_queries, plot_positives_per_gt, query_panels
+from sodlib.studies.mrqm_viz import plot_mined_queries, plot_positives_per_gt, query_panels
 
 SIZE = 64
 
@@ -172,10 +172,10 @@ def test_query_panels_and_figures(tmp_path):
     assert whole["focus_xyxy"] is None and whole["title"].startswith("x: ")
     assert smallest["focus_xyxy"] == pytest.approx([56.6, 5.4, 58.6, 7.4])  # the 2-px box at (0.9, 0.1), in pixels
     assert "(eS)" in smallest["title"] and len(smallest["query_iou"]) >= 1
-    png = viz.save_figure(plot_mined_queries(rows, suptitle="t"), tmp_path / "q.png")
+    png = save_figure(plot_mined_queries(rows, suptitle="t"), tmp_path / "q.png")
     assert png.read_bytes()[:4] == b"\x89PNG"
     tables = {"a": trained_positives_per_gt(model, data), "b": trained_positives_per_gt(model, data[:1])}
-    png = viz.save_figure(plot_positives_per_gt(tables, suptitle="t"), tmp_path / "p.png")
+    png = save_figure(plot_positives_per_gt(tables, suptitle="t"), tmp_path / "p.png")
     assert png.read_bytes()[:4] == b"\x89PNG"
 
 
@@ -183,7 +183,7 @@ def test_query_panels_and_figures(tmp_path):
 
 
 def test_atss_thresholds_hand_computed():
-    from sodlib.mrqm_stats import atss_thresholds
+    from sodlib.studies.mrqm_analysis import atss_thresholds
 
     gt = torch.tensor([[0.5, 0.5, 0.2, 0.2]])
     # three tokens centred on the gt with IoU 1, 0.81, 0.64 (side ×1, ×0.9, ×0.8), one far token (IoU 0)
@@ -207,8 +207,8 @@ def test_atss_thresholds_hand_computed():
 
 
 def test_encoder_gradient_share_scales_with_the_iah_factor():
-    from sodlib.criterion import build_criterion
-    from sodlib.mrqm_stats import encoder_gradient_share
+    from sodlib.build import build_criterion
+    from sodlib.studies.mrqm_analysis import encoder_gradient_share
 
     targets = [{"labels": torch.tensor([0, 1]), "boxes": torch.tensor([[0.3, 0.3, 0.1, 0.1], [0.6, 0.6, 0.2, 0.1]])}]
     images = torch.rand(1, 3, SIZE, SIZE, generator=torch.Generator().manual_seed(0))
@@ -227,7 +227,7 @@ def test_encoder_gradient_share_scales_with_the_iah_factor():
 
 
 def test_threshold_readings_and_long_positives():
-    from sodlib.mrqm_stats import positives_long, threshold_readings
+    from sodlib.studies.mrqm_analysis import positives_long, threshold_readings
 
     t = threshold_readings((4, 128), as_px=5.36, image_size=320)
     assert list(t.columns) == ["side_px", "T_I norm_px2", "T_I px_px2", "T_I px_px"]
@@ -244,8 +244,8 @@ def test_threshold_readings_and_long_positives():
 def test_decoder_loss_curve_and_figure(tmp_path):
     import json
 
-    from sodlib.mrqm_stats import decoder_loss_curve
-    from sodlib.mrqm_viz import plot_decoder_losses
+    from sodlib.studies.mrqm_analysis import decoder_loss_curve
+    from sodlib.studies.mrqm_viz import plot_decoder_losses
 
     run = tmp_path / "run"
     run.mkdir()
@@ -257,5 +257,5 @@ def test_decoder_loss_curve_and_figure(tmp_path):
     assert curve["decoder_loss"].tolist() == pytest.approx([3.0, 2.5, 1.625])
     fig = plot_decoder_losses({"a": [curve, curve], "b": [curve], "none": []}, suptitle="t")
     assert len(fig.axes[0].lines) == 2
-    viz.save_figure(fig, tmp_path / "curves.png")
+    save_figure(fig, tmp_path / "curves.png")
     assert (tmp_path / "curves.png").stat().st_size > 0

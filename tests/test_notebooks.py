@@ -7,8 +7,8 @@ from pathlib import Path
 import nbformat
 import pytest
 
-from sodlib import notebooks
 from sodlib.cli import main as cli_main
+from sodlib.studies import notebooks
 
 NOTEBOOKS_DIR = Path(__file__).resolve().parents[1] / "notebooks"
 NOTEBOOKS = notebooks.discover(NOTEBOOKS_DIR)
@@ -92,7 +92,7 @@ def test_notebook_runs_with_smoke_profile(path, tmp_path, one_thread_kernel):
 def test_committed_notebook_is_stripped(path):
     nb = nbformat.read(path, as_version=4)
     nbformat.validate(nb)
-    assert notebooks.unstripped_cells(nb) == [], f"{path.name}: run `make strip` (python -m sodlib.notebooks)"
+    assert notebooks.unstripped_cells(nb) == [], f"{path.name}: run `make strip` (python -m sodlib.studies.notebooks)"
     assert "papermill" not in nb.metadata
     assert not [c for c in nb.cells if "injected-parameters" in c.metadata.get("tags", [])]
     assert nb.metadata["kernelspec"]["name"] == "python3"
@@ -168,13 +168,13 @@ def test_missing_parameters_cell_is_named(tmp_path):
 
 
 def test_reproduce_runs_notebook_steps_and_fails_with_one_line(tmp_path, monkeypatch, capsys):
-    import sodlib.reproduce
+    import sodlib.studies.reproduce
 
     nbs = tmp_path / "nbs"
     _notebook(nbs / "06_ok.ipynb", [PARAMS + '\nSEEDS: int = 1  # seeds\nDATA: str = ""  # root\nDEVICE: str = ""  # device',
                                     "print(PROFILE, SEEDS, OUT_DIR)"])
     _notebook(nbs / "07_broken.ipynb", [PARAMS, "#md prose", "1 / 0"])
-    monkeypatch.setattr(sodlib.reproduce, "NOTEBOOKS_DIR", nbs)
+    monkeypatch.setattr(sodlib.studies.reproduce, "NOTEBOOKS_DIR", nbs)
     out = tmp_path / "results"
 
     assert cli_main(["reproduce", "--profile", "smoke", "--only", "06", "--seeds", "3", "--out", str(out)]) == 0
@@ -191,7 +191,7 @@ def test_reproduce_runs_notebook_steps_and_fails_with_one_line(tmp_path, monkeyp
 
 
 def test_reproduce_default_steps_leave_out_the_opt_in_steps(tmp_path, monkeypatch):
-    import sodlib.reproduce as rep
+    import sodlib.studies.reproduce as rep
 
     calls = []
     for name in ("step_data", "step_baseline", "step_sr_grad", "step_budget"):
@@ -209,8 +209,8 @@ def test_reproduce_default_steps_leave_out_the_opt_in_steps(tmp_path, monkeypatc
 def test_step_budget_scales_iterations_and_tabulates_every_variant(tmp_path, monkeypatch):
     import pandas as pd
 
-    import sodlib.engine
-    import sodlib.reproduce as rep
+    import sodlib.studies.reproduce as rep
+    import sodlib.training.engine
 
     seen = {}
 
@@ -219,7 +219,7 @@ def test_step_budget_scales_iterations_and_tabulates_every_variant(tmp_path, mon
         return {"iterations": cfg.train.max_iters, "train_seconds": 1.0, "AP": 0.1, "AP50": 0.2, "AP75": 0.1,
                 "APS": 0.1, "APM": 0.2}
 
-    monkeypatch.setattr(sodlib.engine, "train", fake_train)
+    monkeypatch.setattr(sodlib.training.engine, "train", fake_train)
     table = rep.step_budget("cpu", tmp_path)
     assert list(table["variant"]) == list(rep.BUDGET_VARIANTS)
     iters = dict(zip(table["variant"], table["iterations"]))
@@ -234,7 +234,7 @@ def test_step_budget_scales_iterations_and_tabulates_every_variant(tmp_path, mon
 def test_step_baseline_records_the_post_nms_diagnostic_and_reuses_it(tmp_path):
     import json
 
-    import sodlib.reproduce as rep
+    import sodlib.studies.reproduce as rep
 
     summary = rep.step_baseline("smoke", tmp_path)
     stored = json.loads((tmp_path / "baseline" / "metrics.json").read_text())

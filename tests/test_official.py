@@ -7,10 +7,10 @@ import pytest
 import torch
 from torchvision.ops.misc import FrozenBatchNorm2d
 
-from sodlib.backbone import PResNet
+from sodlib.build import build_detector
 from sodlib.config import ModelConfig
-from sodlib.detector import build_detector
-from sodlib.encoder import sincos_position_embedding_2d
+from sodlib.models.backbone import PResNet
+from sodlib.models.encoder import sincos_position_embedding_2d
 from sodlib.official import (
     convert_state_dict,
     detect_layout,

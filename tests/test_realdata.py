@@ -8,10 +8,10 @@ import numpy as np
 import pytest
 from PIL import Image
 
-import sodlib.tiling
-from sodlib import realdata
 from sodlib.config import DataConfig
-from sodlib.datasets import build_dataset, data_cache_dir, load_coco
+from sodlib.data import realdata, shared_data_dir
+from sodlib.data.datasets import build_dataset, data_cache_dir
+from sodlib.data.formats import load_coco
 
 PATCH, OVERLAP = 320, 80
 
@@ -170,7 +170,7 @@ def test_cache_is_reused_and_keyed_by_parameters_and_source_bytes(voc, tmp_path,
     def no_cutting(*args, **kwargs):
         raise AssertionError("the cache should have been reused")
 
-    monkeypatch.setattr(sodlib.tiling, "tile_coco", no_cutting)
+    monkeypatch.setattr(realdata, "tile_coco", no_cutting)
     assert _patches(voc, tmp_path / "out") == first
     assert (first / realdata.MANIFEST).stat().st_mtime_ns == marker
     monkeypatch.undo()
@@ -182,14 +182,14 @@ def test_cache_is_reused_and_keyed_by_parameters_and_source_bytes(voc, tmp_path,
 
 
 def test_interrupted_build_leaves_nothing_and_a_leftover_is_rebuilt(voc, tmp_path, monkeypatch):
-    real = sodlib.tiling.tile_coco
+    real = realdata.tile_coco
 
     def fail_on_test(*args, split="train", **kwargs):
         if split == "test":
             raise KeyboardInterrupt  # interrupted half way, after the train split was written
         return real(*args, split=split, **kwargs)
 
-    monkeypatch.setattr(sodlib.tiling, "tile_coco", fail_on_test)
+    monkeypatch.setattr(realdata, "tile_coco", fail_on_test)
     out = tmp_path / "out"
     with pytest.raises(KeyboardInterrupt):
         _patches(voc, out)
@@ -242,7 +242,7 @@ def test_absent_data_is_reported_not_crashed(tmp_path):
         realdata.neon_patches(tmp_path / "nope", tmp_path / "out")
     assert isinstance(info.value, FileNotFoundError)
     assert not (tmp_path / "out").exists()
-    assert realdata.find_neon_trees("") in (None, realdata.DEFAULT_NEON_DIR)
+    assert realdata.find_neon_trees("") in (None, shared_data_dir() / "neon_trees")
 
 
 # ---------------------------------------------------------------- VisDrone patches

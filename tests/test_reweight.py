@@ -3,7 +3,7 @@ import torch
 import torch.nn.functional as F
 from torch.testing import assert_close
 
-from sodlib.reweight import FewSampleBatchNorm1d, SampleWeightGenerator
+from sodlib.losses.reweight import FewSampleBatchNorm1d, SampleWeightGenerator
 
 C = 8
 

@@ -3,13 +3,14 @@ import os
 
 import pytest
 
-from sodlib import runs
 from sodlib.config import get_profile, override
+from sodlib.io import atomic_write_json
+from sodlib.training import runs
 
 
 def test_atomic_write_leaves_nothing_on_failure(tmp_path, monkeypatch):
     target = tmp_path / "sub" / "a.json"
-    runs.atomic_write_json(target, {"a": 1})
+    atomic_write_json(target, {"a": 1})
     assert json.loads(target.read_text()) == {"a": 1}
 
     def boom(*a, **k):
@@ -17,7 +18,7 @@ def test_atomic_write_leaves_nothing_on_failure(tmp_path, monkeypatch):
 
     monkeypatch.setattr(os, "replace", boom)
     with pytest.raises(OSError):
-        runs.atomic_write_json(target, {"a": 2})
+        atomic_write_json(target, {"a": 2})
     assert json.loads(target.read_text()) == {"a": 1}  # old content intact
     assert [p.name for p in target.parent.iterdir()] == ["a.json"]  # no temp file left
 

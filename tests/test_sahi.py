@@ -7,12 +7,12 @@ import torch
 pytest.importorskip("sahi")
 from sahi.predict import get_prediction
 
+from sodlib.build import build_detector
+from sodlib.checkpoints import save_checkpoint
 from sodlib.config import get_profile, override
-from sodlib.detector import build_detector
-from sodlib.engine import save_checkpoint
-from sodlib.formats import visdrone_to_coco
-from sodlib.inference import predict_image
-from sodlib.sahi_model import SodlibDetectionModel, compare_sliced
+from sodlib.data.formats import visdrone_to_coco
+from sodlib.inference.predict import predict_image
+from sodlib.inference.sahi import SodlibDetectionModel, compare_sliced
 
 
 @pytest.fixture(scope="module")

@@ -8,11 +8,12 @@ import torch
 from torch.testing import assert_close
 
 import sodlib
-from sodlib import losses as L
+from sodlib.build import build_criterion
 from sodlib.config import LossConfig, ModelConfig, get_profile, override
-from sodlib.criterion import SetCriterion, build_criterion, positive_mask
-from sodlib.matcher import HungarianMatcher
-from sodlib.sampling_criterion import BetterSamplingCriterion
+from sodlib.losses import formulas as L
+from sodlib.losses.criterion import SetCriterion, positive_mask
+from sodlib.losses.matcher import HungarianMatcher
+from sodlib.losses.sampling import BetterSamplingCriterion
 
 K, C = 3, 8  # classes, hidden width
 LN2 = math.log(2.0)
@@ -315,7 +316,7 @@ def test_smoke_detector_with_degenerate_targets():
 
 def test_criterion_defaults_match_loss_config():
     # a criterion built by hand must behave like one built from the default LossConfig (sr_grad once differed)
-    from sodlib.mrqm_criterion import MRQMCriterion
+    from sodlib.losses.mrqm import MRQMCriterion
 
     defaults = LossConfig()
     checked = 0
@@ -332,7 +333,7 @@ def test_criterion_defaults_match_loss_config():
 
 
 def _matched_final(crit, out, targets):
-    from sodlib.criterion import LayerInfo
+    from sodlib.losses.criterion import LayerInfo
 
     indices = crit.matcher(out, targets)
     return crit.matched(out, targets, indices), LayerInfo("final", 2)

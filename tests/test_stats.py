@@ -5,8 +5,8 @@ import math
 import pandas as pd
 import pytest
 
-from sodlib import ablations as A
-from sodlib.stats import holm, paired_difference, resolvable_difference
+from sodlib.studies import ablations as A
+from sodlib.studies.stats import holm, paired_difference, resolvable_difference
 
 
 def test_paired_difference_hand_computed():

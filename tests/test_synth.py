@@ -7,7 +7,7 @@ import json
 import numpy as np
 import pytest
 
-from sodlib import synth
+from sodlib.data import datastats, synth
 
 
 def _read(path):
@@ -127,7 +127,7 @@ def test_ignore_regions(tmp_path):
     assert crowd and all(a["ignore"] == 1 for a in crowd)
     # one crowd annotation per class inside a region: (image, category) pairs are unique
     assert len({(a["image_id"], a["category_id"]) for a in crowd}) == len(crowd)
-    df = synth.box_stats(path)
+    df = datastats.box_stats(path)
     assert len(df) == len(coco["annotations"]) - len(crowd)
     _, anns = synth.generate_image(synth.image_seed(0, "train", 0), 160)
     assert all(a["iscrowd"] == 0 for a in anns)  # off by default
@@ -195,13 +195,13 @@ def test_plot_stats_and_box_stats(tmp_path):
     p_train = synth.write_split(tmp_path, "train", 4, 96, progress=False)
     p_val = synth.write_split(tmp_path, "val", 2, 96, progress=False)
     coco = [_read(p_train), _read(p_val)]
-    df = synth.box_stats(p_train)
+    df = datastats.box_stats(p_train)
     assert list(df.columns) == ["image_id", "category", "w", "h", "area", "sqrt_area"]
     assert len(df) == len(coco[0]["annotations"]) and set(df["category"]) <= set(synth.CLASSES)
     np.testing.assert_allclose(df["sqrt_area"] ** 2, df["w"] * df["h"])
 
     out = tmp_path / "figs" / "stats.png"
-    summary = synth.plot_stats(tmp_path, out)  # a dataset folder: both splits
+    summary = datastats.plot_stats(tmp_path, out)  # a dataset folder: both splits
     assert out.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     boxes = [a for c in coco for a in c["annotations"]]
     s = np.sqrt([a["bbox"][2] * a["bbox"][3] for a in boxes])
@@ -212,8 +212,8 @@ def test_plot_stats_and_box_stats(tmp_path):
     assert summary["mean_per_image"] == pytest.approx(np.mean(per_image))
     assert summary["max_per_image"] == max(per_image)
     assert sum(summary["per_class"].values()) == len(boxes) and set(summary["per_class"]) == set(synth.CLASSES)
-    assert synth.plot_stats([p_val], tmp_path / "val.png")["num_images"] == 2
-    text = synth.format_stats(summary)
+    assert datastats.plot_stats([p_val], tmp_path / "val.png")["num_images"] == 2
+    text = datastats.format_stats(summary)
     assert "16²" in text and str(summary["num_boxes"]) in text
 
 
@@ -225,7 +225,7 @@ def test_synthsod_never_overwrites_a_dataset_it_did_not_write(tmp_path):
     """A COCO folder given as SynthSOD's root (no --set data.dataset=coco) is refused and left byte-identical."""
     import json
 
-    from sodlib.synth import ensure_split, write_split
+    from sodlib.data.synth import ensure_split, write_split
 
     root = tmp_path / "my_coco"
     (root / "images" / "train").mkdir(parents=True)
@@ -249,7 +249,7 @@ def test_synthsod_never_overwrites_a_dataset_it_did_not_write(tmp_path):
 
 
 def test_synthsod_rewrites_its_own_splits(tmp_path):
-    from sodlib.synth import OWNER_MARK, write_split
+    from sodlib.data.synth import OWNER_MARK, write_split
 
     write_split(tmp_path, "val", 2, 64, progress=False)
     assert (tmp_path / "images" / "val" / OWNER_MARK).exists()

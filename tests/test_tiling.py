@@ -8,7 +8,7 @@ import torch
 from PIL import Image
 from torchvision.ops import box_iou
 
-from sodlib.tiling import merge_tile_detections, tile_coco, tile_coco_annotations, tile_windows
+from sodlib.data.tiling import merge_tile_detections, tile_coco, tile_coco_annotations, tile_windows
 
 
 @pytest.mark.parametrize("width,height,tile,overlap", [

@@ -2,7 +2,7 @@ import pytest
 import torch
 from torchvision import tv_tensors
 
-from sodlib.transforms import basic_transforms, build_transforms
+from sodlib.data.transforms import basic_transforms, build_transforms
 
 W, H = 240, 180
 RECT = (60, 50, 150, 120)  # xyxy, pixels

@@ -4,8 +4,9 @@ import pytest
 import torch
 from torch.testing import assert_close
 
-from sodlib import viz
-from sodlib.losses import spr_attention_loss, spr_offset_loss
+from sodlib.io import save_figure
+from sodlib.losses.formulas import spr_attention_loss, spr_offset_loss
+from sodlib.studies import viz
 
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
 
@@ -18,7 +19,7 @@ def _assert_png(path, min_bytes=2000):
 def test_save_figure_writes_png_atomically(tmp_path):
     fig, ax = plt.subplots()
     ax.plot([0, 1], [0, 1])
-    out = viz.save_figure(fig, tmp_path / "deep" / "line.png")
+    out = save_figure(fig, tmp_path / "deep" / "line.png")
     _assert_png(out, 500)
     assert [p.name for p in out.parent.iterdir()] == ["line.png"]  # no temp file left behind
     assert not plt.fignum_exists(fig.number)  # closed
@@ -33,7 +34,7 @@ def test_plot_lines_draws_the_given_values(tmp_path):
     np.testing.assert_allclose(ax.lines[1].get_xdata(), x)
     assert ax.lines[2].get_ydata()[0] == 0.5  # the dashed reference line
     assert [t.get_text() for t in ax.get_legend().get_texts()] == ["square", "id", "pts", "half"]
-    _assert_png(viz.save_figure(fig, tmp_path / "lines.png"))
+    _assert_png(save_figure(fig, tmp_path / "lines.png"))
 
 
 def test_plot_lines_into_given_axes():
@@ -51,7 +52,7 @@ def test_plot_contour_panels_one_panel_per_entry(tmp_path):
     titles = [ax.get_title() for ax in fig.axes]
     assert titles[:2] == ["a", "b with NaN"] and len(fig.axes) == 3  # two panels + colour bar
     assert "hatched: gone" in fig._suptitle.get_text()
-    _assert_png(viz.save_figure(fig, tmp_path / "contours.png"))
+    _assert_png(save_figure(fig, tmp_path / "contours.png"))
 
 
 def test_plot_box_pairs_draws_boxes_and_intersection(tmp_path):
@@ -64,7 +65,7 @@ def test_plot_box_pairs_draws_boxes_and_intersection(tmp_path):
     gt_patch = next(p for p in shifted.patches if p.get_label() == "ground truth")
     assert gt_patch.get_xy() == (10.0, 10.0) and gt_patch.get_width() == 12.0
     assert shifted.get_ylim()[0] > shifted.get_ylim()[1]  # y points down, as in images
-    _assert_png(viz.save_figure(fig, tmp_path / "pairs.png"))
+    _assert_png(save_figure(fig, tmp_path / "pairs.png"))
 
 
 def test_spr_point_geometry_by_hand():
@@ -121,7 +122,7 @@ def test_plot_spr_geometry_panels_and_arrows(tmp_path):
     x0, x1 = ax0.get_xlim()
     y0, y1 = ax0.get_ylim()
     assert x1 - x0 == pytest.approx(y0 - y1)  # square window
-    _assert_png(viz.save_figure(fig, tmp_path / "spr.png"))
+    _assert_png(save_figure(fig, tmp_path / "spr.png"))
 
 
 def test_plot_predictions_grid_draws_gt_and_kept_predictions(tmp_path):
@@ -134,7 +135,7 @@ def test_plot_predictions_grid_draws_gt_and_kept_predictions(tmp_path):
     assert len(ax_a.patches) == 3 and len(ax_b.patches) == 2  # 2 GT + 1 prediction above 0.5; 2 GT only
     assert ax_a.get_title() == "a: 1 predictions ≥ 0.5, 2 objects"
     assert ax_a.patches[2].get_xy() == (2.0, 2.0) and ax_a.patches[2].get_width() == 7.0
-    _assert_png(viz.save_figure(fig, tmp_path / "preds.png"))
+    _assert_png(save_figure(fig, tmp_path / "preds.png"))
 
 
 def test_plot_heatmap_grid_crops_around_the_box(tmp_path):
@@ -146,6 +147,6 @@ def test_plot_heatmap_grid_crops_around_the_box(tmp_path):
     assert axes[0].get_xlim() == (18.0, 42.0) and axes[0].get_ylim() == (32.0, 8.0)  # 12 px half-window (min 24)
     assert axes[1].get_xlim() == (0.0, 64.0) and len(axes[1].patches) == 2  # no box: the whole image
     assert not axes[3].axison  # empty cell of the short row
-    _assert_png(viz.save_figure(fig, tmp_path / "heat.png"))
+    _assert_png(save_figure(fig, tmp_path / "heat.png"))
     dilated = viz.plot_heatmap_grid([[panel]], dilate_px=1).axes[0].images[1].get_array()
     assert dilated[19:22, 29:32].min() == 1.0 and dilated.sum() == 9.0  # the point grown to 3 x 3 pixels

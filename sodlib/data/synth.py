@@ -1,0 +1,302 @@
+"""SynthSOD: the embedded default dataset -- aerial-like clutter with many small objects.
+
+Every image is drawn from its own RNG, ``SeedSequence(split_seed(seed, split), spawn_key=(index,))``,
+so a split is reproducible image by image and a longer split starts with the shorter one.
+
+Scene: textured ground with fields, roads with lane markings, parking lots, and unlabelled clutter
+(buildings, trees, rocks, containers), all casting shadows from one sun direction. Objects (six
+classes, ``CLASSES``) come in parking rows, tank farms, loose clusters and singles; later-drawn
+objects occlude earlier ones, every box is the full object extent clipped to the image (COCO
+``[x, y, w, h]`` in pixels). Box sizes are long-tailed: about 30 % of boxes have area < 16² and
+about 70 % < 32² at the image size passed in (object sizes are in pixels, not relative).
+
+Confusable pairs: ``car``/``van`` (same chamfered-rectangle shape, red vs orange-red, aspect
+≈2.0 vs ≈2.8, car shows windscreen+rear window, van a front windscreen and a long pale roof) and
+``tank``/``silo`` (same disc, light grey vs cream, tank has a dark concentric ring and centre dot,
+silo a shaded dome with a highlight). ``truck`` (blue cab + white ribbed trailer) and ``plane``
+(swept-wing cross) stand apart by shape.
+
+This module holds the public API (seeds, :func:`generate_image`, splits on disk); the shapes, scene
+planning and rendering primitives it composes live in :mod:`sodlib.data.synth_scene`.
+"""
+
+from __future__ import annotations
+
+import io
+import json
+import os
+import shutil
+import zlib
+from pathlib import Path
+
+import numpy as np
+from PIL import Image, ImageDraw, ImageFilter
+
+from sodlib.data.synth_scene import (
+    _COUNT_MU,
+    _clutter,
+    _draw,
+    _extent,
+    _ground,
+    _noise_tile,
+    _populate,
+    _roads,
+    _Scene,
+)
+from sodlib.io import atomic_write_bytes, atomic_write_json
+
+GENERATOR_VERSION = "synthsod-1"
+CLASSES: tuple[str, ...] = ("car", "van", "truck", "tank", "silo", "plane")
+
+
+def split_seed(seed: int, split: str) -> int:
+    """Seed of a split: train and val of the same base seed get unrelated streams."""
+    if seed < 0:
+        raise ValueError(f"seed must be >= 0, got {seed}")
+    state = np.random.SeedSequence([int(seed), zlib.crc32(split.encode())]).generate_state(2)
+    return (int(state[0]) << 31) ^ int(state[1])  # < 2**63: fits any JSON/int64 reader
+
+
+def image_seed(seed: int, split: str, index: int) -> np.random.SeedSequence:
+    """Per-image seed sequence derived from (base seed, split, index)."""
+    return np.random.SeedSequence(split_seed(seed, split), spawn_key=(int(index),))
+
+
+# ----------------------------------------------------------------------------- image
+
+def generate_image(seed_seq_or_rng, size: int, ignore_regions: bool = False):
+    """One SynthSOD image.
+
+    Args:
+        seed_seq_or_rng: ``np.random.SeedSequence``, ``np.random.Generator`` or int.
+        size: square image side in pixels (object sizes are in pixels at this size).
+        ignore_regions: when True, about a third of the images get one blurred, hazy rectangle with
+            small objects inside; it is annotated once per class present inside it with the region
+            box and ``iscrowd=1, ignore=1`` (the objects inside get no regular annotation).
+
+    Returns:
+        (image [size, size, 3] uint8, annotations) with each annotation a dict holding
+        ``bbox`` [x, y, w, h] float pixels, ``category_id`` in 1..6, ``iscrowd``, ``ignore``.
+    """
+    rng = seed_seq_or_rng if isinstance(seed_seq_or_rng, np.random.Generator) else np.random.default_rng(
+        seed_seq_or_rng)
+    size = int(size)
+    sc = _Scene(rng, size)
+    g = float(np.exp(sc.img_log_scale))
+    big = _ground(rng, size).resize((2 * size, 2 * size), Image.BILINEAR)  # drawn at 2x, reduced: AA
+    anchors = _roads(rng, size, ImageDraw.Draw(big), g)
+    clutter = _clutter(sc, g)
+
+    region = None
+    if ignore_regions and rng.random() < 0.33 and size >= 48:
+        w, h = rng.uniform(0.15, 0.3, 2) * size
+        x, y = rng.uniform(0, size - w), rng.uniform(0, size - h)
+        region = np.array([x, y, x + w, y + h])
+        sc.keep_out = sc.inside = region
+        saved, sc.img_log_scale = sc.img_log_scale, np.log(0.5)
+        _populate(sc, int(rng.integers(3, 12)), [], region)
+        sc.img_log_scale, sc.inside = saved, None
+    n_region = len(sc.objects)
+    n = 0 if rng.random() < 0.02 else int(np.clip(np.exp(rng.normal(_COUNT_MU, 0.62)), 5, 90))
+    _populate(sc, min(n, size * size // 1200), anchors)
+
+    # shadows: a 1x mask, softened, darkens the 2x ground under everything drawn afterwards
+    mask = Image.new("L", (size, size), 0)
+    md = ImageDraw.Draw(mask)
+    for parts in clutter:
+        r = _extent(parts[:1])
+        _draw(md, parts[:1], 1.0, sc.sun_vec * 0.25 * np.sqrt((r[2] - r[0]) * (r[3] - r[1])), 255)
+    for _, out, _, b in sc.objects:
+        _draw(md, out, 1.0, sc.sun_vec * (0.5 + 0.12 * np.sqrt((b[2] - b[0]) * (b[3] - b[1]))), 255)
+    mask = mask.filter(ImageFilter.BoxBlur(1)).resize(big.size, Image.BILINEAR)
+    f = 1 - rng.uniform(0.35, 0.55)
+    big = Image.composite(big.point([int(v * f) for v in range(256)] * 3), big, mask)
+
+    draw = ImageDraw.Draw(big)
+    for parts in clutter:
+        _draw(draw, parts)
+    for _, out, det, _ in sc.objects:  # in placement order: later objects occlude earlier ones
+        _draw(draw, out)
+        _draw(draw, det)
+    img = big.reduce(2)
+    if rng.random() < 0.3:
+        img = img.filter(ImageFilter.GaussianBlur(rng.uniform(0.4, 0.8)))
+    if region is not None:
+        box = tuple(int(v) for v in np.round(region))
+        crop = img.crop(box).filter(ImageFilter.GaussianBlur(rng.uniform(1.5, 2.5)))
+        img.paste(Image.blend(crop, Image.new("RGB", crop.size, (190, 190, 190)), 0.4), box[:2])
+    # global photometric (exposure, colour cast, haze) as one LUT, then sensor noise
+    gain = rng.uniform(0.85, 1.15) * rng.uniform(0.95, 1.05, 3)
+    haze = rng.uniform(0.1, 0.3) if rng.random() < 0.15 else 0.0
+    lut = np.clip(np.arange(256)[None] * gain[:, None] * (1 - haze) + haze * 200 + 0.5, 0, 255)
+    out = np.asarray(img.point(lut.astype(np.uint8).ravel().tolist()), np.int16)
+    sigma = int(rng.integers(1, 5))
+    out = out + ((_noise_tile(rng, size).astype(np.int16) * sigma) >> 4)
+    image = np.clip(out, 0, 255).astype(np.uint8)
+
+    anns = []
+    if region is not None:
+        x0, y0, x1, y1 = (float(v) for v in region)
+        for cls in sorted({o[0] for o in sc.objects[:n_region]}):
+            anns.append({"bbox": [x0, y0, x1 - x0, y1 - y0], "category_id": cls + 1, "iscrowd": 1, "ignore": 1})
+    for cls, _, _, b in sc.objects[n_region:]:
+        bb = [round(float(v), 2) for v in (b[0], b[1], b[2] - b[0], b[3] - b[1])]
+        anns.append({"bbox": bb, "category_id": cls + 1, "iscrowd": 0, "ignore": 0})
+    return image, anns
+
+
+# ----------------------------------------------------------------------------- COCO splits on disk
+
+def _info(split, num_images, size, seed, ignore_regions) -> dict:
+    # the description is the format's identity (what _is_synthsod looks for): it keeps the module's first name
+    return {"description": "SynthSOD synthetic aerial small-object dataset (sodlib.synth)",
+            "generator": GENERATOR_VERSION, "seed": int(seed), "split": str(split),
+            "split_seed": split_seed(seed, split), "size": int(size), "num_images": int(num_images),
+            "ignore_regions": bool(ignore_regions)}
+
+
+def _same_but_count(a: dict | None, b: dict) -> bool:
+    drop = ("num_images",)
+    return a is not None and {k: v for k, v in a.items() if k not in drop} == {
+        k: v for k, v in b.items() if k not in drop}
+
+
+def _load_json(path):
+    try:
+        with open(path, encoding="utf-8") as f:
+            return json.load(f)
+    except (OSError, ValueError):
+        return None
+
+
+def annotation_path(out_dir, split: str) -> Path:
+    return Path(out_dir) / "annotations" / f"instances_{split}.json"
+
+
+def _png_bytes(image: np.ndarray) -> bytes:
+    buf = io.BytesIO()
+    Image.fromarray(image).save(buf, format="PNG", compress_level=1)  # deterministic; no metadata
+    return buf.getvalue()
+
+
+OWNER_MARK = ".synthsod"  # written into every image folder SynthSOD creates
+
+
+def check_ours(out_dir, split: str) -> None:
+    """Refuse (ValueError naming the folder) to touch a split that SynthSOD did not write.
+
+    Ours: nothing there yet; an annotation json whose ``info`` SynthSOD wrote; or an image folder holding
+    :data:`OWNER_MARK` (a write interrupted between removing the old json and swapping the folders). Anything
+    else — a COCO dataset pointed at without ``--set data.dataset=coco``, say — is the user's, and generating
+    there would replace it.
+    """
+    out_dir = Path(out_dir)
+    json_path, folder = annotation_path(out_dir, split), out_dir / "images" / split
+    if not json_path.exists() and not folder.exists():
+        return
+    data = _load_json(json_path) if json_path.exists() else None
+    info = data.get("info") if isinstance(data, dict) else None
+    if isinstance(info, dict) and "sodlib.synth" in str(info.get("description", "")):
+        return
+    if folder.is_dir() and (folder / OWNER_MARK).exists():
+        return
+    raise ValueError(f"{out_dir}: images/{split} or annotations/instances_{split}.json exist and SynthSOD did not "
+                     f"write them; nothing was changed. For your own COCO data add --set data.dataset=coco; for "
+                     f"SynthSOD choose an empty folder")
+
+
+def write_split(out_dir, split: str, num_images: int, size: int, seed: int = 0,
+                ignore_regions: bool = False, progress: bool = True, reuse: bool = False) -> Path:
+    """Generate a split as ``out_dir/images/<split>/<index:06d>.png`` + ``annotations/instances_<split>.json``.
+
+    Crash-safe and resumable: images (and per-image annotation side files) go to hidden partial
+    folders first; an interrupted run leaves the previous complete split (or nothing) in place and the
+    next run picks up the finished images. When the folders are complete the old json is removed,
+    the image folder swapped in with ``os.replace`` and the new json written last (atomically), so a
+    json never points at missing images. With ``reuse=True`` (what ``ensure_split`` does) the images
+    of an existing split that differs only in ``num_images`` are hard-linked instead of redrawn (the
+    prefix property makes them identical). Returns the json path.
+    """
+    from tqdm.auto import tqdm
+
+    if num_images < 0 or size < 16:
+        raise ValueError(f"need num_images >= 0 and size >= 16, got {num_images}, {size}")
+    out_dir = Path(out_dir)
+    check_ours(out_dir, split)  # before anything is removed
+    info = _info(split, num_images, size, seed, ignore_regions)
+    json_path = annotation_path(out_dir, split)
+    final, partial = out_dir / "images" / split, out_dir / "images" / f".{split}.partial"
+    side = out_dir / "annotations" / f".{split}.partial"
+    marker = side / "params.json"
+    if side.exists() and not _same_but_count(_load_json(marker), info):
+        shutil.rmtree(side)
+        shutil.rmtree(partial, ignore_errors=True)
+    partial.mkdir(parents=True, exist_ok=True)
+    (partial / OWNER_MARK).touch()
+    if not marker.exists():
+        atomic_write_json(marker, info)
+    old = _load_json(json_path) if reuse and final.is_dir() else None
+    old_anns: dict[int, list] = {}
+    if old is not None and _same_but_count(old.get("info"), info):
+        for a in old["annotations"]:
+            old_anns.setdefault(a["image_id"] - 1, []).append(
+                {k: a[k] for k in ("bbox", "category_id", "iscrowd", "ignore")})
+        old_n = len(old["images"])
+    else:
+        old_n = 0
+
+    images, annotations = [], []
+    for index in tqdm(range(num_images), desc=f"SynthSOD {split}", disable=not progress, unit="img"):
+        name, side_file = f"{index:06d}.png", side / f"{index:06d}.json"
+        anns = _load_json(side_file) if (partial / name).exists() else None
+        if anns is None and index < old_n and (final / name).exists():
+            _link_or_copy(final / name, partial / name)
+            anns = old_anns.get(index, [])
+            atomic_write_json(side_file, anns, indent=None)
+        if anns is None:
+            image, anns = generate_image(image_seed(seed, split, index), size, ignore_regions)
+            atomic_write_bytes(partial / name, _png_bytes(image))
+            atomic_write_json(side_file, anns, indent=None)  # written after its image: marks it complete
+        images.append({"id": index + 1, "file_name": name, "width": int(size), "height": int(size)})
+        for a in anns:
+            w, h = a["bbox"][2:]
+            annotations.append({"id": len(annotations) + 1, "image_id": index + 1, "category_id": a["category_id"],
+                                "bbox": a["bbox"], "area": round(w * h, 2), "iscrowd": a["iscrowd"],
+                                "ignore": a["ignore"]})
+    for stale in partial.glob("*.png"):  # left over from a longer interrupted run
+        if int(stale.stem) >= num_images:
+            stale.unlink()
+    coco = {"info": info, "images": images, "annotations": annotations,
+            "categories": [{"id": i + 1, "name": n, "supercategory": "synthsod"} for i, n in enumerate(CLASSES)]}
+    json_path.unlink(missing_ok=True)  # from here until the last line no json exists for this split
+    trash = out_dir / "images" / f".{split}.old"
+    shutil.rmtree(trash, ignore_errors=True)
+    if final.exists():
+        os.replace(final, trash)
+    os.replace(partial, final)
+    atomic_write_json(json_path, coco, indent=None)
+    shutil.rmtree(trash, ignore_errors=True)
+    shutil.rmtree(side, ignore_errors=True)
+    return json_path
+
+
+def _link_or_copy(src: Path, dst: Path):
+    try:
+        os.link(src, dst)
+    except OSError:
+        shutil.copyfile(src, dst)
+
+
+def ensure_split(out_dir, split: str, num_images: int, size: int, seed: int = 0,
+                 ignore_regions: bool = False, progress: bool = True) -> Path:
+    """Return the json path of a split, generating it only when it is missing, incomplete or its
+    ``info`` does not match the requested parameters."""
+    json_path = annotation_path(out_dir, split)
+    data = _load_json(json_path)
+    if data is not None and data.get("info") == _info(split, num_images, size, seed, ignore_regions):
+        folder = Path(out_dir) / "images" / split
+        if all((folder / im["file_name"]).exists() for im in data["images"]):
+            return json_path
+    return write_split(out_dir, split, num_images, size, seed, ignore_regions, progress, reuse=True)
+
+
