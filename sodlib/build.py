@@ -85,7 +85,7 @@ def build_detector(model_cfg: ModelConfig) -> RTDETR:
     aux_head = (IoUAwareHead(cfg.hidden_dim, cfg.num_classes, tb=cfg.iah_tb, k=cfg.iah_k, p=cfg.iah_p,
                              as_px=cfg.iah_as_px, max_queries=cfg.iah_max_queries, reading=cfg.iah_reading)
                 if cfg.iah else None)
-    return RTDETR(backbone, encoder, decoder, aux_head, config=cfg)
+    return RTDETR(backbone, encoder=encoder, decoder=decoder, aux_head=aux_head, config=cfg)
 
 
 def criterion_class(loss_cfg: LossConfig, model_cfg: ModelConfig) -> type[SetCriterion]:

@@ -229,7 +229,15 @@ class SetCriterion(nn.Module):
         pred_boxes = outputs["pred_boxes"][batch_idx, query_idx].float()  # [M, 4]
         gt_boxes = gt_boxes.to(pred_boxes.dtype).reshape(-1, 4)
         iou, _ = paired_iou_xyxy(box_cxcywh_to_xyxy(pred_boxes.detach()), box_cxcywh_to_xyxy(gt_boxes))
-        return Matched(batch_idx, query_idx, labels, instance_ids, pred_boxes, gt_boxes, iou)
+        return Matched(
+            batch_idx,
+            query_idx=query_idx,
+            labels=labels,
+            instance_ids=instance_ids,
+            pred_boxes=pred_boxes,
+            gt_boxes=gt_boxes,
+            iou=iou,
+        )
 
     def _dense(self, logits: Tensor, m: Matched, values: Tensor) -> Tensor:
         """Scatter per-pair ``values`` [M] to [B, Q, K] at (image, query, gt class); 0 elsewhere."""

@@ -167,8 +167,15 @@ class TinyBackbone(nn.Module):
         widths = (width, 2 * width, 4 * width, 8 * width)
         stages, c_in = [], width
         for i, (c_out, n) in enumerate(zip(widths, depths)):
-            blocks = [_BasicBlock(c_in if j == 0 else c_out, c_out, 2 if (i > 0 and j == 0) else 1, norm_layer)
-                      for j in range(n)]
+            blocks = [
+                _BasicBlock(
+                    c_in if j == 0 else c_out,
+                    c_out=c_out,
+                    stride=2 if (i > 0 and j == 0) else 1,
+                    norm_layer=norm_layer,
+                )
+                for j in range(n)
+            ]
             stages.append(nn.Sequential(*blocks))
             c_in = c_out
         self.stages = nn.ModuleList(stages)
@@ -216,18 +223,32 @@ class _VdBlock(nn.Module):
         super().__init__()
         c_out = width * (4 if bottleneck else 1)
         if bottleneck:
-            self.branch2a = _ConvNorm(c_in, width, 1, 1, norm_layer, act=True)
-            self.branch2b = _ConvNorm(width, width, 3, stride, norm_layer, act=True)
-            self.branch2c = _ConvNorm(width, c_out, 1, 1, norm_layer, act=False)
+            self.branch2a = _ConvNorm(c_in, c_out=width, kernel=1, stride=1, norm_layer=norm_layer, act=True)
+            self.branch2b = _ConvNorm(
+                width, c_out=width, kernel=3, stride=stride, norm_layer=norm_layer, act=True
+            )
+            self.branch2c = _ConvNorm(
+                width, c_out=c_out, kernel=1, stride=1, norm_layer=norm_layer, act=False
+            )
         else:
-            self.branch2a = _ConvNorm(c_in, width, 3, stride, norm_layer, act=True)
-            self.branch2b = _ConvNorm(width, width, 3, 1, norm_layer, act=False)
+            self.branch2a = _ConvNorm(
+                c_in, c_out=width, kernel=3, stride=stride, norm_layer=norm_layer, act=True
+            )
+            self.branch2b = _ConvNorm(
+                width, c_out=width, kernel=3, stride=1, norm_layer=norm_layer, act=False
+            )
         self.short: nn.Module | None = None
         if project and stride == 2:
-            self.short = nn.Sequential(OrderedDict(
-                pool=nn.AvgPool2d(2, 2, 0, ceil_mode=True), conv=_ConvNorm(c_in, c_out, 1, 1, norm_layer, act=False)))
+            self.short = nn.Sequential(
+                OrderedDict(
+                    pool=nn.AvgPool2d(2, 2, 0, ceil_mode=True),
+                    conv=_ConvNorm(c_in, c_out=c_out, kernel=1, stride=1, norm_layer=norm_layer, act=False),
+                )
+            )
         elif project:
-            self.short = _ConvNorm(c_in, c_out, 1, stride, norm_layer, act=False)
+            self.short = _ConvNorm(
+                c_in, c_out=c_out, kernel=1, stride=stride, norm_layer=norm_layer, act=False
+            )
         self.branches = [self.branch2a, self.branch2b] + ([self.branch2c] if bottleneck else [])
 
     def forward(self, x: Tensor) -> Tensor:
@@ -274,9 +295,9 @@ class PResNet(nn.Module):
         self.return_levels = _check_levels(return_levels)
         norm = FrozenBatchNorm2d if freeze_norm else nn.BatchNorm2d
         self.conv1 = nn.Sequential(OrderedDict(
-            conv1_1=_ConvNorm(3, 32, 3, 2, norm, act=True),
-            conv1_2=_ConvNorm(32, 32, 3, 1, norm, act=True),
-            conv1_3=_ConvNorm(32, 64, 3, 1, norm, act=True)))
+            conv1_1=_ConvNorm(3, c_out=32, kernel=3, stride=2, norm_layer=norm, act=True),
+            conv1_2=_ConvNorm(32, c_out=32, kernel=3, stride=1, norm_layer=norm, act=True),
+            conv1_3=_ConvNorm(32, c_out=64, kernel=3, stride=1, norm_layer=norm, act=True)))
         bottleneck = depth >= 50
         expansion = 4 if bottleneck else 1
         widths = (64, 128, 256, 512)

@@ -144,7 +144,9 @@ class DeformableEncoderLayer(nn.Module):
     def __init__(self, dim: int, num_heads: int, num_levels: int, num_points: int, dim_feedforward: int,
                  dropout: float = 0.0, act: Callable[[], nn.Module] = nn.ReLU):
         super().__init__()
-        self.attn = MSDeformableAttention(dim, num_heads, num_levels, num_points)
+        self.attn = MSDeformableAttention(
+            dim, num_heads=num_heads, num_levels=num_levels, num_points=num_points
+        )
         self.norm1 = nn.LayerNorm(dim)
         self.ffn = nn.Sequential(nn.Linear(dim, dim_feedforward), act(), nn.Dropout(dropout),
                                  nn.Linear(dim_feedforward, dim))
@@ -175,8 +177,17 @@ class _PyramidEncoder(nn.Module):
 
     @staticmethod
     def _layers(n: int, dim, num_heads, num_levels, num_points, dim_feedforward, dropout) -> nn.ModuleList:
-        return nn.ModuleList(DeformableEncoderLayer(dim, num_heads, num_levels, num_points, dim_feedforward,
-                                                    dropout) for _ in range(n))
+        return nn.ModuleList(
+            DeformableEncoderLayer(
+                dim,
+                num_heads=num_heads,
+                num_levels=num_levels,
+                num_points=num_points,
+                dim_feedforward=dim_feedforward,
+                dropout=dropout,
+            )
+            for _ in range(n)
+        )
 
     def _check(self, maps: list[Tensor]) -> None:
         if len(maps) != self.num_levels:

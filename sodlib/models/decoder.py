@@ -59,8 +59,14 @@ class DecoderLayer(nn.Module):
         super().__init__()
         self.self_attn = nn.MultiheadAttention(dim, num_heads, dropout=dropout, batch_first=True)
         self.norm1 = nn.LayerNorm(dim)
-        self.cross_attn = MSDeformableAttention(dim, num_heads, num_levels, num_points, sample_fp32=fp32_geometry,
-                                                bf16_geometry=bf16_geometry)
+        self.cross_attn = MSDeformableAttention(
+            dim,
+            num_heads=num_heads,
+            num_levels=num_levels,
+            num_points=num_points,
+            sample_fp32=fp32_geometry,
+            bf16_geometry=bf16_geometry,
+        )
         self.norm2 = nn.LayerNorm(dim)
         self.linear1 = nn.Linear(dim, dim_feedforward)
         self.linear2 = nn.Linear(dim_feedforward, dim)
@@ -135,17 +141,28 @@ class RTDETRDecoder(nn.Module):
             c_in = hidden_dim
 
         self.layers = nn.ModuleList(
-            DecoderLayer(hidden_dim, num_heads, dim_feedforward, dropout, num_levels, num_points, fp32_geometry,
-                         bf16_geometry)
-            for _ in range(num_layers))
+            DecoderLayer(
+                hidden_dim,
+                num_heads=num_heads,
+                dim_feedforward=dim_feedforward,
+                dropout=dropout,
+                num_levels=num_levels,
+                num_points=num_points,
+                fp32_geometry=fp32_geometry,
+                bf16_geometry=bf16_geometry,
+            )
+            for _ in range(num_layers)
+        )
         self.denoising_class_embed = (nn.Embedding(num_classes + 1, hidden_dim, padding_idx=num_classes)
                                       if num_denoising > 0 else None)
-        self.query_pos_head = MLP(4, 2 * hidden_dim, hidden_dim, 2)
+        self.query_pos_head = MLP(4, hidden_dim=2 * hidden_dim, out_dim=hidden_dim, num_layers=2)
         self.enc_output = nn.Sequential(nn.Linear(hidden_dim, hidden_dim), nn.LayerNorm(hidden_dim))
         self.enc_score_head = nn.Linear(hidden_dim, num_classes)
-        self.enc_bbox_head = MLP(hidden_dim, hidden_dim, 4, 3)
+        self.enc_bbox_head = MLP(hidden_dim, hidden_dim=hidden_dim, out_dim=4, num_layers=3)
         self.dec_score_head = nn.ModuleList(nn.Linear(hidden_dim, num_classes) for _ in range(num_layers))
-        self.dec_bbox_head = nn.ModuleList(MLP(hidden_dim, hidden_dim, 4, 3) for _ in range(num_layers))
+        self.dec_bbox_head = nn.ModuleList(
+            MLP(hidden_dim, hidden_dim=hidden_dim, out_dim=4, num_layers=3) for _ in range(num_layers)
+        )
         self.reset_parameters()
 
     def reset_parameters(self) -> None:

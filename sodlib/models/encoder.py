@@ -159,18 +159,31 @@ class HybridEncoder(nn.Module):
         self.input_proj = nn.ModuleList(
             nn.Sequential(nn.Conv2d(c, hidden_dim, 1, bias=False), nn.BatchNorm2d(hidden_dim)) for c in in_channels)
         self.encoder = nn.ModuleList(
-            nn.ModuleList(AIFILayer(hidden_dim, num_heads, dim_feedforward, dropout, enc_act)
-                          for _ in range(num_encoder_layers))
-            for _ in self.use_encoder_idx)
+            nn.ModuleList(
+                AIFILayer(
+                    hidden_dim,
+                    num_heads=num_heads,
+                    dim_feedforward=dim_feedforward,
+                    dropout=dropout,
+                    act=enc_act,
+                )
+                for _ in range(num_encoder_layers)
+            )
+            for _ in self.use_encoder_idx
+        )
         # top-down: lateral_convs[i] / fpn_blocks[i] fuse level n-1-i into level n-2-i
         self.lateral_convs = nn.ModuleList(ConvNormLayer(hidden_dim, hidden_dim, 1, act=act) for _ in range(n - 1))
         self.fpn_blocks = nn.ModuleList(
-            CSPRepLayer(2 * hidden_dim, hidden_dim, csp_blocks, expansion, act) for _ in range(n - 1))
+            CSPRepLayer(2 * hidden_dim, c_out=hidden_dim, num_blocks=csp_blocks, expansion=expansion, act=act)
+            for _ in range(n - 1)
+        )
         # bottom-up: downsample_convs[i] / pan_blocks[i] fuse level i into level i+1
         self.downsample_convs = nn.ModuleList(
-            ConvNormLayer(hidden_dim, hidden_dim, 3, 2, act=act) for _ in range(n - 1))
+            ConvNormLayer(hidden_dim, c_out=hidden_dim, kernel=3, stride=2, act=act) for _ in range(n - 1))
         self.pan_blocks = nn.ModuleList(
-            CSPRepLayer(2 * hidden_dim, hidden_dim, csp_blocks, expansion, act) for _ in range(n - 1))
+            CSPRepLayer(2 * hidden_dim, c_out=hidden_dim, num_blocks=csp_blocks, expansion=expansion, act=act)
+            for _ in range(n - 1)
+        )
 
     def forward(self, feats: list[Tensor]) -> list[Tensor]:
         if len(feats) != len(self.in_channels):

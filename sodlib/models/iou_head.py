@@ -172,7 +172,7 @@ class IoUAwareHead(nn.Module):
         self.register_buffer("as_px", torch.tensor(float(as_px)))  # 0 until set (engine: training set)
         self.enc_output = nn.Sequential(nn.Linear(hidden_dim, hidden_dim), nn.LayerNorm(hidden_dim))
         self.score_head = nn.Linear(hidden_dim, num_classes)
-        self.bbox_head = MLP(hidden_dim, hidden_dim, 4, 3)
+        self.bbox_head = MLP(hidden_dim, hidden_dim=hidden_dim, out_dim=4, num_layers=3)
         self.pos_proj = nn.Sequential(nn.Linear(hidden_dim, hidden_dim), nn.LayerNorm(hidden_dim))
         self.feat_proj = nn.Sequential(nn.Linear(hidden_dim, hidden_dim), nn.LayerNorm(hidden_dim))
         nn.init.constant_(self.score_head.bias, -math.log((1 - 0.01) / 0.01))

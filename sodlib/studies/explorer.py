@@ -61,7 +61,7 @@ def attention_explorer(models: Mapping[str, tuple], images: Sequence, objects: i
     """``models``: label → (detector, RunConfig) (e.g. :func:`sodlib.inference.predict.load_model` results);
     ``images``: paths or uint8 [3, H, W] tensors. Returns the widget, or with ``interactive=False`` the Figure
     of the first model, image and object, all layers."""
-    figures = AttentionFigures(models, images, objects, slice_size)
+    figures = AttentionFigures(models, images=images, objects=objects, slice_size=slice_size)
     first = next(iter(figures.models))
     if not interactive:
         return figures.figure(first, 0, 0)

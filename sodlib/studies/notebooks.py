@@ -108,7 +108,9 @@ def run_notebook(src: str | os.PathLike, dst: str | os.PathLike, parameters: Map
     except PapermillExecutionError as exc:
         cell = _source_cell_number(tmp, exc.cell_index)
         os.replace(tmp, failed)
-        raise NotebookError(name, _one_line(f"{exc.ename}: {exc.evalue}"), cell, failed) from exc
+        raise NotebookError(
+            name, message=_one_line(f"{exc.ename}: {exc.evalue}"), cell=cell, executed_copy=failed
+        ) from exc
     except PapermillException as exc:
         tmp.unlink(missing_ok=True)
         raise NotebookError(name, _one_line(f"{type(exc).__name__}: {exc}")) from exc
