@@ -1,6 +1,6 @@
 """Real aerial data for the baseline-vs-full comparison: NEON tree crowns cut into patches.
 
-``the shared data's neon_trees`` holds 4 airborne RGB tiles (NEON, 10 cm/px) with Pascal VOC boxes of one
+``neon_trees`` in the shared sample data (:func:`sodlib.data.shared_data_dir`) holds 4 airborne RGB tiles (NEON, 10 cm/px) with Pascal VOC boxes of one
 class (tree crowns; ``SOAP_061.xml`` names them Alive/Dead, folded here into one class "Tree"). Its README
 suggests training on three tiles and testing on the fourth; the tiles (400² to 2299×2472 px) are cut into
 square patches at native resolution (no resizing, so a crown keeps its real pixel size: about 31% of them
@@ -53,10 +53,15 @@ class NeonTreesAbsent(FileNotFoundError):
     """The neon_trees folder (``images/`` + ``annotations/``) does not exist: callers may skip."""
 
 
-def find_neon_trees(path: PathLike | None = "") -> Path | None:
-    """The neon_trees folder (``path``, or ``the shared data's neon_trees`` when empty), or None when absent."""
-    src = Path(path).expanduser() if path else shared_data_dir() / "neon_trees"
+def _find(path: PathLike | None, name: str) -> Path | None:
+    """``path`` (or the shared data's ``name`` folder when empty) if it holds ``images/`` and ``annotations/``."""
+    src = Path(path).expanduser() if path else shared_data_dir() / name
     return src if (src / "images").is_dir() and (src / "annotations").is_dir() else None
+
+
+def find_neon_trees(path: PathLike | None = "") -> Path | None:
+    """The neon_trees folder (``path``, or the shared data's when empty), or None when absent."""
+    return _find(path, "neon_trees")
 
 
 def default_overlap(patch: int) -> int:
@@ -131,7 +136,7 @@ def neon_patches(
 ) -> Path:
     """Cut the neon_trees tiles into a patch dataset (``coco`` layout, splits ``train`` and ``test``).
 
-    ``src_dir``: the neon_trees folder ("" = ``the shared data's neon_trees``); ``out_root``: where the patch
+    ``src_dir``: the neon_trees folder ("" = the shared data's); ``out_root``: where the patch
     folder goes (None = the data cache, ``$SODLIB_DATA`` or ``~/.cache/sodlib``); ``overlap`` None =
     :func:`default_overlap`. Returns ``out_root / patch_dataset_name(...)``.
 
@@ -162,9 +167,8 @@ def neon_patches(
 
 
 def find_visdrone_mini(path: PathLike | None = "") -> Path | None:
-    """The visdrone_mini folder (``path``, or ``the shared data's visdrone_mini`` when empty), or None when absent."""
-    src = Path(path).expanduser() if path else shared_data_dir() / "visdrone_mini"
-    return src if (src / "images").is_dir() and (src / "annotations").is_dir() else None
+    """The visdrone_mini folder (``path``, or the shared data's when empty), or None when absent."""
+    return _find(path, "visdrone_mini")
 
 
 def visdrone_patches(
@@ -174,7 +178,7 @@ def visdrone_patches(
     overlap: int | None = None,
     min_visible: float = 0.5,
 ) -> Path:
-    """Cut every image of a VisDrone2019-DET folder (default ``the shared data's visdrone_mini``) into patches.
+    """Cut every image of a VisDrone2019-DET folder (default: the shared data's visdrone_mini) into patches.
 
     Both splits hold all the images (``train`` and ``test`` are the same patches): the eight images of
     visdrone_mini are too few to hold any out, so a model trained on this folder has *seen* what it is

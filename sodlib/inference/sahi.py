@@ -118,13 +118,13 @@ def compare_sliced(checkpoint: str | Path, images: Sequence[str | Path], gt: dic
                    max_det: int = 500) -> list[dict]:
     """``sodlib predict --slice`` and SAHI's ``get_sliced_prediction`` (NMS on IoU 0.5 per class, no full-image
     pass: sodlib's merge; and SAHI's defaults: greedy NMM on IoS 0.5 plus a full-image pass) on ``images`` with
-    the same checkpoint, slice and overlap. ``gt``: COCO dict or json path whose ``file_name`` s end in the
+    the same checkpoint, slice and overlap (``slice_size`` 0 = the checkpoint's working size). ``gt``: COCO dict or json path whose ``file_name`` s end in the
     images' names. Rows: pipeline, detections, AP, AP50 (``protocol``), seconds, and ``agreement``: the share of
-    ``predict --slice``'s detections that the pipeline also returns (same image and class, IoU >= 0.9)."""
+    ``predict --slice``'s detections that the pipeline also returns (same image and class, IoU >= 0.9), slice_size."""
     from sahi.predict import get_sliced_prediction
 
-
     model, cfg, categories = load_model(checkpoint, with_categories=True)
+    slice_size = slice_size or cfg.data.image_size
     label_to_id = [int(c["id"]) for c in categories]
     if not isinstance(gt, dict):
         gt = json.loads(Path(gt).read_text())
@@ -164,7 +164,7 @@ def compare_sliced(checkpoint: str | Path, images: Sequence[str | Path], gt: dic
         seconds = time.perf_counter() - t0
         metrics = evaluate(gt, dets, protocol=protocol) if dets else {"AP": 0.0, "AP50": 0.0}
         reference = reference if rows else dets
-        rows.append({"pipeline": name, "detections": len(dets), "AP": metrics["AP"], "AP50": metrics["AP50"],
+        rows.append({"pipeline": name, "slice_size": slice_size, "detections": len(dets), "AP": metrics["AP"], "AP50": metrics["AP50"],
                      "seconds": seconds, "agreement": _agreement(reference, dets)})
     return rows
 

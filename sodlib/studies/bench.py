@@ -341,7 +341,6 @@ def bench_sahi(checkpoint: str = "", slice_size: int = 0, overlap: float = 0.2, 
 
     from sodlib.data.formats import visdrone_to_coco
     from sodlib.data.realdata import find_visdrone_mini
-    from sodlib.inference.predict import load_model
     from sodlib.inference.sahi import compare_sliced
 
     root = find_visdrone_mini()
@@ -354,9 +353,9 @@ def bench_sahi(checkpoint: str = "", slice_size: int = 0, overlap: float = 0.2, 
     else:
         name = Path(checkpoint).parent.parent.name
     torch.set_num_threads(threads)
-    slice_size = slice_size or load_model(checkpoint)[1].data.image_size
     rows = compare_sliced(checkpoint, sorted((root / "images").glob("*.jpg")), visdrone_to_coco(root), slice_size,
                           overlap)
+    slice_size = rows[0]["slice_size"]
     out = []
     for r in rows:
         for key, unit in (("detections", "count"), ("agreement", "fraction"), ("seconds", "s"), ("AP", "fraction"),
