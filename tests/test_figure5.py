@@ -120,3 +120,42 @@ def test_top_query_panels_sum_the_top_queries(tiny_models):
     # each query's weights sum to 1 per head: the splat holds at most top × heads of mass
     heads = tiny_models["baseline"][0].decoder.layers[0].cross_attn.num_heads
     assert 0 < panels[0][0]["heat"].sum() <= 4 * heads + 1e-4
+
+
+def test_seed_table_means_over_seeds(tmp_path):
+    from sodlib.studies.ablations import seed_table
+
+    cfgs = figure5.figure5_configs("smoke", seeds=2)
+    entries = [(label, s, c) for label, cs in cfgs.items() for s, c in enumerate(cs)]
+    metrics = [{"AP": ap, "AP50": 2 * ap, "iterations": 8, "train_seconds": 1.0} for ap in (0.1, 0.3, 0.2, 0.6)]
+    runs, table = seed_table(entries, metrics, tmp_path, columns=("AP", "AP50"))
+    assert list(runs["run"]) == [run_dir(c, tmp_path).name for *_, c in entries]
+    assert list(table.columns) == ["model", "seeds", "AP", "AP std", "AP50", "iterations", "runs"]
+    assert table["AP"].tolist() == pytest.approx([0.2, 0.4]) and table["AP50"].tolist() == pytest.approx([0.4, 0.8])
+    assert table["AP std"].tolist() == pytest.approx([math.sqrt(0.02), math.sqrt(0.08)])
+    _, one = seed_table(entries[::2], metrics[::2], tmp_path, columns=("AP",))
+    assert "AP std" not in one.columns and one["seeds"].tolist() == [1, 1]
+
+
+def test_trained_models_load_weights_and_train_only_what_lacks_them(tmp_path, monkeypatch, smoke_detector):
+    from sodlib.checkpoints import save_checkpoint
+    from sodlib.studies.ablations import trained_models
+    from sodlib.training import engine
+
+    model, _ = smoke_detector
+    cfgs = {label: cs[0] for label, cs in figure5.figure5_configs("smoke", seeds=1).items()}
+    calls = []
+
+    def fake_train(cfg, out_dir, data_root=None, progress=True, need_checkpoint=False):
+        calls.append((cfg.loss.spr, need_checkpoint))
+        ckpt = out_dir / "checkpoints" / "last.pt"
+        if not ckpt.exists():
+            save_checkpoint(ckpt, model=model.state_dict(), config=cfg.to_dict())
+
+    monkeypatch.setattr(engine, "train", fake_train)
+    models = trained_models(cfgs, tmp_path)
+    assert list(models) == ["baseline", "ST+SR+SPR"] and calls == [(False, True), (True, True)]
+    loaded, cfg = models["ST+SR+SPR"]
+    assert cfg == cfgs["ST+SR+SPR"] and not loaded.training
+    for name, tensor in model.state_dict().items():
+        assert torch.equal(loaded.state_dict()[name], tensor), name

@@ -39,7 +39,7 @@ from sodlib.studies.stats import paired_difference
 from sodlib.training.engine import train
 from sodlib.training.runs import run_dir
 
-__all__ = ["MODELS", "SHARE_FILE", "figure5_configs", "figure5_profile", "in_box_summary", "load_runs",
+__all__ = ["MODELS", "SHARE_FILE", "figure5_configs", "figure5_profile", "in_box_summary",
            "object_rows", "plot_in_box_share", "run_in_box_share", "top_query_panels"]
 
 MODELS = ("baseline", "ST+SR+SPR")
@@ -82,16 +82,6 @@ def run_in_box_share(cfg: RunConfig, results_dir: str | Path, num_images: int, d
     share = in_box_share(model, val, num_images, device=cfg.train.device)
     atomic_write_json(stored_path, {**key, "share": [[round(float(v), 6) for v in layer] for layer in share]})
     return share
-
-
-def load_runs(configs: Mapping[str, RunConfig], results_dir: str | Path, data_root: str | None = None) -> dict:
-    """label → (detector, RunConfig) of each config's run, trained first when its checkpoint is missing."""
-    models = {}
-    for label, cfg in configs.items():
-        d = run_dir(cfg, results_dir)
-        train(cfg, d, data_root=data_root, progress=False, need_checkpoint=True)
-        models[label] = load_model(d / "checkpoints" / "last.pt", device=cfg.train.device)
-    return models
 
 
 def in_box_summary(shares: Mapping[str, Sequence[Tensor]]) -> pd.DataFrame:
