@@ -16,7 +16,9 @@ matplotlib.use("Agg")
 
 
 def test_profiles_and_paired_configs():
-    assert [figure5.figure5_profile(p) for p in ("smoke", "cpu", "ablation", "paper")] == \
+    from sodlib.studies.ablations import comparison_profile
+
+    assert [comparison_profile(p) for p in ("smoke", "cpu", "ablation", "paper")] == \
         ["smoke", "ablation", "ablation", "paper"]
     configs = figure5.figure5_configs("cpu", seeds=3)
     assert list(configs) == list(figure5.MODELS)

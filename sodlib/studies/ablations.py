@@ -594,6 +594,22 @@ MRQM_ITERS = 1000
 UNBALANCED_IAH = ("loss.weight_iah=1.0",)  # the IAH with the decoder's own weights (sessions <= 8)
 
 
+
+def comparison_profile(profile: str) -> str:
+    """The profile of the trained comparisons beyond the tables (Figure 5, the NEON real-data runs) for a
+    reproduction ``profile``: the ``ablation`` profile for ``cpu`` and ``ablation`` (RT-DETR's query selection,
+    fp32 geometry: the paper's setting at CPU size), else ``profile`` itself (``smoke`` in tests, ``paper`` on a GPU)."""
+    return "ablation" if profile in ("cpu", "ablation") else profile
+
+
+def comparison_config(profile: str, *sets: str, seed: int = 0, device: str = "") -> RunConfig:
+    """:func:`ablation_config` of :func:`comparison_profile`; on the ``ablation`` profile with MRQM's schedule
+    (``MRQM_ITERS``), so the SynthSOD baseline runs are MRQM Table 3's."""
+    prof = comparison_profile(profile)
+    schedule = (f"train.max_iters={MRQM_ITERS}",) if prof == "ablation" else ()
+    return ablation_config(prof, *schedule, *sets, seed=seed, device=device)
+
+
 def mrqm_tables(iters: int | None = MRQM_ITERS, table3_seeds: int = 3, other_seeds: int = 2) -> tuple[Table, ...]:
     """MRQM's Tables 3-5 (``mrqm_table3..5``) with ``train.max_iters=iters`` on every row (None: the profile's),
     plus our rows: the fixed threshold T_b (k = 0), the IAH with the decoder's unbalanced weights, both papers."""

@@ -1,9 +1,9 @@
 """Paper A's Figure 5 from trained runs: where the baseline's and the full method's (ST+SR+SPR) decoder queries
 look on small objects, and how much of their attention falls inside the object (notebook 05).
 
-The runs are the ``ablation`` profile's (RT-DETR's plain top-K query selection, three decoder layers, fp32
-geometry: the paper's setting at CPU size) on the schedule of MRQM's tables (``MRQM_ITERS`` iterations), so the
-baseline runs are the ones MRQM's Table 3 already holds. The full method is paper A's Table 3 row "ST+SR+SPR"
+The runs are :func:`~sodlib.studies.ablations.comparison_config`'s: for ``cpu`` the ``ablation`` profile (RT-DETR's
+plain top-K query selection, three decoder layers, fp32 geometry: the paper's setting at CPU size) on the schedule
+of MRQM's tables (``MRQM_ITERS`` iterations), so the baseline runs are the ones MRQM's Table 3 already holds. The full method is paper A's Table 3 row "ST+SR+SPR"
 with Table 6's tuned α/γ (``ablations.FULL``). ``smoke`` (tests) and ``paper`` (a GPU) use their own profile.
 
 The in-box attention share of a run (per decoder layer and ground-truth object, see
@@ -34,31 +34,25 @@ from sodlib.inference.heatmaps import (
 from sodlib.inference.predict import load_model
 from sodlib.io import atomic_write_json
 from sodlib.models.detector import eval_mode
-from sodlib.studies.ablations import FULL, MRQM_ITERS, ablation_config
+from sodlib.studies.ablations import FULL, comparison_config
 from sodlib.studies.stats import paired_difference
 from sodlib.training.engine import train
 from sodlib.training.runs import run_dir
 
-__all__ = ["MODELS", "SHARE_FILE", "figure5_configs", "figure5_profile", "in_box_summary",
+__all__ = ["MODELS", "SHARE_FILE", "figure5_configs", "in_box_summary",
            "object_rows", "plot_in_box_share", "run_in_box_share", "top_query_panels"]
 
 MODELS = ("baseline", "ST+SR+SPR")
 SHARE_FILE = "attention_in_box.json"
 
 
-def figure5_profile(profile: str) -> str:
-    """The profile whose runs Figure 5 draws: ``ablation`` for ``cpu`` and ``ablation``, else ``profile``."""
-    return "ablation" if profile in ("cpu", "ablation") else profile
-
-
 def figure5_configs(profile: str, seeds: int, device: str = "") -> dict[str, list[RunConfig]]:
-    """``{"baseline": [seed 0, 1, ...], "ST+SR+SPR": [...]}``: paired seeds, the same data order in both rows."""
+    """``{"baseline": [seed 0, 1, ...], "ST+SR+SPR": [...]}`` (:func:`~sodlib.studies.ablations.comparison_config`):
+    paired seeds, the same data order in both rows."""
     if seeds < 1:
         raise ValueError(f"SEEDS must be at least 1, got {seeds}")
-    prof = figure5_profile(profile)
-    schedule = (f"train.max_iters={MRQM_ITERS}",) if prof == "ablation" else ()
-    rows = {"baseline": schedule, "ST+SR+SPR": (*schedule, *FULL)}
-    return {label: [ablation_config(prof, *sets, seed=s, device=device) for s in range(seeds)]
+    rows = {"baseline": (), "ST+SR+SPR": FULL}
+    return {label: [comparison_config(profile, *sets, seed=s, device=device) for s in range(seeds)]
             for label, sets in rows.items()}
 
 
