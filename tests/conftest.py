@@ -24,3 +24,19 @@ def shared_data() -> Path:
     if not SHARED_DATA.is_dir():
         pytest.skip("../shared/data is absent")
     return SHARED_DATA
+
+
+@pytest.fixture
+def smoke_detector():
+    """The smoke profile's detector (seed 0) with its decoder weights nudged off their initialisation, so
+    queries differ and sampling points spread; and the profile. Eval mode."""
+    from sodlib.build import build_detector
+    from sodlib.config import get_profile
+
+    cfg = get_profile("smoke")
+    torch.manual_seed(0)
+    model = build_detector(cfg.model)
+    with torch.no_grad():
+        for p in model.decoder.parameters():
+            p.add_(0.05 * torch.randn_like(p))
+    return model.eval(), cfg

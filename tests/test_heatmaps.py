@@ -111,24 +111,17 @@ def test_density_kernel_widens_with_the_level_stride():
         attention_density(loc, torch.ones(2, 2), [4, 8], (8, 8))
 
 
-def _smoke_checkpoint(path):
-    from sodlib.build import build_detector
+def _smoke_checkpoint(path, smoke_detector):
     from sodlib.checkpoints import save_checkpoint
-    from sodlib.config import get_profile
 
-    cfg = get_profile("smoke")
-    torch.manual_seed(0)
-    model = build_detector(cfg.model)
-    with torch.no_grad():
-        for p in model.decoder.parameters():
-            p.add_(0.05 * torch.randn_like(p))
+    model, cfg = smoke_detector
     return save_checkpoint(path, model=model.state_dict(), config=cfg.to_dict()), model, cfg
 
 
-def test_object_attention_and_its_density(tmp_path):
+def test_object_attention_and_its_density(tmp_path, smoke_detector):
     from sodlib.inference.heatmaps import level_strides, object_attention, object_density
 
-    _, model, cfg = _smoke_checkpoint(tmp_path / "last.pt")
+    _, model, cfg = _smoke_checkpoint(tmp_path / "last.pt", smoke_detector)
     assert level_strides(cfg.model) == (8, 16, 32)
     image = (torch.rand(3, 200, 260) * 255).to(torch.uint8)
     found = object_attention(model, image, cfg.data.image_size, objects=2)
@@ -148,12 +141,12 @@ def test_object_attention_and_its_density(tmp_path):
 
 
 @pytest.mark.slow
-def test_heatmap_command_writes_one_figure_per_image_and_refuses_bad_input(tmp_path):
+def test_heatmap_command_writes_one_figure_per_image_and_refuses_bad_input(tmp_path, smoke_detector):
     from PIL import Image
 
     from sodlib.cli import main
 
-    ckpt, _, _ = _smoke_checkpoint(tmp_path / "last.pt")
+    ckpt, _, _ = _smoke_checkpoint(tmp_path / "last.pt", smoke_detector)
     for folder in ("a", "b"):
         (tmp_path / folder).mkdir()
         Image.fromarray((torch.rand(96, 128, 3) * 255).to(torch.uint8).numpy()).save(tmp_path / folder / "x.png")

@@ -19,7 +19,7 @@ EXPECTED_FIGURES = {
     "02_sample_point_refinement": ["spr_geometry.png"],
     "03_training": ["training_curves_smoke.png", "predictions_smoke.png"],
     "04_ablations": ["ablations_smoke.png", "mechanisms_smoke.png"],
-    "05_heatmaps": ["heatmaps_smoke.png"],
+    "05_heatmaps": ["figure5_in_box_smoke.png", "heatmaps_smoke.png", "heatmaps_explorer_smoke.png"],
     "06_mrqm": ["mrqm_query_heatmap_smoke.png", "mrqm_positives_per_gt_smoke.png"],
     "07_real_data": ["real_data_neon_smoke.png", "real_data_neon_heatmaps_smoke.png"],
 }

@@ -69,3 +69,17 @@ def test_compare_pairs_rows_by_seed_and_corrects_over_the_table():
     assert math.isnan(s.loc["base", "dAP"]) and s.loc["base", "AP"] == pytest.approx(40 / 3)
     text = A.paired_verdict(table, s.reset_index())
     assert "a vs base: dAP +2.67" in text and "same sign" in text and "Resolution:" in text
+
+
+def test_write_summaries_writes_each_table_and_its_runs(tmp_path):
+    table = A.Table("table9", "T9", (A.Row("base", (), {"AP": 30.0}), A.Row("a", (), {"AP": 31.0})), seeds=3)
+    runs = _runs({"base": [0.10, 0.10, 0.20], "a": [0.12, 0.13, 0.23]})
+    out = A.write_summaries([table], {"table9": runs}, "ablation", tmp_path)
+    summary, verdict = out["T9"]
+    assert summary.set_index("row").loc["a", "dAP"] == pytest.approx(2.6667, abs=1e-4)
+    assert verdict.startswith("T9: 1 of 1 comparisons")
+    written = pd.read_csv(tmp_path / "table9.csv")
+    assert list(written["row"]) == ["base", "a"] and written["dAP"].iloc[1] == pytest.approx(2.667, abs=1e-3)
+    assert len(pd.read_csv(tmp_path / "table9_runs.csv")) == 6 and (tmp_path / "table9.md").is_file()
+    A.write_summaries([table], {"table9": runs}, "smoke", tmp_path, device="cuda:1")  # the GPU set beside it
+    assert (tmp_path / "table9_smoke_cuda.csv").is_file()

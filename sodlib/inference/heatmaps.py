@@ -302,7 +302,9 @@ def plot_object_attention(image_hwc, rows: Sequence[Mapping], layers: Sequence[i
     ``pred_xyxy`` [4] (the final prediction: solid red), ``label`` (text). The density is alpha-blended over the
     image at full resolution (bilinear display of a smooth map, no pixel is dropped); each panel shows the
     window of ``context`` prediction sizes around the object (at least ``min_window_px``); one colour bar per
-    row, shared by its layers, in 10⁻³ of the query's attention per pixel. Returns the Figure.
+    row, shared by its layers, in 10⁻³ of the query's attention per pixel. Optional per row: ``image_hwc`` (the
+    row's own image, e.g. a grid of several images' objects), ``gt_xyxy`` [4] (a ground-truth box: solid cyan),
+    ``notes`` (one line per layer added to its panel title). Returns the Figure.
     """
     import matplotlib.pyplot as plt
     import numpy as np
@@ -319,14 +321,15 @@ def plot_object_attention(image_hwc, rows: Sequence[Mapping], layers: Sequence[i
     n_rows, n_cols = len(rows), len(layers)
     fig, axes = plt.subplots(n_rows, n_cols, figsize=(2.9 * n_cols + 0.8, 2.9 * n_rows + (0.5 if title else 0.2)),
                              squeeze=False, layout="constrained")
-    h, w = image_hwc.shape[:2]
     for ax_row, row in zip(axes, rows):
+        image = row.get("image_hwc", image_hwc)
+        h, w = image.shape[:2]
         vmax = max(float(np.max(d)) for d in row["densities"]) * 1e3 or 1e-9
         x0, y0, x1, y1 = (float(v) for v in row["pred_xyxy"])
         half = max(context * max(x1 - x0, y1 - y0), min_window_px) / 2
         cx, cy = (x0 + x1) / 2, (y0 + y1) / 2
         for ax, layer, density in zip(ax_row, layers, row["densities"]):
-            ax.imshow(image_hwc, extent=(0, w, h, 0), interpolation="bilinear")
+            ax.imshow(image, extent=(0, w, h, 0), interpolation="bilinear")
             # colour by density, and opacity too: where the query does not look, the image stays as it is
             level = np.clip(np.asarray(density, dtype=float) * 1e3 / vmax, 0, 1)
             rgba = cmap(level)
@@ -334,15 +337,20 @@ def plot_object_attention(image_hwc, rows: Sequence[Mapping], layers: Sequence[i
             ax.imshow(rgba, extent=(0, w, h, 0), interpolation="bilinear")
             ax.add_patch(outline(row["ref_xyxy"][layer], ec="white", lw=1.0, ls="--"))
             ax.add_patch(outline(row["pred_xyxy"], ec="red", lw=1.2))
+            if row.get("gt_xyxy") is not None:
+                ax.add_patch(outline(row["gt_xyxy"], ec="cyan", lw=1.0))
             ax.set(xlim=(cx - half, cx + half), ylim=(cy + half, cy - half), xticks=[], yticks=[])
-            ax.set_title(f"layer {layer + 1}", fontsize=8)
+            note = row["notes"][layers.index(layer)] if row.get("notes") else ""
+            ax.set_title(f"layer {layer + 1}" + (f" · {note}" if note else ""), fontsize=8)
         ax_row[0].set_ylabel(row["label"], fontsize=8)
         bar = fig.colorbar(ScalarMappable(Normalize(0, vmax), cmap), ax=list(ax_row), shrink=0.9, pad=0.01)
         bar.set_label("attention per px (10⁻³)", fontsize=7)
         bar.ax.tick_params(labelsize=6)
     handles = [Line2D([], [], color="white", ls="--", label="reference box (sampled around)"),
                Line2D([], [], color="red", label="predicted box")]
-    fig.legend(handles=handles, loc="outside lower center", ncol=2, fontsize=7, facecolor="0.35",
+    if any(row.get("gt_xyxy") is not None for row in rows):
+        handles.append(Line2D([], [], color="cyan", label="ground truth"))
+    fig.legend(handles=handles, loc="outside lower center", ncol=len(handles), fontsize=7, facecolor="0.35",
                labelcolor="white")
     if title:
         fig.suptitle(title, fontsize=9)

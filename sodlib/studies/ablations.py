@@ -38,6 +38,7 @@ import numpy as np
 import pandas as pd
 
 from sodlib.config import RunConfig, get_profile, override
+from sodlib.io import write_table
 from sodlib.training.runs import finished, load_finished_run, run_dir
 
 METRICS = ("AP", "AP50", "APS", "APM", "APL")
@@ -534,6 +535,53 @@ def paired_verdict(table: Table, summary: pd.DataFrame, alpha: float = 0.05) -> 
     return head + "; ".join(parts) + ". " + resolution_line(summary)
 
 
+
+def write_summaries(tables: Sequence[Table], runs: dict[str, pd.DataFrame], profile: str, tables_dir: str | os.PathLike,
+                    device: str = "") -> dict[str, tuple[pd.DataFrame, str]]:
+    """Each table's paired summary (:func:`compare`) and plain-words verdict (:func:`paired_verdict`), keyed by
+    title; written as ``tables_dir/<stem>.{csv,md}`` (columns that are empty everywhere left out) beside its
+    runs as ``<stem>_runs`` (``stem`` from :func:`table_stem`)."""
+    out = {}
+    for table in tables:
+        summary = compare(table, runs[table.name])
+        stem = table_stem(table.name, profile, device)
+        write_table(summary.dropna(axis=1, how="all"), Path(tables_dir) / stem, float_format="%.3f")
+        write_table(runs[table.name], Path(tables_dir) / f"{stem}_runs")
+        out[table.title] = summary, paired_verdict(table, summary)
+    return out
+
+
+
+def seed_table(entries: Sequence[tuple[str, int, RunConfig]], metrics: Sequence[dict], results_dir: str | os.PathLike,
+               columns: Sequence[str] = METRICS) -> tuple[pd.DataFrame, pd.DataFrame]:
+    """``entries`` (label, seed, config) and their final ``metrics`` as two frames: one row per run (``model``,
+    ``seed``, ``columns``, ``iterations``, ``train_seconds``, ``run`` folder name) and one per model (``seeds``,
+    the mean of each column, ``AP std`` over seeds when there are two or more, ``iterations``, ``runs``)."""
+    runs = pd.DataFrame([{"model": label, "seed": seed, **{k: m[k] for k in columns}, "iterations": m["iterations"],
+                          "train_seconds": m["train_seconds"], "run": run_dir(cfg, results_dir).name}
+                         for (label, seed, cfg), m in zip(entries, metrics, strict=True)])
+    by_model = runs.groupby("model", sort=False)
+    table = by_model.agg(seeds=("seed", "count"), **{k: (k, "mean") for k in columns},
+                         iterations=("iterations", "first"), runs=("run", ", ".join))
+    if table["seeds"].max() > 1:
+        table.insert(2, "AP std", by_model["AP"].std())
+    return runs, table.reset_index()
+
+
+def trained_models(configs: dict[str, RunConfig], results_dir: str | os.PathLike, data_root: str | None = None) -> dict:
+    """label → (detector, RunConfig) from each config's run folder; a run cached without its weights (a fresh
+    clone keeps only the metrics) is trained again first."""
+    from sodlib.inference.predict import load_model
+    from sodlib.training.engine import train
+
+    models = {}
+    for label, cfg in configs.items():
+        d = run_dir(cfg, results_dir)
+        train(cfg, d, data_root=data_root, progress=False, need_checkpoint=True)
+        models[label] = load_model(d / "checkpoints" / "last.pt", device=cfg.train.device)
+    return models
+
+
 # ---------------------------------------------------------------- MRQM (paper B) tables
 
 SAE = ("model.encoder=bifpn_sae", "model.num_levels=4")
@@ -544,6 +592,22 @@ IAH = ("model.iah=true",)
 # the tables use the ladder's first rung, whose baseline runs are already in the cache.
 MRQM_ITERS = 1000
 UNBALANCED_IAH = ("loss.weight_iah=1.0",)  # the IAH with the decoder's own weights (sessions <= 8)
+
+
+
+def comparison_profile(profile: str) -> str:
+    """The profile of the trained comparisons beyond the tables (Figure 5, the NEON real-data runs) for a
+    reproduction ``profile``: the ``ablation`` profile for ``cpu`` and ``ablation`` (RT-DETR's query selection,
+    fp32 geometry: the paper's setting at CPU size), else ``profile`` itself (``smoke`` in tests, ``paper`` on a GPU)."""
+    return "ablation" if profile in ("cpu", "ablation") else profile
+
+
+def comparison_config(profile: str, *sets: str, seed: int = 0, device: str = "") -> RunConfig:
+    """:func:`ablation_config` of :func:`comparison_profile`; on the ``ablation`` profile with MRQM's schedule
+    (``MRQM_ITERS``), so the SynthSOD baseline runs are MRQM Table 3's."""
+    prof = comparison_profile(profile)
+    schedule = (f"train.max_iters={MRQM_ITERS}",) if prof == "ablation" else ()
+    return ablation_config(prof, *schedule, *sets, seed=seed, device=device)
 
 
 def mrqm_tables(iters: int | None = MRQM_ITERS, table3_seeds: int = 3, other_seeds: int = 2) -> tuple[Table, ...]:

@@ -1,0 +1,163 @@
+"""Figure 5 from trained runs (sodlib.studies.figure5): the runs it draws, the in-box summary over seeds, the
+stored per-run shares, and the panels it builds."""
+import json
+import math
+
+import matplotlib
+import numpy as np
+import pytest
+import torch
+
+from sodlib.studies import figure5
+from sodlib.studies.ablations import MRQM_ABLATION_TABLES
+from sodlib.training.runs import run_dir
+
+matplotlib.use("Agg")
+
+
+def test_profiles_and_paired_configs():
+    from sodlib.studies.ablations import comparison_profile
+
+    assert [comparison_profile(p) for p in ("smoke", "cpu", "ablation", "paper")] == \
+        ["smoke", "ablation", "ablation", "paper"]
+    configs = figure5.figure5_configs("cpu", seeds=3)
+    assert list(configs) == list(figure5.MODELS)
+    # the baseline runs are MRQM Table 3's (same hash: read from the same cache)
+    table3 = MRQM_ABLATION_TABLES[0]
+    mrqm_baseline = [run_dir(c, "r") for row, _, c in table3.configs("ablation") if row.label == "baseline"]
+    assert [run_dir(c, "r") for c in configs["baseline"]] == mrqm_baseline
+    for base, full in zip(*configs.values()):
+        assert full.train.seed == base.train.seed and full.train.max_iters == base.train.max_iters == 1000
+        assert (full.loss.st, full.loss.sr, full.loss.spr) == (True, True, True)
+        assert (base.loss.st, base.loss.sr, base.loss.spr) == (False, False, False)
+    assert figure5.figure5_configs("smoke", seeds=1)["baseline"][0].train.max_iters != 1000
+    with pytest.raises(ValueError, match="SEEDS"):
+        figure5.figure5_configs("cpu", seeds=0)
+
+
+def test_in_box_summary_by_hand():
+    # two seeds, two layers; each seed's share is the mean over its objects
+    base = [torch.tensor([[0.2, 0.4], [0.5, 0.7]]), torch.tensor([[0.1, 0.1], [0.4, 0.6]])]  # means .3 .6 / .1 .5
+    full = [torch.tensor([[0.4, 0.4], [0.8, 0.8]]), torch.tensor([[0.2, 0.4], [0.6, 0.6]])]  # means .4 .8 / .3 .6
+    s = figure5.in_box_summary({"baseline": base, "ST+SR+SPR": full})
+    assert list(s["model"]) == ["baseline", "baseline", "ST+SR+SPR", "ST+SR+SPR"]
+    assert s["mean"].tolist() == pytest.approx([0.2, 0.55, 0.35, 0.7])
+    assert s["std"].tolist() == pytest.approx([math.sqrt(0.02), math.sqrt(0.005), math.sqrt(0.005), math.sqrt(0.02)])
+    assert s["objects"].tolist() == [2] * 4 and s["seeds"].tolist() == [2] * 4
+    full_rows = s[s["model"] == "ST+SR+SPR"]
+    # layer 1: differences .1, .2 → mean .15, sd .0707, t(1) 12.706 · .0707/√2 = .6353
+    assert full_rows["d_vs_baseline"].tolist() == pytest.approx([0.15, 0.15])
+    assert full_rows["ci95_low"].iloc[0] == pytest.approx(0.15 - 12.7062 * math.sqrt(0.005) / math.sqrt(2), abs=1e-4)
+    assert s[s["model"] == "baseline"]["d_vs_baseline"].isna().all()
+    one = figure5.in_box_summary({"baseline": base[:1], "ST+SR+SPR": full[:1]})
+    assert one["std"].isna().all() and one["ci95_low"].isna().iloc[-1]
+
+
+def test_stored_share_is_read_and_a_foreign_one_measured_again(tmp_path, monkeypatch):
+    cfg = figure5.figure5_configs("smoke", seeds=1)["baseline"][0]
+    d = run_dir(cfg, tmp_path)
+    d.mkdir(parents=True)
+    stored = {"split": cfg.data.val_split, "images": 4, "data": "", "share": [[0.25, 0.5], [0.75, 1.0]]}
+    (d / figure5.SHARE_FILE).write_text(json.dumps(stored))
+
+    def no_training(*args, **kwargs):
+        raise AssertionError("trained")
+
+    monkeypatch.setattr(figure5, "train", no_training)
+    share = figure5.run_in_box_share(cfg, tmp_path, 4)
+    assert share.tolist() == [[0.25, 0.5], [0.75, 1.0]]
+    with pytest.raises(AssertionError, match="trained"):  # other images: measured again, from the weights
+        figure5.run_in_box_share(cfg, tmp_path, 8)
+    (d / figure5.SHARE_FILE).write_text("{not json")
+    with pytest.raises(ValueError, match="attention_in_box.json"):
+        figure5.run_in_box_share(cfg, tmp_path, 4)
+
+
+@pytest.fixture
+def tiny_models(smoke_detector):
+    model, cfg = smoke_detector
+    return {"baseline": (model, cfg), "ST+SR+SPR": (model, cfg)}
+
+
+def test_object_rows_follow_one_gt_in_every_layer(tiny_models):
+    from sodlib.inference.heatmaps import plot_object_attention
+
+    torch.manual_seed(1)
+    image = torch.rand(3, 320, 320)
+    gt = torch.tensor([0.5, 0.25, 0.05, 0.04])
+    rows = figure5.object_rows(tiny_models, image, gt, tag="val image 0")
+    depth = tiny_models["baseline"][1].model.num_decoder_layers
+    assert len(rows) == 2 and rows[0]["label"].startswith("baseline · val image 0")
+    assert np.allclose(rows[0]["gt_xyxy"], [152, 73.6, 168, 86.4], atol=1e-3)
+    assert len(rows[0]["densities"]) == depth and rows[0]["densities"][0].shape == (320, 320)
+    assert len(rows[0]["notes"]) == depth and all(n.endswith("% in GT box") for n in rows[0]["notes"])
+    assert rows[0]["image_hwc"].shape == (320, 320, 3)
+    fig = plot_object_attention(None, rows, list(range(depth)), title="t")
+    titles = [ax.get_title() for ax in fig.axes if ax.get_title()]
+    assert titles[0] == f"layer 1 · {rows[0]['notes'][0]}"
+    cyan = [p for ax in fig.axes for p in ax.patches if p.get_edgecolor()[:3] == (0.0, 1.0, 1.0)]
+    assert len(cyan) == 2 * depth  # the GT box in every panel
+
+
+def test_top_query_panels_sum_the_top_queries(tiny_models):
+    class Images:
+        def __init__(self):
+            torch.manual_seed(2)
+            self.items = [(torch.rand(3, 320, 320), {"boxes": torch.tensor([[0.5, 0.5, 0.1, 0.2]])})]
+
+        def __len__(self):
+            return len(self.items)
+
+        def __getitem__(self, i):
+            return self.items[i]
+
+        def image_path(self, i):
+            return f"/data/img_{i}.jpg"
+
+    panels = figure5.top_query_panels(tiny_models, Images(), num_images=3, top_queries=4)
+    depth = tiny_models["baseline"][1].model.num_decoder_layers
+    assert len(panels) == 2 and len(panels[0]) == depth
+    assert panels[0][0]["title"] == "baseline, img_0, layer 1"
+    assert np.allclose(panels[0][0]["boxes_xyxy"], [[144, 128, 176, 192]])
+    # each query's weights sum to 1 per head: the splat holds at most top × heads of mass
+    heads = tiny_models["baseline"][0].decoder.layers[0].cross_attn.num_heads
+    assert 0 < panels[0][0]["heat"].sum() <= 4 * heads + 1e-4
+
+
+def test_seed_table_means_over_seeds(tmp_path):
+    from sodlib.studies.ablations import seed_table
+
+    cfgs = figure5.figure5_configs("smoke", seeds=2)
+    entries = [(label, s, c) for label, cs in cfgs.items() for s, c in enumerate(cs)]
+    metrics = [{"AP": ap, "AP50": 2 * ap, "iterations": 8, "train_seconds": 1.0} for ap in (0.1, 0.3, 0.2, 0.6)]
+    runs, table = seed_table(entries, metrics, tmp_path, columns=("AP", "AP50"))
+    assert list(runs["run"]) == [run_dir(c, tmp_path).name for *_, c in entries]
+    assert list(table.columns) == ["model", "seeds", "AP", "AP std", "AP50", "iterations", "runs"]
+    assert table["AP"].tolist() == pytest.approx([0.2, 0.4]) and table["AP50"].tolist() == pytest.approx([0.4, 0.8])
+    assert table["AP std"].tolist() == pytest.approx([math.sqrt(0.02), math.sqrt(0.08)])
+    _, one = seed_table(entries[::2], metrics[::2], tmp_path, columns=("AP",))
+    assert "AP std" not in one.columns and one["seeds"].tolist() == [1, 1]
+
+
+def test_trained_models_load_weights_and_train_only_what_lacks_them(tmp_path, monkeypatch, smoke_detector):
+    from sodlib.checkpoints import save_checkpoint
+    from sodlib.studies.ablations import trained_models
+    from sodlib.training import engine
+
+    model, _ = smoke_detector
+    cfgs = {label: cs[0] for label, cs in figure5.figure5_configs("smoke", seeds=1).items()}
+    calls = []
+
+    def fake_train(cfg, out_dir, data_root=None, progress=True, need_checkpoint=False):
+        calls.append((cfg.loss.spr, need_checkpoint))
+        ckpt = out_dir / "checkpoints" / "last.pt"
+        if not ckpt.exists():
+            save_checkpoint(ckpt, model=model.state_dict(), config=cfg.to_dict())
+
+    monkeypatch.setattr(engine, "train", fake_train)
+    models = trained_models(cfgs, tmp_path)
+    assert list(models) == ["baseline", "ST+SR+SPR"] and calls == [(False, True), (True, True)]
+    loaded, cfg = models["ST+SR+SPR"]
+    assert cfg == cfgs["ST+SR+SPR"] and not loaded.training
+    for name, tensor in model.state_dict().items():
+        assert torch.equal(loaded.state_dict()[name], tensor), name
