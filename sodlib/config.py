@@ -272,6 +272,17 @@ class RunConfig:
     def from_dict(cls, d: dict) -> RunConfig:
         return _from_dict(cls, d, prefix="")
 
+    def canonical(self) -> RunConfig:
+        """This config with the options that cannot act reset to their defaults: SR's generator mode and
+        weight (``loss.sr_grad``, ``loss.weight_sr_gen``) while ``loss.sr`` is off. A run's identity (its hash,
+        its cached folder) is that of its canonical config, so a change of an inert option's default does not
+        orphan the runs it never touched."""
+        if self.loss.sr:
+            return self
+        default = LossConfig()
+        return dataclasses.replace(self, loss=dataclasses.replace(self.loss, sr_grad=default.sr_grad,
+                                                                  weight_sr_gen=default.weight_sr_gen))
+
 
 # ---------------------------------------------------------------- profiles
 

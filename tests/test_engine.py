@@ -101,6 +101,10 @@ def test_finished_run_is_not_trained_again(tmp_path, monkeypatch):
     assert first["iterations"] == 2
     with pytest.raises(ValueError, match="different config"):
         train(override(cfg, "train.lr=0.5"), tmp_path, progress=False)
+    # an option that cannot act (SR's generator mode with SR off) is the same run
+    assert train(override(cfg, "loss.sr_grad=end_to_end"), tmp_path, progress=False)["iterations"] == 2
+    with pytest.raises(ValueError, match="different config"):
+        train(override(cfg, "loss.sr=true", "loss.sr_grad=end_to_end"), tmp_path, progress=False)
     monkeypatch.undo()
     train(cfg, tmp_path, progress=False, need_checkpoint=True)  # weights wanted: retrains
     assert (tmp_path / "checkpoints" / "last.pt").exists()

@@ -69,3 +69,64 @@ def test_rehash_runs_moves_folders_whose_hash_changed(tmp_path):
     assert runs.rehash_runs(tmp_path) == {"000000000000": runs.config_hash(cfg)}
     assert runs.load_finished_run(cfg, tmp_path) == {"AP": 0.1}
     assert runs.rehash_runs(tmp_path) == {}
+
+
+def test_options_that_cannot_act_do_not_change_a_runs_identity():
+    base = get_profile("smoke")
+    inert = override(base, "loss.sr_grad=end_to_end", "loss.weight_sr_gen=2.0")  # SR is off
+    assert inert.canonical() == base and runs.config_hash(inert) == runs.config_hash(base)
+    sr = override(base, "loss.sr=true")
+    active = override(sr, "loss.sr_grad=end_to_end")
+    assert active.canonical() == active and runs.config_hash(active) != runs.config_hash(sr)
+
+
+def _stored_run(root, name, cfg, ap):
+    runs.write_run(root / "runs" / name, cfg, {"AP": ap})
+
+
+def test_rehash_moves_a_chain_in_an_order_that_frees_each_target(tmp_path):
+    """A default flips from end_to_end to difficulty: the old default's run sits in the name the new default now
+    takes, and the run that asked for difficulty explicitly sits under an old name."""
+    sr = override(get_profile("smoke"), "loss.sr=true")  # difficulty, today's default
+    old_default = override(sr, "loss.sr_grad=end_to_end")
+    _stored_run(tmp_path, runs.config_hash(sr), old_default, 0.1)
+    _stored_run(tmp_path, "0123456789ab", sr, 0.2)
+    moved = runs.rehash_runs(tmp_path)
+    assert moved == {runs.config_hash(sr): runs.config_hash(old_default), "0123456789ab": runs.config_hash(sr)}
+    assert list(moved) == [runs.config_hash(sr), "0123456789ab"]  # the target was vacated first
+    assert runs.load_finished_run(sr, tmp_path) == {"AP": 0.2}
+    assert runs.load_finished_run(old_default, tmp_path) == {"AP": 0.1}
+    assert runs.rehash_runs(tmp_path) == {}
+
+
+def test_rehash_refuses_a_held_target_before_moving_anything(tmp_path):
+    cfg = get_profile("smoke")
+    runs.save_run(cfg, {"AP": 0.3}, tmp_path)  # holds cfg's name and stays
+    _stored_run(tmp_path, "0123456789ab", cfg, 0.4)  # wants the same name
+    with pytest.raises(FileExistsError, match="0123456789ab"):
+        runs.rehash_runs(tmp_path)
+    assert (tmp_path / "runs" / "0123456789ab").is_dir() and runs.load_finished_run(cfg, tmp_path) == {"AP": 0.3}
+
+
+def test_every_committed_run_sits_under_its_configs_name():
+    """A default that changes under committed runs orphans them (the old default's runs answer for the new
+    one): `python -m sodlib.training.runs --rehash` moves them, and this test fails until it has."""
+    from sodlib.config import RunConfig
+    from sodlib.io import SOURCE_ROOT
+
+    misplaced = {}
+    for cfg_path in sorted((SOURCE_ROOT / "results" / "runs").glob("*/config.json")):
+        name = runs.config_hash(RunConfig.from_dict(json.loads(cfg_path.read_text())))
+        if name != cfg_path.parent.name:
+            misplaced[cfg_path.parent.name] = name
+    assert not misplaced, f"run folders named after another config (folder: config's name): {misplaced}"
+
+
+def test_rehash_command_reports_moves_and_refusals(tmp_path, capsys):
+    cfg = get_profile("smoke")
+    _stored_run(tmp_path, "0123456789ab", cfg, 0.4)
+    assert runs.main(["--rehash", "--results", str(tmp_path)]) == 0
+    assert f"0123456789ab -> {runs.config_hash(cfg)}" in capsys.readouterr().out
+    _stored_run(tmp_path, "ba9876543210", cfg, 0.5)  # the name it wants is taken
+    assert runs.main(["--rehash", "--results", str(tmp_path)]) == 1
+    assert "ba9876543210" in capsys.readouterr().out

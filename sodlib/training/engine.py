@@ -147,7 +147,7 @@ def train(cfg: RunConfig, out_dir: str | os.PathLike, data_root: str | None = No
     stored_metrics = read_metrics(out_dir) if resume else None  # a corrupt metrics.json is moved aside
     if stored_metrics is not None:
         stored = json.loads((out_dir / "config.json").read_text()) if (out_dir / "config.json").exists() else None
-        if stored is not None and RunConfig.from_dict(stored) != cfg:
+        if stored is not None and RunConfig.from_dict(stored).canonical() != cfg.canonical():
             raise ValueError(f"{out_dir} holds a run of a different config; choose another folder")
         if not need_checkpoint or (out_dir / "checkpoints" / "last.pt").exists():
             log.info("%s already finished; returning its stored metrics", out_dir)

@@ -41,6 +41,8 @@ def config_hash(config: dict | Any, length: int = 12) -> str:
     existing runs, and their cached results, valid. Changing a default changes what a run means:
     do that deliberately and rerun.
     """
+    if hasattr(config, "canonical"):  # a RunConfig: options that cannot act do not count (RunConfig.canonical)
+        config = config.canonical()
     d = _non_default(config) if dataclasses.is_dataclass(config) else (
         config.to_dict() if hasattr(config, "to_dict") else config)
     blob = json.dumps(d, sort_keys=True, default=json_default).encode()
@@ -116,23 +118,38 @@ def run_dir(config, results_dir: str | os.PathLike | None = None) -> Path:
 
 def rehash_runs(results_dir=None, config_cls=None) -> dict[str, str]:
     """Move every ``runs/<hash>/`` whose stored config now hashes differently (after a default
-    changed) to its new name. Returns {old: new}. Refuses to overwrite an existing folder."""
+    changed) to its new name. Returns {old: new}.
+
+    A default change can shift names along a chain (the runs that had the old default move to a new name,
+    the runs that asked for the new value explicitly move into the name they leave), so folders move in an
+    order in which each target is free first; a target held by a folder that does not move, or a cycle,
+    raises FileExistsError before anything moves."""
     if config_cls is None:
         config_cls = RunConfig
     root = Path(results_dir) if results_dir else default_results_dir()
-    moved = {}
+    wanted = {}
     for d in sorted((root / "runs").glob("*/")):
         cfg_path = d / "config.json"
         if not cfg_path.exists():
             continue
         new = config_hash(config_cls.from_dict(json.loads(cfg_path.read_text())))
         if new != d.name:
-            target = d.parent / new
-            if target.exists():
-                raise FileExistsError(f"cannot move {d} to {target}: it exists")
-            os.replace(d, target)
-            moved[d.name] = new
-    return moved
+            wanted[d.name] = new
+    if len(set(wanted.values())) < len(wanted):
+        raise FileExistsError(f"two runs in {root / 'runs'} would take the same name: {sorted(wanted.items())}")
+    order, pending = [], dict(wanted)
+    while pending:
+        free = [old for old, new in pending.items()
+                if new not in pending and (new in order or not (root / "runs" / new).exists())]
+        if not free:
+            blocked = {old: new for old, new in pending.items()}
+            raise FileExistsError(f"cannot rename runs in {root / 'runs'}: targets held or cyclic: {blocked}")
+        for old in sorted(free):
+            order.append(old)
+            del pending[old]
+    for old in order:  # every target is free when its turn comes
+        os.replace(root / "runs" / old, root / "runs" / wanted[old])
+    return {old: wanted[old] for old in order}
 
 
 def read_metrics(d: str | os.PathLike) -> dict | None:
@@ -186,3 +203,28 @@ def write_run(d: str | os.PathLike, config, metrics: dict, seed: int | None = No
     return d
 
 
+
+
+def main(argv=None) -> int:
+    """``python -m sodlib.training.runs --rehash [--results DIR]``: :func:`rehash_runs`, printing each move."""
+    import argparse
+
+    parser = argparse.ArgumentParser(prog="python -m sodlib.training.runs",
+                                     description="Move every run folder whose stored config now hashes to another "
+                                                 "name (after a default changed) to that name.")
+    parser.add_argument("--rehash", action="store_true", required=True, help="move the folders")
+    parser.add_argument("--results", default=None, help="results folder (default: $SODLIB_RESULTS or results/)")
+    args = parser.parse_args(argv)
+    try:
+        moved = rehash_runs(args.results)
+    except FileExistsError as err:
+        print(f"error: {err}")
+        return 1
+    for old, new in moved.items():
+        print(f"{old} -> {new}")
+    print(f"{len(moved)} run folder(s) moved")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
