@@ -130,3 +130,23 @@ def test_rehash_command_reports_moves_and_refusals(tmp_path, capsys):
     _stored_run(tmp_path, "ba9876543210", cfg, 0.5)  # the name it wants is taken
     assert runs.main(["--rehash", "--results", str(tmp_path)]) == 1
     assert "ba9876543210" in capsys.readouterr().out
+
+
+def test_git_sha_is_dirty_for_code_changes_not_for_results(tmp_path):
+    import subprocess
+
+    def git(*args):
+        subprocess.run(["git", *args], cwd=tmp_path, check=True, capture_output=True)
+
+    git("init", "-q")
+    (tmp_path / "results").mkdir()
+    (tmp_path / "code.py").write_text("x = 1\n")
+    (tmp_path / "results" / "log.csv").write_text("1\n")
+    git("add", ".")
+    git("-c", "user.name=t", "-c", "user.email=t@t", "commit", "-qm", "c")
+    clean = runs.git_sha(tmp_path)
+    assert len(clean) == 40
+    (tmp_path / "results" / "log.csv").write_text("2\n")  # another run writing its log
+    assert runs.git_sha(tmp_path) == clean
+    (tmp_path / "code.py").write_text("x = 2\n")
+    assert runs.git_sha(tmp_path) == clean + "-dirty"

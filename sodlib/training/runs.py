@@ -56,14 +56,15 @@ _PACKAGES = ("torch", "torchvision", "numpy", "scipy", "pandas", "pycocotools", 
 
 
 def git_sha(repo: str | os.PathLike | None = None) -> str:
-    """The current commit (with ``-dirty`` when the tree has changes), or ``unknown`` outside git."""
+    """The current commit (with ``-dirty`` when tracked files outside ``results/`` have changes: results being
+    written, e.g. another run's log, do not change what the code computes), or ``unknown`` outside git."""
     import subprocess
 
     cwd = Path(repo) if repo else SOURCE_ROOT
     try:
         sha = subprocess.run(["git", "rev-parse", "HEAD"], cwd=cwd, capture_output=True, text=True,
                              check=True, timeout=10).stdout.strip()
-        dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], cwd=cwd,
+        dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no", "--", ".", ":!results"], cwd=cwd,
                                capture_output=True, text=True, check=True, timeout=10).stdout.strip()
     except (OSError, subprocess.SubprocessError):
         return "unknown"
