@@ -2,6 +2,7 @@
 stored per-run shares, and the panels it builds."""
 import json
 import math
+from pathlib import Path
 
 import matplotlib
 import numpy as np
@@ -141,22 +142,24 @@ def test_seed_table_means_over_seeds(tmp_path):
 
 def test_trained_models_load_weights_and_train_only_what_lacks_them(tmp_path, monkeypatch, smoke_detector):
     from sodlib.checkpoints import save_checkpoint
-    from sodlib.studies.ablations import trained_models
+    from sodlib.studies import ablations
     from sodlib.training import engine
 
     model, _ = smoke_detector
     cfgs = {label: cs[0] for label, cs in figure5.figure5_configs("smoke", seeds=1).items()}
+    have = run_dir(cfgs["baseline"], tmp_path) / "checkpoints" / "last.pt"
+    save_checkpoint(have, model=model.state_dict(), config=cfgs["baseline"].to_dict())
     calls = []
 
-    def fake_train(cfg, out_dir, data_root=None, progress=True, need_checkpoint=False):
+    def fake_train(cfg, out_dir, data_root=None, progress=True, protocol="coco", need_checkpoint=False):
         calls.append((cfg.loss.spr, need_checkpoint))
-        ckpt = out_dir / "checkpoints" / "last.pt"
-        if not ckpt.exists():
-            save_checkpoint(ckpt, model=model.state_dict(), config=cfg.to_dict())
+        save_checkpoint(Path(out_dir) / "checkpoints" / "last.pt", model=model.state_dict(), config=cfg.to_dict())
+        return {"AP": 0.0}
 
     monkeypatch.setattr(engine, "train", fake_train)
-    models = trained_models(cfgs, tmp_path)
-    assert list(models) == ["baseline", "ST+SR+SPR"] and calls == [(False, True), (True, True)]
+    monkeypatch.setattr(ablations, "_prepare_data", lambda cfgs, root: None)
+    models = ablations.trained_models(cfgs, tmp_path, workers=1)
+    assert list(models) == ["baseline", "ST+SR+SPR"] and calls == [(True, True)]  # only the run without weights
     loaded, cfg = models["ST+SR+SPR"]
     assert cfg == cfgs["ST+SR+SPR"] and not loaded.training
     for name, tensor in model.state_dict().items():

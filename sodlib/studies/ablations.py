@@ -200,11 +200,13 @@ def _estimated_cost(cfg: RunConfig) -> float:
     return (5.0 if cfg.model.encoder == "bifpn_sae" else 1.0) * (cfg.train.max_iters or 1)
 
 
-def _train_worker(cfg_dict: dict, out_dir: str, data_root: str | None, protocol: str) -> tuple[dict, float]:
+def _train_worker(cfg_dict: dict, out_dir: str, data_root: str | None, protocol: str,
+                  need_checkpoint: bool = False) -> tuple[dict, float]:
     from sodlib.training.engine import train
 
     t0 = time.perf_counter()
-    metrics = train(RunConfig.from_dict(cfg_dict), out_dir, data_root=data_root, progress=False, protocol=protocol)
+    metrics = train(RunConfig.from_dict(cfg_dict), out_dir, data_root=data_root, progress=False, protocol=protocol,
+                    need_checkpoint=need_checkpoint)
     return metrics, time.perf_counter() - t0
 
 
@@ -568,19 +570,25 @@ def seed_table(entries: Sequence[tuple[str, int, RunConfig]], metrics: Sequence[
     return runs, table.reset_index()
 
 
-def trained_models(configs: dict[str, RunConfig], results_dir: str | os.PathLike, data_root: str | None = None) -> dict:
-    """label → (detector, RunConfig) from each config's run folder; a run cached without its weights (a fresh
-    clone keeps only the metrics) is trained again first."""
+def trained_models(configs: dict[str, RunConfig], results_dir: str | os.PathLike, data_root: str | None = None,
+                   workers: int | None = None) -> dict:
+    """label → (detector, RunConfig) from each config's run folder. Runs cached without their weights (a fresh
+    clone keeps only the metrics) are trained again first, ``workers`` at a time (default
+    :func:`default_workers`: two single-thread runs side by side on 2 cores)."""
     from sodlib.inference.predict import load_model
-    from sodlib.training.engine import train
 
-    models = {}
-    for label, cfg in configs.items():
-        d = run_dir(cfg, results_dir)
-        train(cfg, d, data_root=data_root, progress=False, need_checkpoint=True)
-        models[label] = load_model(d / "checkpoints" / "last.pt", device=cfg.train.device)
-    return models
-
+    dirs = {label: run_dir(cfg, results_dir) for label, cfg in configs.items()}
+    missing = {dirs[label]: cfg for label, cfg in configs.items()
+               if not (dirs[label] / "checkpoints" / "last.pt").exists()}
+    if missing:
+        _prepare_data(list(missing.values()), data_root)
+        jobs = [(d, (cfg.to_dict(), str(d), data_root, "coco", True)) for d, cfg in missing.items()]
+        workers = default_workers(list(missing.values())) if workers is None else workers
+        for d, _, exc in _run_jobs(jobs, min(workers, len(jobs))):
+            if exc is not None:
+                raise RuntimeError(f"run {d} failed: {type(exc).__name__}: {exc}") from exc
+    return {label: load_model(dirs[label] / "checkpoints" / "last.pt", device=cfg.train.device)
+            for label, cfg in configs.items()}
 
 # ---------------------------------------------------------------- MRQM (paper B) tables
 
