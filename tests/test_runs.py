@@ -150,3 +150,14 @@ def test_git_sha_is_dirty_for_code_changes_not_for_results(tmp_path):
     assert runs.git_sha(tmp_path) == clean
     (tmp_path / "code.py").write_text("x = 2\n")
     assert runs.git_sha(tmp_path) == clean + "-dirty"
+
+
+def test_provenance_names_the_code_loaded_and_where_the_tree_ended(monkeypatch):
+    shas = iter(["a" * 40, "b" * 40])
+    monkeypatch.setattr(runs, "_CODE_SHA", None)
+    monkeypatch.setattr(runs, "git_sha", lambda repo=None: next(shas))
+    assert runs.code_sha() == "a" * 40  # the first ask: what this process loaded
+    info = runs.provenance(seed=1)  # a commit landed while it trained
+    assert info["git_sha"] == "a" * 40 and info["git_sha_at_end"] == "b" * 40
+    monkeypatch.setattr(runs, "git_sha", lambda repo=None: "a" * 40)
+    assert "git_sha_at_end" not in runs.provenance()

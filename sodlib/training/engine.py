@@ -39,7 +39,7 @@ from sodlib.losses.criterion import base_loss_name
 from sodlib.official import init_from
 from sodlib.training.mechanisms import measure
 from sodlib.training.optim import ModelEMA, build_optimizer, lr_factor, set_lr
-from sodlib.training.runs import read_metrics, write_run
+from sodlib.training.runs import code_sha, read_metrics, write_run
 
 log = logging.getLogger(__name__)
 
@@ -154,6 +154,7 @@ def train(cfg: RunConfig, out_dir: str | os.PathLike, data_root: str | None = No
             return stored_metrics
 
     tc = cfg.train
+    code_sha()  # provenance names the code this process loaded, not the commit the tree reached at the end
     rank, world, device = init_distributed(tc.device)
     main_process = rank == 0
     if tc.threads:

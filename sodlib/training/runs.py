@@ -83,19 +83,35 @@ def package_versions(packages: tuple[str, ...] = _PACKAGES) -> dict[str, str]:
     return out
 
 
+_CODE_SHA: str | None = None
+
+
+def code_sha() -> str:
+    """:func:`git_sha` when this process first asked (the engine asks as each training starts): the code it
+    loaded, even when commits land while it trains; later calls return the same value."""
+    global _CODE_SHA
+    if _CODE_SHA is None:
+        _CODE_SHA = git_sha()
+    return _CODE_SHA
+
+
 def provenance(seed: int | None = None, wall_seconds: float | None = None, device: str | None = None) -> dict:
-    """Everything needed to say where a number came from."""
+    """Everything needed to say where a number came from. ``git_sha`` is the code this process loaded
+    (:func:`code_sha`); when the tree has moved on since, ``git_sha_at_end`` says where it stood at the end."""
     import datetime
     import platform
 
+    end = git_sha()
     info = {
-        "git_sha": git_sha(),
+        "git_sha": code_sha(),
         "python": platform.python_version(),
         "platform": platform.platform(),
         "cpu_count": os.cpu_count(),
         "packages": package_versions(),
         "created_utc": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
     }
+    if end != info["git_sha"]:
+        info["git_sha_at_end"] = end
     if seed is not None:
         info["seed"] = seed
     if wall_seconds is not None:
