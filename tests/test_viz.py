@@ -150,3 +150,22 @@ def test_plot_heatmap_grid_crops_around_the_box(tmp_path):
     _assert_png(save_figure(fig, tmp_path / "heat.png"))
     dilated = viz.plot_heatmap_grid([[panel]], dilate_px=1).axes[0].images[1].get_array()
     assert dilated[19:22, 29:32].min() == 1.0 and dilated.sum() == 9.0  # the point grown to 3 x 3 pixels
+
+
+def test_notebook_image_embeds_small_pngs_and_previews_large_ones(tmp_path):
+    import numpy as np
+    from PIL import Image as PILImage
+
+    from sodlib.studies.viz import notebook_image
+
+    small = tmp_path / "small.png"
+    PILImage.fromarray(np.zeros((20, 30, 3), np.uint8)).save(small)
+    shown = notebook_image(small)
+    assert shown.format == "png" and shown.data == small.read_bytes()
+    large = tmp_path / "large.png"
+    noise = np.random.default_rng(0).integers(0, 255, (1800, 900, 3), dtype=np.uint8)
+    PILImage.fromarray(noise).save(large)
+    shown = notebook_image(large, max_side=600)
+    assert shown.format == "jpeg" and len(shown.data) < large.stat().st_size
+    import io
+    assert PILImage.open(io.BytesIO(shown.data)).size == (300, 600)

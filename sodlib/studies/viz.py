@@ -357,3 +357,22 @@ def plot_ablation_deltas(summaries: Mapping[str, pd.DataFrame], noise: float, su
                                       "ci95_low": df["ΔAP ours"] - err, "ci95_high": df["ΔAP ours"] + err,
                                       "dAP paper": df["ΔAP paper"]})
     return plot_paired_deltas(frames, suptitle, ncols, label="ours (±2 SE)")
+
+
+def notebook_image(path: str | Path, max_side: int = 1400, max_bytes: int = 300_000, quality: int = 85):
+    """What a notebook should embed for the figure saved at ``path``: the PNG itself when it is at most
+    ``max_bytes``, else a JPEG preview (longest side at most ``max_side`` px), so photographic figures do not
+    put megabytes into every executed notebook. The full-resolution PNG stays the artefact."""
+    import io
+
+    from IPython.display import Image
+    from PIL import Image as PILImage
+
+    data = Path(path).read_bytes()
+    if len(data) <= max_bytes:
+        return Image(data=data, format="png")
+    picture = PILImage.open(io.BytesIO(data)).convert("RGB")
+    picture.thumbnail((max_side, max_side))
+    buf = io.BytesIO()
+    picture.save(buf, format="JPEG", quality=quality)
+    return Image(data=buf.getvalue(), format="jpeg")

@@ -159,8 +159,7 @@ def rehash_runs(results_dir=None, config_cls=None) -> dict[str, str]:
         free = [old for old, new in pending.items()
                 if new not in pending and (new in order or not (root / "runs" / new).exists())]
         if not free:
-            blocked = {old: new for old, new in pending.items()}
-            raise FileExistsError(f"cannot rename runs in {root / 'runs'}: targets held or cyclic: {blocked}")
+            raise FileExistsError(f"cannot rename runs in {root / 'runs'}: targets held or cyclic: {pending}")
         for old in sorted(free):
             order.append(old)
             del pending[old]
