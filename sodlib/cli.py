@@ -137,6 +137,12 @@ def _cmd_reproduce(args) -> int:
         return 2
 
 
+def _cmd_compare(args) -> int:
+    from sodlib.studies import compare
+
+    return compare.report(compare.compare(args.results or _results(), args.rev))
+
+
 def _results() -> Path:
     from sodlib.training.runs import default_results_dir
 
@@ -240,6 +246,11 @@ def build_parser() -> argparse.ArgumentParser:
     r.add_argument("--train-missing", action="store_true",
                    help="notebook 04 trains the ablation runs the run cache lacks (hours on a CPU; with a fresh --out: all)")
     r.set_defaults(func=_cmd_reproduce)
+
+    c = sub.add_parser("compare", help="after `sodlib reproduce`: which files under results/ differ from git, and how")
+    c.add_argument("--results", default=None, help="results folder inside a git checkout (default: the repository's)")
+    c.add_argument("--rev", default="HEAD", help="the revision holding the committed results (default HEAD)")
+    c.set_defaults(func=_cmd_compare)
     return p
 
 

@@ -1,0 +1,190 @@
+"""Does a regenerated ``results/`` match the committed one? File by file, against a git revision.
+
+After ``make reproduce`` (in a fresh clone, or after a refactoring) ``sodlib compare`` lists every file under
+``results/`` that git sees as changed, new or deleted, and says what kind of change it is:
+
+- ``identical`` — same bytes (a changed file is never this, but it reads well in a full listing);
+- ``timing only`` — a run's log or metrics, or a table of runs, whose only differences are in wall-clock
+  columns and keys (:data:`TIMING`): the losses, the learning rate and every metric are the same digits;
+- ``same pixels`` — a PNG whose bytes differ (encoder metadata) but whose decoded pixels are equal;
+- ``same config`` — a run's ``config.json`` written by newer code (new options at their defaults): both
+  versions hash to the same run (:func:`sodlib.training.runs.config_hash`);
+- ``provenance`` — ``provenance.json`` (commit, machine, date): it always changes when a run is retrained;
+- ``re-executed`` — an executed notebook; the tables and figures it writes are compared on their own, its
+  outputs (which print wall times) are summarised by how many code cells print something else;
+- ``as its .csv`` — a Markdown table whose ``.csv`` sibling is compared (and is not ``differs``);
+- ``new`` — a file the committed tree lacks (e.g. a retrained run's ``mechanisms.json``);
+- ``differs`` / ``deleted`` — a number, figure or file that did not come back: the reproduction failed.
+
+The exit status is 1 when any file ``differs`` or is ``deleted``, else 0.
+"""
+
+from __future__ import annotations
+
+import io
+import json
+import subprocess
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+
+# wall-clock columns of run logs and run tables, and keys of metrics.json: they change with the machine's load
+TIMING = ("train_seconds", "images_per_s", "wall_seconds")
+OK = ("identical", "timing only", "same pixels", "same config", "provenance", "re-executed", "as its .csv", "new")
+FAIL = ("differs", "deleted")
+
+
+def _git(repo: Path, *args: str) -> bytes:
+    try:
+        return subprocess.run(["git", "-C", str(repo), *args], check=True, capture_output=True).stdout
+    except subprocess.CalledProcessError as exc:
+        raise ValueError(f"git {' '.join(args)} failed in {repo}: {exc.stderr.decode().strip()}") from None
+
+
+def _checkout(results_dir: str | Path) -> tuple[Path, str]:
+    """The git checkout holding ``results_dir``, and the folder's path inside it."""
+    results_dir = Path(results_dir).resolve()
+    if not results_dir.is_dir():
+        raise FileNotFoundError(f"{results_dir}: no such results folder")
+    repo = Path(_git(results_dir, "rev-parse", "--show-toplevel").decode().strip()).resolve()
+    return repo, results_dir.relative_to(repo).as_posix()
+
+
+def changed_files(results_dir: str | Path, rev: str = "HEAD") -> list[tuple[str, str]]:
+    """``(status, path relative to the repository)`` for every file under ``results_dir`` that differs from
+    ``rev``: ``M`` modified, ``A`` new (untracked and not ignored), ``D`` deleted. Sorted by path."""
+    repo, rel = _checkout(results_dir)
+    out = {}
+    for line in _git(repo, "diff", "--name-status", "--no-renames", rev, "--", rel).decode().splitlines():
+        status, path = line.split("\t", 1)
+        out[path] = status[0] if status[0] in "MD" else "M"
+    for path in _git(repo, "ls-files", "--others", "--exclude-standard", "--", rel).decode().splitlines():
+        out[path] = "A"
+    return [(out[p], p) for p in sorted(out)]
+
+
+def _drop_timing_csv(data: bytes) -> pd.DataFrame:
+    df = pd.read_csv(io.BytesIO(data), dtype=str, keep_default_na=False)
+    return df.drop(columns=[c for c in df.columns if c in TIMING])
+
+
+def _compare_csv(old: bytes, new: bytes) -> tuple[str, str]:
+    a, b = pd.read_csv(io.BytesIO(old), dtype=str, keep_default_na=False), pd.read_csv(
+        io.BytesIO(new), dtype=str, keep_default_na=False)
+    if list(a.columns) != list(b.columns):
+        return "differs", f"columns {list(a.columns)} -> {list(b.columns)}"
+    if a.shape != b.shape:
+        return "differs", f"{len(a)} rows -> {len(b)}"
+    timing = [c for c in a.columns if c in TIMING]
+    cells = a.drop(columns=timing) != b.drop(columns=timing)
+    if cells.values.any():
+        row, col = np.argwhere(cells.values)[0]
+        name = cells.columns[col]
+        return "differs", (f"{int(cells.values.sum())} cell(s), first: row {row} {name} "
+                           f"{a[name].iloc[row]} -> {b[name].iloc[row]}")
+    return "timing only", f"only {', '.join(c for c in timing if (a[c] != b[c]).any())} changed"
+
+
+def _compare_json(old: bytes, new: bytes) -> tuple[str, str]:
+    a, b = json.loads(old), json.loads(new)
+    if isinstance(a, dict) and isinstance(b, dict):
+        keys = sorted(set(a) | set(b))
+        changed = [k for k in keys if a.get(k, KeyError) != b.get(k, KeyError)]
+        rest = [k for k in changed if k not in TIMING]
+        if not rest:
+            return "timing only", f"only {', '.join(changed)} changed"
+        k = rest[0]
+        return "differs", f"{len(rest)} key(s), first: {k} {a.get(k, '(absent)')} -> {b.get(k, '(absent)')}"
+    return ("identical", "") if a == b else ("differs", "content")
+
+
+def _compare_config(old: bytes, new: bytes) -> tuple[str, str]:
+    from sodlib.config import RunConfig
+    from sodlib.training.runs import config_hash
+
+    try:
+        h_old, h_new = (config_hash(RunConfig.from_dict(json.loads(x))) for x in (old, new))
+    except (ValueError, TypeError) as exc:
+        return "differs", f"unreadable config: {exc}"
+    return ("same config", f"both hash to {h_new}") if h_old == h_new else ("differs", f"hash {h_old} -> {h_new}")
+
+
+def _compare_png(old: bytes, new: bytes) -> tuple[str, str]:
+    import matplotlib.image as mpimg
+
+    a, b = mpimg.imread(io.BytesIO(old), format="png"), mpimg.imread(io.BytesIO(new), format="png")
+    if a.shape != b.shape:
+        return "differs", f"size {a.shape[1]}x{a.shape[0]} -> {b.shape[1]}x{b.shape[0]}"
+    diff = np.abs(a.astype(np.float64) - b.astype(np.float64))
+    if not diff.any():
+        return "same pixels", "metadata only"
+    return "differs", f"{(diff.max(axis=-1) > 0).mean():.2%} of pixels, max difference {diff.max():.3f}"
+
+
+def _notebook_outputs(data: bytes) -> list[str]:
+    cells = json.loads(data)["cells"]
+    return [json.dumps([{k: v for k, v in o.items() if k not in ("execution_count", "metadata")}
+                        for o in c.get("outputs", [])], sort_keys=True)
+            for c in cells if c["cell_type"] == "code"]
+
+
+def _compare_notebook(old: bytes, new: bytes) -> tuple[str, str]:
+    a, b = _notebook_outputs(old), _notebook_outputs(new)
+    if len(a) != len(b):
+        return "re-executed", f"{len(a)} code cells -> {len(b)}"
+    n = sum(x != y for x, y in zip(a, b))
+    return "re-executed", f"{n} of {len(a)} code cells print something else"
+
+
+def compare_bytes(path: str, old: bytes, new: bytes) -> tuple[str, str]:
+    """``(verdict, detail)`` for one file that exists in both trees; ``path`` picks the comparison."""
+    if old == new:
+        return "identical", ""
+    name = Path(path).name
+    if name == "provenance.json":
+        return "provenance", "commit, machine or date"
+    if name == "config.json" and "/runs/" in f"/{path}":
+        return _compare_config(old, new)
+    suffix = Path(path).suffix
+    try:
+        if suffix == ".csv":
+            return _compare_csv(old, new)
+        if suffix == ".json":
+            return _compare_json(old, new)
+        if suffix == ".png":
+            return _compare_png(old, new)
+        if suffix == ".ipynb":
+            return _compare_notebook(old, new)
+    except (ValueError, KeyError, pd.errors.ParserError, json.JSONDecodeError) as exc:
+        return "differs", f"unreadable: {str(exc).splitlines()[0] if str(exc) else type(exc).__name__}"
+    return "differs", f"{len(old)} -> {len(new)} bytes"
+
+
+def compare(results_dir: str | Path = "results", rev: str = "HEAD") -> pd.DataFrame:
+    """One row per changed file under ``results_dir``: ``path``, ``verdict`` (see the module docstring) and
+    ``detail``."""
+    repo, _ = _checkout(results_dir)
+    rows = {}
+    for status, path in changed_files(results_dir, rev):
+        if status == "D":
+            rows[path] = ("deleted", f"in {rev}, not here")
+        elif status == "A":
+            rows[path] = ("new", "")
+        else:
+            rows[path] = compare_bytes(path, _git(repo, "show", f"{rev}:{path}"), (repo / path).read_bytes())
+    for path, (verdict, _) in rows.items():  # a Markdown table follows the .csv it was written from
+        sibling = rows.get(str(Path(path).with_suffix(".csv")))
+        if Path(path).suffix == ".md" and verdict == "differs" and sibling and sibling[0] not in FAIL:
+            rows[path] = ("as its .csv", sibling[0])
+    return pd.DataFrame([(p, v, d) for p, (v, d) in rows.items()], columns=["path", "verdict", "detail"])
+
+
+def report(table: pd.DataFrame) -> int:
+    """Print the table and a one-line summary; 1 when any file differs or was deleted."""
+    with pd.option_context("display.max_rows", None, "display.max_colwidth", 120, "display.width", 200):
+        print(table.to_string(index=False) if len(table) else "no file under results/ changed")
+    counts = table["verdict"].value_counts()
+    print("; ".join(f"{n} {v}" for v, n in counts.items()) or "identical")
+    return int(bool(table["verdict"].isin(FAIL).any()))
+

@@ -1,0 +1,130 @@
+"""`sodlib compare`: a regenerated results/ against the committed one, each kind of change named."""
+
+import io
+import json
+import subprocess
+
+import matplotlib
+
+matplotlib.use("Agg")
+import matplotlib.pyplot as plt
+import pytest
+
+from sodlib import cli
+from sodlib.config import get_profile
+from sodlib.studies.compare import compare, compare_bytes
+from sodlib.training.runs import config_hash
+
+LOG = "iteration,lr,loss,images_per_s,train_seconds\n1,0.001,14.4647,7.745,0.52\n10,0.002,13.5222,10.548,3.97\n"
+
+
+def _png(value: float, software: str = "a") -> bytes:
+    fig, ax = plt.subplots(figsize=(1, 1))
+    ax.plot([0, 1], [0, value])
+    buf = io.BytesIO()
+    fig.savefig(buf, format="png", metadata={"Software": software})
+    plt.close(fig)
+    return buf.getvalue()
+
+
+def _notebook(*texts: str) -> bytes:
+    cells = [{"cell_type": "code", "execution_count": i, "metadata": {}, "source": "print()",
+              "outputs": [{"output_type": "stream", "name": "stdout", "text": t}]} for i, t in enumerate(texts)]
+    return json.dumps({"cells": cells, "metadata": {"papermill": {"duration": 1.0}}}).encode()
+
+
+def test_timing_columns_and_keys_are_the_only_changes_allowed_in_runs():
+    faster = LOG.replace("7.745,0.52", "9.1,0.44")
+    assert compare_bytes("results/runs/x/log.csv", LOG.encode(), faster.encode()) == (
+        "timing only", "only images_per_s, train_seconds changed")
+    verdict, detail = compare_bytes("results/runs/x/log.csv", LOG.encode(), LOG.replace("14.4647", "14.4648").encode())
+    assert verdict == "differs" and detail == "1 cell(s), first: row 0 loss 14.4647 -> 14.4648"
+    assert compare_bytes("t.csv", LOG.encode(), LOG.rsplit("\n", 2)[0].encode() + b"\n")[1] == "2 rows -> 1"
+    old = json.dumps({"AP": 0.4353, "train_seconds": 197.07}).encode()
+    assert compare_bytes("m.json", old, json.dumps({"AP": 0.4353, "train_seconds": 171.5}).encode())[0] == "timing only"
+    assert compare_bytes("m.json", old, json.dumps({"AP": 0.4352, "train_seconds": 197.07}).encode()) == (
+        "differs", "1 key(s), first: AP 0.4353 -> 0.4352")
+    assert compare_bytes("m.json", old, json.dumps({"train_seconds": 197.07}).encode())[0] == "differs"
+
+
+def test_run_configs_compare_by_their_hash_and_provenance_always_changes():
+    cfg = get_profile("cpu")
+    full = cfg.to_dict()
+    older = json.loads(json.dumps(full))
+    del older["model"]["pos_embed"]  # written before the option existed: its default keeps the run the same
+    verdict, detail = compare_bytes("results/runs/h/config.json", json.dumps(older).encode(), json.dumps(full).encode())
+    assert (verdict, detail) == ("same config", f"both hash to {config_hash(cfg)}")
+    other = json.loads(json.dumps(full))
+    other["loss"]["st"] = True
+    assert compare_bytes("results/runs/h/config.json", json.dumps(full).encode(),
+                         json.dumps(other).encode())[0] == "differs"
+    assert compare_bytes("results/runs/h/provenance.json", b"{}", b'{"git_sha": "b"}')[0] == "provenance"
+
+
+def test_pngs_compare_by_pixels_and_notebooks_count_changed_cells():
+    assert compare_bytes("f.png", _png(1.0, "a"), _png(1.0, "b")) == ("same pixels", "metadata only")
+    verdict, detail = compare_bytes("f.png", _png(1.0), _png(0.5))
+    assert verdict == "differs" and "of pixels" in detail
+    assert compare_bytes("n.ipynb", _notebook("AP 0.435\n", "12.0 s\n"), _notebook("AP 0.435\n", "9.5 s\n")) == (
+        "re-executed", "1 of 2 code cells print something else")
+    assert compare_bytes("x.txt", b"a", b"b") == ("differs", "1 -> 1 bytes")
+    assert compare_bytes("x.txt", b"a", b"a") == ("identical", "")
+    assert compare_bytes("t.csv", b"a,b\n1,2\n", b'a,b\n1,"2\n')[0] == "differs"  # unreadable is not ok
+
+
+@pytest.fixture()
+def repo(tmp_path):
+    def git(*args):
+        subprocess.run(["git", *args], cwd=tmp_path, check=True, capture_output=True)
+
+    files = {"results/tables/t.csv": LOG, "results/tables/t.md": "| loss |\n| 14.4647 |\n",
+             "results/tables/u.csv": LOG, "results/tables/u.md": "u\n", "results/tables/gone.csv": "a\n1\n",
+             "results/README.md": "notes\n", "code.py": "x = 1\n"}
+    for name, text in files.items():
+        (tmp_path / name).parent.mkdir(parents=True, exist_ok=True)
+        (tmp_path / name).write_text(text)
+    (tmp_path / ".gitignore").write_text("*.pt\n")
+    git("init", "-q")
+    git("add", ".")
+    git("-c", "user.name=t", "-c", "user.email=t@t", "commit", "-qm", "results")
+    return tmp_path
+
+
+def test_a_reproduction_that_only_moved_timings_passes(repo, capsys):
+    (repo / "results/tables/t.csv").write_text(LOG.replace("0.52", "0.61"))
+    (repo / "results/tables/t.md").write_text("| loss |\n| 14.4647 | 0.61 |\n")
+    (repo / "results/new.json").write_text("{}")
+    (repo / "results/weights.pt").write_bytes(b"ignored")
+    (repo / "code.py").write_text("x = 2\n")  # outside results/: not compared
+    (repo / "results/tables/gone.csv").unlink()
+    table = compare(repo / "results")
+    assert dict(zip(table["path"], table["verdict"])) == {
+        "results/new.json": "new", "results/tables/gone.csv": "deleted",
+        "results/tables/t.csv": "timing only", "results/tables/t.md": "as its .csv"}
+    assert cli.main(["compare", "--results", str(repo / "results")]) == 1  # a deleted table fails
+    (repo / "results/tables/gone.csv").write_text("a\n1\n")  # restored: nothing fails
+    assert cli.main(["compare", "--results", str(repo / "results")]) == 0
+    out = capsys.readouterr().out
+    assert "1 timing only" in out and "1 as its .csv" in out and "1 new" in out
+
+
+def test_a_changed_number_fails_and_its_markdown_does_not_hide_it(repo, capsys):
+    (repo / "results/tables/u.csv").write_text(LOG.replace("13.5222", "13.6"))
+    (repo / "results/tables/u.md").write_text("u2\n")
+    table = compare(repo / "results")
+    assert dict(zip(table["path"], table["verdict"])) == {"results/tables/u.csv": "differs",
+                                                          "results/tables/u.md": "differs"}
+    assert cli.main(["compare", "--results", str(repo / "results")]) == 1
+    assert "row 1 loss 13.5222 -> 13.6" in capsys.readouterr().out
+
+
+def test_an_unchanged_tree_and_bad_folders(repo, tmp_path_factory, capsys):
+    assert compare(repo / "results").empty
+    assert cli.main(["compare", "--results", str(repo / "results")]) == 0
+    assert "no file under results/ changed" in capsys.readouterr().out
+    assert cli.main(["compare", "--results", str(repo / "nowhere")]) == 2
+    assert "nowhere: no such results folder" in capsys.readouterr().err
+    outside = tmp_path_factory.mktemp("plain")
+    assert cli.main(["compare", "--results", str(outside)]) == 2
+    assert "git rev-parse --show-toplevel failed" in capsys.readouterr().err
+    assert cli.main(["compare", "--results", str(repo / "results"), "--rev", "nosuchrev"]) == 2
