@@ -36,12 +36,15 @@ def _notebook(*texts: str) -> bytes:
 def test_timing_columns_and_keys_are_the_only_changes_allowed_in_runs():
     faster = LOG.replace("7.745,0.52", "9.1,0.44")
     assert compare_bytes("results/runs/x/log.csv", LOG.encode(), faster.encode()) == (
-        "timing only", "only images_per_s, train_seconds changed")
+        "same numbers", "only images_per_s, train_seconds changed")
     verdict, detail = compare_bytes("results/runs/x/log.csv", LOG.encode(), LOG.replace("14.4647", "14.4648").encode())
     assert verdict == "differs" and detail == "1 cell(s), first: row 0 loss 14.4647 -> 14.4648"
+    run_table = "row,seed,AP,code\nbaseline,0,0.4061,e8f0da67e13f\n"
+    assert compare_bytes("results/tables/t_runs.csv", run_table.encode(), run_table.replace("e8f0", "8ac5").encode()) == (
+        "same numbers", "only code changed")  # the retrained run's commit
     assert compare_bytes("t.csv", LOG.encode(), LOG.rsplit("\n", 2)[0].encode() + b"\n")[1] == "2 rows -> 1"
     old = json.dumps({"AP": 0.4353, "train_seconds": 197.07}).encode()
-    assert compare_bytes("m.json", old, json.dumps({"AP": 0.4353, "train_seconds": 171.5}).encode())[0] == "timing only"
+    assert compare_bytes("m.json", old, json.dumps({"AP": 0.4353, "train_seconds": 171.5}).encode())[0] == "same numbers"
     assert compare_bytes("m.json", old, json.dumps({"AP": 0.4352, "train_seconds": 197.07}).encode()) == (
         "differs", "1 key(s), first: AP 0.4353 -> 0.4352")
     assert compare_bytes("m.json", old, json.dumps({"train_seconds": 197.07}).encode())[0] == "differs"
@@ -94,18 +97,20 @@ def test_a_reproduction_that_only_moved_timings_passes(repo, capsys):
     (repo / "results/tables/t.csv").write_text(LOG.replace("0.52", "0.61"))
     (repo / "results/tables/t.md").write_text("| loss |\n| 14.4647 | 0.61 |\n")
     (repo / "results/new.json").write_text("{}")
+    (repo / "results/staged.json").write_text("{}")
+    subprocess.run(["git", "add", "results/staged.json"], cwd=repo, check=True)
     (repo / "results/weights.pt").write_bytes(b"ignored")
     (repo / "code.py").write_text("x = 2\n")  # outside results/: not compared
     (repo / "results/tables/gone.csv").unlink()
     table = compare(repo / "results")
     assert dict(zip(table["path"], table["verdict"])) == {
-        "results/new.json": "new", "results/tables/gone.csv": "deleted",
-        "results/tables/t.csv": "timing only", "results/tables/t.md": "as its .csv"}
+        "results/new.json": "new", "results/staged.json": "new", "results/tables/gone.csv": "deleted",
+        "results/tables/t.csv": "same numbers", "results/tables/t.md": "as its .csv"}
     assert cli.main(["compare", "--results", str(repo / "results")]) == 1  # a deleted table fails
     (repo / "results/tables/gone.csv").write_text("a\n1\n")  # restored: nothing fails
     assert cli.main(["compare", "--results", str(repo / "results")]) == 0
     out = capsys.readouterr().out
-    assert "1 timing only" in out and "1 as its .csv" in out and "1 new" in out
+    assert "1 same numbers" in out and "1 as its .csv" in out and "2 new" in out
 
 
 def test_a_changed_number_fails_and_its_markdown_does_not_hide_it(repo, capsys):

@@ -4,8 +4,9 @@ After ``make reproduce`` (in a fresh clone, or after a refactoring) ``sodlib com
 ``results/`` that git sees as changed, new or deleted, and says what kind of change it is:
 
 - ``identical`` — same bytes (a changed file is never this, but it reads well in a full listing);
-- ``timing only`` — a run's log or metrics, or a table of runs, whose only differences are in wall-clock
-  columns and keys (:data:`TIMING`): the losses, the learning rate and every metric are the same digits;
+- ``same numbers`` — a run's log or metrics, or a table of runs, whose only differences are in wall-clock
+  columns and keys (:data:`TIMING`) or in the column naming the commit that trained each run
+  (:data:`PROVENANCE`): the losses, the learning rate and every metric are the same digits;
 - ``same pixels`` — a PNG whose bytes differ (encoder metadata) but whose decoded pixels are equal;
 - ``same config`` — a run's ``config.json`` written by newer code (new options at their defaults): both
   versions hash to the same run (:func:`sodlib.training.runs.config_hash`);
@@ -31,7 +32,8 @@ import pandas as pd
 
 # wall-clock columns of run logs and run tables, and keys of metrics.json: they change with the machine's load
 TIMING = ("train_seconds", "images_per_s", "wall_seconds")
-OK = ("identical", "timing only", "same pixels", "same config", "provenance", "re-executed", "as its .csv", "new")
+PROVENANCE = ("code",)  # the tables' column of the commits that trained their runs: a retrained run has a new one
+OK = ("identical", "same numbers", "same pixels", "same config", "provenance", "re-executed", "as its .csv", "new")
 FAIL = ("differs", "deleted")
 
 
@@ -58,15 +60,10 @@ def changed_files(results_dir: str | Path, rev: str = "HEAD") -> list[tuple[str,
     out = {}
     for line in _git(repo, "diff", "--name-status", "--no-renames", rev, "--", rel).decode().splitlines():
         status, path = line.split("\t", 1)
-        out[path] = status[0] if status[0] in "MD" else "M"
+        out[path] = status[0] if status[0] in "MDA" else "M"  # A: added since rev (e.g. staged)
     for path in _git(repo, "ls-files", "--others", "--exclude-standard", "--", rel).decode().splitlines():
         out[path] = "A"
     return [(out[p], p) for p in sorted(out)]
-
-
-def _drop_timing_csv(data: bytes) -> pd.DataFrame:
-    df = pd.read_csv(io.BytesIO(data), dtype=str, keep_default_na=False)
-    return df.drop(columns=[c for c in df.columns if c in TIMING])
 
 
 def _compare_csv(old: bytes, new: bytes) -> tuple[str, str]:
@@ -76,14 +73,14 @@ def _compare_csv(old: bytes, new: bytes) -> tuple[str, str]:
         return "differs", f"columns {list(a.columns)} -> {list(b.columns)}"
     if a.shape != b.shape:
         return "differs", f"{len(a)} rows -> {len(b)}"
-    timing = [c for c in a.columns if c in TIMING]
+    timing = [c for c in a.columns if c in TIMING + PROVENANCE]
     cells = a.drop(columns=timing) != b.drop(columns=timing)
     if cells.values.any():
         row, col = np.argwhere(cells.values)[0]
         name = cells.columns[col]
         return "differs", (f"{int(cells.values.sum())} cell(s), first: row {row} {name} "
                            f"{a[name].iloc[row]} -> {b[name].iloc[row]}")
-    return "timing only", f"only {', '.join(c for c in timing if (a[c] != b[c]).any())} changed"
+    return "same numbers", f"only {', '.join(c for c in timing if (a[c] != b[c]).any())} changed"
 
 
 def _compare_json(old: bytes, new: bytes) -> tuple[str, str]:
@@ -93,7 +90,7 @@ def _compare_json(old: bytes, new: bytes) -> tuple[str, str]:
         changed = [k for k in keys if a.get(k, KeyError) != b.get(k, KeyError)]
         rest = [k for k in changed if k not in TIMING]
         if not rest:
-            return "timing only", f"only {', '.join(changed)} changed"
+            return "same numbers", f"only {', '.join(changed)} changed"
         k = rest[0]
         return "differs", f"{len(rest)} key(s), first: {k} {a.get(k, '(absent)')} -> {b.get(k, '(absent)')}"
     return ("identical", "") if a == b else ("differs", "content")
