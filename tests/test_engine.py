@@ -106,8 +106,19 @@ def test_finished_run_is_not_trained_again(tmp_path, monkeypatch):
     with pytest.raises(ValueError, match="different config"):
         train(override(cfg, "loss.sr=true", "loss.sr_grad=end_to_end"), tmp_path, progress=False)
     monkeypatch.undo()
+    with open(tmp_path / "log.csv") as f:
+        header = next(csv.reader(f))
+    assert "loss_vfl_all" in header
+    old = [c for c in header if not c.endswith("_all")]  # a committed log written before the _all columns
+    (tmp_path / "log.csv").write_text(",".join(old) + "\n" + ",".join(["1"] * len(old)) + "\n")
+    (tmp_path / "eval.csv").write_text("iteration,train_seconds,AP\n2,1.0,0.5\n")
     train(cfg, tmp_path, progress=False, need_checkpoint=True)  # weights wanted: retrains
     assert (tmp_path / "checkpoints" / "last.pt").exists()
+    with open(tmp_path / "log.csv") as f:
+        rows = list(csv.reader(f))
+    assert rows[0] == header and [r[0] for r in rows[1:]] == ["1", "2"]  # today's columns, this run's rows
+    evals = (tmp_path / "eval.csv").read_text() if (tmp_path / "eval.csv").exists() else ""
+    assert "2,1.0,0.5" not in evals  # the earlier run's evaluation went with its log
 
 
 def test_tensorboard_events_follow_the_csv_logs(tmp_path):

@@ -373,7 +373,7 @@ def _log_eval(path: Path, it: int, train_seconds: float, dataset, model, protoco
 
 
 def _append_csv(path: Path, row: dict) -> None:
-    new = not path.exists()
+    new = not path.exists() or path.stat().st_size == 0
     with open(path, "a", newline="") as f:
         w = csv.DictWriter(f, list(row))
         if new:
@@ -382,7 +382,12 @@ def _append_csv(path: Path, row: dict) -> None:
 
 
 def _truncate_log(path: Path, iteration: int) -> None:
-    """Keep only the log rows up to ``iteration`` (a resumed run rewrites what came after)."""
+    """Keep only the log rows up to ``iteration`` (a resumed run rewrites what came after). A run that starts
+    from iteration 0 starts a new log: an earlier run's header (e.g. a committed run retrained for its weights,
+    logged by older code) would drop the columns today's code writes."""
+    if iteration == 0:
+        path.unlink(missing_ok=True)
+        return
     if not path.exists():
         return
     with open(path, newline="") as f:
