@@ -25,6 +25,24 @@ def test_save_figure_writes_png_atomically(tmp_path):
     assert not plt.fignum_exists(fig.number)  # closed
 
 
+def test_learning_curve_is_drawn_against_iterations_so_a_retrained_run_draws_the_same_figure(tmp_path):
+    def run(name, seconds):
+        d = tmp_path / name
+        d.mkdir()
+        d.joinpath("log.csv").write_text("iteration,loss,train_seconds\n" + "".join(
+            f"{i},{10 - i},{seconds * i}\n" for i in range(1, 9)))
+        d.joinpath("eval.csv").write_text(f"iteration,train_seconds,AP,AP50\n4,{4 * seconds},0.2,0.4\n"
+                                          f"8,{8 * seconds},0.3,0.6\n")
+        return d
+
+    first = viz.plot_learning_curve({"base": run("a", 1.0)}, tmp_path / "a.png").read_bytes()
+    slower = viz.plot_learning_curve({"base": run("b", 1.7)}, tmp_path / "b.png").read_bytes()
+    assert first == slower  # only the wall time differs
+    d = run("c", 1.0)
+    d.joinpath("log.csv").write_text(d.joinpath("log.csv").read_text().replace("\n8,2,", "\n8,5,"))
+    assert viz.plot_learning_curve({"base": d}, tmp_path / "c.png").read_bytes() != first  # a loss moved
+
+
 def test_plot_lines_draws_the_given_values(tmp_path):
     x = np.linspace(0, 1, 11)
     fig = viz.plot_lines({"square": (x, x**2), "id": (x, x)}, "x", "y", "t", points={"pts": ([0.5], [0.2])},

@@ -24,21 +24,23 @@ from torchvision.ops import box_convert
 
 def plot_learning_curve(run_dirs: dict[str, str | Path], out_png: str | Path, smooth: int = 10,
                         title: str = "") -> Path:
-    """Training loss (left, smoothed) and validation AP50 / AP (right) against training seconds.
+    """Training loss (left, smoothed) and validation AP50 / AP (right) against the iteration.
 
-    ``run_dirs`` maps a legend label to a run folder holding ``log.csv`` and ``eval.csv``.
+    ``run_dirs`` maps a legend label to a run folder holding ``log.csv`` and ``eval.csv``. The x axis is the
+    iteration, not the logged wall time, so that a retrained run draws the same figure (its seconds are in
+    ``metrics.json``).
     """
     fig, (ax_loss, ax_ap) = plt.subplots(1, 2, figsize=(10, 3.8))
     for label, d in run_dirs.items():
         d = Path(d)
         log = pd.read_csv(d / "log.csv")
-        line, = ax_loss.plot(log["train_seconds"], log["loss"].rolling(smooth, min_periods=1).mean(), label=label)
+        line, = ax_loss.plot(log["iteration"], log["loss"].rolling(smooth, min_periods=1).mean(), label=label)
         if (d / "eval.csv").exists():
             ev = pd.read_csv(d / "eval.csv")
-            ax_ap.plot(ev["train_seconds"], ev["AP50"], "o-", color=line.get_color(), label=f"{label} AP50")
-            ax_ap.plot(ev["train_seconds"], ev["AP"], "s--", color=line.get_color(), alpha=0.6, label=f"{label} AP")
-    ax_loss.set(xlabel="training seconds", ylabel=f"weighted loss (mean of {smooth} logs)", yscale="log")
-    ax_ap.set(xlabel="training seconds", ylabel="validation AP", ylim=(0, 1))
+            ax_ap.plot(ev["iteration"], ev["AP50"], "o-", color=line.get_color(), label=f"{label} AP50")
+            ax_ap.plot(ev["iteration"], ev["AP"], "s--", color=line.get_color(), alpha=0.6, label=f"{label} AP")
+    ax_loss.set(xlabel="iteration", ylabel=f"weighted loss (mean of {smooth} logs)", yscale="log")
+    ax_ap.set(xlabel="iteration", ylabel="validation AP", ylim=(0, 1))
     ax_ap.grid(alpha=0.3)
     ax_loss.grid(alpha=0.3)
     ax_loss.legend(fontsize=8)
