@@ -39,6 +39,10 @@ def test_timing_columns_and_keys_are_the_only_changes_allowed_in_runs():
         "same numbers", "only images_per_s, train_seconds changed")
     verdict, detail = compare_bytes("results/runs/x/log.csv", LOG.encode(), LOG.replace("14.4647", "14.4648").encode())
     assert verdict == "differs" and detail == "1 cell(s), first: row 0 loss 14.4647 -> 14.4648"
+    more = LOG.replace("train_seconds\n", "train_seconds,loss_vfl_all\n").replace("0.52\n", "0.52,0.2\n").replace(
+        "3.97\n", "3.97,0.3\n")  # retrained by code that logs one more term
+    assert compare_bytes("log.csv", LOG.encode(), more.encode()) == ("same numbers", "new column(s) loss_vfl_all")
+    assert compare_bytes("log.csv", more.encode(), LOG.encode()) == ("differs", "column(s) loss_vfl_all gone")
     run_table = "row,seed,AP,code\nbaseline,0,0.4061,e8f0da67e13f\n"
     assert compare_bytes("results/tables/t_runs.csv", run_table.encode(), run_table.replace("e8f0", "8ac5").encode()) == (
         "same numbers", "only code changed")  # the retrained run's commit

@@ -5,8 +5,9 @@ After ``make reproduce`` (in a fresh clone, or after a refactoring) ``sodlib com
 
 - ``identical`` — same bytes (a changed file is never this, but it reads well in a full listing);
 - ``same numbers`` — a run's log or metrics, or a table of runs, whose only differences are in wall-clock
-  columns and keys (:data:`TIMING`) or in the column naming the commit that trained each run
-  (:data:`PROVENANCE`): the losses, the learning rate and every metric are the same digits;
+  columns and keys (:data:`TIMING`), in the column naming the commit that trained each run
+  (:data:`PROVENANCE`), or columns added (a run retrained by code that logs more terms): every value the
+  committed file holds — losses, learning rate, metrics — comes back to the same digits;
 - ``same pixels`` — a PNG whose bytes differ (encoder metadata) but whose decoded pixels are equal;
 - ``same config`` — a run's ``config.json`` written by newer code (new options at their defaults): both
   versions hash to the same run (:func:`sodlib.training.runs.config_hash`);
@@ -69,8 +70,11 @@ def changed_files(results_dir: str | Path, rev: str = "HEAD") -> list[tuple[str,
 def _compare_csv(old: bytes, new: bytes) -> tuple[str, str]:
     a, b = pd.read_csv(io.BytesIO(old), dtype=str, keep_default_na=False), pd.read_csv(
         io.BytesIO(new), dtype=str, keep_default_na=False)
-    if list(a.columns) != list(b.columns):
-        return "differs", f"columns {list(a.columns)} -> {list(b.columns)}"
+    missing = [c for c in a.columns if c not in b.columns]
+    if missing:
+        return "differs", f"column(s) {', '.join(missing)} gone"
+    added = [c for c in b.columns if c not in a.columns]  # e.g. a log written by code that logs more terms
+    b = b[list(a.columns)]
     if a.shape != b.shape:
         return "differs", f"{len(a)} rows -> {len(b)}"
     timing = [c for c in a.columns if c in TIMING + PROVENANCE]
@@ -80,7 +84,10 @@ def _compare_csv(old: bytes, new: bytes) -> tuple[str, str]:
         name = cells.columns[col]
         return "differs", (f"{int(cells.values.sum())} cell(s), first: row {row} {name} "
                            f"{a[name].iloc[row]} -> {b[name].iloc[row]}")
-    return "same numbers", f"only {', '.join(c for c in timing if (a[c] != b[c]).any())} changed"
+    moved = [c for c in timing if (a[c] != b[c]).any()]
+    detail = [f"only {', '.join(moved)} changed"] if moved else []
+    detail += [f"new column(s) {', '.join(added)}"] if added else []
+    return "same numbers", "; ".join(detail)
 
 
 def _compare_json(old: bytes, new: bytes) -> tuple[str, str]:
