@@ -34,7 +34,6 @@ import pandas as pd
 # wall-clock columns of run logs and run tables, and keys of metrics.json: they change with the machine's load
 TIMING = ("train_seconds", "images_per_s", "wall_seconds")
 PROVENANCE = ("code",)  # the tables' column of the commits that trained their runs: a retrained run has a new one
-OK = ("identical", "same numbers", "same pixels", "same config", "provenance", "re-executed", "as its .csv", "new")
 FAIL = ("differs", "deleted")
 
 
@@ -54,10 +53,9 @@ def _checkout(results_dir: str | Path) -> tuple[Path, str]:
     return repo, results_dir.relative_to(repo).as_posix()
 
 
-def changed_files(results_dir: str | Path, rev: str = "HEAD") -> list[tuple[str, str]]:
-    """``(status, path relative to the repository)`` for every file under ``results_dir`` that differs from
-    ``rev``: ``M`` modified, ``A`` new (untracked and not ignored), ``D`` deleted. Sorted by path."""
-    repo, rel = _checkout(results_dir)
+def _changed_files(repo: Path, rel: str, rev: str) -> list[tuple[str, str]]:
+    """``(status, path relative to the repository)`` for every file under ``rel`` that differs from ``rev``:
+    ``M`` modified, ``A`` new (untracked and not ignored, or added since ``rev``), ``D`` deleted. Sorted by path."""
     out = {}
     for line in _git(repo, "diff", "--name-status", "--no-renames", rev, "--", rel).decode().splitlines():
         status, path = line.split("\t", 1)
@@ -168,9 +166,9 @@ def compare_bytes(path: str, old: bytes, new: bytes) -> tuple[str, str]:
 def compare(results_dir: str | Path = "results", rev: str = "HEAD") -> pd.DataFrame:
     """One row per changed file under ``results_dir``: ``path``, ``verdict`` (see the module docstring) and
     ``detail``."""
-    repo, _ = _checkout(results_dir)
+    repo, rel = _checkout(results_dir)
     rows = {}
-    for status, path in changed_files(results_dir, rev):
+    for status, path in _changed_files(repo, rel, rev):
         if status == "D":
             rows[path] = ("deleted", f"in {rev}, not here")
         elif status == "A":
