@@ -216,7 +216,7 @@ class TrainConfig:
     ema_decay: float = 0.9999  # 0 disables EMA
     ema_warmups: int = 2000
     clip_max_norm: float = 0.1  # 0 disables gradient clipping
-    amp: bool = False  # bf16 autocast for the forward pass (CUDA, or CPUs with bf16 instructions)
+    amp: bool = False  # bf16 autocast of the forward pass: CUDA, or CPUs with bf16 units (emulated elsewhere)
     channels_last: bool = False  # NHWC memory format for the convolutions (faster with oneDNN / cuDNN)
     multiscale: tuple[int, ...] = ()  # train sizes sampled per batch; () = data.image_size only
     eval_every: int = 0  # iterations between evaluations; 0 = only at the end
@@ -301,20 +301,21 @@ def _smoke() -> RunConfig:
 
 
 def _cpu() -> RunConfig:
-    # Tiny RT-DETR on SynthSOD: 520 iterations, 174–197 s of training on 2 CPU cores (bf16 autocast, Zen 4;
-    # this VM's speed drifts by ±10% between runs).
-    # Short-schedule choices, each measured (see the issue notes and results/tables/baseline_budget):
-    # flip-only augmentation (zoom-out shrinks 6-px objects below what the stride-8 map resolves),
-    # lr 1.6e-3 with cosine decay (from scratch, RT-DETR's 2e-4 fine-tuning rate is far too low), batch 4
-    # (batch 2 gave more steps but lower AP in the same time), 200 queries chosen among encoder proposals
-    # made distinct by class-agnostic NMS at IoU 0.5 (DDQ-DETR's distinct queries: with plain top-K most
-    # of the 100 queries of RT-DETR sat on duplicates of the same objects; AP50 0.46 → 0.70), no EMA (the
-    # raw weights at the end of the cosine schedule beat a 0.999 EMA by 0.01–0.04 AP50 at this length),
-    # 50 denoising queries (7% cheaper per step than 100 at equal AP50), and 2 decoder layers: the decoder
-    # is the largest part of the step, and at the same wall time 540 iterations with 2 layers beat 440
-    # with 3 (AP50 0.731 / 0.748 vs 0.692 / 0.704 on seeds 0 / 1; 1 layer, 677 iterations: 0.752 AP50
-    # but AP 0.423 vs 0.446 and no iterative refinement left for SPR to act on). 540 iterations took
-    # 181 s in the profile's own run, so it trains 520.
+    # Tiny RT-DETR on SynthSOD, 520 iterations on 2 threads, in float32 (amp off): 0.60 s per step on 2 cores of
+    # an AVX2 CPU. bf16 autocast (train.amp=true) pays where the CPU has bf16 units (avx512_bf16, amx_bf16;
+    # sodlib.hardware.cpu_has_native_bf16): 174–197 s of training on 2 cores with AVX512-BF16. Without them it is
+    # emulated, 6.4 s per step on the same AVX2 CPU, and train() warns.
+    # Short-schedule choices, each measured under bf16 autocast on the AVX512-BF16 cores
+    # (results/tables/baseline_budget): flip-only augmentation (zoom-out shrinks 6-px objects below what the
+    # stride-8 map resolves), lr 1.6e-3 with cosine decay (from scratch, RT-DETR's 2e-4 fine-tuning rate is far
+    # too low), batch 4 (batch 2 gave more steps but lower AP in the same time), 200 queries chosen among encoder
+    # proposals made distinct by class-agnostic NMS at IoU 0.5 (DDQ-DETR's distinct queries: with plain top-K most
+    # of the 100 queries of RT-DETR sat on duplicates of the same objects; AP50 0.46 → 0.70), no EMA (the raw
+    # weights at the end of the cosine schedule beat a 0.999 EMA by 0.01–0.04 AP50 at this length), 50 denoising
+    # queries (7% cheaper per step than 100 at equal AP50), and 2 decoder layers: the decoder is the largest part
+    # of the step, and at the same wall time 540 iterations with 2 layers beat 440 with 3 (AP50 0.731 / 0.748 vs
+    # 0.692 / 0.704 on seeds 0 / 1; 1 layer, 677 iterations: 0.752 AP50 but AP 0.423 vs 0.446 and no iterative
+    # refinement left for SPR to act on).
     # Iterations, not wall time, bound the run so that it is reproducible.
     return RunConfig(
         name="cpu",
@@ -325,7 +326,7 @@ def _cpu() -> RunConfig:
         loss=LossConfig(eta_per_layer=(1.5, 1.0)),
         train=TrainConfig(batch_size=4, epochs=200, max_iters=520, lr=1.6e-3, lr_backbone_mult=1.0,
                           warmup_iters=50, lr_schedule="cosine", ema_decay=0.0,
-                          clip_max_norm=0.1, amp=True, eval_every=130, checkpoint_every=130, threads=2),
+                          clip_max_norm=0.1, amp=False, eval_every=130, checkpoint_every=130, threads=2),
     )
 
 

@@ -11,7 +11,7 @@ PACKAGE = Path(sodlib.__file__).parent
 
 # lower number = lower layer; a module may import its own unit or a unit of a strictly lower layer
 LAYERS = {
-    "sodlib.config": 0, "sodlib.io": 0, "sodlib.box_ops": 0,
+    "sodlib.config": 0, "sodlib.io": 0, "sodlib.box_ops": 0, "sodlib.hardware": 0,
     "sodlib.checkpoints": 1,
     "sodlib.data": 2, "sodlib.models": 2, "sodlib.evaluation": 2,
     "sodlib.losses": 3,

@@ -65,6 +65,13 @@ def test_unknown_profile():
         get_profile("huge")
 
 
+def test_cpu_profiles_train_in_float32_and_the_gpu_profile_in_bf16():
+    for name in ("smoke", "cpu", "ablation"):
+        assert get_profile(name).train.device == "cpu" and get_profile(name).train.amp is False, name
+    assert get_profile("paper").train.device == "cuda" and get_profile("paper").train.amp is True
+    assert override(get_profile("cpu"), "train.amp=true").train.amp is True  # bf16 autocast stays an option
+
+
 def test_ablation_profile_is_rt_detr_as_paper_a_used_it():
     from sodlib import build_detector
     cfg = get_profile("ablation")

@@ -184,6 +184,33 @@ def test_max_iters_beyond_the_epochs_is_announced(tmp_path, caplog):
     assert "train.max_iters=50 is more than train.epochs=1 allow" in caplog.text
 
 
+def _no_dataset(monkeypatch):
+    from sodlib.training import engine
+    monkeypatch.setattr(engine, "build_dataset", lambda *a, **k: (_ for _ in ()).throw(AssertionError("built")))
+
+
+def test_amp_where_autocast_cannot_run_is_refused_before_any_work(tmp_path, monkeypatch):
+    _no_dataset(monkeypatch)
+    with pytest.raises(ValueError, match=r"train\.amp=true: .* device 'meta'"):
+        train(_smoke("train.amp=true", "train.device=meta"), tmp_path, progress=False)
+    assert not any(tmp_path.iterdir())
+
+
+def test_emulated_bf16_is_announced_once_before_the_dataset(tmp_path, monkeypatch, caplog):
+    from sodlib import hardware
+    _no_dataset(monkeypatch)
+    monkeypatch.setattr(hardware, "cpu_has_native_bf16", lambda: False)
+    hardware._warn_emulated_bf16.cache_clear()
+    try:
+        with caplog.at_level("WARNING", logger="sodlib.hardware"):
+            for run in ("a", "b"):
+                with pytest.raises(AssertionError, match="built"):
+                    train(_smoke("train.amp=true"), tmp_path / run, progress=False)
+    finally:
+        hardware._warn_emulated_bf16.cache_clear()
+    assert len(caplog.records) == 1 and "bf16 autocast is emulated on this CPU" in caplog.records[0].getMessage()
+
+
 def test_exploding_weights_never_replace_the_last_good_checkpoint(tmp_path, monkeypatch):
     """The loss stays finite but a BatchNorm statistic turns inf after iteration 3 (train-mode batch norms do not
     read it, so nothing else fails): the run stops at the next checkpoint naming the iteration and the tensor,

@@ -261,7 +261,8 @@ def step_plateau(results_dir: Path, seeds: int = 2, train: bool = True) -> pd.Da
 
 GEOMETRY_VARIANTS = {  # profile: {label: overrides}; the first is the reference
     "ablation": {"float32 geometry": (), "bf16-rounded geometry": ("model.bf16_geometry=true",)},
-    "cpu": {"bf16 geometry (autocast)": (), "float32 geometry": ("model.fp32_geometry=true",)},
+    "cpu": {"bf16 geometry (autocast)": ("train.amp=true",),
+            "float32 geometry": ("train.amp=true", "model.fp32_geometry=true")},
 }
 
 

@@ -32,6 +32,7 @@ from sodlib.checkpoints import load_checkpoint, save_checkpoint
 from sodlib.config import RunConfig
 from sodlib.data.datasets import build_dataset, collate_fn
 from sodlib.data.datastats import min_instance_size_px
+from sodlib.hardware import check_amp
 from sodlib.inference.heatmaps import figure_rows, object_attention, plot_object_attention
 from sodlib.inference.predict import evaluate_model
 from sodlib.io import atomic_write_json, atomic_write_text
@@ -154,6 +155,7 @@ def train(cfg: RunConfig, out_dir: str | os.PathLike, data_root: str | None = No
             return stored_metrics
 
     tc = cfg.train
+    check_amp(tc.amp, tc.device)  # before any work: bf16 autocast where it cannot run, or runs emulated
     code_sha()  # provenance names the code this process loaded, not the commit the tree reached at the end
     rank, world, device = init_distributed(tc.device)
     main_process = rank == 0
