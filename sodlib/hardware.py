@@ -3,7 +3,9 @@
 :func:`cpu_has_native_bf16` reads ``/proc/cpuinfo`` once: x86 CPUs with ``avx512_bf16`` or ``amx_bf16`` and
 aarch64 CPUs with the ``bf16`` feature run bf16 autocast natively; elsewhere it is emulated, about 10x slower
 than float32. Where ``/proc/cpuinfo`` is missing (macOS, Windows) it answers False. :func:`cpu_features`
-names the machine by cores, architecture and those flags, for results text and provenance.
+names the machine by cores, architecture and those flags, for results text and provenance;
+:func:`machine_kind` names what picks the float32 kernels a training runs (vendor, torch's CPU capability, ISA
+flags): two machines of one kind retrain a run to the same bits, machines of two kinds may not.
 :func:`check_amp` is what training runs before any work: it refuses ``train.amp`` where autocast cannot run
 and warns once per process where it runs emulated. Foundation layer: imports nothing from sodlib.
 """
@@ -57,6 +59,35 @@ def cpu_features(cpuinfo_path: str | os.PathLike = CPUINFO) -> str:
     flags = cpu_flags(_read_cpuinfo(cpuinfo_path))
     named = " ".join(f for f in REPORTED_FLAGS if f in flags)
     return ", ".join(p for p in (f"{os.cpu_count() or 1} cores", platform.machine() or "unknown", named) if p)
+
+
+# the flags that select oneDNN's and MKL's float32 kernels (vector width, FMA, AMX tiles) and aarch64's SIMD units
+KERNEL_FLAGS = ("avx2", "fma", "avx512f", "avx512bw", "avx512vl", "avx512_vnni", "avx512_bf16", "avx512_fp16",
+                "amx_tile", "asimd", "sve")
+
+
+def cpu_vendor(cpuinfo_text: str) -> str:
+    """x86's ``vendor_id`` (``GenuineIntel``, ``AuthenticAMD``) or aarch64's ``CPU implementer`` (``arm-0x41``);
+    ``unknown`` when the text names neither."""
+    for line in cpuinfo_text.splitlines():
+        key, sep, value = line.partition(":")
+        if sep and key.strip() == "vendor_id":
+            return value.strip()
+        if sep and key.strip() == "CPU implementer":
+            return f"arm-{value.strip()}"
+    return "unknown"
+
+
+def machine_kind(cpuinfo_path: str | os.PathLike = CPUINFO) -> str:
+    """What picks the float32 kernels of a training on this CPU, in one line: vendor, architecture, torch's
+    vectorised-kernel capability and the :data:`KERNEL_FLAGS` present, e.g.
+    ``"GenuineIntel x86_64 AVX512 avx2 fma avx512f avx512bw avx512vl avx512_vnni avx512_bf16 avx512_fp16 amx_tile"``.
+    MKL and oneDNN choose their code paths from the vendor and these flags, ATen from the capability."""
+    text = _read_cpuinfo(cpuinfo_path)
+    flags = cpu_flags(text)
+    named = [f for f in KERNEL_FLAGS if f in flags]
+    capability = torch.backends.cpu.get_cpu_capability()
+    return " ".join([cpu_vendor(text), platform.machine() or "unknown", capability, *named])
 
 
 @functools.cache

@@ -111,3 +111,16 @@ def test_cuda_without_bf16_is_refused(monkeypatch):
     monkeypatch.setattr(torch.cuda, "is_bf16_supported", lambda *a, **k: False)
     with pytest.raises(ValueError, match=r"^train\.amp=true: device 'cuda:1' does not support bf16"):
         hardware.check_amp(True, "cuda:1")
+
+
+def test_machine_kind_names_vendor_capability_and_kernel_flags(tmp_path, monkeypatch):
+    info = tmp_path / "cpuinfo"
+    info.write_text("processor\t: 0\nvendor_id\t: AuthenticAMD\nflags\t\t: fpu sse2 avx2 fma avx512f avx512bw\n"
+                    "processor\t: 1\nvendor_id\t: AuthenticAMD\nflags\t\t: fpu sse2 avx2 fma avx512f avx512bw\n")
+    monkeypatch.setattr(torch.backends.cpu, "get_cpu_capability", lambda: "AVX512")
+    assert hardware.machine_kind(info) == f"AuthenticAMD {platform.machine()} AVX512 avx2 fma avx512f avx512bw"
+    arm = tmp_path / "arm"
+    arm.write_text("processor\t: 0\nFeatures\t: fp asimd sve bf16\nCPU implementer\t: 0x41\n")
+    assert hardware.machine_kind(arm).split()[0] == "arm-0x41"
+    assert hardware.machine_kind(arm).endswith("asimd sve")
+    assert hardware.machine_kind(tmp_path / "missing").split()[0] == "unknown"

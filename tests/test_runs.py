@@ -161,3 +161,12 @@ def test_provenance_names_the_code_loaded_and_where_the_tree_ended(monkeypatch):
     assert info["git_sha"] == "a" * 40 and info["git_sha_at_end"] == "b" * 40
     monkeypatch.setattr(runs, "git_sha", lambda repo=None: "a" * 40)
     assert "git_sha_at_end" not in runs.provenance()
+
+
+def test_provenance_names_the_cpu_and_the_kind_of_machine(monkeypatch):
+    from sodlib import hardware
+
+    monkeypatch.setattr(runs, "machine_kind", lambda: "AuthenticAMD x86_64 AVX2 avx2 fma")
+    info = runs.provenance()
+    assert info["machine_kind"] == "AuthenticAMD x86_64 AVX2 avx2 fma"
+    assert info["cpu"] == hardware.cpu_features() and info["cpu"].startswith(f"{os.cpu_count()} cores")

@@ -15,6 +15,7 @@ from pathlib import Path
 from typing import Any
 
 from sodlib.config import RunConfig
+from sodlib.hardware import cpu_features, machine_kind
 from sodlib.io import SOURCE_ROOT, atomic_write_json, json_default
 
 log = logging.getLogger(__name__)
@@ -107,6 +108,8 @@ def provenance(seed: int | None = None, wall_seconds: float | None = None, devic
         "python": platform.python_version(),
         "platform": platform.platform(),
         "cpu_count": os.cpu_count(),
+        "cpu": cpu_features(),
+        "machine_kind": machine_kind(),
         "packages": package_versions(),
         "created_utc": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
     }
