@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -275,3 +276,23 @@ def test_train_cli_refuses_a_foreign_folder_as_synthsod(tmp_path, capsys):
     err = capsys.readouterr().err
     assert "SynthSOD did not write them" in err and "Traceback" not in err
     assert _snapshot(root) == before
+
+
+def _ensure_in_child(out_dir: str, start) -> str:
+    start.wait()
+    return str(synth.ensure_split(out_dir, "train", 24, 64, progress=False))
+
+
+def test_ensure_split_from_two_processes_at_once_generates_one_complete_split(tmp_path):
+    import multiprocessing
+    from concurrent.futures import ProcessPoolExecutor
+
+    ctx = multiprocessing.get_context("spawn")
+    with ctx.Manager() as manager, ProcessPoolExecutor(2, mp_context=ctx) as pool:
+        start = manager.Barrier(2)
+        paths = [f.result() for f in [pool.submit(_ensure_in_child, str(tmp_path), start) for _ in range(2)]]
+    assert paths[0] == paths[1]
+    coco = json.loads(Path(paths[0]).read_text())
+    assert len(coco["images"]) == 24
+    assert sorted(p.name for p in (tmp_path / "images" / "train").glob("*.png")) == [f"{i:06d}.png" for i in range(24)]
+    assert not list((tmp_path / "images").glob(".*")) and not list((tmp_path / "annotations").glob(".*"))

@@ -22,6 +22,7 @@ planning and rendering primitives it composes live in :mod:`sodlib.data.synth_sc
 
 from __future__ import annotations
 
+import contextlib
 import io
 import json
 import os
@@ -287,16 +288,42 @@ def _link_or_copy(src: Path, dst: Path):
         shutil.copyfile(src, dst)
 
 
+def _complete(out_dir, split: str, info: dict) -> bool:
+    data = _load_json(annotation_path(out_dir, split))
+    if data is None or data.get("info") != info:
+        return False
+    folder = Path(out_dir) / "images" / split
+    return all((folder / im["file_name"]).exists() for im in data["images"])
+
+
+@contextlib.contextmanager
+def _split_lock(out_dir: Path, split: str):
+    """Hold an exclusive lock on ``out_dir/.<split>.lock`` (POSIX; elsewhere nothing is locked): processes that
+    need the same split at once (parallel trainings, test workers) generate it once, one after the other."""
+    try:
+        import fcntl
+    except ImportError:  # Windows
+        yield
+        return
+    out_dir.mkdir(parents=True, exist_ok=True)
+    with open(out_dir / f".{split}.lock", "a") as f:
+        fcntl.flock(f, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(f, fcntl.LOCK_UN)
+
+
 def ensure_split(out_dir, split: str, num_images: int, size: int, seed: int = 0,
                  ignore_regions: bool = False, progress: bool = True) -> Path:
     """Return the json path of a split, generating it only when it is missing, incomplete or its
-    ``info`` does not match the requested parameters."""
-    json_path = annotation_path(out_dir, split)
-    data = _load_json(json_path)
-    if data is not None and data.get("info") == _info(split, num_images, size, seed, ignore_regions):
-        folder = Path(out_dir) / "images" / split
-        if all((folder / im["file_name"]).exists() for im in data["images"]):
-            return json_path
-    return write_split(out_dir, split, num_images, size, seed, ignore_regions, progress, reuse=True)
+    ``info`` does not match the requested parameters. Safe to call from several processes at once."""
+    info = _info(split, num_images, size, seed, ignore_regions)
+    if _complete(out_dir, split, info):
+        return annotation_path(out_dir, split)
+    with _split_lock(Path(out_dir), split):
+        if _complete(out_dir, split, info):  # another process finished it while this one waited
+            return annotation_path(out_dir, split)
+        return write_split(out_dir, split, num_images, size, seed, ignore_regions, progress, reuse=True)
 
 
