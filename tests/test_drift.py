@@ -7,10 +7,10 @@ import warnings
 import pytest
 
 from sodlib.hardware import machine_kind
+from sodlib.io import SOURCE_ROOT
 from sodlib.studies import drift
-from sodlib.training.runs import default_results_dir
 
-RESULTS = default_results_dir()
+RESULTS = SOURCE_ROOT / "results"  # the committed runs and records, not the tests' folder
 RECORD_HINT = "regenerate the affected runs, then `python -m sodlib.studies.drift --record`"
 
 
@@ -31,9 +31,9 @@ def test_code_path_matches_recorded_losses(path):
 
 @pytest.mark.parametrize("path", sorted(drift.COMMITTED_RUNS))
 def test_committed_run_retrains_to_its_own_log(path):
-    reference, ref_kind = drift.committed_losses(path)
+    reference, ref_kind = drift.committed_losses(path, RESULTS)
     recorded = drift.recorded_by_kind(RESULTS / "drift_committed.json", "runs", path)
-    current = drift.retrain_committed(path)
+    current = drift.retrain_committed(path, RESULTS)
     problems, note = drift.check(reference, ref_kind, recorded, current, machine_kind())
     if note:
         warnings.warn(f"committed run {drift.COMMITTED_RUNS[path]} ({path}): {note}", stacklevel=1)
@@ -45,7 +45,7 @@ def test_committed_runs_exist_and_name_their_path():
     record = json.loads((RESULTS / "drift_committed.json").read_text())
     assert record["run_of"] == drift.COMMITTED_RUNS
     for path in drift.COMMITTED_RUNS:
-        rows, _ = drift.committed_losses(path)
+        rows, _ = drift.committed_losses(path, RESULTS)
         assert [r[0] for r in rows] == [1.0, float(drift.COMMITTED_ITERATIONS)]
 
 

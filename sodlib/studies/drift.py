@@ -70,26 +70,36 @@ def guard_config(path: str) -> RunConfig:
 
 
 def loss_columns(row: dict) -> list[str]:
+    """The columns a code-path record holds: iteration, total loss, every weighted term summed over layers."""
     return ["iteration", "loss", *sorted(k for k in row if k.endswith("_all"))]
 
 
-def _log_rows(log_csv: Path, iterations: int | None = None) -> list[list[float]]:
-    """``[iteration, total loss, every weighted term summed over layers...]`` of each row of a ``log.csv``
-    (up to ``iterations``)."""
+def log_columns(row: dict) -> list[str]:
+    """The columns a committed run's guard compares: iteration, total loss and every logged loss term (a log
+    written by older code has fewer terms; the retrained one is read in the committed log's columns)."""
+    return ["iteration", "loss", *sorted(k for k in row if k.startswith("loss_"))]
+
+
+def _log_rows(log_csv: Path, iterations: int | None = None, columns=loss_columns) -> list[list[float]]:
+    """The rows of a ``log.csv`` (up to ``iterations``) in ``columns``: a list of names, or a function of the
+    first row that gives them."""
     with open(log_csv, newline="") as f:
         rows = [r for r in csv.DictReader(f) if iterations is None or int(r["iteration"]) <= iterations]
     if not rows:
         raise ValueError(f"{log_csv}: no logged iteration")
-    columns = loss_columns(rows[0])
-    return [[float(r[c]) for c in columns] for r in rows]
+    names = columns(rows[0]) if callable(columns) else columns
+    missing = [c for c in names if c not in rows[0]]
+    if missing:
+        raise ValueError(f"{log_csv}: no column {', '.join(missing)}")
+    return [[float(r[c]) for c in names] for r in rows]
 
 
-def _retrain(cfg: RunConfig, iterations: int, data_root: str | None = None) -> list[list[float]]:
+def _retrain(cfg: RunConfig, iterations: int, data_root: str | None = None, columns=loss_columns) -> list[list[float]]:
     from sodlib.training.engine import train
 
     with tempfile.TemporaryDirectory(prefix="sodlib-drift-") as tmp:
         train(cfg, tmp, data_root=data_root, progress=False, stop_after=iterations)
-        return _log_rows(Path(tmp) / "log.csv")
+        return _log_rows(Path(tmp) / "log.csv", columns=columns)
 
 
 def first_losses(path: str, data_root: str | None = None) -> list[list[float]]:
@@ -104,20 +114,27 @@ def committed_run(path: str, results_dir: Path | None = None) -> Path:
     return Path(results_dir or default_results_dir()) / "runs" / COMMITTED_RUNS[path]
 
 
+def _committed_columns(folder: Path) -> list[str]:
+    with open(folder / "log.csv", newline="") as f:
+        return log_columns(next(csv.DictReader(f)))
+
+
 def committed_losses(path: str, results_dir: Path | None = None) -> tuple[list[list[float]], str]:
-    """The committed run of ``path``: its logged losses up to :data:`COMMITTED_ITERATIONS` and the kind of
-    machine that trained it (:data:`UNRECORDED` when its provenance names none)."""
+    """The committed run of ``path``: its logged losses (:func:`log_columns`) up to
+    :data:`COMMITTED_ITERATIONS` and the kind of machine that trained it (:data:`UNRECORDED` when its
+    provenance names none)."""
     folder = committed_run(path, results_dir)
     prov = folder / "provenance.json"
     kind = json.loads(prov.read_text()).get("machine_kind", UNRECORDED) if prov.exists() else UNRECORDED
-    return _log_rows(folder / "log.csv", COMMITTED_ITERATIONS), kind
+    return _log_rows(folder / "log.csv", COMMITTED_ITERATIONS, log_columns), kind
 
 
 def retrain_committed(path: str, results_dir: Path | None = None, data_root: str | None = None) -> list[list[float]]:
-    """The committed run of ``path`` retrained :data:`COMMITTED_ITERATIONS` steps with the code here."""
+    """The committed run of ``path`` retrained :data:`COMMITTED_ITERATIONS` steps with the code here, in the
+    committed log's columns."""
     folder = committed_run(path, results_dir)
     cfg = RunConfig.from_dict(json.loads((folder / "config.json").read_text()))
-    return _retrain(cfg, COMMITTED_ITERATIONS, data_root)
+    return _retrain(cfg, COMMITTED_ITERATIONS, data_root, _committed_columns(folder))
 
 
 def mismatches(recorded: list[list[float]], current: list[list[float]], rtol: float = 0.0) -> list[str]:
