@@ -137,3 +137,39 @@ def test_an_unchanged_tree_and_bad_folders(repo, tmp_path_factory, capsys):
     assert cli.main(["compare", "--results", str(outside)]) == 2
     assert "git rev-parse --show-toplevel failed" in capsys.readouterr().err
     assert cli.main(["compare", "--results", str(repo / "results"), "--rev", "nosuchrev"]) == 2
+
+
+def _run_files(ap: float, loss: str, kind: str | None, seed: int = 0) -> dict[str, str]:
+    cfg = get_profile("smoke").to_dict()
+    cfg["train"]["seed"] = seed
+    prov = {"git_sha": "a" * 40, **({"machine_kind": kind} if kind else {})}
+    return {"config.json": json.dumps(cfg), "metrics.json": json.dumps({"AP": ap, "train_seconds": 9.0}),
+            "log.csv": LOG.replace("13.5222", loss), "provenance.json": json.dumps(prov)}
+
+
+def _commit_runs(repo, runs: dict[str, dict[str, str]]):
+    for run, files in runs.items():
+        for name, text in files.items():
+            (repo / "results/runs" / run).mkdir(parents=True, exist_ok=True)
+            (repo / "results/runs" / run / name).write_text(text)
+    subprocess.run(["git", "add", "."], cwd=repo, check=True)
+    subprocess.run(["git", "-c", "user.name=t", "-c", "user.email=t@t", "commit", "-qm", "runs"], cwd=repo, check=True)
+
+
+@pytest.mark.parametrize("committed_kind", ["AuthenticAMD x86_64 AVX2 avx2 fma", None])
+def test_a_run_retrained_on_another_kind_of_machine_is_named_with_its_size(repo, committed_kind, capsys):
+    _commit_runs(repo, {"r0": _run_files(0.40, "13.5222", committed_kind),
+                        "r1": _run_files(0.42, "13.6", committed_kind, seed=1),
+                        "r2": _run_files(0.44, "13.4", committed_kind, seed=2)})
+    for name, text in _run_files(0.41, "13.5301", "GenuineIntel x86_64 AVX512 avx2 fma avx512f").items():
+        (repo / "results/runs/r0" / name).write_text(text)
+    table = dict(zip(compare(repo / "results")["path"], zip(*[compare(repo / "results")[c] for c in ("verdict", "detail")])))
+    expected = "machine" if committed_kind else "differs"
+    assert table["results/runs/r0/metrics.json"][0] == expected and table["results/runs/r0/log.csv"][0] == expected
+    detail = table["results/runs/r0/metrics.json"][1]
+    committed = "AuthenticAMD x86_64 AVX2" if committed_kind else "a kind not recorded"
+    assert detail.startswith(f"retrained on GenuineIntel x86_64 AVX512, committed on {committed}: "
+                             f"AP 0.4000 -> 0.4100 (+0.0100; seed std of this config 0.0153 over 3)")  # 0.41, 0.42, 0.44
+    assert table["results/runs/r0/provenance.json"][0] == "provenance"
+    assert cli.main(["compare", "--results", str(repo / "results")]) == (0 if committed_kind else 1)
+    assert f"2 {expected}" in capsys.readouterr().out

@@ -16,6 +16,11 @@ After ``make reproduce`` (in a fresh clone, or after a refactoring) ``sodlib com
   outputs (which print wall times) are summarised by how many code cells print something else;
 - ``as its .csv`` — a Markdown table whose ``.csv`` sibling is compared (and is not ``differs``);
 - ``new`` — a file the committed tree lacks (e.g. a retrained run's ``mechanisms.json``);
+- ``machine`` — a run's log or metrics that differ while its provenance says it was retrained on another kind of
+  machine than the committed run (:func:`sodlib.hardware.machine_kind`): float32 training is bit-reproducible on
+  one kind only (``sodlib.studies.drift``). The detail gives the size: the AP before and after, and the spread of
+  AP over the seeds of the same configuration. Where the committed run names no kind of machine the file stays
+  ``differs`` with the same detail;
 - ``differs`` / ``deleted`` — a number, figure or file that did not come back: the reproduction failed.
 
 The exit status is 1 when any file ``differs`` or is ``deleted``, else 0.
@@ -163,6 +168,59 @@ def compare_bytes(path: str, old: bytes, new: bytes) -> tuple[str, str]:
     return "differs", f"{len(old)} -> {len(new)} bytes"
 
 
+RUN_NUMBERS = ("log.csv", "eval.csv", "metrics.json", "mechanisms.json")  # what a retrained run's machine moves
+
+
+def _seed_spread(runs_dir: Path, run: str) -> tuple[float, int]:
+    """Standard deviation of AP over the finished runs under ``runs_dir`` whose config is ``run``'s but for
+    ``train.seed``, and how many there are."""
+    def key(folder: Path) -> str:
+        cfg = json.loads((folder / "config.json").read_text())
+        cfg.get("train", {}).pop("seed", None)
+        return json.dumps(cfg, sort_keys=True)
+
+    try:
+        mine = key(runs_dir / run)
+    except (OSError, ValueError):
+        return float("nan"), 0
+    aps = []
+    for folder in runs_dir.iterdir():
+        try:
+            if (folder / "metrics.json").exists() and key(folder) == mine:
+                aps.append(float(json.loads((folder / "metrics.json").read_text())["AP"]))
+        except (OSError, ValueError, KeyError):
+            continue
+    return (float(np.std(aps, ddof=1)) if len(aps) > 1 else float("nan")), len(aps)
+
+
+def _short_kind(kind: str | None) -> str:
+    return " ".join(kind.split()[:3]) if kind else "a kind not recorded"
+
+
+def _machine_verdicts(repo: Path, rev: str, rows: dict[str, tuple[str, str]]) -> None:
+    """Relabel the differing numbers of each run retrained on another kind of machine (see the module docstring)."""
+    for prov_path, (verdict, _) in list(rows.items()):
+        if verdict != "provenance" or Path(prov_path).parent.parent.name != "runs":
+            continue
+        folder = Path(prov_path).parent
+        old, new = (json.loads(x).get("machine_kind") for x in (_git(repo, "show", f"{rev}:{prov_path}"),
+                                                                  (repo / prov_path).read_bytes()))
+        if new is None or old == new:
+            continue
+        try:
+            ap_old = json.loads(_git(repo, "show", f"{rev}:{folder / 'metrics.json'}"))["AP"]
+            ap_new = json.loads((repo / folder / "metrics.json").read_text())["AP"]
+            std, n = _seed_spread(repo / folder.parent, folder.name)
+            size = f"AP {ap_old:.4f} -> {ap_new:.4f} ({ap_new - ap_old:+.4f}; seed std of this config {std:.4f} over {n})"
+        except (ValueError, KeyError, OSError):
+            size = "no metrics to compare"
+        note = f"retrained on {_short_kind(new)}, committed on {_short_kind(old)}: {size}"
+        for name in RUN_NUMBERS:
+            key = (folder / name).as_posix()
+            if rows.get(key, ("",))[0] == "differs":
+                rows[key] = ("machine" if old else "differs", f"{note}; {rows[key][1]}")
+
+
 def compare(results_dir: str | Path = "results", rev: str = "HEAD") -> pd.DataFrame:
     """One row per changed file under ``results_dir``: ``path``, ``verdict`` (see the module docstring) and
     ``detail``."""
@@ -175,6 +233,7 @@ def compare(results_dir: str | Path = "results", rev: str = "HEAD") -> pd.DataFr
             rows[path] = ("new", "")
         else:
             rows[path] = compare_bytes(path, _git(repo, "show", f"{rev}:{path}"), (repo / path).read_bytes())
+    _machine_verdicts(repo, rev, rows)
     for path, (verdict, _) in rows.items():  # a Markdown table follows the .csv it was written from
         sibling = rows.get(str(Path(path).with_suffix(".csv")))
         if Path(path).suffix == ".md" and verdict == "differs" and sibling and sibling[0] not in FAIL:
