@@ -6,7 +6,13 @@ import pandas as pd
 import pytest
 
 from sodlib.studies import ablations as A
-from sodlib.studies.stats import holm, paired_difference, resolvable_difference
+from sodlib.studies.stats import (
+    detectable_difference,
+    holm,
+    holm_resolvable_difference,
+    paired_difference,
+    resolvable_difference,
+)
 
 
 def test_paired_difference_hand_computed():
@@ -44,8 +50,12 @@ def test_resolvable_difference_and_table_line():
     assert math.isnan(resolvable_difference(1.0, 1))
     summary = pd.DataFrame({"sd_diff": [1.0, 2.0, float("nan")], "pairs": [5, 5, 1]})
     line = A.resolution_line(summary)
-    # pooled sd sqrt((1 + 4) / 2) = 1.5811, t_0.975,4 = 2.776445: 1.9632
-    assert "5 paired seeds" in line and "1.58" in line and "±1.96 AP points" in line and "2 comparisons" in line
+    # pooled sd sqrt((1 + 4) / 2) = 1.5811; Holm's first step over 2: t_{1-0.05/4, 4} = 3.4954 -> 2.4716;
+    # uncorrected t_0.975,4 = 2.776445 -> 1.9632
+    assert "5 paired seeds" in line and "1.58" in line and "2 comparisons (level 0.05/2)" in line
+    assert "resolves |dAP| ≥ 2.47 AP points" in line and "half-width ±1.96)" in line
+    power = detectable_difference(math.sqrt(2.5), 5, 2)
+    assert f"a true difference of {power:.2f} is found with 80% power" in line and power > 2.47
 
 
 def _runs(values: dict[str, list[float]]) -> pd.DataFrame:
@@ -83,3 +93,25 @@ def test_write_summaries_writes_each_table_and_its_runs(tmp_path):
     assert len(pd.read_csv(tmp_path / "table9_runs.csv")) == 6 and (tmp_path / "table9.md").is_file()
     A.write_summaries([table], {"table9": runs}, "smoke", tmp_path, device="cuda:1")  # the GPU set beside it
     assert (tmp_path / "table9_smoke_cuda.csv").is_file()
+
+
+def test_holm_first_step_resolves_the_half_width_at_alpha_over_m():
+    # t_{1-0.05/(2*5), 2} = t_{0.995, 2} = 9.9248 (tables): 9.9248 * 1 / sqrt(3) = 5.7301
+    assert holm_resolvable_difference(1.0, 3, 5) == pytest.approx(5.7301, abs=1e-3)
+    assert holm_resolvable_difference(1.0, 3, 1) == pytest.approx(resolvable_difference(1.0, 3))  # m = 1: plain
+    assert math.isnan(holm_resolvable_difference(1.0, 1, 5))
+    with pytest.raises(ValueError, match="m=0"):
+        holm_resolvable_difference(1.0, 3, 0)
+
+
+def test_detectable_difference_has_the_asked_power():
+    from scipy import stats
+
+    d = detectable_difference(1.0, 3, 5)
+    crit, nc = stats.t.ppf(0.995, 2), d * math.sqrt(3)
+    assert stats.nct.sf(crit, 2, nc) + stats.nct.cdf(-crit, 2, nc) == pytest.approx(0.8, abs=1e-6)
+    assert d > holm_resolvable_difference(1.0, 3, 5)  # 80% power needs more than the critical value
+    # many pairs: the normal approximation (z_{0.975} + z_{0.8}) sd / sqrt(n) = 2.8016 / sqrt(200) = 0.1981
+    assert detectable_difference(1.0, 200) == pytest.approx(0.1981, abs=2e-3)
+    assert detectable_difference(2.0, 5, 5) == pytest.approx(2 * detectable_difference(1.0, 5, 5))  # scales with sd
+    assert math.isnan(detectable_difference(1.0, 1)) and detectable_difference(0.0, 3) == 0.0

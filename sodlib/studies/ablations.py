@@ -496,19 +496,21 @@ def compare(table: Table, runs: pd.DataFrame, metric: str = "AP") -> pd.DataFram
     return df
 
 
-def resolution_line(summary: pd.DataFrame, confidence: float = 0.95) -> str:
-    """One line: the smallest |dAP| this table resolves, from the pooled spread of its paired differences."""
-    from sodlib.studies.stats import resolvable_difference
+def resolution_line(summary: pd.DataFrame, alpha: float = 0.05, power: float = 0.8) -> str:
+    """One line: the smallest |dAP| Holm's first step resolves over this table's comparisons, and the difference
+    found with ``power``, from the pooled spread of its paired differences (and the uncorrected half-width)."""
+    from sodlib.studies.stats import detectable_difference, holm_resolvable_difference, resolvable_difference
 
     d = summary.dropna(subset=["sd_diff"])
     if d.empty:
         return "Resolution: no comparison has two paired seeds, so this table resolves no difference."
-    n = int(d["pairs"].min())
+    n, m = int(d["pairs"].min()), len(d)
     sd = math.sqrt((d["sd_diff"] ** 2).mean())
-    half = resolvable_difference(sd, n, confidence)
     return (f"Resolution: with {n} paired seeds and a pooled per-seed sd of the differences of {sd:.2f} AP points, "
-            f"the smallest difference whose {int(100 * confidence)}% interval excludes 0 is ±{half:.2f} AP points "
-            f"(before Holm's correction over {len(d)} comparisons).")
+            f"Holm's first step over {m} comparisons (level {alpha}/{m}) resolves |dAP| ≥ "
+            f"{holm_resolvable_difference(sd, n, m, alpha):.2f} AP points, and a true difference of "
+            f"{detectable_difference(sd, n, m, alpha, power):.2f} is found with {int(100 * power)}% power "
+            f"(uncorrected {int(100 * (1 - alpha))}% half-width ±{resolvable_difference(sd, n, 1 - alpha):.2f}).")
 
 
 def paired_verdict(table: Table, summary: pd.DataFrame, alpha: float = 0.05) -> str:

@@ -5,7 +5,9 @@ row is compared with its reference through the per-seed differences d_s = row_s 
 Student-t interval and a two-sided one-sample t-test against 0. Holm's step-down procedure corrects the
 p-values of all comparisons of one table together. :func:`resolvable_difference` is the half-width of
 the 95% interval for a given spread of the differences: the smallest mean difference whose interval
-excludes 0 (before the multiple-comparison correction).
+excludes 0 (before the multiple-comparison correction). With ``m`` comparisons in a table, Holm's first step
+tests at α/m: :func:`holm_resolvable_difference` is the smallest mean difference it rejects, and
+:func:`detectable_difference` the true difference it finds with a given power (80% by default).
 """
 
 from __future__ import annotations
@@ -15,7 +17,8 @@ from collections.abc import Sequence
 
 import numpy as np
 
-__all__ = ["holm", "paired_difference", "resolvable_difference"]
+__all__ = ["detectable_difference", "holm", "holm_resolvable_difference", "paired_difference",
+           "resolvable_difference"]
 
 
 def paired_difference(row: Sequence[float], ref: Sequence[float], confidence: float = 0.95) -> dict[str, float]:
@@ -63,3 +66,37 @@ def holm(pvalues: Sequence[float]) -> list[float]:
         running = max(running, min(1.0, (m - rank) * p[i]))
         out[i] = running
     return out.tolist()
+
+
+def holm_resolvable_difference(sd: float, n: int, m: int, alpha: float = 0.05) -> float:
+    """The smallest |mean difference| that Holm's first step resolves among ``m`` comparisons: the half-width
+    t_{1-α/(2m), n-1} · sd / sqrt(n) of the paired two-sided test at level α/m (NaN for n < 2)."""
+    if m < 1:
+        raise ValueError(f"need at least one comparison, got m={m}")
+    return resolvable_difference(sd, n, 1 - alpha / m)
+
+
+def detectable_difference(sd: float, n: int, m: int = 1, alpha: float = 0.05, power: float = 0.8) -> float:
+    """The true mean difference that the paired two-sided t-test at Holm's first-step level α/m finds with
+    probability ``power``, for ``n`` pairs whose differences have standard deviation ``sd`` (noncentral t;
+    NaN for n < 2)."""
+    from scipy import optimize, stats
+
+    if n < 2 or not math.isfinite(sd):
+        return math.nan
+    if not 0 < power < 1:
+        raise ValueError(f"power must lie in (0, 1), got {power}")
+    if sd == 0:
+        return 0.0
+    df, level = n - 1, alpha / max(m, 1)
+    crit = stats.t.ppf(1 - level / 2, df)
+
+    def shortfall(effect: float) -> float:  # effect = difference / (sd / sqrt(n)), the noncentrality
+        far_tail = stats.nct.cdf(-crit, df, effect)  # rejections of the wrong sign: ~0, NaN far out in scipy
+        return stats.nct.sf(crit, df, effect) + (far_tail if math.isfinite(far_tail) else 0.0) - power
+
+    high = crit + 1.0
+    while shortfall(high) < 0:
+        high *= 2
+    effect = optimize.brentq(shortfall, 0.0, high)
+    return float(effect * sd / math.sqrt(n))
