@@ -27,7 +27,7 @@ EXPECTED_TEXT = {
     "01_scale_aligned_target": ["rho always in [u, 1/u]: True", "r is increasing in |t - s| for every w: True"],
     "02_sample_point_refinement": ["matched queries"],
     "03_training": ["sodad APeS"],
-    "04_ablations": ["Table 3 · ST / SR / SPR combinations: ", "comparisons are resolved", "Resolution:"],
+    "04_ablations": ["Table 3 · ST / SR / SPR combinations: ", "comparisons are resolved", "Resolution:", "Holm's first step over", "Mechanisms: "],
     "05_heatmaps": ["in-box attention share, last decoder layer: baseline"],
     "06_mrqm": ["positives per GT"],
     "07_real_data": ["neon_trees test tile"],
