@@ -129,7 +129,8 @@ def _cmd_reproduce(args) -> int:
     try:
         return reproduce.main(profile=args.profile, only=args.only, seeds=args.seeds,
                               results_dir=Path(args.out) if args.out else _results(), data=args.data or "",
-                              device=args.device or "", train_missing=args.train_missing)
+                              device=args.device or "", train_missing=args.train_missing, tables=args.tables,
+                              rows=args.rows)
     except reproduce.ReproductionError as exc:  # a step failed: one line (step, notebook, cell), exit 2
         if os.environ.get("SODLIB_DEBUG"):
             raise
@@ -245,6 +246,8 @@ def build_parser() -> argparse.ArgumentParser:
     r.add_argument("--out", default=None, help="results folder (default: the repository's results/)")
     r.add_argument("--train-missing", action="store_true",
                    help="notebook 04 trains the ablation runs the run cache lacks (hours on a CPU; with a fresh --out: all)")
+    r.add_argument("--tables", default="", help="with --train-missing: only these tables, comma-separated (table3,table7)")
+    r.add_argument("--rows", default="", help="with --train-missing: only these rows, '|'-separated labels (SR|SPR)")
     r.set_defaults(func=_cmd_reproduce)
 
     c = sub.add_parser("compare", help="after `sodlib reproduce`: which files under results/ differ from git, and how")

@@ -187,3 +187,24 @@ def test_mrqm_tables_share_runs_with_the_plateau_ladder_and_each_other():
     assert config_hash(c5[("p=0.2", 0)]) == config_hash(iah) and c5[("p=0.3", 1)].model.iah_p == 0.3
     smoke = ablations.mrqm_tables(None)[0].configs("smoke")
     assert all(c.train.max_iters == get_profile("smoke").train.max_iters for _, _, c in smoke)
+
+
+def test_select_tables_names_an_unknown_table_or_row():
+    t = ablations.ABLATION_TABLES
+    assert [x.name for x in ablations.select_tables(t)] == [x.name for x in t]
+    chosen = ablations.select_tables(t, "table3,table8", "SR|QFL +ST")
+    assert [(x.name, [r.label for r in x.rows]) for x in chosen] == [("table3", ["SR"]), ("table8", ["QFL +ST"])]
+    with pytest.raises(ValueError, match=r"unknown table 'table9'; tables: table3, table4"):
+        ablations.select_tables(t, "table3,table9")
+    with pytest.raises(ValueError, match=r"unknown row 'SPR' in table8; rows: QFL \(GFL\)"):
+        ablations.select_tables(t, "table8", "SPR")
+
+
+def test_reproduce_refuses_an_unknown_table_before_any_step(tmp_path, capsys):
+    from sodlib import cli
+
+    assert cli.main(["reproduce", "--only", "04", "--train-missing", "--tables", "table3,tabel7",
+                     "--out", str(tmp_path / "r")]) == 2
+    err = capsys.readouterr()
+    assert "unknown table 'tabel7'" in err.err and "[reproduce]" not in err.out
+    assert not (tmp_path / "r").exists()

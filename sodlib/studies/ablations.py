@@ -25,6 +25,7 @@ Choices where the papers are silent (also in results/README.md):
 
 from __future__ import annotations
 
+import dataclasses
 import math
 import multiprocessing
 import os
@@ -190,6 +191,26 @@ TABLE3, TABLE4, TABLE5, TABLE6, TABLE7, TABLE8 = PAPER_A_TABLES
 # The ablation profile at its fixed budget (ABLATION_ITERS). Every row at RT-DETR's VFL α 0.75 / γ 2 except
 # Table 6's, which vary them (no α/γ confound between rows); Table 3 over 5 paired seeds, the others over 3.
 ABLATION_TABLES = paper_a_tables((), 5, 3)
+
+
+def select_tables(tables: Sequence[Table], names: str = "", rows: str = "") -> tuple[Table, ...]:
+    """The ``tables`` named in ``names`` (comma-separated; "" all), each keeping only the rows labelled in ``rows``
+    (``|``-separated labels; "" all). An unknown table or row name raises ``ValueError`` naming it."""
+    by_name = {t.name: t for t in tables}
+    wanted = [n.strip() for n in names.split(",") if n.strip()] or list(by_name)
+    unknown = [n for n in wanted if n not in by_name]
+    if unknown:
+        raise ValueError(f"unknown table {unknown[0]!r}; tables: {', '.join(by_name)}")
+    chosen = [by_name[n] for n in wanted]
+    labels = [r.strip() for r in rows.split("|") if r.strip()]
+    if not labels:
+        return tuple(chosen)
+    known = {r.label for t in chosen for r in t.rows}
+    missing = [lbl for lbl in labels if lbl not in known]
+    if missing:
+        raise ValueError(f"unknown row {missing[0]!r} in {', '.join(wanted)}; rows: {' | '.join(sorted(known))}")
+    return tuple(dataclasses.replace(t, rows=tuple(r for r in t.rows if r.label in labels), reference=0)
+                 for t in chosen if any(r.label in labels for r in t.rows))
 
 
 # ---------------------------------------------------------------- running

@@ -44,14 +44,19 @@ def discover(notebooks_dir: str | os.PathLike) -> list[Path]:
 
 
 def notebook_parameters(profile: str, out_dir: str | os.PathLike, seeds: int | None = None, data: str = "",
-                        device: str = "", train_missing: bool = False) -> dict:
+                        device: str = "", train_missing: bool = False, tables: str = "", rows: str = "") -> dict:
     """The parameters every notebook takes; ``seeds=None`` leaves the notebook's own default.
-    ``train_missing`` adds ``TRAIN_MISSING=True`` (notebook 04: train the ablation runs the cache lacks)."""
+    ``train_missing`` adds ``TRAIN_MISSING=True`` (notebook 04: train the ablation runs the cache lacks), ``tables``
+    and ``rows`` ``TRAIN_TABLES`` / ``TRAIN_ROWS`` (which of them)."""
     params = {"PROFILE": profile, "DATA": data, "DEVICE": device, "OUT_DIR": str(Path(out_dir).resolve())}
     if seeds is not None:
         params["SEEDS"] = int(seeds)
     if train_missing:
         params["TRAIN_MISSING"] = True
+    if tables:
+        params["TRAIN_TABLES"] = tables
+    if rows:
+        params["TRAIN_ROWS"] = rows
     return params
 
 

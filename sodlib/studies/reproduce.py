@@ -294,15 +294,20 @@ def step_geometry(results_dir: Path, profile: str = "ablation", iters: int = 100
 
 def main(profile: str = "cpu", only: str | None = None, seeds: int | None = None,
          results_dir: str | Path = "results", data: str = "", device: str = "",
-         notebooks_dir: str | Path | None = None, progress: bool = True, train_missing: bool = False) -> int:
+         notebooks_dir: str | Path | None = None, progress: bool = True, train_missing: bool = False,
+         tables: str = "", rows: str = "") -> int:
     """Run the steps whose name starts with ``only`` (when None: every default step) for ``profile``.
 
     ``seeds``, ``data`` and ``device`` reach the notebooks as ``SEEDS`` (None: the notebook's default),
     ``DATA`` and ``DEVICE`` ("": the profile's); ``train_missing`` as ``TRAIN_MISSING`` (notebook 04 trains
-    the ablation runs the cache lacks; in a fresh ``--out`` folder that retrains every run). Raises :class:`ReproductionError` at the first failure
-    and ``ValueError`` when ``only`` matches no step.
+    the ablation runs the cache lacks; in a fresh ``--out`` folder that retrains every run), ``tables`` and ``rows``
+    (:func:`sodlib.studies.ablations.select_tables`) limit that training. Raises :class:`ReproductionError` at the
+    first failure and ``ValueError``, before any step, when ``only`` matches no step or a table or row is unknown.
     """
-    from sodlib.studies import notebooks
+    from sodlib.studies import ablations, notebooks
+
+    if tables or rows:
+        ablations.select_tables(ablations.ABLATION_TABLES, tables, rows)  # names checked before anything runs
     results_dir = Path(results_dir)
     # (name, function, part of the default run); 00_sr_grad (six full-schedule runs, ~24 min on 2 cores with
     # their evaluations) is opt-in: notebook 04's Table 3 re-measures the same choice at the ablation
@@ -317,7 +322,7 @@ def main(profile: str = "cpu", only: str | None = None, seeds: int | None = None
     nb_dir = Path(notebooks_dir) if notebooks_dir is not None else NOTEBOOKS_DIR
     if nb_dir.is_dir():
         params = notebooks.notebook_parameters(profile, results_dir, seeds=seeds, data=data, device=device,
-                                               train_missing=train_missing)
+                                               train_missing=train_missing, tables=tables, rows=rows)
         for nb in notebooks.discover(nb_dir):
             steps.append((nb.stem, lambda nb=nb: notebooks.run_notebook(
                 nb, results_dir / "notebooks" / nb.name, params, progress=progress), True))
