@@ -259,6 +259,32 @@ def step_plateau(results_dir: Path, seeds: int = 2, train: bool = True) -> pd.Da
     return df
 
 
+def step_budget_trend(profile: str, results_dir: Path, train: bool = False) -> pd.DataFrame:
+    """Table 3's baseline and ST+SR+SPR at several budgets, paired seeds (:mod:`sodlib.studies.budget_trend`):
+    results/tables/budget_trend, from the run cache; ``train`` trains the runs it lacks (hours on a CPU). The
+    ``smoke`` profile trains its own short budgets (tests)."""
+    from sodlib.config import get_profile
+    from sodlib.studies import budget_trend as bt
+    from sodlib.studies.ablations import comparison_profile, train_configs
+    from sodlib.training.runs import load_finished_run
+
+    prof = comparison_profile(profile)
+    budgets, seeds = bt.BUDGETS, bt.SEEDS
+    if prof == "smoke":
+        n = get_profile("smoke").train.max_iters
+        budgets, seeds, train = (n, 2 * n), 2, True
+    plan = bt.trend_configs(prof, budgets, seeds)
+    if train:
+        metrics = train_configs([c for *_, c in plan], results_dir, labels=[f"{r} {n} it s{s}" for r, n, s, _ in plan])
+    else:
+        metrics = [load_finished_run(c, results_dir) for *_, c in plan]
+    stem = "budget_trend" if prof == "ablation" else f"budget_trend_{prof}"
+    frame, verdict = bt.write_trend([(r, n, s, m) for (r, n, s, _), m in zip(plan, metrics)],
+                                    results_dir / "tables", stem)
+    print(frame.to_string(index=False), verdict, sep="\n")
+    return frame
+
+
 GEOMETRY_VARIANTS = {  # profile: {label: overrides}; the first is the reference
     "ablation": {"float32 geometry": (), "bf16-rounded geometry": ("model.bf16_geometry=true",)},
     "cpu": {"bf16 geometry (autocast)": ("train.amp=true",),
@@ -318,6 +344,7 @@ def main(profile: str = "cpu", only: str | None = None, seeds: int | None = None
              ("00_sr_grad", lambda: step_sr_grad(profile, results_dir), False),
              ("00_budget", lambda: step_budget(profile, results_dir), False),
              ("00_plateau", lambda: step_plateau(results_dir), False),
+             ("00_trend", lambda: step_budget_trend(profile, results_dir, train_missing), True),
              ("00_geometry", lambda: step_geometry(results_dir), False)]
     nb_dir = Path(notebooks_dir) if notebooks_dir is not None else NOTEBOOKS_DIR
     if nb_dir.is_dir():
