@@ -51,7 +51,11 @@ PATHS = {
 # one committed run of each code path of the tables (results/runs/<hash>)
 COMMITTED_RUNS = {
     "baseline": "199b3ece2e01",  # ablation profile, seed 0: Table 3's and MRQM Table 3's baseline
+    "sr": "7ddf100c8a1e",  # Table 3 SR, seed 0
+    "spr": "f434af81f156",  # Table 3 SPR, seed 0
+    "st_sr": "fd50f616f966",  # Table 3 ST+SR, seed 0
     "st_sr_spr": "8decc3f6697e",  # ST+SR+SPR at alpha/gamma 0.5/1.5, seed 0 (Figure 5)
+    "iah": "ed21417e38b9",  # MRQM Table 3 +IAH, seed 0
     "bifpn_sae": "06c33282a432",  # MRQM Table 3 +BiFPN/SAE, seed 1
     "mrqm": "547ef3f70090",  # MRQM Table 3 +BiFPN/SAE +IAH, seed 0
     "mrqm_st_sr_spr": "7129b7c09e81",  # MRQM + ST+SR+SPR, seed 1
