@@ -85,3 +85,15 @@ def test_guard_config_and_committed_run_reject_unknown_path():
         drift.guard_config("nope")
     with pytest.raises(ValueError, match="unknown code path 'nope'"):
         drift.committed_run("nope")
+
+
+def test_recording_some_paths_keeps_this_kinds_other_records(tmp_path):
+    path = tmp_path / "drift_committed.json"
+    kind = machine_kind()
+    path.write_text(json.dumps({"machines": {kind: {"runs": {"a": [[1.0, 2.0]]}}, "other": {"runs": {"a": [[9.0]]}}}}))
+    kept = drift._merge_record(path, "runs", {"b": [[1.0, 3.0]]}, {"iterations": 10}, keep=True)
+    assert kept["machines"][kind]["runs"] == {"a": [[1.0, 2.0]], "b": [[1.0, 3.0]]}
+    assert kept["machines"]["other"] == {"runs": {"a": [[9.0]]}} and kept["iterations"] == 10
+    assert drift._merge_record(path, "runs", {"b": [[1.0, 3.0]]}, {})["machines"][kind]["runs"] == {"b": [[1.0, 3.0]]}
+    with pytest.raises(ValueError, match="unknown code path 'nope'"):
+        drift.record(tmp_path, committed=["nope"])

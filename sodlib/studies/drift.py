@@ -32,6 +32,7 @@ import csv
 import json
 import math
 import tempfile
+from collections.abc import Sequence
 from pathlib import Path
 
 from sodlib.config import RunConfig, get_profile, override
@@ -51,6 +52,8 @@ PATHS = {
 # one committed run of each code path of the tables (results/runs/<hash>)
 COMMITTED_RUNS = {
     "baseline": "199b3ece2e01",  # ablation profile, seed 0: Table 3's and MRQM Table 3's baseline
+    "baseline_2000": "609493605420",  # the budget trend's baseline at 2000 iterations, seed 0
+    "baseline_4000": "5da49683a496",  # and at 4000 iterations
     "sr": "7ddf100c8a1e",  # Table 3 SR, seed 0
     "spr": "f434af81f156",  # Table 3 SPR, seed 0
     "st_sr": "fd50f616f966",  # Table 3 ST+SR, seed 0
@@ -182,29 +185,36 @@ def check(reference: list[list[float]], reference_kind: str, recorded: dict[str,
     return problems, f"kind of machine not recorded; {away} (record it with `python -m sodlib.studies.drift --record`)"
 
 
-def _merge_record(path: Path, key: str, values: dict, extra: dict) -> dict:
-    """This machine kind's ``values`` under ``machines`` of the JSON record at ``path``, other kinds kept."""
+def _merge_record(path: Path, key: str, values: dict, extra: dict, keep: bool = False) -> dict:
+    """This machine kind's ``values`` under ``machines`` of the JSON record at ``path``, other kinds kept (and with
+    ``keep`` this kind's other entries too)."""
     doc = json.loads(path.read_text()) if path.exists() else {}
     doc.update(extra)
-    doc.setdefault("machines", {})[machine_kind()] = {"cpu": cpu_features(), "code": git_sha(), key: values}
+    mine = doc.setdefault("machines", {}).get(machine_kind(), {})
+    merged = {**mine.get(key, {}), **values} if keep else values
+    doc["machines"][machine_kind()] = {"cpu": cpu_features(), "code": git_sha(), key: merged}
     return doc
 
 
-def record(results_dir: Path | None = None) -> tuple[Path, Path]:
+def record(results_dir: Path | None = None, committed: Sequence[str] | None = None) -> tuple[Path, Path]:
     """Record, for this kind of machine, every code path's first losses (``drift.json``) and what every
-    committed run retrains to where this kind did not train it (``drift_committed.json``)."""
+    committed run retrains to where this kind did not train it (``drift_committed.json``). ``committed`` names
+    the committed paths to record (the others' records for this kind are kept); None: all of them."""
     results_dir = Path(results_dir or default_results_dir())
+    for p in committed or ():
+        committed_run(p, results_dir)  # an unknown path is named before anything trains
     paths = results_dir / "drift.json"
     doc = _merge_record(paths, "paths", {p: first_losses(p) for p in PATHS}, {"iterations": ITERATIONS})
     atomic_write_json(paths, doc)
     runs = {}
-    for p in COMMITTED_RUNS:
+    for p in COMMITTED_RUNS if committed is None else committed:
         _, kind = committed_losses(p, results_dir)
         if kind != machine_kind():
             runs[p] = retrain_committed(p, results_dir)
-    committed = results_dir / "drift_committed.json"
-    doc = _merge_record(committed, "runs", runs, {"iterations": COMMITTED_ITERATIONS, "run_of": COMMITTED_RUNS})
-    return paths, atomic_write_json(committed, doc)
+    path = results_dir / "drift_committed.json"
+    doc = _merge_record(path, "runs", runs, {"iterations": COMMITTED_ITERATIONS, "run_of": COMMITTED_RUNS},
+                        keep=committed is not None)
+    return paths, atomic_write_json(path, doc)
 
 
 def recorded_by_kind(record_path: Path, key: str, name: str) -> dict[str, list[list[float]]]:
@@ -219,9 +229,10 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m sodlib.studies.drift", description=__doc__.splitlines()[0])
     parser.add_argument("--record", action="store_true",
                         help="record this kind of machine's losses in results/drift.json and drift_committed.json")
+    parser.add_argument("--paths", default="", help="with --record: only these committed-run paths, comma-separated")
     args = parser.parse_args(argv)
     if args.record:
-        for p in record():
+        for p in record(committed=[x for x in args.paths.split(",") if x] or None):
             print(p)
     return 0
 
