@@ -97,3 +97,24 @@ def test_recording_some_paths_keeps_this_kinds_other_records(tmp_path):
     assert drift._merge_record(path, "runs", {"b": [[1.0, 3.0]]}, {})["machines"][kind]["runs"] == {"b": [[1.0, 3.0]]}
     with pytest.raises(ValueError, match="unknown code path 'nope'"):
         drift.record(tmp_path, committed=["nope"])
+
+
+def test_machine_table_compares_whole_retrains_with_the_committed_runs(tmp_path):
+    from sodlib.config import get_profile, override
+
+    def run(folder, seed, ap, kind=None):
+        folder.mkdir(parents=True)
+        (folder / "config.json").write_text(json.dumps(override(get_profile("smoke"), f"train.seed={seed}").to_dict()))
+        (folder / "metrics.json").write_text(json.dumps({"AP": ap}))
+        (folder / "provenance.json").write_text(json.dumps({"machine_kind": kind} if kind else {}))
+
+    for seed, ap in enumerate((0.40, 0.42, 0.44)):
+        run(tmp_path / "runs" / f"r{seed}", seed, ap)
+    run(drift.machine_folder(tmp_path, "Vendor x86_64 AVX2") / "runs" / "r0", 0, 0.41, "Vendor x86_64 AVX2")
+    table = drift.machine_table(tmp_path)
+    assert table.to_dict("records") == [{
+        "run": "r0", "committed_on": drift.UNRECORDED, "retrained_on": "Vendor x86_64 AVX2", "AP_committed": 0.40,
+        "AP_retrained": 0.41, "dAP": pytest.approx(0.01), "seed_std_AP": pytest.approx(0.02), "seeds": 3}]
+    assert drift.machine_folder(tmp_path, "Vendor x86_64 AVX2").name == "Vendor_x86_64_AVX2"
+    with pytest.raises(ValueError, match="no committed run there"):
+        drift.retrain_whole("nope", tmp_path)

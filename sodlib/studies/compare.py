@@ -174,10 +174,12 @@ RUN_NUMBERS = ("log.csv", "eval.csv", "metrics.json", "mechanisms.json")  # what
 def _seed_spread(runs_dir: Path, run: str) -> tuple[float, int]:
     """Standard deviation of AP over the finished runs under ``runs_dir`` whose config is ``run``'s but for
     ``train.seed``, and how many there are."""
-    def key(folder: Path) -> str:
-        cfg = json.loads((folder / "config.json").read_text())
-        cfg.get("train", {}).pop("seed", None)
-        return json.dumps(cfg, sort_keys=True)
+    from sodlib.config import RunConfig, override
+    from sodlib.training.runs import config_hash
+
+    def key(folder: Path) -> str:  # the run's name with seed 0: equal for every seed of one configuration
+        return config_hash(override(RunConfig.from_dict(json.loads((folder / "config.json").read_text())),
+                                    "train.seed=0"))
 
     try:
         mine = key(runs_dir / run)

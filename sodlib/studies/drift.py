@@ -226,12 +226,70 @@ def recorded_by_kind(record_path: Path, key: str, name: str) -> dict[str, list[l
     return {kind: m[key][name] for kind, m in machines.items() if name in m.get(key, {})}
 
 
+def machine_folder(results_dir: Path | None = None, kind: str | None = None) -> Path:
+    """``results/machines/<kind>/``: committed runs retrained whole on another kind of machine."""
+    import re
+
+    slug = re.sub(r"[^A-Za-z0-9]+", "_", kind or machine_kind()).strip("_")
+    return Path(results_dir or default_results_dir()) / "machines" / slug
+
+
+def retrain_whole(run: str, results_dir: Path | None = None, data_root: str | None = None) -> Path:
+    """Retrain committed run ``run`` (a folder name under ``results/runs``) to its end on this kind of machine,
+    into ``results/machines/<kind>/runs/<run>/``: how far a whole run moves with the machine."""
+    from sodlib.training.engine import train
+
+    results_dir = Path(results_dir or default_results_dir())
+    source = results_dir / "runs" / run
+    if not (source / "config.json").exists():
+        raise ValueError(f"{source}: no committed run there (config.json missing)")
+    cfg = RunConfig.from_dict(json.loads((source / "config.json").read_text()))
+    out = machine_folder(results_dir) / "runs" / run
+    train(cfg, out, data_root=data_root, progress=False)
+    return out
+
+
+def machine_table(results_dir: Path | None = None):
+    """One line per run retrained whole on another kind of machine (``results/machines/*/runs/*``): the kinds,
+    AP committed and retrained, their difference and the committed seed spread of the same configuration."""
+    import pandas as pd
+
+    from sodlib.studies.compare import _seed_spread
+
+    results_dir = Path(results_dir or default_results_dir())
+    rows = []
+    for folder in sorted(results_dir.glob("machines/*/runs/*")):
+        committed = results_dir / "runs" / folder.name
+        if not (folder / "metrics.json").exists() or not (committed / "metrics.json").exists():
+            continue
+        kinds = [json.loads((f / "provenance.json").read_text()).get("machine_kind", UNRECORDED)
+                 for f in (committed, folder)]
+        ap = [json.loads((f / "metrics.json").read_text())["AP"] for f in (committed, folder)]
+        std, n = _seed_spread(results_dir / "runs", folder.name)
+        rows.append({"run": folder.name, "committed_on": kinds[0], "retrained_on": kinds[1], "AP_committed": ap[0],
+                     "AP_retrained": ap[1], "dAP": ap[1] - ap[0], "seed_std_AP": std, "seeds": n})
+    return pd.DataFrame(rows, columns=["run", "committed_on", "retrained_on", "AP_committed", "AP_retrained", "dAP",
+                                       "seed_std_AP", "seeds"])
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m sodlib.studies.drift", description=__doc__.splitlines()[0])
     parser.add_argument("--record", action="store_true",
                         help="record this kind of machine's losses in results/drift.json and drift_committed.json")
     parser.add_argument("--paths", default="", help="with --record: only these committed-run paths, comma-separated")
+    parser.add_argument("--retrain", metavar="RUN", default="",
+                        help="retrain committed run RUN whole into results/machines/<this kind>/runs/RUN")
+    parser.add_argument("--machine-table", action="store_true",
+                        help="write results/tables/machine_retrain.{csv,md} from results/machines/")
     args = parser.parse_args(argv)
+    if args.retrain:
+        print(retrain_whole(args.retrain))
+    if args.machine_table:
+        from sodlib.io import write_table
+
+        stem = default_results_dir() / "tables" / "machine_retrain"
+        write_table(machine_table(), stem, float_format="%.4f")
+        print(stem.with_suffix(".csv"))
     if args.record:
         for p in record(committed=[x for x in args.paths.split(",") if x] or None):
             print(p)
