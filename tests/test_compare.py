@@ -173,3 +173,14 @@ def test_a_run_retrained_on_another_kind_of_machine_is_named_with_its_size(repo,
     assert table["results/runs/r0/provenance.json"][0] == "provenance"
     assert cli.main(["compare", "--results", str(repo / "results")]) == (0 if committed_kind else 1)
     assert f"2 {expected}" in capsys.readouterr().out
+
+
+def test_a_revision_never_reaches_git_as_an_option(repo, capsys):
+    victim = repo / "results/README.md"
+    before = victim.read_bytes()
+    for rev in (f"--output={victim}", "-p", ""):
+        assert cli.main(["compare", "--results", str(repo / "results"), f"--rev={rev}"]) == 2
+        assert "not a revision" in capsys.readouterr().err
+    assert victim.read_bytes() == before
+    assert cli.main(["compare", "--results", str(repo / "results"), "--rev", "HEAD~5"]) == 2
+    assert "--rev 'HEAD~5': no such commit" in capsys.readouterr().err

@@ -58,6 +58,18 @@ def _checkout(results_dir: str | Path) -> tuple[Path, str]:
     return repo, results_dir.relative_to(repo).as_posix()
 
 
+def _commit(repo: Path, rev: str) -> str:
+    """The commit ``rev`` names, as a full hash: whatever the user typed reaches git as a revision, never as an
+    option (``--rev=--output=FILE`` must not become ``git diff --output=FILE``)."""
+    if not rev or rev.startswith("-"):
+        raise ValueError(f"--rev {rev!r}: not a revision (a revision never starts with '-')")
+    try:
+        out = _git(repo, "rev-parse", "--verify", "--quiet", "--end-of-options", f"{rev}^{{commit}}")
+    except ValueError:
+        raise ValueError(f"--rev {rev!r}: no such commit in {repo}") from None
+    return out.decode().strip()
+
+
 def _changed_files(repo: Path, rel: str, rev: str) -> list[tuple[str, str]]:
     """``(status, path relative to the repository)`` for every file under ``rel`` that differs from ``rev``:
     ``M`` modified, ``A`` new (untracked and not ignored, or added since ``rev``), ``D`` deleted. Sorted by path."""
@@ -227,6 +239,7 @@ def compare(results_dir: str | Path = "results", rev: str = "HEAD") -> pd.DataFr
     """One row per changed file under ``results_dir``: ``path``, ``verdict`` (see the module docstring) and
     ``detail``."""
     repo, rel = _checkout(results_dir)
+    rev = _commit(repo, rev)
     rows = {}
     for status, path in _changed_files(repo, rel, rev):
         if status == "D":
