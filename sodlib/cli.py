@@ -27,6 +27,8 @@ def _cmd_data_synth(args) -> int:
 def _cmd_data_stats(args) -> int:
     from sodlib.data import datastats
     out_png = Path(args.out) if args.out else _results() / "figures" / "synthsod_stats.png"
+    if args.out and out_png.exists():  # a file the user names is theirs: never replaced (the default is ours)
+        raise FileExistsError(f"{out_png} exists; choose another --out (data stats never overwrites a file)")
     summary = datastats.plot_stats(args.dirs, out_png)
     print(datastats.format_stats(summary))
     print(f"figure: {out_png}")

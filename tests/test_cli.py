@@ -16,6 +16,10 @@ def test_data_synth_stats_and_eval_round_trip(tmp_path, capsys):
     png = tmp_path / "stats.png"
     assert main(["data", "stats", str(ann), "--out", str(png)]) == 0
     assert png.stat().st_size > 1000
+    before = png.read_bytes()
+    capsys.readouterr()
+    assert main(["data", "stats", str(ann), "--out", str(png)]) == 2  # an existing --out is the user's: refused
+    assert f"{png} exists; choose another --out" in capsys.readouterr().err and png.read_bytes() == before
 
     gt = json.loads(ann.read_text())
     dets = [{"image_id": a["image_id"], "category_id": a["category_id"], "bbox": a["bbox"], "score": 1.0}
