@@ -78,7 +78,22 @@ def _out_folder(path) -> None:
 
 def _cmd_eval(args) -> int:
     from sodlib.evaluation import protocols as evaluation
-    _out_folder(args.out)
+    from sodlib.io import claim_output_dir
+
+    # one rule for --out and the default folder beside the checkpoint's run or the detections: checked before work
+    out_dir = claim_output_dir(args.out) if args.out else None
+    if args.checkpoint:
+        if not Path(args.checkpoint).is_file():
+            raise FileNotFoundError(f"--checkpoint {args.checkpoint}: no such file")
+        default = Path(args.checkpoint).resolve().parent.parent / f"eval_{args.protocol}"
+    elif args.gt is None or args.dets is None:
+        raise ValueError("sodlib eval needs --checkpoint, or --gt and --dets")
+    else:
+        for flag, path in (("--gt", args.gt), ("--dets", args.dets)):
+            if not Path(path).is_file():
+                raise FileNotFoundError(f"{flag} {path}: no such file")
+        default = Path(args.dets).resolve().parent / f"eval_{args.protocol}"
+    out_dir = out_dir or claim_output_dir(default, "the output folder")
     if args.checkpoint:
         from sodlib.data.datasets import build_dataset
         from sodlib.inference.predict import evaluate_model, load_model
@@ -87,12 +102,7 @@ def _cmd_eval(args) -> int:
         model, cfg = load_model(args.checkpoint, args.device)
         ds = build_dataset(cfg.data, args.split or cfg.data.val_split, train=False, data_root=args.data)
         _, dets = evaluate_model(model, ds, protocol=args.protocol, device=args.device, num_top=args.num_top)
-        out_dir = Path(args.out) if args.out else Path(args.checkpoint).resolve().parent.parent / f"eval_{args.protocol}"
         args.gt, args.dets = ds.coco, atomic_write_json(out_dir / "detections.json", dets, indent=None)
-    elif args.gt is None or args.dets is None:
-        raise ValueError("sodlib eval needs --checkpoint, or --gt and --dets")
-    else:
-        out_dir = Path(args.out) if args.out else Path(args.dets).resolve().parent / f"eval_{args.protocol}"
     metrics, per_class = evaluation.evaluate_detailed(args.gt, args.dets, protocol=args.protocol,
                                                       backend=args.backend)
     evaluation.write_metrics(out_dir, metrics, per_class)

@@ -63,15 +63,16 @@ def json_default(o):
 OUTPUT_MARK = ".sodlib-output"  # in every --out folder sodlib creates or adopts
 
 
-def claim_output_dir(path: str | os.PathLike) -> Path:
+def claim_output_dir(path: str | os.PathLike, name: str = "--out") -> Path:
     """An ``--out`` folder sodlib may write into: created (and marked) when absent, adopted when empty, reused
     when marked as sodlib's; a file, or a folder holding someone else's files, is refused with a ValueError
-    before any work — nothing the user owns is overwritten."""
+    before any work — nothing the user owns is overwritten. ``name`` says which folder in the message."""
     path = Path(path)
     if path.exists() and not path.is_dir():
-        raise ValueError(f"--out {path} is a file, not a folder; nothing was written")
+        raise ValueError(f"{name} {path} is a file, not a folder; nothing was written")
     if path.is_dir() and not (path / OUTPUT_MARK).exists() and any(path.iterdir()):
-        raise ValueError(f"--out {path} exists and holds files sodlib did not write; choose a new or empty folder")
+        raise ValueError(f"{name} {path} exists and holds files sodlib did not write; choose a new or empty folder"
+                         f"{' with --out' if name != '--out' else ''}")
     path.mkdir(parents=True, exist_ok=True)
     (path / OUTPUT_MARK).touch()
     return path

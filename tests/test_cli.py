@@ -32,6 +32,16 @@ def test_data_synth_stats_and_eval_round_trip(tmp_path, capsys):
     assert "AP50" in capsys.readouterr().out
     metrics = pd.read_csv(tmp_path / "ev" / "metrics.csv").set_index("metric")["value"]
     assert metrics["AP"] == pytest.approx(1.0) and metrics["AP50"] == pytest.approx(1.0)
+    # without --out: eval_coco/ beside the detections, under the same rule as --out (a user's files are never replaced)
+    assert main(["eval", "--gt", str(ann), "--dets", str(dets_path), "--protocol", "coco"]) == 0
+    assert (tmp_path / "eval_coco" / "metrics.csv").is_file()
+    assert main(["eval", "--gt", str(ann), "--dets", str(dets_path), "--protocol", "coco"]) == 0  # ours: reused
+    mine = tmp_path / "eval_sodad"
+    mine.mkdir()
+    (mine / "metrics.csv").write_text("my own numbers\n")
+    capsys.readouterr()
+    assert main(["eval", "--gt", str(ann), "--dets", str(dets_path), "--protocol", "sodad"]) == 2
+    assert "the output folder" in capsys.readouterr().err and (mine / "metrics.csv").read_text() == "my own numbers\n"
 
 
 def test_bad_input_is_one_clear_line_and_exit_2(tmp_path, capsys):
