@@ -3,11 +3,13 @@
 :func:`atomic_write_bytes` (temp file in the same folder, fsync, ``os.replace``) is how every artefact is
 written, so an interrupted process never leaves a half-written file behind; figures (:func:`save_figure`) and
 tables (:func:`write_table`) go through it too. :func:`claim_output_dir` guards ``--out`` folders: nothing the
-user owns is overwritten. Foundation layer: imports nothing from sodlib.
+user owns is overwritten; :func:`file_lock` keeps two processes from writing one thing at once. Foundation layer:
+imports nothing from sodlib.
 """
 
 from __future__ import annotations
 
+import contextlib
 import io
 import json
 import os
@@ -61,6 +63,39 @@ def json_default(o):
 
 
 OUTPUT_MARK = ".sodlib-output"  # in every --out folder sodlib creates or adopts
+
+
+class LockedError(RuntimeError):
+    """Another process holds the lock."""
+
+
+@contextlib.contextmanager
+def file_lock(path: str | os.PathLike, wait: bool = True, what: str = ""):
+    """Hold an exclusive lock on the file ``path`` (created, with the holder's process id in it) for the ``with``
+    block. ``wait=False``: raise :class:`LockedError` naming ``what`` and the holder when another process has it.
+    POSIX ``flock``; where it does not exist (Windows) nothing is locked."""
+    try:
+        import fcntl
+    except ImportError:
+        yield
+        return
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with open(path, "a+") as f:
+        try:
+            fcntl.flock(f, fcntl.LOCK_EX | (0 if wait else fcntl.LOCK_NB))
+        except BlockingIOError:
+            f.seek(0)
+            holder = f.read().strip() or "another process"
+            raise LockedError(f"{what or path} is in use by {holder} (lock {path}); wait for it to end") from None
+        try:
+            f.seek(0)
+            f.truncate()
+            f.write(f"process {os.getpid()}")
+            f.flush()
+            yield
+        finally:
+            fcntl.flock(f, fcntl.LOCK_UN)
 
 
 def claim_output_dir(path: str | os.PathLike, name: str = "--out") -> Path:

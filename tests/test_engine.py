@@ -238,3 +238,14 @@ def test_exploding_weights_never_replace_the_last_good_checkpoint(tmp_path, monk
                                                  r"checkpoint with finite weights is .*last.pt"):
         train(cfg, tmp_path, progress=False)
     assert load_checkpoint(tmp_path / "checkpoints" / "last.pt")["iteration"] == 2
+
+
+def test_a_run_folder_trains_in_one_process_at_a_time(tmp_path):
+    from sodlib.io import LockedError, file_lock
+    from sodlib.training.engine import LOCK_FILE, train
+
+    cfg = get_profile("smoke")
+    held = file_lock(tmp_path / LOCK_FILE)  # another process training there
+    with held, pytest.raises(LockedError, match=rf"run folder {tmp_path} is in use by process \d+"):
+        train(cfg, tmp_path, progress=False)
+    assert sorted(p.name for p in tmp_path.iterdir()) == [LOCK_FILE]  # nothing else written

@@ -22,7 +22,6 @@ planning and rendering primitives it composes live in :mod:`sodlib.data.synth_sc
 
 from __future__ import annotations
 
-import contextlib
 import io
 import json
 import os
@@ -44,7 +43,7 @@ from sodlib.data.synth_scene import (
     _roads,
     _Scene,
 )
-from sodlib.io import atomic_write_bytes, atomic_write_json
+from sodlib.io import atomic_write_bytes, atomic_write_json, file_lock
 
 GENERATOR_VERSION = "synthsod-1"
 CLASSES: tuple[str, ...] = ("car", "van", "truck", "tank", "silo", "plane")
@@ -296,24 +295,6 @@ def _complete(out_dir, split: str, info: dict) -> bool:
     return all((folder / im["file_name"]).exists() for im in data["images"])
 
 
-@contextlib.contextmanager
-def _split_lock(out_dir: Path, split: str):
-    """Hold an exclusive lock on ``out_dir/.<split>.lock`` (POSIX; elsewhere nothing is locked): processes that
-    need the same split at once (parallel trainings, test workers) generate it once, one after the other."""
-    try:
-        import fcntl
-    except ImportError:  # Windows
-        yield
-        return
-    out_dir.mkdir(parents=True, exist_ok=True)
-    with open(out_dir / f".{split}.lock", "a") as f:
-        fcntl.flock(f, fcntl.LOCK_EX)
-        try:
-            yield
-        finally:
-            fcntl.flock(f, fcntl.LOCK_UN)
-
-
 def ensure_split(out_dir, split: str, num_images: int, size: int, seed: int = 0,
                  ignore_regions: bool = False, progress: bool = True) -> Path:
     """Return the json path of a split, generating it only when it is missing, incomplete or its
@@ -321,7 +302,9 @@ def ensure_split(out_dir, split: str, num_images: int, size: int, seed: int = 0,
     info = _info(split, num_images, size, seed, ignore_regions)
     if _complete(out_dir, split, info):
         return annotation_path(out_dir, split)
-    with _split_lock(Path(out_dir), split):
+    check_ours(Path(out_dir), split)  # a folder of someone else's files is refused before the lock file is made
+    # processes that need the same split at once (parallel trainings, test workers) generate it once
+    with file_lock(Path(out_dir) / f".{split}.lock"):
         if _complete(out_dir, split, info):  # another process finished it while this one waited
             return annotation_path(out_dir, split)
         return write_split(out_dir, split, num_images, size, seed, ignore_regions, progress, reuse=True)

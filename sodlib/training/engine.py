@@ -14,6 +14,7 @@ worker processes the augmentation streams differ after a resume).
 
 from __future__ import annotations
 
+import contextlib
 import csv
 import io
 import logging
@@ -35,7 +36,7 @@ from sodlib.data.datastats import min_instance_size_px
 from sodlib.hardware import check_amp
 from sodlib.inference.heatmaps import figure_rows, object_attention, plot_object_attention
 from sodlib.inference.predict import evaluate_model
-from sodlib.io import atomic_write_json, atomic_write_text
+from sodlib.io import atomic_write_json, atomic_write_text, file_lock
 from sodlib.losses.criterion import base_loss_name
 from sodlib.official import init_from
 from sodlib.training.mechanisms import measure
@@ -131,6 +132,8 @@ def _to_device(images, targets, device):
 
 # ---------------------------------------------------------------- the loop
 
+LOCK_FILE = ".train.lock"  # in the run folder while a process trains there (git ignores it)
+
 
 def train(cfg: RunConfig, out_dir: str | os.PathLike, data_root: str | None = None, resume: bool = True,
           progress: bool = True, protocol: str = "coco", stop_after: int | None = None,
@@ -141,7 +144,19 @@ def train(cfg: RunConfig, out_dir: str | os.PathLike, data_root: str | None = No
     also in a fresh clone where only the committed metrics exist; ``need_checkpoint=True`` retrains
     when the (uncommitted) checkpoint is missing, for callers that need the weights.
     ``stop_after`` interrupts the run after that many iterations (tests use it to check resume).
+    A run folder trains in one process at a time: a second process is refused (``LockedError``) naming the holder.
     """
+    check_amp(cfg.train.amp, cfg.train.device)  # before any work: bf16 autocast where it cannot run, or runs emulated
+    # rank 0 holds the run folder's lock for all ranks of a distributed run (torchrun sets RANK)
+    lock = (file_lock(Path(out_dir) / LOCK_FILE, wait=False, what=f"run folder {out_dir}")
+            if int(os.environ.get("RANK", "0")) == 0 else contextlib.nullcontext())
+    with lock:
+        return _train(cfg, out_dir, data_root, resume, progress, protocol, stop_after, need_checkpoint)
+
+
+def _train(cfg: RunConfig, out_dir: str | os.PathLike, data_root: str | None, resume: bool, progress: bool,
+           protocol: str, stop_after: int | None, need_checkpoint: bool) -> dict:
+    """:func:`train` while this process holds the run folder's lock."""
     import json
 
     out_dir = Path(out_dir)
@@ -155,7 +170,6 @@ def train(cfg: RunConfig, out_dir: str | os.PathLike, data_root: str | None = No
             return stored_metrics
 
     tc = cfg.train
-    check_amp(tc.amp, tc.device)  # before any work: bf16 autocast where it cannot run, or runs emulated
     code_sha()  # provenance names the code this process loaded, not the commit the tree reached at the end
     rank, world, device = init_distributed(tc.device)
     main_process = rank == 0
