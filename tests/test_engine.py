@@ -249,3 +249,21 @@ def test_a_run_folder_trains_in_one_process_at_a_time(tmp_path):
     with held, pytest.raises(LockedError, match=rf"run folder {tmp_path} is in use by process \d+"):
         train(cfg, tmp_path, progress=False)
     assert sorted(p.name for p in tmp_path.iterdir()) == [LOCK_FILE]  # nothing else written
+
+
+def test_a_train_split_without_annotations_or_with_other_classes_is_refused_before_training(tmp_path):
+    from sodlib.data.datasets import CocoDetection
+    from sodlib.training.engine import check_train_split
+
+    cfg = get_profile("smoke")
+    n = cfg.model.num_classes
+    coco = {"images": [{"id": 1, "file_name": "a.png", "width": 64, "height": 64}],
+            "annotations": [{"id": 1, "image_id": 1, "category_id": 1, "bbox": [1, 1, 8, 8], "area": 64, "iscrowd": 0}],
+            "categories": [{"id": i + 1, "name": f"c{i}"} for i in range(n)]}
+    check_train_split(CocoDetection(tmp_path, coco), cfg)  # fine
+    empty = {**coco, "annotations": []}
+    with pytest.raises(ValueError, match="no annotation to learn from"):
+        check_train_split(CocoDetection(tmp_path, empty), cfg)
+    fewer = {**coco, "categories": coco["categories"][:3]}
+    with pytest.raises(ValueError, match=rf"3 categories, but model.num_classes={n}; set --set model.num_classes=3"):
+        check_train_split(CocoDetection(tmp_path, fewer), cfg)

@@ -135,6 +135,19 @@ def _to_device(images, targets, device):
 LOCK_FILE = ".train.lock"  # in the run folder while a process trains there (git ignores it)
 
 
+def check_train_split(dataset, cfg: RunConfig) -> None:
+    """Refuse, before any training, a train split the run cannot learn from or evaluate: no annotation at all, or
+    a category count other than ``model.num_classes`` (labels beyond it cannot be trained, classes beyond the
+    data's cannot be named at evaluation)."""
+    where = getattr(dataset, "ann_file", None) or f"the {cfg.data.train_split} split"
+    n = len(dataset.category_ids)
+    if n != cfg.model.num_classes:
+        raise ValueError(f"{where}: {n} categories, but model.num_classes={cfg.model.num_classes}; set "
+                         f"--set model.num_classes={n} --set data.num_classes={n}")
+    if not any(not a.get("iscrowd", 0) and not a.get("ignore", 0) for a in dataset.coco["annotations"]):
+        raise ValueError(f"{where}: no annotation to learn from (every image is empty or every box ignored)")
+
+
 def train(cfg: RunConfig, out_dir: str | os.PathLike, data_root: str | None = None, resume: bool = True,
           progress: bool = True, protocol: str = "coco", stop_after: int | None = None,
           need_checkpoint: bool = False) -> dict:
@@ -183,6 +196,7 @@ def _train(cfg: RunConfig, out_dir: str | os.PathLike, data_root: str | None, re
     _barrier()
     if not main_process:
         train_ds = build_dataset(cfg.data, cfg.data.train_split, train=True, data_root=data_root)
+    check_train_split(train_ds, cfg)
 
     model = build_detector(cfg.model)
     if tc.init_from and not (resume and (out_dir / "checkpoints" / "last.pt").exists()):
