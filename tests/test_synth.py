@@ -296,3 +296,31 @@ def test_ensure_split_from_two_processes_at_once_generates_one_complete_split(tm
     assert len(coco["images"]) == 24
     assert sorted(p.name for p in (tmp_path / "images" / "train").glob("*.png")) == [f"{i:06d}.png" for i in range(24)]
     assert not list((tmp_path / "images").glob(".*")) and not list((tmp_path / "annotations").glob(".*"))
+
+
+def _tree_digest(root: Path) -> dict:
+    import hashlib
+
+    return {p.relative_to(root): hashlib.sha256(p.read_bytes()).hexdigest() for p in root.rglob("*") if p.is_file()}
+
+
+def test_regenerating_never_deletes_a_file_synthsod_did_not_write(tmp_path):
+    synth.write_split(tmp_path, "train", 2, 64, progress=False)
+    note = tmp_path / "images" / "train" / "my_notes.txt"
+    note.write_text("mine")
+    before = _tree_digest(tmp_path)
+    with pytest.raises(ValueError, match=r"my_notes.txt: SynthSOD did not write this file"):
+        synth.write_split(tmp_path, "train", 3, 64, progress=False)  # a new size would replace the folder
+    with pytest.raises(ValueError, match=r"my_notes.txt: SynthSOD did not write this file"):
+        synth.ensure_split(tmp_path, "train", 3, 64, progress=False)
+    assert _tree_digest(tmp_path) == before
+    # a SynthSOD json copied beside someone's photos does not make them SynthSOD's
+    theirs = tmp_path / "theirs"
+    (theirs / "images" / "train").mkdir(parents=True)
+    (theirs / "images" / "train" / "holiday.jpg").write_bytes(b"\xff\xd8 a photo")
+    (theirs / "annotations").mkdir()
+    (theirs / "annotations" / "instances_train.json").write_bytes(synth.annotation_path(tmp_path, "train").read_bytes())
+    before = _tree_digest(theirs)
+    with pytest.raises(ValueError, match="holiday.jpg: SynthSOD did not write this file"):
+        synth.write_split(theirs, "train", 2, 64, progress=False)
+    assert _tree_digest(theirs) == before

@@ -182,13 +182,18 @@ def _png_bytes(image: np.ndarray) -> bytes:
 OWNER_MARK = ".synthsod"  # written into every image folder SynthSOD creates
 
 
+def _written_by_us(name: str) -> bool:
+    return name == OWNER_MARK or (len(name) == 10 and name.endswith(".png") and name[:6].isdigit())
+
+
 def check_ours(out_dir, split: str) -> None:
     """Refuse (ValueError naming the folder) to touch a split that SynthSOD did not write.
 
     Ours: nothing there yet; an annotation json whose ``info`` SynthSOD wrote; or an image folder holding
-    :data:`OWNER_MARK` (a write interrupted between removing the old json and swapping the folders). Anything
-    else — a COCO dataset pointed at without ``--set data.dataset=coco``, say — is the user's, and generating
-    there would replace it.
+    :data:`OWNER_MARK` (a write interrupted between removing the old json and swapping the folders); and in any case
+    an image folder holding only the files SynthSOD names (``NNNNNN.png`` and the mark). Anything else — a COCO
+    dataset pointed at without ``--set data.dataset=coco``, or a file added to a SynthSOD folder — is the user's, and
+    generating there would replace it.
     """
     out_dir = Path(out_dir)
     json_path, folder = annotation_path(out_dir, split), out_dir / "images" / split
@@ -196,9 +201,12 @@ def check_ours(out_dir, split: str) -> None:
         return
     data = _load_json(json_path) if json_path.exists() else None
     info = data.get("info") if isinstance(data, dict) else None
-    if isinstance(info, dict) and "sodlib.synth" in str(info.get("description", "")):
-        return
-    if folder.is_dir() and (folder / OWNER_MARK).exists():
+    ours = isinstance(info, dict) and "sodlib.synth" in str(info.get("description", ""))
+    if ours or (folder.is_dir() and (folder / OWNER_MARK).exists()):
+        foreign = sorted(p.name for p in folder.iterdir() if not _written_by_us(p.name)) if folder.is_dir() else []
+        if foreign:  # regenerating replaces the folder: a file SynthSOD did not write there would be lost
+            raise ValueError(f"{folder / foreign[0]}: SynthSOD did not write this file ({len(foreign)} such in "
+                             f"{folder}); nothing was changed. Move your files out, or choose an empty folder")
         return
     raise ValueError(f"{out_dir}: images/{split} or annotations/instances_{split}.json exist and SynthSOD did not "
                      f"write them; nothing was changed. For your own COCO data add --set data.dataset=coco; for "
