@@ -94,3 +94,33 @@ def test_predict_keeps_one_drawing_per_input_even_with_equal_names(checkpoint, t
     out = tmp_path / "pred"
     assert main(["predict", *paths, "--checkpoint", str(checkpoint), "--out", str(out)]) == 0
     assert sorted(p.name for p in out.glob("*.png")) == ["x_2_pred.png", "x_pred.png"]
+
+
+def test_output_names_stay_unique_when_an_input_has_a_disambiguated_name():
+    from sodlib.inference.predict import output_names
+
+    names = output_names(["a/x.png", "b/x.png", "c/x_2.png"], "_pred.png")
+    assert names == ["x_pred.png", "x_2_pred.png", "x_2_2_pred.png"] and len(set(names)) == 3
+
+
+def test_a_16_bit_image_reads_as_training_reads_it(tmp_path):
+    from sodlib.data.datasets import rgb8
+
+    grey = (np.arange(32 * 32, dtype=np.uint32).reshape(32, 32) * 60).astype(np.uint16)  # up to 61380
+    Image.fromarray(grey).save(tmp_path / "g16.png")
+    image = read_image_rgb(tmp_path / "g16.png")
+    assert image.dtype == torch.uint8 and int(image.max()) == 61380 >> 8  # 239, not clipped or 257x too bright
+    with Image.open(tmp_path / "g16.png") as im:
+        assert np.array_equal(np.asarray(rgb8(im)).transpose(2, 0, 1), image.numpy())
+    assert np.array_equal(image[0].numpy(), (grey >> 8).astype(np.uint8))
+
+
+def test_predict_checks_every_image_before_writing_anything(checkpoint, tmp_path, capsys):
+    good = tmp_path / "good.png"
+    Image.fromarray(np.full((64, 64, 3), 90, dtype=np.uint8)).save(good)
+    bad = tmp_path / "bad.png"
+    bad.write_bytes(b"not an image")
+    out = tmp_path / "pred"
+    assert main(["predict", str(good), str(good), str(bad), "--checkpoint", str(checkpoint), "--out", str(out)]) == 2
+    assert "bad.png" in capsys.readouterr().err
+    assert not list(out.glob("*.png")) and not (out / "predictions.json").exists()

@@ -30,6 +30,7 @@ from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import torch
 from PIL import Image
 
@@ -70,6 +71,14 @@ def _check_inside(image_dir: Path, images: list[dict], source) -> None:
         if os.path.isabs(name) or not (target + os.sep).startswith(root + os.sep) or target == root:
             raise ValueError(f"{source}: image {img['id']} file_name {name!r} lies outside the image folder "
                              f"{image_dir}; set data.allow_outside_paths=true if that is intended")
+
+
+def rgb8(image: Image.Image) -> Image.Image:
+    """8-bit RGB: 16-bit grey (PNG ``I;16``) keeps its top 8 bits (value >> 8) instead of PIL's clipping at 255."""
+    if image.mode.startswith("I;16") or image.mode == "I":
+        values = np.asarray(image, dtype=np.uint32) >> 8
+        image = Image.fromarray(np.clip(values, 0, 255).astype(np.uint8))
+    return image.convert("RGB")
 
 
 class CocoDetection(torch.utils.data.Dataset):
@@ -131,7 +140,7 @@ class CocoDetection(torch.utils.data.Dataset):
             raise FileNotFoundError(f"image not found: {path} (image id {self.images[index]['id']})")
         try:
             with Image.open(path) as im:
-                return im.convert("RGB")
+                return rgb8(im)
         except Exception as e:
             raise OSError(f"cannot read image {path}: {e}") from e
 

@@ -83,18 +83,23 @@ def load_model(checkpoint: str | Path, device="cpu", use_ema: bool = True, with_
 
 def output_names(paths, suffix: str) -> list[str]:
     """``<stem><suffix>`` per input path, made unique: a repeated stem (``a/x.png``, ``b/x.png``) gets ``_2``,
-    ``_3``, ... so that no output replaces another."""
-    seen: dict[str, int] = {}
+    ``_3``, ... (the first free one, so ``c/x_2.png`` after them becomes ``x_2_2``): no output replaces another."""
+    taken: set[str] = set()
     names = []
     for path in paths:
-        stem = Path(path).stem
-        seen[stem] = seen.get(stem, 0) + 1
-        names.append(f"{stem}{suffix}" if seen[stem] == 1 else f"{stem}_{seen[stem]}{suffix}")
+        stem, k = Path(path).stem, 1
+        name = f"{stem}{suffix}"
+        while name in taken:
+            k += 1
+            name = f"{stem}_{k}{suffix}"
+        taken.add(name)
+        names.append(name)
     return names
 
 
 def read_image_rgb(path: str | Path) -> torch.Tensor:
-    """uint8 [3, H, W]; a missing or unreadable file raises an error naming it."""
+    """uint8 [3, H, W], as training reads images (:func:`sodlib.data.datasets.rgb8`: a 16-bit image keeps its top
+    8 bits); a missing or unreadable file raises an error naming it."""
     from torchvision.io import ImageReadMode, decode_image
 
     path = Path(path)
@@ -103,9 +108,14 @@ def read_image_rgb(path: str | Path) -> torch.Tensor:
     if not path.is_file():
         raise FileNotFoundError(f"image not found: {path}")
     try:
-        return decode_image(str(path), mode=ImageReadMode.RGB)
+        image = decode_image(str(path), mode=ImageReadMode.RGB)
     except RuntimeError as exc:
         raise ValueError(f"cannot decode image {path}: {exc}") from exc
+    if image.dtype == torch.uint16:
+        image = (image.to(torch.int32) >> 8).to(torch.uint8)
+    if image.dtype != torch.uint8:
+        raise ValueError(f"cannot read image {path}: {image.dtype} pixels; give an 8- or 16-bit image")
+    return image
 
 
 @torch.no_grad()
@@ -158,6 +168,8 @@ def predict_files(checkpoint: str | Path, images: list[str | Path], out_dir: str
     names = [c["name"] for c in categories]
     results, image_records = [], []
     drawn_names = output_names(images, "_pred.png")
+    for path in images:  # every input decodes before the first file is written
+        read_image_rgb(path)
     for image_id, path in enumerate(tqdm(images, desc="predict", dynamic_ncols=True), start=1):
         img = read_image_rgb(path)
         det = predict_image(model, img, cfg.data.image_size, slice_size, overlap,
