@@ -514,3 +514,31 @@ def test_benchmark_set_deterministic():
     gt, dets = a
     assert len(gt["images"]) == 3 and len(gt["annotations"]) == 210 and len(dets) == 900
     assert any(x["ignore"] for x in gt["annotations"]) and all(math.isfinite(d["score"]) for d in dets)
+
+
+@pytest.mark.parametrize("field, value, message", [
+    ("area", -1, "'area' must be a finite number >= 0, got -1"),
+    ("area", float("nan"), "'area' must be a finite number >= 0, got nan"),
+    ("area", "big", "'area' must be a finite number >= 0, got 'big'"),
+    ("iscrowd", 2, "'iscrowd' must be 0 or 1, got 2"),
+])
+def test_ground_truth_fields_the_protocols_read_are_checked(tmp_path, field, value, message):
+    import json as _json
+
+    from sodlib.evaluation import evaluate
+
+    gt = {"images": [{"id": 1, "width": 100, "height": 100}],
+          "annotations": [{"id": 7, "image_id": 1, "category_id": 1, "bbox": [10, 10, 5, 5], "area": 25, "iscrowd": 0,
+                           field: value}],
+          "categories": [{"id": 1, "name": "car"}]}
+    path = tmp_path / "gt.json"
+    path.write_text(_json.dumps(gt))
+    dets = [{"image_id": 1, "category_id": 1, "bbox": [10, 10, 5, 5], "score": 0.9}]
+    with pytest.raises(ValueError, match=f"gt.json: ground-truth annotation 0 \\(id 7\\): {message}"):
+        evaluate(str(path), dets)
+    for kind, rec in (("images", {"width": 100, "height": 100}), ("categories", {"name": "car"})):
+        bad = {**gt, kind: [rec], "annotations": []}
+        with pytest.raises(ValueError, match=rf"ground-truth {kind}\[0\]: 'id' must be an integer, got '\(missing\)'"):
+            evaluate(bad, [])
+    with pytest.raises(ValueError, match=r"images\[0\]: 'id' must be an integer, got 1.5"):
+        evaluate({**gt, "images": [{"id": 1.5}], "annotations": []}, [])

@@ -92,13 +92,19 @@ class _GT:
     """Validated ground truth as arrays (annotation order kept)."""
 
     def __init__(self, gt):
+        src = f"{gt}: " if isinstance(gt, (str, os.PathLike)) else ""
         gt = _load_json(gt, "ground-truth")
         if not isinstance(gt, Mapping) or not all(k in gt for k in ("images", "annotations", "categories")):
-            raise ValueError("ground truth must be a COCO dict with 'images', 'annotations' and 'categories'")
+            raise ValueError(f"{src}ground truth must be a COCO dict with 'images', 'annotations' and 'categories'")
         self.images = list(gt["images"])
+        for kind in ("images", "categories"):  # every id the protocols read is an integer
+            for i, rec in enumerate(gt[kind]):
+                if not isinstance(rec, Mapping) or _as_int(rec.get("id")) is None:
+                    got = rec.get("id", "(missing)") if isinstance(rec, Mapping) else rec
+                    raise ValueError(f"{src}ground-truth {kind}[{i}]: 'id' must be an integer, got {got!r}")
         self.img_ids = [int(im["id"]) for im in self.images]
         if len(set(self.img_ids)) != len(self.img_ids):
-            raise ValueError("ground truth has duplicate image ids")
+            raise ValueError(f"{src}ground truth has duplicate image ids")
         self.img_index = {k: i for i, k in enumerate(self.img_ids)}
         cats = sorted(gt["categories"], key=lambda c: int(c["id"]))
         self.cat_ids = [int(c["id"]) for c in cats]
@@ -127,6 +133,13 @@ class _GT:
             raise ValueError("ground truth annotations are malformed")
         self.img, self.cat = np.asarray(img, np.int64).reshape(n), np.asarray(cat, np.int64).reshape(n)
         self.box = box
+        for j, a in enumerate(anns):  # the size ranges read the area: a negative, NaN or text one would skew them
+            if "area" in a and not (_is_num(a["area"]) and math.isfinite(a["area"]) and a["area"] >= 0):
+                raise ValueError(f"{src}ground-truth annotation {j} (id {a.get('id', '?')!r}): 'area' must be a "
+                                 f"finite number >= 0, got {a['area']!r}")
+            if _as_int(a.get("iscrowd", 0)) not in (0, 1):
+                raise ValueError(f"{src}ground-truth annotation {j} (id {a.get('id', '?')!r}): 'iscrowd' must be "
+                                 f"0 or 1, got {a['iscrowd']!r}")
         self.area = np.asarray([a["area"] if "area" in a else a["bbox"][2] * a["bbox"][3] for a in anns],
                                dtype=np.float64).reshape(n)
         self.crowd = np.asarray([bool(a.get("iscrowd", 0)) for a in anns], bool).reshape(n)
