@@ -306,7 +306,8 @@ def load_rtdetr(checkpoint: str | os.PathLike | Mapping, model_cfg: ModelConfig)
 
     ``checkpoint``: a path or a loaded object in RT-DETR's, transformers' or sodlib's layout (see
     :func:`read_state_dict`). Anything that does not fit ``model_cfg`` is refused with a ValueError naming
-    the first missing / unexpected keys and shape mismatches (:func:`convert_state_dict`).
+    the first missing / unexpected keys and shape mismatches (:func:`convert_state_dict`), and so are non-finite
+    weights.
     """
 
     if not isinstance(model_cfg, ModelConfig):
@@ -316,7 +317,11 @@ def load_rtdetr(checkpoint: str | os.PathLike | Mapping, model_cfg: ModelConfig)
     # the weights replace whatever the config names as pretrained backbone: do not read that file
     model = build_detector(dataclasses.replace(model_cfg, pretrained_path=""))
     model.config = model_cfg
-    model.load_state_dict(convert_state_dict(state, model, source=source), strict=False)
+    converted = convert_state_dict(state, model, source=source)
+    bad = next((k for k, v in converted.items() if v.is_floating_point() and not bool(torch.isfinite(v).all())), None)
+    if bad is not None:  # a model that cannot predict anything: refused, not loaded
+        raise ValueError(f"{source}: weight {bad!r} holds NaN or infinite values; the checkpoint is damaged")
+    model.load_state_dict(converted, strict=False)
     return model.eval()
 
 

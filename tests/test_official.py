@@ -228,6 +228,9 @@ def test_bad_checkpoints_are_refused_with_the_keys_at_fault(tmp_path):
     extra = {**official, "decoder.mystery.weight": torch.zeros(3)}
     with pytest.raises(ValueError, match=r"unexpected \(1\): decoder\.mystery\.weight"):
         load_rtdetr(extra, cfg)
+    nan = {k: torch.full_like(v, float("nan")) if v.is_floating_point() else v for k, v in official.items()}
+    with pytest.raises(ValueError, match=r"state dict: weight '[\w.]+' holds NaN or infinite values"):
+        load_rtdetr(nan, cfg)
     with pytest.raises(ValueError, match=r"shape mismatch .*decoder\.enc_score_head\.weight: \(2, 256\) in the "
                                          r"checkpoint, \(80, 256\) in the model"):
         load_rtdetr(official, rtdetr_model_config(18))
