@@ -101,3 +101,14 @@ def test_export_a_released_rtdetr_checkpoint(tmp_path):
     # without --rtdetr a released checkpoint is not a sodlib one: one line, no file
     assert main(["export", "--checkpoint", str(ckpt), "--out", str(tmp_path / "x.onnx")]) == 2
     assert not (tmp_path / "x.onnx").exists()
+
+
+def test_num_top_and_image_size_out_of_range_are_refused_before_export(smoke_detector, tmp_path):
+    model, cfg = smoke_detector
+    pairs = cfg.model.num_queries * cfg.model.num_classes
+    for num_top in (0, pairs + 1):
+        with pytest.raises(ValueError, match=rf"--num-top must be from 1 to {pairs} .*got {num_top}"):
+            export_onnx(model, tmp_path / "x.onnx", image_size=128, postprocess=True, num_top=num_top)
+    with pytest.raises(ValueError, match=r"--image-size must be a multiple of 32 .* from 32 to 4096, got 100000"):
+        export_onnx(model, tmp_path / "x.onnx", image_size=100000)
+    assert not list(tmp_path.iterdir())

@@ -59,16 +59,25 @@ class ExportedDetector(nn.Module):
         return labels, picked, scores
 
 
+MAX_IMAGE_SIZE = 4096  # the largest square input an export traces (a 100000-px one would not fit in memory)
+
+
 def export_onnx(model: nn.Module, out: str | os.PathLike, image_size: int, postprocess: bool = False,
                 num_top: int = 300, opset: int = 17) -> Path:
     """Export ``model`` (a sodlib detector) to ``out``; returns the path. See the module docstring."""
     import warnings
 
     out = Path(out)
-    if image_size < 32 or image_size % 32:
-        raise ValueError(f"--image-size must be a positive multiple of 32 (the coarsest stride), got {image_size}")
-    wrapper = ExportedDetector(model.eval(), postprocess, num_top).eval()
+    if image_size < 32 or image_size % 32 or image_size > MAX_IMAGE_SIZE:
+        raise ValueError(f"--image-size must be a multiple of 32 (the coarsest stride) from 32 to {MAX_IMAGE_SIZE}, "
+                         f"got {image_size}")
     images = torch.rand(1, 3, image_size, image_size)
+    if postprocess:  # every requested detection must exist: at most one per (query, class) pair
+        with torch.no_grad():
+            pairs = model.eval()(images)["pred_logits"][0].numel()
+        if not 1 <= num_top <= pairs:
+            raise ValueError(f"--num-top must be from 1 to {pairs} (this model's query x class pairs), got {num_top}")
+    wrapper = ExportedDetector(model.eval(), postprocess, num_top).eval()
     args: tuple = (images,)
     inputs, outputs = ["images"], ["pred_logits", "pred_boxes"]
     axes = {"images": {0: "N"}, "pred_logits": {0: "N"}, "pred_boxes": {0: "N"}}
