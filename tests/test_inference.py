@@ -124,3 +124,13 @@ def test_predict_checks_every_image_before_writing_anything(checkpoint, tmp_path
     assert main(["predict", str(good), str(good), str(bad), "--checkpoint", str(checkpoint), "--out", str(out)]) == 2
     assert "bad.png" in capsys.readouterr().err
     assert not list(out.glob("*.png")) and not (out / "predictions.json").exists()
+
+
+def test_a_window_smaller_than_the_model_can_use_is_refused(smoke_detector):
+    from sodlib.inference.predict import MIN_SLICE_PX, predict_image
+
+    model, cfg = smoke_detector
+    image = torch.zeros(3, 128, 128, dtype=torch.uint8)
+    with pytest.raises(ValueError, match=rf"--slice 1: a window must be at least {MIN_SLICE_PX} px"):
+        predict_image(model, image, cfg.data.image_size, slice_size=1)
+    assert predict_image(model, image, cfg.data.image_size, slice_size=MIN_SLICE_PX)["scores"].ndim == 1

@@ -81,6 +81,9 @@ def load_model(checkpoint: str | Path, device="cpu", use_ema: bool = True, with_
     return model.eval(), cfg
 
 
+MIN_SLICE_PX = 32  # the smallest --slice window: the coarsest feature stride
+
+
 def output_names(paths, suffix: str) -> list[str]:
     """``<stem><suffix>`` per input path, made unique: a repeated stem (``a/x.png``, ``b/x.png``) gets ``_2``,
     ``_3``, ... (the first free one, so ``c/x_2.png`` after them becomes ``x_2_2``): no output replaces another."""
@@ -132,13 +135,17 @@ def predict_image(model: nn.Module, image_uint8: torch.Tensor, image_size: int, 
 
     device = next(model.parameters()).device
     _, h, w = image_uint8.shape
+    if slice_size and slice_size < MIN_SLICE_PX:
+        raise ValueError(f"--slice {slice_size}: a window must be at least {MIN_SLICE_PX} px (one cell of the "
+                         f"coarsest feature level); windows are resized to {image_size} px")
     if slice_size and (h > slice_size or w > slice_size):
         windows = tile_windows(w, h, slice_size, round(overlap * slice_size))
     else:
         windows = [(0, 0, w, h)]
     image = image_uint8.to(device).float().div_(255)
     boxes, scores, labels = [], [], []
-    for i in range(0, len(windows), batch_size):
+    starts = range(0, len(windows), batch_size)
+    for i in tqdm(starts, desc="windows", disable=len(starts) < 8, leave=False, dynamic_ncols=True):
         chunk = windows[i:i + batch_size]
         crops = [nn.functional.interpolate(image[None, :, y0:y1, x0:x1], size=(image_size, image_size),
                                            mode="bilinear", align_corners=False) for x0, y0, x1, y1 in chunk]
