@@ -241,6 +241,10 @@ class TrainConfig:
         _check_range("train.weight_decay", self.weight_decay, lo=0.0)
         _check_range("train.lr_backbone_mult", self.lr_backbone_mult, lo=0.0)
         _check_choice("train.lr_schedule", self.lr_schedule, ("constant", "cosine"))
+        _check_range("train.threads", self.threads, lo=0)
+        if any(size < 32 or size % 32 for size in self.multiscale):
+            raise ValueError(f"train.multiscale sizes must be positive multiples of 32 (the coarsest stride), "
+                             f"got {list(self.multiscale)}")
 
 
 @dataclass(frozen=True)

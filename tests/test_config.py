@@ -84,3 +84,13 @@ def test_ablation_profile_is_rt_detr_as_paper_a_used_it():
     from sodlib.studies.ablations import TABLE7, eta_schedule
 
     assert len({eta_schedule(r.eta, 3) for r in TABLE7.rows}) == 4
+
+
+@pytest.mark.parametrize("item, message", [
+    ("train.threads=-3", "train.threads"),
+    ("train.multiscale=[0]", r"train.multiscale sizes must be positive multiples of 32 .*got \[0\]"),
+    ("train.multiscale=[320,300]", r"got \[320, 300\]"),
+])
+def test_bad_thread_counts_and_train_sizes_name_the_key(item, message):
+    with pytest.raises(ValueError, match=message):
+        override(get_profile("smoke"), item)

@@ -1,4 +1,5 @@
 import itertools
+import warnings
 
 import pytest
 import torch
@@ -235,3 +236,18 @@ def test_bf16_geometry_rounds_boxes_and_locations_like_autocast():
         assert torch.equal(b[key], b[key].to(torch.bfloat16).float()), key  # on the bf16 grid
         assert not torch.equal(a[key], b[key]), key
         assert (a[key] - b[key]).abs().max() < 2e-2, key  # the same model, only rounded
+
+
+def test_more_queries_than_encoder_tokens_is_said_once():
+    from sodlib.build import build_detector
+    from sodlib.config import get_profile, override
+
+    cfg = override(get_profile("smoke"), "model.num_queries=5000")
+    model = build_detector(cfg.model).eval()
+    images = torch.zeros(1, 3, cfg.data.image_size, cfg.data.image_size)
+    with pytest.warns(UserWarning, match=r"model.num_queries=5000 exceeds the \d+ selectable encoder tokens at this image size; \d+ queries"):
+        out = model(images)
+    assert out["pred_logits"].shape[1] < 5000
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        model(images)  # said once per model

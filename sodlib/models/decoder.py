@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import itertools
 import math
+import warnings
 
 import torch
 import torch.nn.functional as F
@@ -221,6 +222,10 @@ class RTDETRDecoder(nn.Module):
         enc_logits = self.enc_score_head(out_memory)  # [B, ΣHW, K]
         enc_coords = self.round_geometry(self.enc_bbox_head(out_memory).to(anchors.dtype) + anchors)  # logit cxcywh
         k = min(self.num_queries, memory.shape[1])
+        if k < self.num_queries and not getattr(self, "_warned_queries", False):
+            self._warned_queries = True  # once per model: said, not silently used
+            warnings.warn(f"model.num_queries={self.num_queries} exceeds the {memory.shape[1]} selectable encoder "
+                          f"tokens at this image size; {k} queries are used", stacklevel=2)
         scores = enc_logits.max(-1).values  # [B, ΣHW]
         if self.query_nms > 0:
             topk = distinct_topk(scores, enc_coords, k, self.query_nms)
