@@ -289,8 +289,10 @@ def main(argv: list[str] | None = None) -> int:
         if os.environ.get("SODLIB_DEBUG"):
             raise
         run = getattr(args, "run_dir", None)
-        hint = (f"; the last checkpoint is in {Path(run) / 'checkpoints'} — run the same command to resume"
-                if run else "")
+        ckpt = Path(run) / "checkpoints" if run else None
+        hint = ("" if ckpt is None else
+                f"; the last checkpoint is in {ckpt} — run the same command to resume" if ckpt.is_dir() else
+                "; no checkpoint was written yet — the same command starts the run again")
         print(f"sodlib {args.command}: interrupted{hint}", file=sys.stderr)
         return 130
     except Exception as exc:

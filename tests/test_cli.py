@@ -77,8 +77,11 @@ def test_ctrl_c_exits_130_naming_the_checkpoint_to_resume_from(tmp_path, monkeyp
 
     monkeypatch.setattr(sodlib.training.engine, "train", interrupted)
     assert main(["train", "--profile", "smoke", "--out", str(tmp_path / "run")]) == 130
-    err = capsys.readouterr().err
-    assert f"interrupted; the last checkpoint is in {tmp_path / 'run' / 'checkpoints'}" in err
+    err = capsys.readouterr().err  # interrupted before the first checkpoint: no folder to name
+    assert "interrupted; no checkpoint was written yet" in err and not (tmp_path / "run" / "checkpoints").exists()
+    (tmp_path / "run" / "checkpoints").mkdir(parents=True)
+    assert main(["train", "--profile", "smoke", "--out", str(tmp_path / "run")]) == 130
+    assert f"interrupted; the last checkpoint is in {tmp_path / 'run' / 'checkpoints'}" in capsys.readouterr().err
 
 
 def test_any_failure_is_one_line_and_exit_2_unless_debugging(tmp_path, monkeypatch, capsys):
