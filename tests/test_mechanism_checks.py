@@ -40,6 +40,8 @@ def test_each_mechanism_is_judged_by_what_it_changes():
     assert "ST on ST (no gap): mean st_gap over size buckets +0.000 [+0.000, +0.000], did NOT act" in text
     assert "SR on SR one seed: sr_difficulty_spearman +0.400 (one seed), not judged" in text
     assert mechanism_verdict(checks.iloc[:0]).startswith("Mechanisms: no row")
+    waiting = mechanism_checks("t", [("new", {"spr": True, "sr": True}, {})], baseline)
+    assert mechanism_verdict(waiting) == "Mechanisms: not run yet: new."
 
 
 def test_a_table_reads_its_runs_and_pairs_spr_with_the_baseline(tmp_path):

@@ -88,17 +88,20 @@ def mechanism_checks(table: str, rows: Sequence[tuple[str, Mapping[str, bool], M
 
 
 def mechanism_verdict(checks: pd.DataFrame) -> str:
-    """One sentence over a table's mechanism checks: each with its mean, interval and whether it acted."""
+    """One sentence over a table's mechanism checks: each with its mean, interval and whether it acted; the rows
+    not trained yet named once."""
     if checks.empty:
-        return "Mechanisms: no row of this table switches one on, or none is trained yet."
-    parts = []
+        return "Mechanisms: no row of this table switches one on."
+    parts, waiting = [], []
     for r in checks.itertuples():
         if r.acts == "not run":
-            parts.append(f"{r.mechanism} on {r.row}: not run")
+            waiting += [r.row] if r.row not in waiting else []
             continue
         interval = f"[{r.ci95_low:+.3f}, {r.ci95_high:+.3f}]" if np.isfinite(r.ci95_low) else "(one seed)"
         word = {"yes": "acts", "no": "did NOT act", "one seed": "not judged"}[r.acts]
         parts.append(f"{r.mechanism} on {r.row}: {r.measure} {r.mean:+.3f} {interval}, {word}")
+    if waiting:
+        parts.append(f"not run yet: {', '.join(waiting)}")
     return "Mechanisms: " + "; ".join(parts) + "."
 
 
