@@ -342,8 +342,9 @@ def _ablation() -> RunConfig:
     # float32 (amp off): boxes, reference points, sampling locations, matching and losses; fp32_geometry
     # keeps the geometry in float32 even if amp is switched on (e.g. on a GPU).
     # CPU size: tiny backbone width 16, hidden 64 (8 heads) - measured 0.64 s per single-thread step at
-    # batch 4 against 1.3-1.5 s for the cpu profile's width 32 / hidden 128 in fp32 on this AVX2 CPU
-    # (bf16 autocast is emulated here and 8x slower). One thread per run: two runs side by side.
+    # batch 4 against 1.3-1.5 s for the cpu profile's width 32 / hidden 128 in fp32 on 2 cores of an x86_64
+    # CPU with avx2 and no avx512 (where bf16 autocast is emulated, 8x slower). One thread per run: two runs
+    # side by side.
     # Schedule as the cpu profile (lr 1.6e-3 cosine, batch 4, flip, no EMA), a full cosine schedule at a fixed
     # budget (ABLATION_ITERS); results/tables/budget_trend shows how the main effect moves at 2000 and 4000.
     return RunConfig(

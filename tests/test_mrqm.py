@@ -363,7 +363,7 @@ def test_deepcopy_keeps_the_head():  # EMA deep-copies the detector
     assert float(ema.aux_head.as_px) == 2.0
 
 
-# ---------------------------------------------------------------- issue 16: readings, mining, balance, fp32
+# ---------------------------------------------------------------- readings, mining, balance, fp32
 
 
 def test_default_reading_mines_more_than_one_positive_and_favours_small_boxes():

@@ -179,7 +179,7 @@ def test_query_panels_and_figures(tmp_path):
     assert png.read_bytes()[:4] == b"\x89PNG"
 
 
-# ---------------------------------------------------------------- issue 16: ATSS control, balance, curves
+# ---------------------------------------------------------------- ATSS control, balance, curves
 
 
 def test_atss_thresholds_hand_computed():

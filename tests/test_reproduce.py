@@ -1,4 +1,4 @@
-"""The plateau rule of the ablation profile (issue 15): 2N gains less than 1 AP point on every seed."""
+"""The plateau rule of the ablation profile: 2N gains less than 1 AP point on every seed."""
 
 import math
 

@@ -16,7 +16,7 @@ encoder head). Its positives come from a one-to-many, size-aware IoU assignment 
     dynamic threshold approaches T_b for the smallest objects, as the notes say it should.
   - ``px_px2``: sqrt(w·h) in px over A_s in px² (the notes' words, mixed units): 0.651..0.752.
   - ``px_px``: both lengths in px (A_s = sqrt of the smallest area): the ratio is >= 1 on the training
-    set, so every T_I >= T_b + k = 0.70 (0.713..0.833): no mining for small objects (sessions <= 8).
+    set, so every T_I >= T_b + k = 0.70 (0.713..0.833): no mining for small objects.
 
   The stored A_s (``model.iah_as_px``; measured by the engine on the training set when 0) is always the
   LENGTH sqrt(smallest gt area) in px; the area readings square it. For k >= 0, T_I >= T_b: the dynamic

@@ -149,7 +149,7 @@ SR_GRAD_VARIANTS = {
 
 
 def step_sr_grad(profile: str, results_dir: Path, seeds: int = 2) -> pd.DataFrame:
-    """The measurement behind the default of ``loss.sr_grad`` (issue 4): both SR training modes of the
+    """The measurement behind the default of ``loss.sr_grad`` : both SR training modes of the
     full method against the baseline, ``seeds`` seeds each, cached runs under results/runs/."""
     from sodlib.config import override
     from sodlib.training.engine import train
@@ -171,12 +171,12 @@ def step_sr_grad(profile: str, results_dir: Path, seeds: int = 2) -> pd.DataFram
     return table
 
 
-# Issue 3's bar (AP50 >= 0.80 in <= 180 s) at a fixed budget: each variant's iterations are the profile's
+# The cpu profile's target (AP50 >= 0.80 in <= 180 s) at a fixed budget: each variant's iterations are the profile's
 # scaled by baseline step time / variant step time (interleaved medians of real `cpu` steps, 2 threads,
 # baseline 314 ms: 1 decoder layer 0.77x, ResNet-18 1.86x, 384 px 1.17x, stride-4 level 1.36x, encoder
 # one-to-many 1.16x; 3 decoder layers: the previous profile's own 440 iterations, 171 s), so every row
-# trains for about as long as the baseline (the table's train_seconds says how close, up to this VM's
-# ±10% run-to-run speed). The "stride-4 ..., same iterations" row keeps the profile's iterations: what the
+# trains for about as long as the baseline (the table's train_seconds says how close, up to the
+# machine's ±10% run-to-run speed). The "stride-4 ..., same iterations" row keeps the profile's iterations: what the
 # stride-4 level is worth per step. "Cheaper step" drops three costs (no denoising queries, RT-DETR-R18's
 # CSP expansion 0.5 in CCFM, channels-last convolutions: 0.70x the baseline's step, 232 vs 331 ms in one
 # interleaved measurement) and spends the time on iterations; "twice the iterations" is the baseline
@@ -217,7 +217,7 @@ def step_budget(profile: str, results_dir: Path) -> pd.DataFrame:
     return table
 
 
-PLATEAU_ITERS = (1000, 2000, 4000)  # full cosine schedules of N and 2N iterations (issue 15)
+PLATEAU_ITERS = (1000, 2000, 4000)  # full cosine schedules of N and 2N iterations
 
 
 def plateau_frame(runs: list[tuple[int, int, dict, str]]) -> pd.DataFrame:
@@ -293,7 +293,7 @@ GEOMETRY_VARIANTS = {  # profile: {label: overrides}; the first is the reference
 
 
 def step_geometry(results_dir: Path, profile: str = "ablation", iters: int = 1000, seeds: int = 2) -> pd.DataFrame:
-    """What float32 geometry does at equal iterations (issue 15): paired seeds of the baseline with boxes,
+    """What float32 geometry does at equal iterations: paired seeds of the baseline with boxes,
     references and sampling locations in float32 against bfloat16 precision: results/tables/geometry_<profile>."""
     from sodlib.studies.ablations import ablation_config, train_configs
     from sodlib.studies.stats import paired_difference
