@@ -172,7 +172,7 @@ def test_mrqm_tables_share_runs_with_the_plateau_ladder_and_each_other():
     t3, t4, t5 = ablations.mrqm_tables(ablations.MRQM_ITERS, table3_seeds=3, other_seeds=2)
     assert ablations.MRQM_ITERS in PLATEAU_ITERS
     c3 = {(r.label, s): c for r, s, c in t3.configs("ablation")}
-    assert len(c3) == 7 * 3 and all(c.train.max_iters == ablations.MRQM_ITERS for c in c3.values())
+    assert len(c3) == 9 * 3 and all(c.train.max_iters == ablations.MRQM_ITERS for c in c3.values())
     ladder = ablations.ablation_config("ablation", f"train.max_iters={ablations.MRQM_ITERS}", seed=1)
     assert config_hash(c3[("baseline", 1)]) == config_hash(ladder)  # the plateau ladder's run, reused
     iah = c3[("+IAH", 0)]
@@ -208,3 +208,22 @@ def test_reproduce_refuses_an_unknown_table_before_any_step(tmp_path, capsys):
     err = capsys.readouterr()
     assert "unknown table 'tabel7'" in err.err and "[reproduce]" not in err.out
     assert not (tmp_path / "r").exists()
+
+
+def test_a_row_can_name_the_row_it_is_compared_with():
+    t3 = ablations.MRQM_ABLATION_TABLES[0]
+    both = "MRQM + ST+SR+SPR (both papers, ours)"
+    control = "MRQM + ST+SR+SPR vs MRQM at the same α/γ (ours)"
+    assert t3.base_of(both) == "baseline" and t3.base_of(control) == ablations.MRQM_TUNED
+    c3 = {(r.label, s): c for r, s, c in t3.configs("ablation")}
+    assert config_hash(c3[(both, 0)]) == config_hash(c3[(control, 0)])  # one run, two comparisons
+    tuned = c3[(ablations.MRQM_TUNED, 0)]
+    assert (tuned.loss.alpha, tuned.loss.gamma) == (0.5, 1.5) and not (tuned.loss.st or tuned.loss.sr or tuned.loss.spr)
+    runs = pd.DataFrame([{"row": lbl, "seed": s, "AP": ap, "APS": ap, "APM": ap, "AP50": ap, "APL": float("nan")}
+                         for lbl, aps in ((both, [0.45, 0.46, 0.47]), (control, [0.45, 0.46, 0.47]),
+                                          (ablations.MRQM_TUNED, [0.44, 0.44, 0.44]),
+                                          *((r.label, [0.40, 0.41, 0.42]) for r in t3.rows[:-3]))
+                         for s, ap in enumerate(aps)])
+    summary = ablations.compare(t3, runs).set_index("row")
+    assert summary.loc[control, "vs"] == ablations.MRQM_TUNED and summary.loc[control, "dAP"] == pytest.approx(2.0)
+    assert summary.loc[both, "dAP"] == pytest.approx(5.0)
