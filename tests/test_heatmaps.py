@@ -163,8 +163,13 @@ def test_heatmap_command_writes_one_figure_per_image_and_refuses_bad_input(tmp_p
     bad = {"undecodable": [str(broken), "--checkpoint", str(ckpt)],
            "box outside": [images[0], "--checkpoint", str(ckpt), "--box", "100,80,40,40"],
            "layer beyond depth": [images[0], "--checkpoint", str(ckpt), "--layer", "3"],
+           "layer superscript": [images[0], "--checkpoint", str(ckpt), "--layer", "²"],
            "not a checkpoint": [images[0], "--checkpoint", str(junk)]}
     for case, args in bad.items():
         target = tmp_path / case.replace(" ", "_")
         assert main(["heatmap", *args, "--out", str(target)]) == 2, case
         assert not target.exists() or not any(target.iterdir()), case
+    from sodlib.inference.heatmaps import heatmap_files
+
+    with pytest.raises(ValueError, match=r"--layer must be 'all' or 1\.\.\d+ \(the decoder's depth\), got '²'"):
+        heatmap_files(str(ckpt), [images[0]], str(tmp_path / "sup"), layer="²")

@@ -134,3 +134,13 @@ def test_a_window_smaller_than_the_model_can_use_is_refused(smoke_detector):
     with pytest.raises(ValueError, match=rf"--slice 1: a window must be at least {MIN_SLICE_PX} px"):
         predict_image(model, image, cfg.data.image_size, slice_size=1)
     assert predict_image(model, image, cfg.data.image_size, slice_size=MIN_SLICE_PX)["scores"].ndim == 1
+
+
+def test_an_animated_image_gives_its_first_frame_and_says_so(tmp_path):
+    frames = [Image.fromarray(np.full((16, 24, 3), v, dtype=np.uint8)) for v in (10, 200)]
+    frames[0].save(tmp_path / "anim.gif", save_all=True, append_images=frames[1:])
+    with pytest.warns(UserWarning, match=r"anim.gif: 2 frames; the first is used"):
+        image = read_image_rgb(tmp_path / "anim.gif")
+    assert image.shape == (3, 16, 24)
+    with Image.open(tmp_path / "anim.gif") as im:  # training's reader: PIL's first frame
+        assert np.array_equal(np.asarray(im.convert("RGB")).transpose(2, 0, 1), image.numpy())

@@ -267,7 +267,7 @@ def heatmap_files(checkpoint: str, images: list[str], out_dir: str, layer: str =
     depth = cfg.model.num_decoder_layers
     if layer == "all":
         layers = list(range(depth))
-    elif layer.isdigit() and 1 <= int(layer) <= depth:
+    elif layer.isdecimal() and layer.isascii() and 1 <= int(layer) <= depth:  # "²" is a digit, not a number
         layers = [int(layer) - 1]
     else:
         raise ValueError(f"--layer must be 'all' or 1..{depth} (the decoder's depth), got {layer!r}")

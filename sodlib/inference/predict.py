@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import warnings
 from pathlib import Path
 
 import torch
@@ -114,6 +115,9 @@ def read_image_rgb(path: str | Path) -> torch.Tensor:
         image = decode_image(str(path), mode=ImageReadMode.RGB)
     except RuntimeError as exc:
         raise ValueError(f"cannot decode image {path}: {exc}") from exc
+    if image.ndim == 4:  # an animated image: its first frame, as training's image reader takes
+        warnings.warn(f"{path}: {image.shape[0]} frames; the first is used", stacklevel=2)
+        image = image[0]
     if image.dtype == torch.uint16:
         image = (image.to(torch.int32) >> 8).to(torch.uint8)
     if image.dtype != torch.uint8:
