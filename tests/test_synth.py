@@ -324,3 +324,12 @@ def test_regenerating_never_deletes_a_file_synthsod_did_not_write(tmp_path):
     with pytest.raises(ValueError, match="holiday.jpg: SynthSOD did not write this file"):
         synth.write_split(theirs, "train", 2, 64, progress=False)
     assert _tree_digest(theirs) == before
+
+
+def test_a_file_named_like_synthsods_but_not_in_its_json_is_the_users(tmp_path):
+    synth.write_split(tmp_path, "train", 2, 64, progress=False)
+    extra = tmp_path / "images" / "train" / "000007.png"  # SynthSOD's naming, not in its json: someone else's
+    extra.write_bytes(b"their image")
+    with pytest.raises(ValueError, match="000007.png: SynthSOD did not write this file"):
+        synth.write_split(tmp_path, "train", 3, 64, progress=False)
+    assert extra.read_bytes() == b"their image"

@@ -203,7 +203,10 @@ def check_ours(out_dir, split: str) -> None:
     info = data.get("info") if isinstance(data, dict) else None
     ours = isinstance(info, dict) and "sodlib.synth" in str(info.get("description", ""))
     if ours or (folder.is_dir() and (folder / OWNER_MARK).exists()):
-        foreign = sorted(p.name for p in folder.iterdir() if not _written_by_us(p.name)) if folder.is_dir() else []
+        # the json lists what SynthSOD wrote; without it (a write interrupted before the swap), its names do
+        listed = {im.get("file_name") for im in data.get("images", [])} | {OWNER_MARK} if ours else None
+        mine = (lambda name: name in listed) if ours else _written_by_us
+        foreign = sorted(p.name for p in folder.iterdir() if not mine(p.name)) if folder.is_dir() else []
         if foreign:  # regenerating replaces the folder: a file SynthSOD did not write there would be lost
             raise ValueError(f"{folder / foreign[0]}: SynthSOD did not write this file ({len(foreign)} such in "
                              f"{folder}); nothing was changed. Move your files out, or choose an empty folder")
