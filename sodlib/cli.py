@@ -44,6 +44,7 @@ def _config(args):
 def _cmd_train(args) -> int:
     import json
 
+    from sodlib.io import claim_output_dir
     from sodlib.training.engine import train
     from sodlib.training.runs import run_dir
 
@@ -51,25 +52,13 @@ def _cmd_train(args) -> int:
     if args.init_from:
         cfg = dataclasses.replace(cfg, train=dataclasses.replace(cfg.train, init_from=str(args.init_from)))
     out = Path(args.out) if args.out else run_dir(cfg)
-    if args.out:
-        _run_folder(out)
+    if args.out:  # new, empty, sodlib's own, or a run folder to resume
+        claim_output_dir(out, resumable=("config.json", "checkpoints"))
     args.run_dir = out  # named by the Ctrl-C message
     print(f"run folder: {out}")
     metrics = train(cfg, out, data_root=args.data, resume=not args.no_resume, protocol=args.protocol)
     print(json.dumps(metrics, indent=2))
     return 0
-
-
-def _run_folder(path: Path) -> None:
-    """An explicit ``train --out``: new, empty, sodlib's own, or a run folder to resume (it holds a run's files)."""
-    from sodlib.io import OUTPUT_MARK, claim_output_dir
-
-    run_files = ("config.json", "checkpoints", OUTPUT_MARK)
-    if path.is_dir() and any(path.iterdir()) and not any((path / name).exists() for name in run_files):
-        raise ValueError(f"--out {path} exists and holds files sodlib did not write; choose a new or empty folder, "
-                         f"or a run folder to resume")
-    if not path.is_dir() or not any(path.iterdir()):  # new or empty: created and marked (a file is refused)
-        claim_output_dir(path)
 
 
 def _cmd_predict(args) -> int:

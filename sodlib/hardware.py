@@ -90,6 +90,13 @@ def machine_kind(cpuinfo_path: str | os.PathLike = CPUINFO) -> str:
     return " ".join([cpu_vendor(text), platform.machine() or "unknown", capability, *named])
 
 
+def machine_slug(kind: str | None = None) -> str:
+    """``kind`` (default: this machine's :func:`machine_kind`) as a file name: runs of other characters -> ``_``."""
+    import re
+
+    return re.sub(r"[^A-Za-z0-9]+", "_", kind or machine_kind()).strip("_")
+
+
 @functools.cache
 def _warn_emulated_bf16() -> None:
     log.warning("train.amp=true: bf16 autocast is emulated on this CPU (%s), ~10x slower than float32 (measured "

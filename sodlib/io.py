@@ -98,13 +98,17 @@ def file_lock(path: str | os.PathLike, wait: bool = True, what: str = ""):
             fcntl.flock(f, fcntl.LOCK_UN)
 
 
-def claim_output_dir(path: str | os.PathLike, name: str = "--out") -> Path:
+def claim_output_dir(path: str | os.PathLike, name: str = "--out", resumable: tuple[str, ...] = ()) -> Path:
     """An ``--out`` folder sodlib may write into: created (and marked) when absent, adopted when empty, reused
     when marked as sodlib's; a file, or a folder holding someone else's files, is refused with a ValueError
-    before any work — nothing the user owns is overwritten. ``name`` says which folder in the message."""
+    before any work — nothing the user owns is overwritten. ``name`` says which folder in the message; a folder
+    holding one of the ``resumable`` entries (a run's ``config.json`` or ``checkpoints/``) is sodlib's work to
+    resume, taken as it is."""
     path = Path(path)
     if path.exists() and not path.is_dir():
         raise ValueError(f"{name} {path} is a file, not a folder; nothing was written")
+    if path.is_dir() and any((path / entry).exists() for entry in resumable):
+        return path
     if path.is_dir() and not (path / OUTPUT_MARK).exists() and any(path.iterdir()):
         raise ValueError(f"{name} {path} exists and holds files sodlib did not write; choose a new or empty folder"
                          f"{' with --out' if name != '--out' else ''}")

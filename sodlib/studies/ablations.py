@@ -252,13 +252,16 @@ def default_workers(cfgs: Sequence[RunConfig]) -> int:
 
 def train_configs(cfgs: Sequence[RunConfig], results_dir: str | os.PathLike, data_root: str | None = None,
                   protocol: str = "coco", workers: int | None = None, labels: Sequence[str] | None = None,
-                  verbose: bool = True) -> list[dict]:
-    """Train every configuration not yet finished under ``results_dir/runs/``; return all their metrics.
+                  verbose: bool = True, train: bool = True) -> list[dict]:
+    """Train every configuration not yet finished under ``results_dir/runs/``; return all their metrics
+    (``train=False``: train nothing, and a run missing from the cache gives None).
 
     Duplicates train once. ``workers`` > 1 runs that many trainings in parallel processes (spawned, so a
     notebook kernel's thread pools are not inherited); the data is prepared once beforehand. A failing
     run raises a RuntimeError naming its run folder and label.
     """
+    if not train:
+        return [load_finished_run(c, results_dir) for c in cfgs]
     labels = list(labels) if labels is not None else [c.name for c in cfgs]
     if len(labels) != len(cfgs):
         raise ValueError(f"{len(labels)} labels for {len(cfgs)} configs")

@@ -38,10 +38,9 @@ def trend_configs(profile: str = "ablation", budgets: Sequence[int] = BUDGETS,
 def trend_frame(metrics: Sequence[tuple[str, int, int, dict | None]]) -> pd.DataFrame:
     """One line per budget from ``(row, budget, seed, metrics or None)``: AP and APS of both rows (×100, mean over
     the seeds both trained), ``seeds``, ``dAP``, ``ci95_low``, ``ci95_high``, ``p``."""
-    by = {(row, n, s): m for row, n, s, m in metrics if m}
     out = []
     for n in sorted({n for _, n, _, _ in metrics}):
-        seeds = sorted(s for (row, b, s) in by if row == ROWS[0] and b == n and (ROWS[1], n, s) in by)
+        by, seeds = _paired(metrics, n)
         line = {"iterations": n, "seeds": len(seeds)}
         for row in ROWS:
             for k in ("AP", "APS"):
@@ -58,10 +57,15 @@ def trend_frame(metrics: Sequence[tuple[str, int, int, dict | None]]) -> pd.Data
     return frame
 
 
-def _per_seed_gap(metrics, n: int) -> dict[int, float]:
+def _paired(metrics, n: int) -> tuple[dict, list[int]]:
+    """The trained runs by ``(row, budget, seed)``, and the seeds both rows trained at budget ``n``."""
     by = {(row, b, s): m for row, b, s, m in metrics if m}
-    return {s: 100 * (by[(ROWS[1], n, s)]["AP"] - by[(ROWS[0], n, s)]["AP"])
-            for (row, b, s) in by if row == ROWS[0] and b == n and (ROWS[1], n, s) in by}
+    return by, sorted(s for (row, b, s) in by if row == ROWS[0] and b == n and (ROWS[1], n, s) in by)
+
+
+def _per_seed_gap(metrics, n: int) -> dict[int, float]:
+    by, seeds = _paired(metrics, n)
+    return {s: 100 * (by[(ROWS[1], n, s)]["AP"] - by[(ROWS[0], n, s)]["AP"]) for s in seeds}
 
 
 def trend_verdict(frame: pd.DataFrame, metrics: Sequence[tuple[str, int, int, dict | None]]) -> str:

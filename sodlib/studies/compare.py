@@ -36,6 +36,8 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
+from sodlib.training.runs import seed_spread
+
 # wall-clock columns of run logs and run tables, and keys of metrics.json: they change with the machine's load
 TIMING = ("train_seconds", "images_per_s", "wall_seconds")
 PROVENANCE = ("code",)  # the tables' column of the commits that trained their runs: a retrained run has a new one
@@ -183,30 +185,6 @@ def compare_bytes(path: str, old: bytes, new: bytes) -> tuple[str, str]:
 RUN_NUMBERS = ("log.csv", "eval.csv", "metrics.json", "mechanisms.json")  # what a retrained run's machine moves
 
 
-def _seed_spread(runs_dir: Path, run: str) -> tuple[float, int]:
-    """Standard deviation of AP over the finished runs under ``runs_dir`` whose config is ``run``'s but for
-    ``train.seed``, and how many there are."""
-    from sodlib.config import RunConfig, override
-    from sodlib.training.runs import config_hash
-
-    def key(folder: Path) -> str:  # the run's name with seed 0: equal for every seed of one configuration
-        return config_hash(override(RunConfig.from_dict(json.loads((folder / "config.json").read_text())),
-                                    "train.seed=0"))
-
-    try:
-        mine = key(runs_dir / run)
-    except (OSError, ValueError):
-        return float("nan"), 0
-    aps = []
-    for folder in runs_dir.iterdir():
-        try:
-            if (folder / "metrics.json").exists() and key(folder) == mine:
-                aps.append(float(json.loads((folder / "metrics.json").read_text())["AP"]))
-        except (OSError, ValueError, KeyError):
-            continue
-    return (float(np.std(aps, ddof=1)) if len(aps) > 1 else float("nan")), len(aps)
-
-
 def _short_kind(kind: str | None) -> str:
     return " ".join(kind.split()[:3]) if kind else "a kind not recorded"
 
@@ -224,7 +202,7 @@ def _machine_verdicts(repo: Path, rev: str, rows: dict[str, tuple[str, str]]) ->
         try:
             ap_old = json.loads(_git(repo, "show", f"{rev}:{folder / 'metrics.json'}"))["AP"]
             ap_new = json.loads((repo / folder / "metrics.json").read_text())["AP"]
-            std, n = _seed_spread(repo / folder.parent, folder.name)
+            std, n = seed_spread(repo / folder.parent, folder.name)
             size = f"AP {ap_old:.4f} -> {ap_new:.4f} ({ap_new - ap_old:+.4f}; seed std of this config {std:.4f} over {n})"
         except (ValueError, KeyError, OSError):
             size = "no metrics to compare"

@@ -36,9 +36,9 @@ from collections.abc import Sequence
 from pathlib import Path
 
 from sodlib.config import RunConfig, get_profile, override
-from sodlib.hardware import cpu_features, machine_kind
+from sodlib.hardware import cpu_features, machine_kind, machine_slug
 from sodlib.io import atomic_write_json
-from sodlib.training.runs import default_results_dir, git_sha
+from sodlib.training.runs import default_results_dir, git_sha, seed_spread
 
 ITERATIONS = 12
 COMMITTED_ITERATIONS = 10  # the ablation profile logs iterations 1 and 10
@@ -229,10 +229,7 @@ def recorded_by_kind(record_path: Path, key: str, name: str) -> dict[str, list[l
 
 def machine_folder(results_dir: Path | None = None, kind: str | None = None) -> Path:
     """``results/machines/<kind>/``: committed runs retrained whole on another kind of machine."""
-    import re
-
-    slug = re.sub(r"[^A-Za-z0-9]+", "_", kind or machine_kind()).strip("_")
-    return Path(results_dir or default_results_dir()) / "machines" / slug
+    return Path(results_dir or default_results_dir()) / "machines" / machine_slug(kind)
 
 
 def retrain_whole(run: str, results_dir: Path | None = None, data_root: str | None = None) -> Path:
@@ -255,8 +252,6 @@ def machine_table(results_dir: Path | None = None):
     AP committed and retrained, their difference and the committed seed spread of the same configuration."""
     import pandas as pd
 
-    from sodlib.studies.compare import _seed_spread
-
     results_dir = Path(results_dir or default_results_dir())
     rows = []
     for folder in sorted(results_dir.glob("machines/*/runs/*")):
@@ -266,7 +261,7 @@ def machine_table(results_dir: Path | None = None):
         kinds = [json.loads((f / "provenance.json").read_text()).get("machine_kind", UNRECORDED)
                  for f in (committed, folder)]
         ap = [json.loads((f / "metrics.json").read_text())["AP"] for f in (committed, folder)]
-        std, n = _seed_spread(results_dir / "runs", folder.name)
+        std, n = seed_spread(results_dir / "runs", folder.name)
         rows.append({"run": folder.name, "committed_on": kinds[0], "retrained_on": kinds[1], "AP_committed": ap[0],
                      "AP_retrained": ap[1], "dAP": ap[1] - ap[0], "seed_std_AP": std, "seeds": n})
     return pd.DataFrame(rows, columns=["run", "committed_on", "retrained_on", "AP_committed", "AP_retrained", "dAP",

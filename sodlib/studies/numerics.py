@@ -14,14 +14,13 @@ import argparse
 import hashlib
 import json
 import random
-import re
 from collections.abc import Mapping
 from pathlib import Path
 
 import torch
 
 from sodlib.config import RunConfig
-from sodlib.hardware import cpu_features, machine_kind
+from sodlib.hardware import cpu_features, machine_kind, machine_slug
 from sodlib.io import atomic_write_json
 from sodlib.training.runs import default_results_dir, git_sha
 
@@ -91,10 +90,6 @@ def first_difference(a: Mapping[str, Mapping[str, str]], b: Mapping[str, Mapping
             f"{len(a['grad'])} gradients and {counts['loss']} of {len(a['loss'])} loss terms differ")
 
 
-def _file(results_dir: Path, kind: str) -> Path:
-    return results_dir / "numerics" / (re.sub(r"[^A-Za-z0-9]+", "_", kind).strip("_") + ".json")
-
-
 def record(results_dir: Path | None = None) -> Path:
     """This kind of machine's checksums of every drift-guard code path, as ``results/numerics/<kind>.json``."""
     from sodlib.studies.drift import PATHS, guard_config
@@ -102,7 +97,7 @@ def record(results_dir: Path | None = None) -> Path:
     results_dir = Path(results_dir or default_results_dir())
     doc = {"machine_kind": machine_kind(), "cpu": cpu_features(), "code": git_sha(),
            "torch": torch.__version__, "paths": {p: step_checksums(guard_config(p)) for p in PATHS}}
-    return atomic_write_json(_file(results_dir, machine_kind()), doc)
+    return atomic_write_json(results_dir / "numerics" / f"{machine_slug()}.json", doc)
 
 
 def compare(results_dir: Path | None = None) -> list[str]:

@@ -244,14 +244,12 @@ def step_plateau(results_dir: Path, seeds: int = 2, train: bool = True) -> pd.Da
     seeds each (one thread per run, two at a time): results/tables/ablation_plateau. ``train=False`` tables
     the runs already in the cache only."""
     from sodlib.studies.ablations import ablation_config, train_configs
-    from sodlib.training.runs import load_finished_run, run_dir
+    from sodlib.training.runs import run_dir
 
     plan = [(n, s, ablation_config("ablation", f"train.max_iters={n}", seed=s)) for n in PLATEAU_ITERS
             for s in range(seeds)]
-    if train:
-        metrics = train_configs([c for _, _, c in plan], results_dir, labels=[f"{n} it s{s}" for n, s, _ in plan])
-    else:
-        metrics = [load_finished_run(c, results_dir) for _, _, c in plan]
+    metrics = train_configs([c for _, _, c in plan], results_dir, labels=[f"{n} it s{s}" for n, s, _ in plan],
+                            train=train)
     df = plateau_frame([(n, s, m, run_dir(c, results_dir).name) for (n, s, c), m in zip(plan, metrics) if m])
     write_table(df, results_dir / "tables" / "ablation_plateau")
     print(df.to_string(index=False))
@@ -266,7 +264,6 @@ def step_budget_trend(profile: str, results_dir: Path, train: bool = False) -> p
     from sodlib.config import get_profile
     from sodlib.studies import budget_trend as bt
     from sodlib.studies.ablations import comparison_profile, train_configs
-    from sodlib.training.runs import load_finished_run
 
     prof = comparison_profile(profile)
     budgets, seeds = bt.BUDGETS, bt.SEEDS
@@ -274,10 +271,8 @@ def step_budget_trend(profile: str, results_dir: Path, train: bool = False) -> p
         n = get_profile("smoke").train.max_iters
         budgets, seeds, train = (n, 2 * n), 2, True
     plan = bt.trend_configs(prof, budgets, seeds)
-    if train:
-        metrics = train_configs([c for *_, c in plan], results_dir, labels=[f"{r} {n} it s{s}" for r, n, s, _ in plan])
-    else:
-        metrics = [load_finished_run(c, results_dir) for *_, c in plan]
+    metrics = train_configs([c for *_, c in plan], results_dir, labels=[f"{r} {n} it s{s}" for r, n, s, _ in plan],
+                            train=train)
     stem = "budget_trend" if prof == "ablation" else f"budget_trend_{prof}"
     frame, verdict = bt.write_trend([(r, n, s, m) for (r, n, s, _), m in zip(plan, metrics)],
                                     results_dir / "tables", stem)

@@ -247,3 +247,28 @@ def main(argv=None) -> int:
 
 if __name__ == "__main__":
     raise SystemExit(main())
+
+
+def seed_spread(runs_dir: Path, run: str) -> tuple[float, int]:
+    """Standard deviation of AP over the finished runs under ``runs_dir`` whose config is ``run``'s but for
+    ``train.seed``, and how many there are."""
+    import statistics
+
+    from sodlib.config import override
+
+    def key(folder: Path) -> str:  # the run's name with seed 0: equal for every seed of one configuration
+        return config_hash(override(RunConfig.from_dict(json.loads((folder / "config.json").read_text())),
+                                    "train.seed=0"))
+
+    try:
+        mine = key(runs_dir / run)
+    except (OSError, ValueError):
+        return float("nan"), 0
+    aps = []
+    for folder in runs_dir.iterdir():
+        try:
+            if (folder / "metrics.json").exists() and key(folder) == mine:
+                aps.append(float(json.loads((folder / "metrics.json").read_text())["AP"]))
+        except (OSError, ValueError, KeyError):
+            continue
+    return (statistics.stdev(aps) if len(aps) > 1 else float("nan")), len(aps)
