@@ -26,8 +26,14 @@ from sodlib.models.detector import RTDETR
 from sodlib.models.encoder import HybridEncoder
 from sodlib.models.iou_head import IoUAwareHead
 
-__all__ = ["build_backbone", "build_criterion", "build_detector", "build_encoder", "criterion_class",
-           "encoder_levels"]
+__all__ = [
+    "build_backbone",
+    "build_criterion",
+    "build_detector",
+    "build_encoder",
+    "criterion_class",
+    "encoder_levels",
+]
 
 
 def build_backbone(cfg: ModelConfig, return_levels: tuple[int, ...] = (3, 4, 5)) -> nn.Module:
@@ -43,8 +49,13 @@ def build_backbone(cfg: ModelConfig, return_levels: tuple[int, ...] = (3, 4, 5))
         cls, depth = PResNet, int(cfg.backbone.removeprefix("presnet").removesuffix("vd"))
     else:
         cls, depth = ResNetBackbone, int(cfg.backbone.removeprefix("resnet"))
-    return cls(depth, return_levels=return_levels, freeze_norm=cfg.freeze_norm, freeze_at=cfg.freeze_at,
-               pretrained_path=cfg.pretrained_path)
+    return cls(
+        depth,
+        return_levels=return_levels,
+        freeze_norm=cfg.freeze_norm,
+        freeze_at=cfg.freeze_at,
+        pretrained_path=cfg.pretrained_path,
+    )
 
 
 def encoder_levels(cfg: ModelConfig) -> tuple[int, ...]:
@@ -56,13 +67,28 @@ def encoder_levels(cfg: ModelConfig) -> tuple[int, ...]:
 def build_encoder(cfg: ModelConfig, in_channels: tuple[int, ...]) -> nn.Module:
     """``hybrid`` → RT-DETR's :class:`HybridEncoder`; ``bifpn_sae`` → MRQM's BiFPN + scale-aware encoder."""
     if cfg.encoder == "hybrid":
-        return HybridEncoder(in_channels, hidden_dim=cfg.encoder_dim or cfg.hidden_dim, num_heads=cfg.num_heads,
-                             dim_feedforward=cfg.encoder_ffn, dropout=cfg.dropout, csp_blocks=cfg.csp_blocks,
-                             expansion=cfg.expansion, light_levels=int(cfg.p2_values), pos_embed=cfg.pos_embed)
+        return HybridEncoder(
+            in_channels,
+            hidden_dim=cfg.encoder_dim or cfg.hidden_dim,
+            num_heads=cfg.num_heads,
+            dim_feedforward=cfg.encoder_ffn,
+            dropout=cfg.dropout,
+            csp_blocks=cfg.csp_blocks,
+            expansion=cfg.expansion,
+            light_levels=int(cfg.p2_values),
+            pos_embed=cfg.pos_embed,
+        )
     if cfg.encoder == "bifpn_sae":
-        return BiFPNSAEEncoder(in_channels, hidden_dim=cfg.hidden_dim, num_heads=cfg.num_heads,
-                               num_points=cfg.num_points, dim_feedforward=cfg.encoder_ffn, dropout=cfg.dropout,
-                               bifpn_repeats=cfg.bifpn_repeats, sae_high_updates=cfg.sae_high_updates)
+        return BiFPNSAEEncoder(
+            in_channels,
+            hidden_dim=cfg.hidden_dim,
+            num_heads=cfg.num_heads,
+            num_points=cfg.num_points,
+            dim_feedforward=cfg.encoder_ffn,
+            dropout=cfg.dropout,
+            bifpn_repeats=cfg.bifpn_repeats,
+            sae_high_updates=cfg.sae_high_updates,
+        )
     raise NotImplementedError(f"unknown encoder {cfg.encoder!r}")
 
 
@@ -76,15 +102,38 @@ def build_detector(model_cfg: ModelConfig) -> RTDETR:
     backbone = build_backbone(cfg, encoder_levels(cfg))
     encoder = build_encoder(cfg, tuple(backbone.out_channels))
     decoder = RTDETRDecoder(
-        cfg.num_classes, in_channels=tuple(encoder.out_channels), hidden_dim=cfg.hidden_dim,
-        num_queries=cfg.num_queries, num_levels=cfg.num_levels, num_points=cfg.num_points, num_heads=cfg.num_heads,
-        num_layers=cfg.num_decoder_layers, dim_feedforward=cfg.dim_feedforward, dropout=cfg.dropout,
-        num_denoising=cfg.num_denoising, label_noise_ratio=cfg.label_noise_ratio,
-        box_noise_scale=cfg.box_noise_scale, query_nms=cfg.query_nms, select_from_level=int(cfg.p2_values),
-        fp32_geometry=cfg.fp32_geometry, bf16_geometry=cfg.bf16_geometry)
-    aux_head = (IoUAwareHead(cfg.hidden_dim, cfg.num_classes, tb=cfg.iah_tb, k=cfg.iah_k, p=cfg.iah_p,
-                             as_px=cfg.iah_as_px, max_queries=cfg.iah_max_queries, reading=cfg.iah_reading)
-                if cfg.iah else None)
+        cfg.num_classes,
+        in_channels=tuple(encoder.out_channels),
+        hidden_dim=cfg.hidden_dim,
+        num_queries=cfg.num_queries,
+        num_levels=cfg.num_levels,
+        num_points=cfg.num_points,
+        num_heads=cfg.num_heads,
+        num_layers=cfg.num_decoder_layers,
+        dim_feedforward=cfg.dim_feedforward,
+        dropout=cfg.dropout,
+        num_denoising=cfg.num_denoising,
+        label_noise_ratio=cfg.label_noise_ratio,
+        box_noise_scale=cfg.box_noise_scale,
+        query_nms=cfg.query_nms,
+        select_from_level=int(cfg.p2_values),
+        fp32_geometry=cfg.fp32_geometry,
+        bf16_geometry=cfg.bf16_geometry,
+    )
+    aux_head = (
+        IoUAwareHead(
+            cfg.hidden_dim,
+            cfg.num_classes,
+            tb=cfg.iah_tb,
+            k=cfg.iah_k,
+            p=cfg.iah_p,
+            as_px=cfg.iah_as_px,
+            max_queries=cfg.iah_max_queries,
+            reading=cfg.iah_reading,
+        )
+        if cfg.iah
+        else None
+    )
     return RTDETR(backbone, encoder=encoder, decoder=decoder, aux_head=aux_head, config=cfg)
 
 
@@ -100,13 +149,26 @@ def criterion_class(loss_cfg: LossConfig, model_cfg: ModelConfig) -> type[SetCri
 
 def build_criterion(loss_cfg: LossConfig, model_cfg: ModelConfig) -> SetCriterion:
     """The criterion described by ``loss_cfg`` for a detector built from ``model_cfg`` (class: :func:`criterion_class`)."""
-    matcher = HungarianMatcher(cost_class=loss_cfg.cost_class, cost_bbox=loss_cfg.cost_bbox,
-                               cost_giou=loss_cfg.cost_giou, alpha=loss_cfg.cost_alpha,
-                               gamma=loss_cfg.cost_gamma)
-    weight_dict = {f"loss_{loss_cfg.cls_loss}": loss_cfg.weight_vfl, "loss_bbox": loss_cfg.weight_bbox,
-                   "loss_giou": loss_cfg.weight_giou}
-    common = {"losses": (loss_cfg.cls_loss, "boxes"), "alpha": loss_cfg.alpha, "gamma": loss_cfg.gamma,
-              "tal_a": loss_cfg.tal_a, "tal_b": loss_cfg.tal_b, "enc_o2m": loss_cfg.enc_o2m}
+    matcher = HungarianMatcher(
+        cost_class=loss_cfg.cost_class,
+        cost_bbox=loss_cfg.cost_bbox,
+        cost_giou=loss_cfg.cost_giou,
+        alpha=loss_cfg.cost_alpha,
+        gamma=loss_cfg.cost_gamma,
+    )
+    weight_dict = {
+        f"loss_{loss_cfg.cls_loss}": loss_cfg.weight_vfl,
+        "loss_bbox": loss_cfg.weight_bbox,
+        "loss_giou": loss_cfg.weight_giou,
+    }
+    common = {
+        "losses": (loss_cfg.cls_loss, "boxes"),
+        "alpha": loss_cfg.alpha,
+        "gamma": loss_cfg.gamma,
+        "tal_a": loss_cfg.tal_a,
+        "tal_b": loss_cfg.tal_b,
+        "enc_o2m": loss_cfg.enc_o2m,
+    }
     cls = criterion_class(loss_cfg, model_cfg)
     if cls is SetCriterion:
         return SetCriterion(matcher, model_cfg.num_classes, weight_dict, **common)
@@ -116,13 +178,28 @@ def build_criterion(loss_cfg: LossConfig, model_cfg: ModelConfig) -> SetCriterio
         weight_dict["loss_sr_gen"] = loss_cfg.weight_sr_gen
     if cls is MRQMCriterion:
         # Eq. 10: the auxiliary queries' decoder terms, scaled by loss.weight_auxq
-        weight_dict.update({f"loss_auxq_{k.removeprefix('loss_')}": loss_cfg.weight_auxq * w
-                            for k, w in weight_dict.items()})
+        weight_dict.update(
+            {f"loss_auxq_{k.removeprefix('loss_')}": loss_cfg.weight_auxq * w for k, w in weight_dict.items()}
+        )
         scale = loss_cfg.weight_iah  # the IAH's balance against the decoder (config.py, notebook 06)
-        weight_dict.update(loss_iah_cls=scale * loss_cfg.weight_iah_cls, loss_iah_bbox=scale * loss_cfg.weight_iah_bbox,
-                           loss_iah_giou=scale * loss_cfg.weight_iah_giou)
+        weight_dict.update(
+            loss_iah_cls=scale * loss_cfg.weight_iah_cls,
+            loss_iah_bbox=scale * loss_cfg.weight_iah_bbox,
+            loss_iah_giou=scale * loss_cfg.weight_iah_giou,
+        )
     return cls(
-        matcher, model_cfg.num_classes, weight_dict, **common, st=loss_cfg.st, st_mode=loss_cfg.st_mode,
-        beta=loss_cfg.beta, theta=loss_cfg.theta, sr=loss_cfg.sr, sr_grad=loss_cfg.sr_grad,
-        hidden_dim=model_cfg.hidden_dim, spr=loss_cfg.spr, eta_per_layer=loss_cfg.eta_per_layer,
-        spr_denoising=loss_cfg.spr_denoising)
+        matcher,
+        model_cfg.num_classes,
+        weight_dict,
+        **common,
+        st=loss_cfg.st,
+        st_mode=loss_cfg.st_mode,
+        beta=loss_cfg.beta,
+        theta=loss_cfg.theta,
+        sr=loss_cfg.sr,
+        sr_grad=loss_cfg.sr_grad,
+        hidden_dim=model_cfg.hidden_dim,
+        spr=loss_cfg.spr,
+        eta_per_layer=loss_cfg.eta_per_layer,
+        spr_denoising=loss_cfg.spr_denoising,
+    )

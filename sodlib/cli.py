@@ -18,14 +18,17 @@ from pathlib import Path
 
 def _cmd_data_synth(args) -> int:
     from sodlib.data import synth
-    path = synth.write_split(args.out, args.split, args.num_images, args.size, seed=args.seed,
-                             ignore_regions=args.ignore_regions)
+
+    path = synth.write_split(
+        args.out, args.split, args.num_images, args.size, seed=args.seed, ignore_regions=args.ignore_regions
+    )
     print(f"wrote {args.num_images} {args.split} images and {path}")
     return 0
 
 
 def _cmd_data_stats(args) -> int:
     from sodlib.data import datastats
+
     out_png = Path(args.out) if args.out else _results() / "figures" / "synthsod_stats.png"
     if args.out and out_png.exists():  # a file the user names is theirs: never replaced (the default is ours)
         raise FileExistsError(f"{out_png} exists; choose another --out (data stats never overwrites a file)")
@@ -65,8 +68,15 @@ def _cmd_predict(args) -> int:
     from sodlib.inference.predict import predict_files
 
     _out_folder(args.out)
-    path = predict_files(args.checkpoint, args.images, args.out, device=args.device, slice_size=args.slice,
-                         overlap=args.overlap, score_thr=args.score_thr)
+    path = predict_files(
+        args.checkpoint,
+        args.images,
+        args.out,
+        device=args.device,
+        slice_size=args.slice,
+        overlap=args.overlap,
+        score_thr=args.score_thr,
+    )
     print(f"wrote {path} and {len(args.images)} drawn image(s)")
     return 0
 
@@ -106,8 +116,9 @@ def _cmd_eval(args) -> int:
         ds = build_dataset(cfg.data, args.split or cfg.data.val_split, train=False, data_root=args.data)
         _, dets = evaluate_model(model, ds, protocol=args.protocol, device=args.device, num_top=args.num_top)
         args.gt, args.dets = ds.coco, atomic_write_json(out_dir / "detections.json", dets, indent=None)
-    metrics, per_class = evaluation.evaluate_detailed(args.gt, args.dets, protocol=args.protocol,
-                                                      backend=args.backend)
+    metrics, per_class = evaluation.evaluate_detailed(
+        args.gt, args.dets, protocol=args.protocol, backend=args.backend
+    )
     evaluation.write_metrics(out_dir, metrics, per_class)
     print(evaluation.format_table(metrics, per_class))
     print(f"metrics: {out_dir / 'metrics.csv'}")
@@ -116,6 +127,7 @@ def _cmd_eval(args) -> int:
 
 def _cmd_bench(args) -> int:
     from sodlib.studies import bench
+
     _out_folder(args.out)
     path = bench.run(args.what, out_dir=Path(args.out) if args.out else _results() / "bench")
     print(f"wrote {path}")
@@ -125,8 +137,16 @@ def _cmd_bench(args) -> int:
 def _cmd_heatmap(args) -> int:
     from sodlib.inference.heatmaps import heatmap_files
 
-    paths = heatmap_files(args.checkpoint, args.images, args.out, layer=args.layer, objects=args.objects,
-                          box=args.box, slice_size=args.slice, overlap=args.overlap)
+    paths = heatmap_files(
+        args.checkpoint,
+        args.images,
+        args.out,
+        layer=args.layer,
+        objects=args.objects,
+        box=args.box,
+        slice_size=args.slice,
+        overlap=args.overlap,
+    )
     print(f"wrote {len(paths)} figure(s) to {args.out}")
     return 0
 
@@ -134,19 +154,34 @@ def _cmd_heatmap(args) -> int:
 def _cmd_export(args) -> int:
     from sodlib.inference.export import export_checkpoint
 
-    path = export_checkpoint(args.checkpoint, args.out, image_size=args.image_size, postprocess=args.postprocess,
-                             num_top=args.num_top, rtdetr_depth=args.rtdetr, num_classes=args.num_classes)
+    path = export_checkpoint(
+        args.checkpoint,
+        args.out,
+        image_size=args.image_size,
+        postprocess=args.postprocess,
+        num_top=args.num_top,
+        rtdetr_depth=args.rtdetr,
+        num_classes=args.num_classes,
+    )
     print(f"wrote {path}")
     return 0
 
 
 def _cmd_reproduce(args) -> int:
     from sodlib.studies import reproduce
+
     try:
-        return reproduce.main(profile=args.profile, only=args.only, seeds=args.seeds,
-                              results_dir=Path(args.out) if args.out else _results(), data=args.data or "",
-                              device=args.device or "", train_missing=args.train_missing, tables=args.tables,
-                              rows=args.rows)
+        return reproduce.main(
+            profile=args.profile,
+            only=args.only,
+            seeds=args.seeds,
+            results_dir=Path(args.out) if args.out else _results(),
+            data=args.data or "",
+            device=args.device or "",
+            train_missing=args.train_missing,
+            tables=args.tables,
+            rows=args.rows,
+        )
     except reproduce.ReproductionError as exc:  # a step failed: one line (step, notebook, cell), exit 2
         if os.environ.get("SODLIB_DEBUG"):
             raise
@@ -191,9 +226,13 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--data", default=None, help="dataset root (overrides data.root)")
     t.add_argument("--out", default=None, help="run folder (default results/runs/<config hash>)")
     t.add_argument("--no-resume", action="store_true", help="start over even if a checkpoint exists")
-    t.add_argument("--init-from", default=None, metavar="CKPT",
-                   help="fine-tune: start from the tensors of CKPT (RT-DETR, transformers or sodlib checkpoint) "
-                        "whose name and shape fit; same as --set train.init_from=CKPT")
+    t.add_argument(
+        "--init-from",
+        default=None,
+        metavar="CKPT",
+        help="fine-tune: start from the tensors of CKPT (RT-DETR, transformers or sodlib checkpoint) "
+        "whose name and shape fit; same as --set train.init_from=CKPT",
+    )
     t.add_argument("--protocol", default="coco", choices=("coco", "sodad", "visdrone"))
     t.set_defaults(func=_cmd_train)
 
@@ -216,9 +255,13 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--dets", help="COCO results json")
     e.add_argument("--protocol", default="coco", choices=("coco", "sodad", "visdrone"))
     e.add_argument("--backend", default="auto", choices=("auto", "pycocotools", "faster"))
-    e.add_argument("--num-top", type=int, default=None,
-                   help="with --checkpoint: detections kept per image (default: coco 100, sodad 300, "
-                        "visdrone 500; RT-DETR's own evaluation keeps 300)")
+    e.add_argument(
+        "--num-top",
+        type=int,
+        default=None,
+        help="with --checkpoint: detections kept per image (default: coco 100, sodad 300, "
+        "visdrone 500; RT-DETR's own evaluation keeps 300)",
+    )
     e.add_argument("--out", default=None, help="folder for metrics.csv / per_class.csv")
     e.set_defaults(func=_cmd_eval)
 
@@ -229,21 +272,38 @@ def build_parser() -> argparse.ArgumentParser:
     hm.add_argument("--layer", default="all", help="decoder layer 1..L, or all (default)")
     pick = hm.add_mutually_exclusive_group()
     pick.add_argument("--objects", type=int, default=3, help="the N best-scoring detections (default 3)")
-    pick.add_argument("--box", default=None, metavar="x,y,w,h", help="the query that best covers this box (px)")
-    hm.add_argument("--slice", type=int, default=None, help="run on overlapping windows of this size (large images)")
+    pick.add_argument(
+        "--box", default=None, metavar="x,y,w,h", help="the query that best covers this box (px)"
+    )
+    hm.add_argument(
+        "--slice", type=int, default=None, help="run on overlapping windows of this size (large images)"
+    )
     hm.add_argument("--overlap", type=float, default=0.2)
     hm.set_defaults(func=_cmd_heatmap)
 
-    x = sub.add_parser("export", help="export a checkpoint's detector to ONNX (onnxruntime-checked in the tests)")
-    x.add_argument("--checkpoint", required=True,
-                   help="sodlib checkpoint (results/runs/<hash>/checkpoints/last.pt), or a released one with --rtdetr")
+    x = sub.add_parser(
+        "export", help="export a checkpoint's detector to ONNX (onnxruntime-checked in the tests)"
+    )
+    x.add_argument(
+        "--checkpoint",
+        required=True,
+        help="sodlib checkpoint (results/runs/<hash>/checkpoints/last.pt), or a released one with --rtdetr",
+    )
     x.add_argument("--out", required=True, help="the .onnx file to write (must not exist)")
     x.add_argument("--image-size", type=int, default=None, help="square input size (default: the run's)")
-    x.add_argument("--postprocess", action="store_true",
-                   help="add RT-DETR's post-processor: input orig_target_sizes (w, h), outputs labels/boxes/scores")
+    x.add_argument(
+        "--postprocess",
+        action="store_true",
+        help="add RT-DETR's post-processor: input orig_target_sizes (w, h), outputs labels/boxes/scores",
+    )
     x.add_argument("--num-top", type=int, default=300, help="detections per image with --postprocess")
-    x.add_argument("--rtdetr", type=int, choices=(18, 34, 50, 101), default=None,
-                   help="the checkpoint is a released RT-DETR-R<depth> (RT-DETR's or transformers' layout)")
+    x.add_argument(
+        "--rtdetr",
+        type=int,
+        choices=(18, 34, 50, 101),
+        default=None,
+        help="the checkpoint is a released RT-DETR-R<depth> (RT-DETR's or transformers' layout)",
+    )
     x.add_argument("--num-classes", type=int, default=80, help="its class count with --rtdetr (COCO: 80)")
     x.set_defaults(func=_cmd_export)
 
@@ -254,20 +314,40 @@ def build_parser() -> argparse.ArgumentParser:
 
     r = sub.add_parser("reproduce", help="regenerate results/ headlessly")
     r.add_argument("--profile", default="cpu", choices=("smoke", "cpu", "paper"))
-    r.add_argument("--only", default=None,
-                   help="run only the steps whose name starts with this (00_data, 00_baseline, NN_<notebook>), e.g. 01")
-    r.add_argument("--seeds", type=int, default=None, help="seeds for multi-seed tables (notebook parameter SEEDS)")
-    r.add_argument("--data", default=None, help="dataset root for the notebooks (DATA; default: the profile's)")
+    r.add_argument(
+        "--only",
+        default=None,
+        help="run only the steps whose name starts with this (00_data, 00_baseline, NN_<notebook>), e.g. 01",
+    )
+    r.add_argument(
+        "--seeds", type=int, default=None, help="seeds for multi-seed tables (notebook parameter SEEDS)"
+    )
+    r.add_argument(
+        "--data", default=None, help="dataset root for the notebooks (DATA; default: the profile's)"
+    )
     r.add_argument("--device", default=None, help="device for the notebooks (DEVICE; default: the profile's)")
     r.add_argument("--out", default=None, help="results folder (default: the repository's results/)")
-    r.add_argument("--train-missing", action="store_true",
-                   help="notebook 04 trains the ablation runs the run cache lacks (hours on a CPU; with a fresh --out: all)")
-    r.add_argument("--tables", default="", help="with --train-missing: only these tables, comma-separated (table3,table7)")
-    r.add_argument("--rows", default="", help="with --train-missing: only these rows, '|'-separated labels (SR|SPR)")
+    r.add_argument(
+        "--train-missing",
+        action="store_true",
+        help="notebook 04 trains the ablation runs the run cache lacks (hours on a CPU; with a fresh --out: all)",
+    )
+    r.add_argument(
+        "--tables",
+        default="",
+        help="with --train-missing: only these tables, comma-separated (table3,table7)",
+    )
+    r.add_argument(
+        "--rows", default="", help="with --train-missing: only these rows, '|'-separated labels (SR|SPR)"
+    )
     r.set_defaults(func=_cmd_reproduce)
 
-    c = sub.add_parser("compare", help="after `sodlib reproduce`: which files under results/ differ from git, and how")
-    c.add_argument("--results", default=None, help="results folder inside a git checkout (default: the repository's)")
+    c = sub.add_parser(
+        "compare", help="after `sodlib reproduce`: which files under results/ differ from git, and how"
+    )
+    c.add_argument(
+        "--results", default=None, help="results folder inside a git checkout (default: the repository's)"
+    )
     c.add_argument("--rev", default="HEAD", help="the revision holding the committed results (default HEAD)")
     c.set_defaults(func=_cmd_compare)
     return p
@@ -277,14 +357,20 @@ def _add_config_args(p: argparse.ArgumentParser) -> None:
     from sodlib.config import PROFILES
 
     p.add_argument("--profile", default="cpu", choices=tuple(PROFILES))
-    p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
-                   help="config override, e.g. --set loss.st=true (repeatable)")
+    p.add_argument(
+        "--set",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="config override, e.g. --set loss.st=true (repeatable)",
+    )
 
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO,
-                        format="%(levelname)s %(name)s: %(message)s")
+    logging.basicConfig(
+        level=logging.DEBUG if args.verbose else logging.INFO, format="%(levelname)s %(name)s: %(message)s"
+    )
     # the error boundary: whatever the user can cause ends in one line and a non-zero exit (2; 130 for Ctrl-C);
     # SODLIB_DEBUG=1 shows the traceback. Library code raises typed exceptions.
     try:
@@ -294,17 +380,28 @@ def main(argv: list[str] | None = None) -> int:
             raise
         run = getattr(args, "run_dir", None)
         ckpt = Path(run) / "checkpoints" if run else None
-        hint = ("" if ckpt is None else
-                f"; the last checkpoint is in {ckpt} — run the same command to resume" if ckpt.is_dir() else
-                "; no checkpoint was written yet — the same command starts the run again")
+        hint = (
+            ""
+            if ckpt is None
+            else f"; the last checkpoint is in {ckpt} — run the same command to resume"
+            if ckpt.is_dir()
+            else "; no checkpoint was written yet — the same command starts the run again"
+        )
         print(f"sodlib {args.command}: interrupted{hint}", file=sys.stderr)
         return 130
     except Exception as exc:
         if os.environ.get("SODLIB_DEBUG"):
             raise
-        kind = "" if isinstance(exc, (ValueError, FileNotFoundError, FileExistsError)) else f"{type(exc).__name__}: "
+        kind = (
+            ""
+            if isinstance(exc, (ValueError, FileNotFoundError, FileExistsError))
+            else f"{type(exc).__name__}: "
+        )
         text = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
-        print(f"sodlib {args.command}: error: {kind}{text} (SODLIB_DEBUG=1 shows the traceback)", file=sys.stderr)
+        print(
+            f"sodlib {args.command}: error: {kind}{text} (SODLIB_DEBUG=1 shows the traceback)",
+            file=sys.stderr,
+        )
         return 2
 
 

@@ -21,7 +21,9 @@ from typing import Any
 class DataConfig:
     dataset: str = "synthsod"  # synthsod | coco | visdrone | voc
     root: str = ""  # dataset folder; "" = SynthSOD in the data cache (generated on demand)
-    allow_outside_paths: bool = False  # coco: image file_names may point outside images/<split> (../, absolute)
+    allow_outside_paths: bool = (
+        False  # coco: image file_names may point outside images/<split> (../, absolute)
+    )
     image_size: int = 320  # square working size in pixels (images are resized to it)
     num_classes: int = 6  # foreground classes
     synth_train_images: int = 512  # SynthSOD train split size
@@ -42,38 +44,65 @@ class DataConfig:
         _check_range("data.num_workers", self.num_workers, lo=0)
 
 
-BACKBONES = ("tiny", "resnet18", "resnet34", "resnet50", "presnet18vd", "presnet34vd", "presnet50vd", "presnet101vd")
+BACKBONES = (
+    "tiny",
+    "resnet18",
+    "resnet34",
+    "resnet50",
+    "presnet18vd",
+    "presnet34vd",
+    "presnet50vd",
+    "presnet101vd",
+)
 
 
 @dataclass(frozen=True)
 class ModelConfig:
-    backbone: str = "resnet18"  # tiny | resnet18/34/50 (torchvision) | presnet18vd/34vd/50vd/101vd (RT-DETR's ResNet-vd)
+    backbone: str = (
+        "resnet18"  # tiny | resnet18/34/50 (torchvision) | presnet18vd/34vd/50vd/101vd (RT-DETR's ResNet-vd)
+    )
     backbone_width: int = 32  # stem width of the `tiny` backbone (ignored by ResNets)
-    pretrained_path: str = ""  # local backbone state_dict (torchvision layout for resnetNN, PResNet's for presnetNNvd)
+    pretrained_path: str = (
+        ""  # local backbone state_dict (torchvision layout for resnetNN, PResNet's for presnetNNvd)
+    )
     freeze_norm: bool = True  # FrozenBatchNorm2d in the backbone (RT-DETR practice)
     freeze_at: int = -1  # ResNet: -1 trains all; 0 freezes the stem (RT-DETR-R50); k also stages 1..k
     num_classes: int = 6  # foreground classes (must equal data.num_classes)
     hidden_dim: int = 256  # transformer width C
     num_heads: int = 8  # attention heads
-    num_levels: int = 3  # feature levels fed to the decoder (strides 8, 16, 32; must be 4 = strides 4..32 with bifpn_sae)
+    num_levels: int = (
+        3  # feature levels fed to the decoder (strides 8, 16, 32; must be 4 = strides 4..32 with bifpn_sae)
+    )
     num_points: int = 4  # sampling points per head and level
-    p2_values: bool = False  # hybrid: a stride-4 level (C2 + upsampled P3; num_levels 4) sampled, never selected
+    p2_values: bool = (
+        False  # hybrid: a stride-4 level (C2 + upsampled P3; num_levels 4) sampled, never selected
+    )
     num_queries: int = 300  # object queries (top-K encoder tokens)
     num_decoder_layers: int = 6  # decoder layers (one box/class head each)
     dim_feedforward: int = 1024  # decoder FFN width
     encoder_ffn: int = 1024  # AIFI FFN width
     encoder_dim: int = 0  # hybrid encoder width (0 = hidden_dim; RT-DETR-R101: 384, projected to hidden_dim)
-    pos_embed: str = "xy"  # AIFI's sin-cos layout: xy (x then y) | rtdetr (the released code's; see encoder.py)
+    pos_embed: str = (
+        "xy"  # AIFI's sin-cos layout: xy (x then y) | rtdetr (the released code's; see encoder.py)
+    )
     csp_blocks: int = 3  # RepVGG blocks per CSP stage in CCFM
     expansion: float = 1.0  # CSP hidden-width expansion
     dropout: float = 0.0
     num_denoising: int = 100  # total denoising queries (0 disables contrastive denoising)
     label_noise_ratio: float = 0.5
     box_noise_scale: float = 1.0
-    query_nms: float = 0.0  # IoU of class-agnostic NMS over the encoder proposals before top-K (0 = RT-DETR's plain top-K)
-    fp32_geometry: bool = False  # boxes, reference points, sampling locations and weights in float32 under autocast
-    bf16_geometry: bool = False  # diagnostic: the same rounded to bfloat16 precision (what autocast does), in float32
-    post_nms: float = 0.0  # IoU of a per-class NMS in post-processing (0 = end-to-end, RT-DETR's own post-processor)
+    query_nms: float = (
+        0.0  # IoU of class-agnostic NMS over the encoder proposals before top-K (0 = RT-DETR's plain top-K)
+    )
+    fp32_geometry: bool = (
+        False  # boxes, reference points, sampling locations and weights in float32 under autocast
+    )
+    bf16_geometry: bool = (
+        False  # diagnostic: the same rounded to bfloat16 precision (what autocast does), in float32
+    )
+    post_nms: float = (
+        0.0  # IoU of a per-class NMS in post-processing (0 = end-to-end, RT-DETR's own post-processor)
+    )
     encoder: str = "hybrid"  # hybrid (RT-DETR AIFI+CCFM) | bifpn_sae (MRQM)
     bifpn_repeats: int = 2  # MRQM: BiFPN layers
     sae_high_updates: int = 2  # MRQM: SAE updates of the high-level tokens F3..F5
@@ -81,7 +110,9 @@ class ModelConfig:
     iah_tb: float = 0.55  # MRQM: base IoU threshold T_b of T_I = max(T_b, T_b + k·(sqrt(w·h)/A_s)^p)
     iah_k: float = 0.15  # MRQM: k of T_I (negative k makes max(T_b, ·) clamp to T_b)
     iah_p: float = 0.2  # MRQM: exponent p of T_I
-    iah_as_px: float = 0.0  # MRQM: A_s as a LENGTH in pixels (sqrt of the smallest gt area); 0 = auto (engine)
+    iah_as_px: float = (
+        0.0  # MRQM: A_s as a LENGTH in pixels (sqrt of the smallest gt area); 0 = auto (engine)
+    )
     iah_reading: str = "norm_px2"  # MRQM: units of sqrt(w·h)/A_s in T_I (sodlib.models.iou_head.READINGS)
     iah_max_queries: int = 300  # MRQM: cap on auxiliary positive queries per image (kept by IAH score)
 
@@ -90,8 +121,18 @@ class ModelConfig:
         _check_choice("model.pos_embed", self.pos_embed, ("xy", "rtdetr"))
         _check_choice("model.encoder", self.encoder, ("hybrid", "bifpn_sae"))
         _check_choice("model.iah_reading", self.iah_reading, ("norm_px2", "px_px2", "px_px"))
-        for key in ("num_classes", "hidden_dim", "num_heads", "num_levels", "num_points", "num_queries",
-                    "num_decoder_layers", "dim_feedforward", "encoder_ffn", "backbone_width"):
+        for key in (
+            "num_classes",
+            "hidden_dim",
+            "num_heads",
+            "num_levels",
+            "num_points",
+            "num_queries",
+            "num_decoder_layers",
+            "dim_feedforward",
+            "encoder_ffn",
+            "backbone_width",
+        ):
             _check_range(f"model.{key}", getattr(self, key), lo=1)
         _check_range("model.num_denoising", self.num_denoising, lo=0)
         _check_range("model.encoder_dim", self.encoder_dim, lo=0)
@@ -102,26 +143,43 @@ class ModelConfig:
         _check_range("model.query_nms", self.query_nms, lo=0.0, hi=1.0)
         _check_range("model.post_nms", self.post_nms, lo=0.0, hi=1.0)
         if self.hidden_dim % self.num_heads:
-            raise ValueError(f"model.hidden_dim ({self.hidden_dim}) must be divisible by "
-                             f"model.num_heads ({self.num_heads})")
-        width, key = (self.encoder_dim, "model.encoder_dim") if self.encoder_dim else (self.hidden_dim, "model.hidden_dim")
+            raise ValueError(
+                f"model.hidden_dim ({self.hidden_dim}) must be divisible by "
+                f"model.num_heads ({self.num_heads})"
+            )
+        width, key = (
+            (self.encoder_dim, "model.encoder_dim")
+            if self.encoder_dim
+            else (self.hidden_dim, "model.hidden_dim")
+        )
         if self.encoder == "hybrid" and (width % self.num_heads or width % 4):
-            raise ValueError(f"{key} ({width}) must be divisible by model.num_heads ({self.num_heads}) and by 4 "
-                             f"(the hybrid encoder's 2-D sin-cos position embedding)")
+            raise ValueError(
+                f"{key} ({width}) must be divisible by model.num_heads ({self.num_heads}) and by 4 "
+                f"(the hybrid encoder's 2-D sin-cos position embedding)"
+            )
         if self.encoder_dim and self.encoder != "hybrid":
-            raise ValueError(f"model.encoder_dim applies to model.encoder='hybrid' only, got {self.encoder!r}")
+            raise ValueError(
+                f"model.encoder_dim applies to model.encoder='hybrid' only, got {self.encoder!r}"
+            )
         if self.encoder == "bifpn_sae" and self.num_levels != 4:
-            raise ValueError(f"model.num_levels must be 4 with model.encoder='bifpn_sae' (P2..P5), "
-                             f"got {self.num_levels}")
+            raise ValueError(
+                f"model.num_levels must be 4 with model.encoder='bifpn_sae' (P2..P5), got {self.num_levels}"
+            )
         if self.p2_values and (self.encoder != "hybrid" or self.num_levels != 4):
-            raise ValueError(f"model.p2_values needs model.encoder='hybrid' and model.num_levels=4 (strides 4..32), "
-                             f"got {self.encoder!r} and {self.num_levels}")
+            raise ValueError(
+                f"model.p2_values needs model.encoder='hybrid' and model.num_levels=4 (strides 4..32), "
+                f"got {self.encoder!r} and {self.num_levels}"
+            )
         if self.encoder == "bifpn_sae" and self.hidden_dim % 4:
-            raise ValueError(f"model.hidden_dim ({self.hidden_dim}) must be divisible by 4 with "
-                             f"model.encoder='bifpn_sae' (2-D sin-cos position embedding)")
+            raise ValueError(
+                f"model.hidden_dim ({self.hidden_dim}) must be divisible by 4 with "
+                f"model.encoder='bifpn_sae' (2-D sin-cos position embedding)"
+            )
         if self.iah and self.hidden_dim % 8:
-            raise ValueError(f"model.hidden_dim ({self.hidden_dim}) must be divisible by 8 with model.iah "
-                             f"(sine embedding of the 4 box coordinates)")
+            raise ValueError(
+                f"model.hidden_dim ({self.hidden_dim}) must be divisible by 8 with model.iah "
+                f"(sine embedding of the 4 box coordinates)"
+            )
         _check_range("model.bifpn_repeats", self.bifpn_repeats, lo=1)
         _check_range("model.sae_high_updates", self.sae_high_updates, lo=1)
         _check_range("model.iah_tb", self.iah_tb, lo=0.0, hi=1.0)
@@ -147,7 +205,9 @@ class LossConfig:
     cls_loss: str = "vfl"  # vfl | qfl (GFL) | tal (TOOD)
     tal_a: float = 1.0  # cls_loss=tal: exponent of the score s in TOOD's alignment t = s^a * u^b
     tal_b: float = 6.0  # cls_loss=tal: exponent of the IoU u in TOOD's alignment t = s^a * u^b
-    enc_o2m: int = 0  # k of a one-to-many (gt repeated k times) Hungarian loss on every encoder token; 0 = off
+    enc_o2m: int = (
+        0  # k of a one-to-many (gt repeated k times) Hungarian loss on every encoder token; 0 = off
+    )
     # Paper A (Better Sampling) switches and hyper-parameters
     st: bool = False  # Scale-aligned Target, Eqs. 7-15
     st_mode: str = "label"  # label | pred: reading of s in t = c*s (see DESIGN.md)
@@ -194,9 +254,22 @@ class LossConfig:
             raise ValueError("loss.eta_per_layer must hold one value per decoder layer")
         for eta in self.eta_per_layer:
             _check_range("loss.eta_per_layer", eta, lo=1.0)
-        for key in ("weight_vfl", "weight_bbox", "weight_giou", "cost_class", "cost_bbox", "cost_giou",
-                    "weight_offset", "weight_atten", "weight_sr_gen", "weight_iah_cls", "weight_iah_bbox",
-                    "weight_iah_giou", "weight_auxq", "weight_iah"):
+        for key in (
+            "weight_vfl",
+            "weight_bbox",
+            "weight_giou",
+            "cost_class",
+            "cost_bbox",
+            "cost_giou",
+            "weight_offset",
+            "weight_atten",
+            "weight_sr_gen",
+            "weight_iah_cls",
+            "weight_iah_bbox",
+            "weight_iah_giou",
+            "weight_auxq",
+            "weight_iah",
+        ):
             _check_range(f"loss.{key}", getattr(self, key), lo=0.0)
 
 
@@ -224,7 +297,9 @@ class TrainConfig:
     log_every: int = 10
     threads: int = 0  # torch.set_num_threads; 0 = leave as is
     init_from: str = ""  # checkpoint (RT-DETR, transformers or sodlib) whose fitting tensors start the model
-    tensorboard: bool = True  # TensorBoard event files in <run>/tensorboard (log.csv stays the source of truth)
+    tensorboard: bool = (
+        True  # TensorBoard event files in <run>/tensorboard (log.csv stays the source of truth)
+    )
 
     def __post_init__(self):
         _check_range("train.batch_size", self.batch_size, lo=1)
@@ -243,8 +318,10 @@ class TrainConfig:
         _check_choice("train.lr_schedule", self.lr_schedule, ("constant", "cosine"))
         _check_range("train.threads", self.threads, lo=0)
         if any(size < 32 or size % 32 for size in self.multiscale):
-            raise ValueError(f"train.multiscale sizes must be positive multiples of 32 (the coarsest stride), "
-                             f"got {list(self.multiscale)}")
+            raise ValueError(
+                f"train.multiscale sizes must be positive multiples of 32 (the coarsest stride), "
+                f"got {list(self.multiscale)}"
+            )
 
 
 @dataclass(frozen=True)
@@ -263,11 +340,15 @@ class RunConfig:
                     if isinstance(v, float) and not math.isfinite(v):
                         raise ValueError(f"{section}.{f.name} must be finite, got {value!r}")
         if self.model.num_classes != self.data.num_classes:
-            raise ValueError(f"model.num_classes ({self.model.num_classes}) must equal "
-                             f"data.num_classes ({self.data.num_classes})")
+            raise ValueError(
+                f"model.num_classes ({self.model.num_classes}) must equal "
+                f"data.num_classes ({self.data.num_classes})"
+            )
         if len(self.loss.eta_per_layer) != self.model.num_decoder_layers:
-            raise ValueError(f"loss.eta_per_layer has {len(self.loss.eta_per_layer)} values but "
-                             f"model.num_decoder_layers is {self.model.num_decoder_layers}")
+            raise ValueError(
+                f"loss.eta_per_layer has {len(self.loss.eta_per_layer)} values but "
+                f"model.num_decoder_layers is {self.model.num_decoder_layers}"
+            )
 
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)
@@ -284,8 +365,10 @@ class RunConfig:
         if self.loss.sr:
             return self
         default = LossConfig()
-        return dataclasses.replace(self, loss=dataclasses.replace(self.loss, sr_grad=default.sr_grad,
-                                                                  weight_sr_gen=default.weight_sr_gen))
+        return dataclasses.replace(
+            self,
+            loss=dataclasses.replace(self.loss, sr_grad=default.sr_grad, weight_sr_gen=default.weight_sr_gen),
+        )
 
 
 # ---------------------------------------------------------------- profiles
@@ -295,12 +378,29 @@ def _smoke() -> RunConfig:
     return RunConfig(
         name="smoke",
         data=DataConfig(image_size=128, synth_train_images=16, synth_val_images=8, augment="none"),
-        model=ModelConfig(backbone="tiny", backbone_width=16, hidden_dim=32, num_heads=4, num_queries=30,
-                          num_decoder_layers=2, dim_feedforward=64, encoder_ffn=64, csp_blocks=1,
-                          num_denoising=20),
+        model=ModelConfig(
+            backbone="tiny",
+            backbone_width=16,
+            hidden_dim=32,
+            num_heads=4,
+            num_queries=30,
+            num_decoder_layers=2,
+            dim_feedforward=64,
+            encoder_ffn=64,
+            csp_blocks=1,
+            num_denoising=20,
+        ),
         loss=LossConfig(eta_per_layer=(1.5, 1.0)),
-        train=TrainConfig(batch_size=2, epochs=1, max_iters=8, lr=1e-3, warmup_iters=2, ema_decay=0.0,
-                          checkpoint_every=4, log_every=2),
+        train=TrainConfig(
+            batch_size=2,
+            epochs=1,
+            max_iters=8,
+            lr=1e-3,
+            warmup_iters=2,
+            ema_decay=0.0,
+            checkpoint_every=4,
+            log_every=2,
+        ),
     )
 
 
@@ -324,13 +424,35 @@ def _cpu() -> RunConfig:
     return RunConfig(
         name="cpu",
         data=DataConfig(image_size=320, augment="flip"),
-        model=ModelConfig(backbone="tiny", backbone_width=32, hidden_dim=128, num_heads=8, num_queries=200,
-                          query_nms=0.5, num_decoder_layers=2, dim_feedforward=512, encoder_ffn=512,
-                          csp_blocks=1, num_denoising=50),
+        model=ModelConfig(
+            backbone="tiny",
+            backbone_width=32,
+            hidden_dim=128,
+            num_heads=8,
+            num_queries=200,
+            query_nms=0.5,
+            num_decoder_layers=2,
+            dim_feedforward=512,
+            encoder_ffn=512,
+            csp_blocks=1,
+            num_denoising=50,
+        ),
         loss=LossConfig(eta_per_layer=(1.5, 1.0)),
-        train=TrainConfig(batch_size=4, epochs=200, max_iters=520, lr=1.6e-3, lr_backbone_mult=1.0,
-                          warmup_iters=50, lr_schedule="cosine", ema_decay=0.0,
-                          clip_max_norm=0.1, amp=False, eval_every=130, checkpoint_every=130, threads=2),
+        train=TrainConfig(
+            batch_size=4,
+            epochs=200,
+            max_iters=520,
+            lr=1.6e-3,
+            lr_backbone_mult=1.0,
+            warmup_iters=50,
+            lr_schedule="cosine",
+            ema_decay=0.0,
+            clip_max_norm=0.1,
+            amp=False,
+            eval_every=130,
+            checkpoint_every=130,
+            threads=2,
+        ),
     )
 
 
@@ -350,13 +472,35 @@ def _ablation() -> RunConfig:
     return RunConfig(
         name="ablation",
         data=DataConfig(image_size=320, augment="flip"),
-        model=ModelConfig(backbone="tiny", backbone_width=16, hidden_dim=64, num_heads=8, num_queries=300,
-                          num_decoder_layers=3, dim_feedforward=256, encoder_ffn=256, csp_blocks=1,
-                          num_denoising=100, fp32_geometry=True),
+        model=ModelConfig(
+            backbone="tiny",
+            backbone_width=16,
+            hidden_dim=64,
+            num_heads=8,
+            num_queries=300,
+            num_decoder_layers=3,
+            dim_feedforward=256,
+            encoder_ffn=256,
+            csp_blocks=1,
+            num_denoising=100,
+            fp32_geometry=True,
+        ),
         loss=LossConfig(eta_per_layer=(1.5, 1.2, 1.0)),
-        train=TrainConfig(batch_size=4, epochs=1000, max_iters=ABLATION_ITERS, lr=1.6e-3, lr_backbone_mult=1.0,
-                          warmup_iters=50, lr_schedule="cosine", ema_decay=0.0, clip_max_norm=0.1, amp=False,
-                          eval_every=0, checkpoint_every=200, threads=1),
+        train=TrainConfig(
+            batch_size=4,
+            epochs=1000,
+            max_iters=ABLATION_ITERS,
+            lr=1.6e-3,
+            lr_backbone_mult=1.0,
+            warmup_iters=50,
+            lr_schedule="cosine",
+            ema_decay=0.0,
+            clip_max_norm=0.1,
+            amp=False,
+            eval_every=0,
+            checkpoint_every=200,
+            threads=1,
+        ),
     )
 
 
@@ -371,12 +515,31 @@ def _paper() -> RunConfig:
     return RunConfig(
         name="paper",
         data=DataConfig(dataset="visdrone", image_size=640, num_classes=10, num_workers=4),
-        model=ModelConfig(backbone="presnet50vd", freeze_at=0, num_classes=10, hidden_dim=256, num_heads=8,
-                          num_levels=3, num_points=4, num_queries=300, num_decoder_layers=6, num_denoising=100,
-                          pos_embed="rtdetr"),
-        train=TrainConfig(device="cuda", batch_size=16, epochs=72, lr=2e-4, lr_backbone_mult=0.1,
-                          weight_decay=1e-4, warmup_iters=2000, ema_decay=0.9999, clip_max_norm=0.1,
-                          amp=True),
+        model=ModelConfig(
+            backbone="presnet50vd",
+            freeze_at=0,
+            num_classes=10,
+            hidden_dim=256,
+            num_heads=8,
+            num_levels=3,
+            num_points=4,
+            num_queries=300,
+            num_decoder_layers=6,
+            num_denoising=100,
+            pos_embed="rtdetr",
+        ),
+        train=TrainConfig(
+            device="cuda",
+            batch_size=16,
+            epochs=72,
+            lr=2e-4,
+            lr_backbone_mult=0.1,
+            weight_decay=1e-4,
+            warmup_iters=2000,
+            ema_decay=0.9999,
+            clip_max_norm=0.1,
+            amp=True,
+        ),
     )
 
 

@@ -62,8 +62,19 @@ def cpu_features(cpuinfo_path: str | os.PathLike = CPUINFO) -> str:
 
 
 # the flags that select oneDNN's and MKL's float32 kernels (vector width, FMA, AMX tiles) and aarch64's SIMD units
-KERNEL_FLAGS = ("avx2", "fma", "avx512f", "avx512bw", "avx512vl", "avx512_vnni", "avx512_bf16", "avx512_fp16",
-                "amx_tile", "asimd", "sve")
+KERNEL_FLAGS = (
+    "avx2",
+    "fma",
+    "avx512f",
+    "avx512bw",
+    "avx512vl",
+    "avx512_vnni",
+    "avx512_bf16",
+    "avx512_fp16",
+    "amx_tile",
+    "asimd",
+    "sve",
+)
 
 
 def cpu_vendor(cpuinfo_text: str) -> str:
@@ -99,9 +110,12 @@ def machine_slug(kind: str | None = None) -> str:
 
 @functools.cache
 def _warn_emulated_bf16() -> None:
-    log.warning("train.amp=true: bf16 autocast is emulated on this CPU (%s), ~10x slower than float32 (measured "
-                "6.4 s vs 0.60 s per step of the cpu profile on a 2-core AVX2 CPU); turn it off with "
-                "--set train.amp=false", cpu_features())
+    log.warning(
+        "train.amp=true: bf16 autocast is emulated on this CPU (%s), ~10x slower than float32 (measured "
+        "6.4 s vs 0.60 s per step of the cpu profile on a 2-core AVX2 CPU); turn it off with "
+        "--set train.amp=false",
+        cpu_features(),
+    )
 
 
 def check_amp(amp: bool, device: str | torch.device) -> None:
@@ -111,8 +125,9 @@ def check_amp(amp: bool, device: str | torch.device) -> None:
         return
     device = torch.device(device)
     if not is_autocast_available(device.type):
-        raise ValueError(f"train.amp=true: bf16 autocast is not available for device {str(device)!r}; "
-                         f"set train.amp=false")
+        raise ValueError(
+            f"train.amp=true: bf16 autocast is not available for device {str(device)!r}; set train.amp=false"
+        )
     if device.type == "cuda" and torch.cuda.is_available() and not torch.cuda.is_bf16_supported():
         raise ValueError(f"train.amp=true: device {str(device)!r} does not support bf16; set train.amp=false")
     if device.type == "cpu" and not cpu_has_native_bf16():

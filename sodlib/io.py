@@ -49,7 +49,9 @@ def atomic_write_text(path: str | os.PathLike, text: str) -> Path:
 
 
 def atomic_write_json(path: str | os.PathLike, obj: Any, indent: int | None = 2) -> Path:
-    return atomic_write_text(path, json.dumps(obj, indent=indent, sort_keys=False, default=json_default) + "\n")
+    return atomic_write_text(
+        path, json.dumps(obj, indent=indent, sort_keys=False, default=json_default) + "\n"
+    )
 
 
 def json_default(o):
@@ -87,7 +89,9 @@ def file_lock(path: str | os.PathLike, wait: bool = True, what: str = ""):
         except BlockingIOError:
             f.seek(0)
             holder = f.read().strip() or "another process"
-            raise LockedError(f"{what or path} is in use by {holder} (lock {path}); wait for it to end") from None
+            raise LockedError(
+                f"{what or path} is in use by {holder} (lock {path}); wait for it to end"
+            ) from None
         try:
             f.seek(0)
             f.truncate()
@@ -110,8 +114,10 @@ def claim_output_dir(path: str | os.PathLike, name: str = "--out", resumable: tu
     if path.is_dir() and any((path / entry).exists() for entry in resumable):
         return path
     if path.is_dir() and not (path / OUTPUT_MARK).exists() and any(path.iterdir()):
-        raise ValueError(f"{name} {path} exists and holds files sodlib did not write; choose a new or empty folder"
-                         f"{' with --out' if name != '--out' else ''}")
+        raise ValueError(
+            f"{name} {path} exists and holds files sodlib did not write; choose a new or empty folder"
+            f"{' with --out' if name != '--out' else ''}"
+        )
     path.mkdir(parents=True, exist_ok=True)
     (path / OUTPUT_MARK).touch()
     return path

@@ -36,8 +36,19 @@ from torch import Tensor, nn
 from sodlib.build import build_detector
 from sodlib.config import ModelConfig
 
-__all__ = ["LAYOUTS", "InitReport", "convert_state_dict", "detect_layout", "hf_names", "init_from", "load_rtdetr",
-           "official_names", "read_state_dict", "rtdetr_model_config", "to_layout"]
+__all__ = [
+    "LAYOUTS",
+    "InitReport",
+    "convert_state_dict",
+    "detect_layout",
+    "hf_names",
+    "init_from",
+    "load_rtdetr",
+    "official_names",
+    "read_state_dict",
+    "rtdetr_model_config",
+    "to_layout",
+]
 
 LAYOUTS = ("sodlib", "official", "hf")
 
@@ -46,8 +57,14 @@ _RELEASED = {
     18: {"freeze_norm": False, "freeze_at": -1, "expansion": 0.5, "num_decoder_layers": 3},
     34: {"freeze_norm": False, "freeze_at": -1, "expansion": 0.5, "num_decoder_layers": 4},
     50: {"freeze_norm": True, "freeze_at": 0, "expansion": 1.0, "num_decoder_layers": 6},
-    101: {"freeze_norm": True, "freeze_at": 0, "expansion": 1.0, "num_decoder_layers": 6, "encoder_dim": 384,
-          "encoder_ffn": 2048},
+    101: {
+        "freeze_norm": True,
+        "freeze_at": 0,
+        "expansion": 1.0,
+        "num_decoder_layers": 6,
+        "encoder_dim": 384,
+        "encoder_ffn": 2048,
+    },
 }
 
 
@@ -63,16 +80,31 @@ def rtdetr_model_config(depth: int, num_classes: int = 80, **changes) -> ModelCo
     """
     if depth not in _RELEASED:
         raise ValueError(f"RT-DETR was released for depths {sorted(_RELEASED)}, got {depth}")
-    fields = {"backbone": f"presnet{depth}vd", "num_classes": num_classes, "hidden_dim": 256, "num_heads": 8,
-              "num_levels": 3, "num_points": 4, "num_queries": 300, "dim_feedforward": 1024, "encoder_ffn": 1024,
-              "csp_blocks": 3, "dropout": 0.0, "num_denoising": 100, "label_noise_ratio": 0.5,
-              "box_noise_scale": 1.0, "pos_embed": "rtdetr", "encoder": "hybrid"}
+    fields = {
+        "backbone": f"presnet{depth}vd",
+        "num_classes": num_classes,
+        "hidden_dim": 256,
+        "num_heads": 8,
+        "num_levels": 3,
+        "num_points": 4,
+        "num_queries": 300,
+        "dim_feedforward": 1024,
+        "encoder_ffn": 1024,
+        "csp_blocks": 3,
+        "dropout": 0.0,
+        "num_denoising": 100,
+        "label_noise_ratio": 0.5,
+        "box_noise_scale": 1.0,
+        "pos_embed": "rtdetr",
+        "encoder": "hybrid",
+    }
     fields.update(_RELEASED[depth])
     fields.update(changes)
     return ModelConfig(**fields)
 
 
 # ---------------------------------------------------------------- name maps (sodlib → theirs)
+
 
 def _subs(key: str, rules: list[tuple[str, str]]) -> str:
     for pattern, repl in rules:
@@ -112,8 +144,11 @@ def official_names(key: str) -> list[str]:
 _HF_BACKBONE_RULES = [
     (r"^backbone\.conv1\.conv1_(\d)\.", lambda m: f"model.backbone.model.embedder.embedder.{int(m[1]) - 1}."),
     (r"^backbone\.res_layers\.(\d+)\.blocks\.(\d+)\.", r"model.backbone.model.encoder.stages.\1.layers.\2."),
-    (r"\.branch2a\.", ".layer.0."), (r"\.branch2b\.", ".layer.1."), (r"\.branch2c\.", ".layer.2."),
-    (r"\.short\.conv\.conv\.", ".shortcut.1.conv."), (r"\.short\.conv\.norm\.", ".shortcut.1.norm."),
+    (r"\.branch2a\.", ".layer.0."),
+    (r"\.branch2b\.", ".layer.1."),
+    (r"\.branch2c\.", ".layer.2."),
+    (r"\.short\.conv\.conv\.", ".shortcut.1.conv."),
+    (r"\.short\.conv\.norm\.", ".shortcut.1.norm."),
     (r"\.short\.", ".shortcut."),
     (r"\.conv\.(weight)$", r".convolution.\1"),
     (r"\.norm\.(weight|bias|running_mean|running_var|num_batches_tracked)$", r".normalization.\1"),
@@ -122,15 +157,22 @@ _HF_ATTN = [(r"\.out_proj\.", ".o_proj.")]
 _HF_ENCODER_RULES = [
     (r"^encoder\.input_proj\.", "model.encoder_input_proj."),
     (r"^encoder\.encoder\.(\d+)\.(\d+)\.", r"model.encoder.aifi.\1.layers.\2."),
-    (r"\.norm1\.", ".self_attn_layer_norm."), (r"\.norm2\.", ".final_layer_norm."),
-    (r"\.ffn\.0\.", ".mlp.fc1."), (r"\.ffn\.3\.", ".mlp.fc2."), *_HF_ATTN,
+    (r"\.norm1\.", ".self_attn_layer_norm."),
+    (r"\.norm2\.", ".final_layer_norm."),
+    (r"\.ffn\.0\.", ".mlp.fc1."),
+    (r"\.ffn\.3\.", ".mlp.fc2."),
+    *_HF_ATTN,
 ]
 _HF_DECODER_RULES = [
     (r"^decoder\.input_proj\.", "model.decoder_input_proj."),
     (r"^decoder\.layers\.", "model.decoder.layers."),
-    (r"\.norm1\.", ".self_attn_layer_norm."), (r"\.cross_attn\.", ".encoder_attn."),
-    (r"\.norm2\.", ".encoder_attn_layer_norm."), (r"\.norm3\.", ".final_layer_norm."),
-    (r"\.linear1\.", ".mlp.fc1."), (r"\.linear2\.", ".mlp.fc2."), *_HF_ATTN,
+    (r"\.norm1\.", ".self_attn_layer_norm."),
+    (r"\.cross_attn\.", ".encoder_attn."),
+    (r"\.norm2\.", ".encoder_attn_layer_norm."),
+    (r"\.norm3\.", ".final_layer_norm."),
+    (r"\.linear1\.", ".mlp.fc1."),
+    (r"\.linear2\.", ".mlp.fc2."),
+    *_HF_ATTN,
     (r"^decoder\.query_pos_head\.", "model.decoder.query_pos_head."),
     (r"^decoder\.dec_score_head\.", "model.decoder.class_embed."),
     (r"^decoder\.dec_bbox_head\.", "model.decoder.bbox_embed."),
@@ -145,8 +187,11 @@ def hf_names(key: str) -> list[str]:
         return [_subs(key, _HF_BACKBONE_RULES)]
     if key.startswith("encoder."):
         # CSP, lateral and downsample convs share RT-DETR's names (conv / norm, bottlenecks.conv1 = 3×3)
-        name = _subs(key, _HF_ENCODER_RULES) if key.startswith(("encoder.input_proj.", "encoder.encoder.")) \
+        name = (
+            _subs(key, _HF_ENCODER_RULES)
+            if key.startswith(("encoder.input_proj.", "encoder.encoder."))
             else "model." + official_names(key)[0]
+        )
     elif key.startswith("decoder."):
         name = _subs(key, _HF_DECODER_RULES)
     else:
@@ -170,14 +215,20 @@ def _hf_v4_to_v5(state: Mapping[str, Tensor]) -> dict[str, Tensor]:
 
 
 _NAMES: dict[str, Callable[[str], list[str]]] = {
-    "sodlib": lambda key: [key], "official": official_names, "hf": hf_names}
+    "sodlib": lambda key: [key],
+    "official": official_names,
+    "hf": hf_names,
+}
 
 # buffers a layout may carry that sodlib recomputes (anchors, position embeddings) or does not count
-_IGNORED = re.compile(r"(num_batches_tracked$|^decoder\.(anchors|valid_mask)$|^encoder\.pos_embed\d*$"
-                      r"|^(class_embed|bbox_embed)\.\d+\.)")
+_IGNORED = re.compile(
+    r"(num_batches_tracked$|^decoder\.(anchors|valid_mask)$|^encoder\.pos_embed\d*$"
+    r"|^(class_embed|bbox_embed)\.\d+\.)"
+)
 
 
 # ---------------------------------------------------------------- reading and detecting
+
 
 def read_state_dict(checkpoint: str | os.PathLike | Mapping) -> dict[str, Tensor]:
     """The model state dict inside ``checkpoint``: a path or an already loaded object, in any release format.
@@ -194,7 +245,9 @@ def read_state_dict(checkpoint: str | os.PathLike | Mapping) -> dict[str, Tensor
             candidates = [path / "model.safetensors", path / "pytorch_model.bin"]
             found = [c for c in candidates if c.is_file()]
             if not found:
-                raise FileNotFoundError(f"{path}: a checkpoint folder needs model.safetensors or pytorch_model.bin")
+                raise FileNotFoundError(
+                    f"{path}: a checkpoint folder needs model.safetensors or pytorch_model.bin"
+                )
             path = found[0]
         if not path.is_file():
             raise FileNotFoundError(f"checkpoint not found: {path}")
@@ -208,8 +261,10 @@ def read_state_dict(checkpoint: str | os.PathLike | Mapping) -> dict[str, Tensor
             try:
                 checkpoint = torch.load(path, map_location="cpu", weights_only=True)
             except Exception as exc:  # corrupt, truncated, or not a torch file
-                raise ValueError(f"{path}: not a readable PyTorch checkpoint ({type(exc).__name__}: "
-                                 f"{str(exc).splitlines()[0] if str(exc) else ''})") from exc
+                raise ValueError(
+                    f"{path}: not a readable PyTorch checkpoint ({type(exc).__name__}: "
+                    f"{str(exc).splitlines()[0] if str(exc) else ''})"
+                ) from exc
     state = checkpoint
     for _ in range(3):
         if not isinstance(state, Mapping):
@@ -223,8 +278,10 @@ def read_state_dict(checkpoint: str | os.PathLike | Mapping) -> dict[str, Tensor
         else:
             break
     if not isinstance(state, Mapping) or not state or not all(isinstance(v, Tensor) for v in state.values()):
-        raise ValueError(f"{source}: holds no model state dict (expected tensors, or a dict with 'ema.module', "
-                         f"'model' or 'state_dict')")
+        raise ValueError(
+            f"{source}: holds no model state dict (expected tensors, or a dict with 'ema.module', "
+            f"'model' or 'state_dict')"
+        )
     return {k.removeprefix("module."): v for k, v in state.items()}
 
 
@@ -237,11 +294,14 @@ def detect_layout(state: Mapping[str, Tensor]) -> str:
         return "official"
     if any(k.startswith("decoder.layers.") for k in keys):
         return "sodlib"
-    raise ValueError(f"cannot tell the layout of this state dict: none of its {len(keys)} keys "
-                     f"(first: {keys[:3]}) names an RT-DETR decoder layer")
+    raise ValueError(
+        f"cannot tell the layout of this state dict: none of its {len(keys)} keys "
+        f"(first: {keys[:3]}) names an RT-DETR decoder layer"
+    )
 
 
 # ---------------------------------------------------------------- converting
+
 
 def _lookup(state: Mapping[str, Tensor], key: str, layout: str) -> tuple[list[str], Tensor | None]:
     """The checkpoint name(s) of sodlib ``key`` and its tensor (None when a name is absent)."""
@@ -258,8 +318,9 @@ def _prepare(state: Mapping[str, Tensor], layout: str | None) -> tuple[Mapping[s
     return (_hf_v4_to_v5(state) if layout == "hf" else state), layout
 
 
-def convert_state_dict(state: Mapping[str, Tensor], model: nn.Module, layout: str | None = None,
-                       source: str = "checkpoint") -> dict[str, Tensor]:
+def convert_state_dict(
+    state: Mapping[str, Tensor], model: nn.Module, layout: str | None = None, source: str = "checkpoint"
+) -> dict[str, Tensor]:
     """``state`` (any layout; detected when ``layout`` is None) renamed to ``model``'s keys.
 
     Every tensor of the model must be found with its shape, and every tensor of ``state`` used, except
@@ -276,14 +337,22 @@ def convert_state_dict(state: Mapping[str, Tensor], model: nn.Module, layout: st
             continue
         used.update(theirs)
         if tensor.shape != ref.shape:
-            mismatched.append(f"{theirs[0]}: {tuple(tensor.shape)} in the checkpoint, {tuple(ref.shape)} in the model")
+            mismatched.append(
+                f"{theirs[0]}: {tuple(tensor.shape)} in the checkpoint, {tuple(ref.shape)} in the model"
+            )
             continue
         out[key] = tensor
     unexpected = [k for k in state if k not in used and not _IGNORED.search(k)]
     if missing or unexpected or mismatched:
-        parts = [f"{label} ({len(items)}): {', '.join(items[:4])}{', ...' if len(items) > 4 else ''}"
-                 for label, items in (("missing", missing), ("unexpected", unexpected),
-                                      ("shape mismatch", mismatched)) if items]
+        parts = [
+            f"{label} ({len(items)}): {', '.join(items[:4])}{', ...' if len(items) > 4 else ''}"
+            for label, items in (
+                ("missing", missing),
+                ("unexpected", unexpected),
+                ("shape mismatch", mismatched),
+            )
+            if items
+        ]
         raise ValueError(f"{source} ({layout} layout) does not fit the model config: " + "; ".join(parts))
     return out
 
@@ -318,7 +387,9 @@ def load_rtdetr(checkpoint: str | os.PathLike | Mapping, model_cfg: ModelConfig)
     model = build_detector(dataclasses.replace(model_cfg, pretrained_path=""))
     model.config = model_cfg
     converted = convert_state_dict(state, model, source=source)
-    bad = next((k for k, v in converted.items() if v.is_floating_point() and not bool(torch.isfinite(v).all())), None)
+    bad = next(
+        (k for k, v in converted.items() if v.is_floating_point() and not bool(torch.isfinite(v).all())), None
+    )
     if bad is not None:  # a model that cannot predict anything: refused, not loaded
         raise ValueError(f"{source}: weight {bad!r} holds NaN or infinite values; the checkpoint is damaged")
     model.load_state_dict(converted, strict=False)
@@ -338,13 +409,20 @@ class InitReport:
 
     def __str__(self) -> str:
         def short(items: list[str]) -> str:
-            return f"{len(items)}" + (f" ({', '.join(items[:6])}{', ...' if len(items) > 6 else ''})" if items else "")
-        return (f"initialised from {self.source} ({self.layout} layout): {len(self.loaded)} tensors loaded; "
-                f"re-initialised, shape differs: {short(self.reinitialised)}; not in the checkpoint: "
-                f"{short(self.absent)}")
+            return f"{len(items)}" + (
+                f" ({', '.join(items[:6])}{', ...' if len(items) > 6 else ''})" if items else ""
+            )
+
+        return (
+            f"initialised from {self.source} ({self.layout} layout): {len(self.loaded)} tensors loaded; "
+            f"re-initialised, shape differs: {short(self.reinitialised)}; not in the checkpoint: "
+            f"{short(self.absent)}"
+        )
 
 
-def init_from(model: nn.Module, checkpoint: str | os.PathLike | Mapping, layout: str | None = None) -> InitReport:
+def init_from(
+    model: nn.Module, checkpoint: str | os.PathLike | Mapping, layout: str | None = None
+) -> InitReport:
     """Fine-tuning start, as RT-DETR's tuning mode: load every tensor of ``checkpoint`` (any layout) whose
     name and shape fit ``model``; the others keep their fresh initialisation and are logged.
 
@@ -367,8 +445,11 @@ def init_from(model: nn.Module, checkpoint: str | os.PathLike | Mapping, layout:
             used.update(theirs)
     counted = [k for k in state if not _IGNORED.search(k)]
     if sum(k in used for k in counted) < 0.5 * len(counted):
-        raise ValueError(f"{source} ({layout} layout): only {sum(k in used for k in counted)} of its {len(counted)} "
-                         f"tensors fit the model; it is not a checkpoint of this architecture")
+        raise ValueError(
+            f"{source} ({layout} layout): only {sum(k in used for k in counted)} of its {len(counted)} "
+            f"tensors fit the model; it is not a checkpoint of this architecture"
+        )
     model.load_state_dict(fitting, strict=False)
-    return InitReport(source, layout, [k for k in fitting if not k.endswith("num_batches_tracked")],
-                      reinitialised, absent)
+    return InitReport(
+        source, layout, [k for k in fitting if not k.endswith("num_batches_tracked")], reinitialised, absent
+    )

@@ -1,4 +1,5 @@
 """Shared fixtures: every test writes into temporary folders, never into results/ or ~/.cache."""
+
 from pathlib import Path
 
 import pytest

@@ -1,4 +1,5 @@
 """Ablation tables: row specifications, the η mapping, the parallel runner over the run cache, noise and verdicts."""
+
 import math
 
 import numpy as np
@@ -40,12 +41,20 @@ def test_paper_a_tables_share_the_full_method_run():
     shared = {name: [r.label for r, s, c in e if config_hash(c) == full] for name, e in entries.items()}
     # the cpu decoder has 2 layers: Table 7's schedules keep their first and last η, so (1.5, 1.4, …, 1) and
     # the paper's (1.5, 1.3, …, 1) become the same run, as do the two schedules starting at 2
-    assert shared == {"table3": ["ST+SR+SPR"], "table4": ["β=0.73"], "table5": ["θ=6"], "table6": ["γ=1.5, α=0.5"],
-                      "table7": ["η=(1.5, 1.4, 1.3, 1.2, 1.1, 1)", "η=(1.5, 1.3, 1.2, 1.1, 1.05, 1)"], "table8": []}
+    assert shared == {
+        "table3": ["ST+SR+SPR"],
+        "table4": ["β=0.73"],
+        "table5": ["θ=6"],
+        "table6": ["γ=1.5, α=0.5"],
+        "table7": ["η=(1.5, 1.4, 1.3, 1.2, 1.1, 1)", "η=(1.5, 1.3, 1.2, 1.1, 1.05, 1)"],
+        "table8": [],
+    }
     hashes = {config_hash(c) for e in entries.values() for _, _, c in e}
     assert len(hashes) == 18 + 3 + 3 + 5 + 1 + 6
     t8 = {r.label: c for r, _, c in entries["table8"]}
-    assert t8["TAL +ST+SR"].loss.cls_loss == "tal" and t8["TAL +ST+SR"].loss.sr and not t8["TAL +ST+SR"].loss.spr
+    assert (
+        t8["TAL +ST+SR"].loss.cls_loss == "tal" and t8["TAL +ST+SR"].loss.sr and not t8["TAL +ST+SR"].loss.spr
+    )
     assert (t8["QFL +ST"].loss.alpha, t8["QFL +ST"].loss.gamma) == (0.75, 2.0)
     t3 = {r.label: c for r, s, c in entries["table3"] if s == 0}
     assert (t3["ST+SR"].loss.alpha, t3["SR"].loss.alpha) == (0.5, 0.75)
@@ -60,7 +69,9 @@ def test_multi_seed_tables_never_drop_below_two_seeds():
 def test_table_base_rows():
     assert ablations.TABLE3.base_of("SPR") == "baseline"
     assert ablations.TABLE4.base_of("β=0.3") == "β=0.73"
-    assert [ablations.TABLE8.base_of(r.label) for r in ablations.TABLE8.rows] == ["QFL (GFL)"] * 3 + ["TAL (TOOD)"] * 3
+    assert [ablations.TABLE8.base_of(r.label) for r in ablations.TABLE8.rows] == ["QFL (GFL)"] * 3 + [
+        "TAL (TOOD)"
+    ] * 3
 
 
 def test_seed_std_pools_rows_by_hand():
@@ -71,20 +82,29 @@ def test_seed_std_pools_rows_by_hand():
 
 
 def _toy_table(trend="each"):
-    return Table("toy", "Toy", (Row("ref", (), {"AP": 30.0}), Row("up", (), {"AP": 31.0}),
-                               Row("down", (), {"AP": 29.0})), trend=trend)
+    return Table(
+        "toy",
+        "Toy",
+        (Row("ref", (), {"AP": 30.0}), Row("up", (), {"AP": 31.0}), Row("down", (), {"AP": 29.0})),
+        trend=trend,
+    )
 
 
 def _toy_runs(values: dict[str, list[float]]) -> pd.DataFrame:
-    rows = [{"row": k, "seed": s, "AP": v, "AP50": v, "APS": v, "APM": v, "APL": np.nan}
-            for k, vs in values.items() for s, v in enumerate(vs)]
+    rows = [
+        {"row": k, "seed": s, "AP": v, "AP50": v, "APS": v, "APM": v, "APL": np.nan}
+        for k, vs in values.items()
+        for s, v in enumerate(vs)
+    ]
     return pd.DataFrame(rows)
 
 
 def test_summarise_deltas_and_noise_by_hand():
     runs = _toy_runs({"ref": [0.20, 0.22], "up": [0.25, 0.27], "down": [0.20, 0.21]})
     s = ablations.summarise(_toy_table(), runs, noise=0.01).set_index("row")
-    assert s.loc["up", "AP"] == pytest.approx(26.0) and s.loc["up", "AP std"] == pytest.approx(100 * math.sqrt(2e-4))
+    assert s.loc["up", "AP"] == pytest.approx(26.0) and s.loc["up", "AP std"] == pytest.approx(
+        100 * math.sqrt(2e-4)
+    )
     assert s.loc["up", "ΔAP ours"] == pytest.approx(5.0) and s.loc["up", "ΔAP paper"] == pytest.approx(1.0)
     # margin = 2 * 1 point * sqrt(1/2 + 1/2) = 2 points
     assert s.loc["up", "beyond noise"] == "yes" and s.loc["down", "beyond noise"] == "no"
@@ -119,7 +139,9 @@ def test_train_configs_trains_each_distinct_config_once_and_parallel_equals_sequ
 
 def test_train_configs_names_the_failing_run(tmp_path):
     bad = ablations.ablation_config("smoke", "train.batch_size=64", "train.max_iters=2")  # 16 train images
-    with pytest.raises(RuntimeError, match=r"run .*runs/[0-9a-f]{12} \(the bad one\) failed: ValueError: .*fewer"):
+    with pytest.raises(
+        RuntimeError, match=r"run .*runs/[0-9a-f]{12} \(the bad one\) failed: ValueError: .*fewer"
+    ):
         ablations.train_configs([bad], tmp_path, workers=1, labels=["the bad one"], verbose=False)
 
 
@@ -193,7 +215,10 @@ def test_select_tables_names_an_unknown_table_or_row():
     t = ablations.ABLATION_TABLES
     assert [x.name for x in ablations.select_tables(t)] == [x.name for x in t]
     chosen = ablations.select_tables(t, "table3,table8", "SR|QFL +ST")
-    assert [(x.name, [r.label for r in x.rows]) for x in chosen] == [("table3", ["SR"]), ("table8", ["QFL +ST"])]
+    assert [(x.name, [r.label for r in x.rows]) for x in chosen] == [
+        ("table3", ["SR"]),
+        ("table8", ["QFL +ST"]),
+    ]
     with pytest.raises(ValueError, match=r"unknown table 'table9'; tables: table3, table4"):
         ablations.select_tables(t, "table3,table9")
     with pytest.raises(ValueError, match=r"unknown row 'SPR' in table8; rows: QFL \(GFL\)"):
@@ -203,8 +228,21 @@ def test_select_tables_names_an_unknown_table_or_row():
 def test_reproduce_refuses_an_unknown_table_before_any_step(tmp_path, capsys):
     from sodlib import cli
 
-    assert cli.main(["reproduce", "--only", "04", "--train-missing", "--tables", "table3,tabel7",
-                     "--out", str(tmp_path / "r")]) == 2
+    assert (
+        cli.main(
+            [
+                "reproduce",
+                "--only",
+                "04",
+                "--train-missing",
+                "--tables",
+                "table3,tabel7",
+                "--out",
+                str(tmp_path / "r"),
+            ]
+        )
+        == 2
+    )
     err = capsys.readouterr()
     assert "unknown table 'tabel7'" in err.err and "[reproduce]" not in err.out
     assert not (tmp_path / "r").exists()
@@ -218,12 +256,23 @@ def test_a_row_can_name_the_row_it_is_compared_with():
     c3 = {(r.label, s): c for r, s, c in t3.configs("ablation")}
     assert config_hash(c3[(both, 0)]) == config_hash(c3[(control, 0)])  # one run, two comparisons
     tuned = c3[(ablations.MRQM_TUNED, 0)]
-    assert (tuned.loss.alpha, tuned.loss.gamma) == (0.5, 1.5) and not (tuned.loss.st or tuned.loss.sr or tuned.loss.spr)
-    runs = pd.DataFrame([{"row": lbl, "seed": s, "AP": ap, "APS": ap, "APM": ap, "AP50": ap, "APL": float("nan")}
-                         for lbl, aps in ((both, [0.45, 0.46, 0.47]), (control, [0.45, 0.46, 0.47]),
-                                          (ablations.MRQM_TUNED, [0.44, 0.44, 0.44]),
-                                          *((r.label, [0.40, 0.41, 0.42]) for r in t3.rows[:-3]))
-                         for s, ap in enumerate(aps)])
+    assert (tuned.loss.alpha, tuned.loss.gamma) == (0.5, 1.5) and not (
+        tuned.loss.st or tuned.loss.sr or tuned.loss.spr
+    )
+    runs = pd.DataFrame(
+        [
+            {"row": lbl, "seed": s, "AP": ap, "APS": ap, "APM": ap, "AP50": ap, "APL": float("nan")}
+            for lbl, aps in (
+                (both, [0.45, 0.46, 0.47]),
+                (control, [0.45, 0.46, 0.47]),
+                (ablations.MRQM_TUNED, [0.44, 0.44, 0.44]),
+                *((r.label, [0.40, 0.41, 0.42]) for r in t3.rows[:-3]),
+            )
+            for s, ap in enumerate(aps)
+        ]
+    )
     summary = ablations.compare(t3, runs).set_index("row")
-    assert summary.loc[control, "vs"] == ablations.MRQM_TUNED and summary.loc[control, "dAP"] == pytest.approx(2.0)
+    assert summary.loc[control, "vs"] == ablations.MRQM_TUNED and summary.loc[
+        control, "dAP"
+    ] == pytest.approx(2.0)
     assert summary.loc[both, "dAP"] == pytest.approx(5.0)

@@ -1,5 +1,6 @@
 """The package's layers: every import inside sodlib (function-local ones included) points down or sideways
 within its own subpackage, and the module graph has no cycle."""
+
 import ast
 from pathlib import Path
 
@@ -11,16 +12,23 @@ PACKAGE = Path(sodlib.__file__).parent
 
 # lower number = lower layer; a module may import its own unit or a unit of a strictly lower layer
 LAYERS = {
-    "sodlib.config": 0, "sodlib.io": 0, "sodlib.box_ops": 0, "sodlib.hardware": 0,
+    "sodlib.config": 0,
+    "sodlib.io": 0,
+    "sodlib.box_ops": 0,
+    "sodlib.hardware": 0,
     "sodlib.checkpoints": 1,
-    "sodlib.data": 2, "sodlib.models": 2, "sodlib.evaluation": 2,
+    "sodlib.data": 2,
+    "sodlib.models": 2,
+    "sodlib.evaluation": 2,
     "sodlib.losses": 3,
     "sodlib.build": 4,
     "sodlib.official": 5,
     "sodlib.inference": 6,
     "sodlib.training": 7,
     "sodlib.studies": 8,
-    "sodlib.cli": 9, "sodlib.__main__": 10, "sodlib": 10,
+    "sodlib.cli": 9,
+    "sodlib.__main__": 10,
+    "sodlib": 10,
 }
 
 
@@ -84,9 +92,11 @@ def test_imports_point_down(module):
 
 
 def test_the_checker_sees_hidden_and_relative_imports():
-    source = ("import torch\nfrom sodlib.config import RunConfig\n\n"
-              "def f():\n    from sodlib.studies import viz\n    from ..training.engine import train\n"
-              "    from . import decoder\n")
+    source = (
+        "import torch\nfrom sodlib.config import RunConfig\n\n"
+        "def f():\n    from sodlib.studies import viz\n    from ..training.engine import train\n"
+        "    from . import decoder\n"
+    )
     found = _imports_in(source, "sodlib.models.detector")
     assert found == {"sodlib.config", "sodlib.studies.viz", "sodlib.training.engine", "sodlib.models.decoder"}
     assert _upward("sodlib.models.detector", found) == ["sodlib.studies.viz", "sodlib.training.engine"]
@@ -101,7 +111,7 @@ def test_no_import_cycle():
             if t not in GRAPH or t == m:
                 continue
             if state.get(t) == 1:
-                pytest.fail("import cycle: " + " -> ".join(path[path.index(t):] + [t]) if t in path else t)
+                pytest.fail("import cycle: " + " -> ".join(path[path.index(t) :] + [t]) if t in path else t)
             if t not in state:
                 visit(t, path + [t])
         state[m] = 2

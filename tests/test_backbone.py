@@ -15,7 +15,12 @@ def test_resnet18_levels_channels_and_frozen_norm():
     assert all(p.requires_grad for p in bb.stages.parameters())
     with torch.no_grad():
         feats = bb(torch.randn(1, 3, 64, 96))
-    assert [tuple(f.shape) for f in feats] == [(1, 64, 16, 24), (1, 128, 8, 12), (1, 256, 4, 6), (1, 512, 2, 3)]
+    assert [tuple(f.shape) for f in feats] == [
+        (1, 64, 16, 24),
+        (1, 128, 8, 12),
+        (1, 256, 4, 6),
+        (1, 512, 2, 3),
+    ]
 
 
 def test_resnet50_channels_without_building_forward():

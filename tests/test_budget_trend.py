@@ -27,12 +27,18 @@ def test_runs_are_table3s_and_the_plateau_ladders():
 def test_frame_and_verdict_from_hand_made_metrics():
     base = {1000: [0.40, 0.42, 0.41], 4000: [0.50, 0.52, 0.51]}
     full = {1000: [0.41, 0.44, 0.42], 4000: [0.55, 0.58, 0.57]}  # gaps 1, 2, 1 then 5, 6, 6
-    metrics = [(row, n, s, _m(v[n][s])) for row, v in (("baseline", base), ("ST+SR+SPR", full))
-               for n in (1000, 4000) for s in range(3)]
+    metrics = [
+        (row, n, s, _m(v[n][s]))
+        for row, v in (("baseline", base), ("ST+SR+SPR", full))
+        for n in (1000, 4000)
+        for s in range(3)
+    ]
     metrics.append(("ST+SR+SPR", 2000, 0, None))  # a budget not trained yet
     frame = bt.trend_frame(metrics).set_index("iterations")
     assert frame.loc[1000, "dAP"] == pytest.approx(4 / 3) and frame.loc[4000, "dAP"] == pytest.approx(17 / 3)
-    assert frame.loc[1000, "baseline AP"] == pytest.approx(41.0) and frame.loc[4000, "ST+SR+SPR APS"] == pytest.approx(46.667, abs=1e-3)
+    assert frame.loc[1000, "baseline AP"] == pytest.approx(41.0) and frame.loc[
+        4000, "ST+SR+SPR APS"
+    ] == pytest.approx(46.667, abs=1e-3)
     # gaps 1, 2, 1: sd 0.57735, t_{0.975,2} 4.3027 -> half-width 1.4342
     assert frame.loc[1000, "ci95_high"] == pytest.approx(4 / 3 + 1.4342, abs=1e-3)
     assert frame.loc[2000, "seeds"] == 0 and math.isnan(frame.loc[2000, "dAP"])
@@ -45,11 +51,16 @@ def test_frame_and_verdict_from_hand_made_metrics():
 
 def test_verdict_without_enough_runs():
     assert bt.trend_verdict(bt.trend_frame([("baseline", 1000, 0, None)]), []) == (
-        "Budget trend: no budget has both rows trained yet.")
+        "Budget trend: no budget has both rows trained yet."
+    )
     one = [("baseline", 1000, 0, _m(0.4)), ("ST+SR+SPR", 1000, 0, _m(0.41))]
     assert bt.trend_verdict(bt.trend_frame(one), one).endswith("Only one budget is trained: no trend yet.")
-    same = [(r, n, s, _m(0.4 + 0.01 * s + (0.02 if r != "baseline" else 0) + (0.02 * s if n == 2000 else 0)))
-            for r in ("baseline", "ST+SR+SPR") for n in (1000, 2000) for s in range(3)]
+    same = [
+        (r, n, s, _m(0.4 + 0.01 * s + (0.02 if r != "baseline" else 0) + (0.02 * s if n == 2000 else 0)))
+        for r in ("baseline", "ST+SR+SPR")
+        for n in (1000, 2000)
+        for s in range(3)
+    ]
     assert "the gap holds" in bt.trend_verdict(bt.trend_frame(same), same)
 
 
@@ -59,4 +70,6 @@ def test_reproduce_step_writes_the_table_at_the_smoke_profile(tmp_path):
     frame = step_budget_trend("smoke", tmp_path)
     assert list(frame["seeds"]) == [2, 2] and frame["dAP"].notna().all()
     assert (tmp_path / "tables" / "budget_trend_smoke.csv").is_file()
-    assert (tmp_path / "tables" / "budget_trend_smoke_verdict.md").read_text().startswith("# budget_trend_smoke")
+    assert (
+        (tmp_path / "tables" / "budget_trend_smoke_verdict.md").read_text().startswith("# budget_trend_smoke")
+    )

@@ -15,7 +15,9 @@ from sodlib.config import get_profile
 from sodlib.studies.compare import compare, compare_bytes
 from sodlib.training.runs import config_hash
 
-LOG = "iteration,lr,loss,images_per_s,train_seconds\n1,0.001,14.4647,7.745,0.52\n10,0.002,13.5222,10.548,3.97\n"
+LOG = (
+    "iteration,lr,loss,images_per_s,train_seconds\n1,0.001,14.4647,7.745,0.52\n10,0.002,13.5222,10.548,3.97\n"
+)
 
 
 def _png(value: float, software: str = "a") -> bytes:
@@ -28,29 +30,53 @@ def _png(value: float, software: str = "a") -> bytes:
 
 
 def _notebook(*texts: str) -> bytes:
-    cells = [{"cell_type": "code", "execution_count": i, "metadata": {}, "source": "print()",
-              "outputs": [{"output_type": "stream", "name": "stdout", "text": t}]} for i, t in enumerate(texts)]
+    cells = [
+        {
+            "cell_type": "code",
+            "execution_count": i,
+            "metadata": {},
+            "source": "print()",
+            "outputs": [{"output_type": "stream", "name": "stdout", "text": t}],
+        }
+        for i, t in enumerate(texts)
+    ]
     return json.dumps({"cells": cells, "metadata": {"papermill": {"duration": 1.0}}}).encode()
 
 
 def test_timing_columns_and_keys_are_the_only_changes_allowed_in_runs():
     faster = LOG.replace("7.745,0.52", "9.1,0.44")
     assert compare_bytes("results/runs/x/log.csv", LOG.encode(), faster.encode()) == (
-        "same numbers", "only images_per_s, train_seconds changed")
-    verdict, detail = compare_bytes("results/runs/x/log.csv", LOG.encode(), LOG.replace("14.4647", "14.4648").encode())
+        "same numbers",
+        "only images_per_s, train_seconds changed",
+    )
+    verdict, detail = compare_bytes(
+        "results/runs/x/log.csv", LOG.encode(), LOG.replace("14.4647", "14.4648").encode()
+    )
     assert verdict == "differs" and detail == "1 cell(s), first: row 0 loss 14.4647 -> 14.4648"
-    more = LOG.replace("train_seconds\n", "train_seconds,loss_vfl_all\n").replace("0.52\n", "0.52,0.2\n").replace(
-        "3.97\n", "3.97,0.3\n")  # retrained by code that logs one more term
-    assert compare_bytes("log.csv", LOG.encode(), more.encode()) == ("same numbers", "new column(s) loss_vfl_all")
+    more = (
+        LOG.replace("train_seconds\n", "train_seconds,loss_vfl_all\n")
+        .replace("0.52\n", "0.52,0.2\n")
+        .replace("3.97\n", "3.97,0.3\n")
+    )  # retrained by code that logs one more term
+    assert compare_bytes("log.csv", LOG.encode(), more.encode()) == (
+        "same numbers",
+        "new column(s) loss_vfl_all",
+    )
     assert compare_bytes("log.csv", more.encode(), LOG.encode()) == ("differs", "column(s) loss_vfl_all gone")
     run_table = "row,seed,AP,code\nbaseline,0,0.4061,e8f0da67e13f\n"
-    assert compare_bytes("results/tables/t_runs.csv", run_table.encode(), run_table.replace("e8f0", "8ac5").encode()) == (
-        "same numbers", "only code changed")  # the retrained run's commit
+    assert compare_bytes(
+        "results/tables/t_runs.csv", run_table.encode(), run_table.replace("e8f0", "8ac5").encode()
+    ) == ("same numbers", "only code changed")  # the retrained run's commit
     assert compare_bytes("t.csv", LOG.encode(), LOG.rsplit("\n", 2)[0].encode() + b"\n")[1] == "2 rows -> 1"
     old = json.dumps({"AP": 0.4353, "train_seconds": 197.07}).encode()
-    assert compare_bytes("m.json", old, json.dumps({"AP": 0.4353, "train_seconds": 171.5}).encode())[0] == "same numbers"
+    assert (
+        compare_bytes("m.json", old, json.dumps({"AP": 0.4353, "train_seconds": 171.5}).encode())[0]
+        == "same numbers"
+    )
     assert compare_bytes("m.json", old, json.dumps({"AP": 0.4352, "train_seconds": 197.07}).encode()) == (
-        "differs", "1 key(s), first: AP 0.4353 -> 0.4352")
+        "differs",
+        "1 key(s), first: AP 0.4353 -> 0.4352",
+    )
     assert compare_bytes("m.json", old, json.dumps({"train_seconds": 197.07}).encode())[0] == "differs"
 
 
@@ -59,12 +85,16 @@ def test_run_configs_compare_by_their_hash_and_provenance_always_changes():
     full = cfg.to_dict()
     older = json.loads(json.dumps(full))
     del older["model"]["pos_embed"]  # written before the option existed: its default keeps the run the same
-    verdict, detail = compare_bytes("results/runs/h/config.json", json.dumps(older).encode(), json.dumps(full).encode())
+    verdict, detail = compare_bytes(
+        "results/runs/h/config.json", json.dumps(older).encode(), json.dumps(full).encode()
+    )
     assert (verdict, detail) == ("same config", f"both hash to {config_hash(cfg)}")
     other = json.loads(json.dumps(full))
     other["loss"]["st"] = True
-    assert compare_bytes("results/runs/h/config.json", json.dumps(full).encode(),
-                         json.dumps(other).encode())[0] == "differs"
+    assert (
+        compare_bytes("results/runs/h/config.json", json.dumps(full).encode(), json.dumps(other).encode())[0]
+        == "differs"
+    )
     assert compare_bytes("results/runs/h/provenance.json", b"{}", b'{"git_sha": "b"}')[0] == "provenance"
 
 
@@ -72,8 +102,9 @@ def test_pngs_compare_by_pixels_and_notebooks_count_changed_cells():
     assert compare_bytes("f.png", _png(1.0, "a"), _png(1.0, "b")) == ("same pixels", "metadata only")
     verdict, detail = compare_bytes("f.png", _png(1.0), _png(0.5))
     assert verdict == "differs" and "of pixels" in detail
-    assert compare_bytes("n.ipynb", _notebook("AP 0.435\n", "12.0 s\n"), _notebook("AP 0.435\n", "9.5 s\n")) == (
-        "re-executed", "1 of 2 code cells print something else")
+    assert compare_bytes(
+        "n.ipynb", _notebook("AP 0.435\n", "12.0 s\n"), _notebook("AP 0.435\n", "9.5 s\n")
+    ) == ("re-executed", "1 of 2 code cells print something else")
     assert compare_bytes("x.txt", b"a", b"b") == ("differs", "1 -> 1 bytes")
     assert compare_bytes("x.txt", b"a", b"a") == ("identical", "")
     assert compare_bytes("t.csv", b"a,b\n1,2\n", b'a,b\n1,"2\n')[0] == "differs"  # unreadable is not ok
@@ -84,9 +115,15 @@ def repo(tmp_path):
     def git(*args):
         subprocess.run(["git", *args], cwd=tmp_path, check=True, capture_output=True)
 
-    files = {"results/tables/t.csv": LOG, "results/tables/t.md": "| loss |\n| 14.4647 |\n",
-             "results/tables/u.csv": LOG, "results/tables/u.md": "u\n", "results/tables/gone.csv": "a\n1\n",
-             "results/README.md": "notes\n", "code.py": "x = 1\n"}
+    files = {
+        "results/tables/t.csv": LOG,
+        "results/tables/t.md": "| loss |\n| 14.4647 |\n",
+        "results/tables/u.csv": LOG,
+        "results/tables/u.md": "u\n",
+        "results/tables/gone.csv": "a\n1\n",
+        "results/README.md": "notes\n",
+        "code.py": "x = 1\n",
+    }
     for name, text in files.items():
         (tmp_path / name).parent.mkdir(parents=True, exist_ok=True)
         (tmp_path / name).write_text(text)
@@ -108,8 +145,12 @@ def test_a_reproduction_that_only_moved_timings_passes(repo, capsys):
     (repo / "results/tables/gone.csv").unlink()
     table = compare(repo / "results")
     assert dict(zip(table["path"], table["verdict"])) == {
-        "results/new.json": "new", "results/staged.json": "new", "results/tables/gone.csv": "deleted",
-        "results/tables/t.csv": "same numbers", "results/tables/t.md": "as its .csv"}
+        "results/new.json": "new",
+        "results/staged.json": "new",
+        "results/tables/gone.csv": "deleted",
+        "results/tables/t.csv": "same numbers",
+        "results/tables/t.md": "as its .csv",
+    }
     assert cli.main(["compare", "--results", str(repo / "results")]) == 1  # a deleted table fails
     (repo / "results/tables/gone.csv").write_text("a\n1\n")  # restored: nothing fails
     assert cli.main(["compare", "--results", str(repo / "results")]) == 0
@@ -121,8 +162,10 @@ def test_a_changed_number_fails_and_its_markdown_does_not_hide_it(repo, capsys):
     (repo / "results/tables/u.csv").write_text(LOG.replace("13.5222", "13.6"))
     (repo / "results/tables/u.md").write_text("u2\n")
     table = compare(repo / "results")
-    assert dict(zip(table["path"], table["verdict"])) == {"results/tables/u.csv": "differs",
-                                                          "results/tables/u.md": "differs"}
+    assert dict(zip(table["path"], table["verdict"])) == {
+        "results/tables/u.csv": "differs",
+        "results/tables/u.md": "differs",
+    }
     assert cli.main(["compare", "--results", str(repo / "results")]) == 1
     assert "row 1 loss 13.5222 -> 13.6" in capsys.readouterr().out
 
@@ -143,8 +186,12 @@ def _run_files(ap: float, loss: str, kind: str | None, seed: int = 0) -> dict[st
     cfg = get_profile("smoke").to_dict()
     cfg["train"]["seed"] = seed
     prov = {"git_sha": "a" * 40, **({"machine_kind": kind} if kind else {})}
-    return {"config.json": json.dumps(cfg), "metrics.json": json.dumps({"AP": ap, "train_seconds": 9.0}),
-            "log.csv": LOG.replace("13.5222", loss), "provenance.json": json.dumps(prov)}
+    return {
+        "config.json": json.dumps(cfg),
+        "metrics.json": json.dumps({"AP": ap, "train_seconds": 9.0}),
+        "log.csv": LOG.replace("13.5222", loss),
+        "provenance.json": json.dumps(prov),
+    }
 
 
 def _commit_runs(repo, runs: dict[str, dict[str, str]]):
@@ -153,23 +200,40 @@ def _commit_runs(repo, runs: dict[str, dict[str, str]]):
             (repo / "results/runs" / run).mkdir(parents=True, exist_ok=True)
             (repo / "results/runs" / run / name).write_text(text)
     subprocess.run(["git", "add", "."], cwd=repo, check=True)
-    subprocess.run(["git", "-c", "user.name=t", "-c", "user.email=t@t", "commit", "-qm", "runs"], cwd=repo, check=True)
+    subprocess.run(
+        ["git", "-c", "user.name=t", "-c", "user.email=t@t", "commit", "-qm", "runs"], cwd=repo, check=True
+    )
 
 
 @pytest.mark.parametrize("committed_kind", ["AuthenticAMD x86_64 AVX2 avx2 fma", None])
 def test_a_run_retrained_on_another_kind_of_machine_is_named_with_its_size(repo, committed_kind, capsys):
-    _commit_runs(repo, {"r0": _run_files(0.40, "13.5222", committed_kind),
-                        "r1": _run_files(0.42, "13.6", committed_kind, seed=1),
-                        "r2": _run_files(0.44, "13.4", committed_kind, seed=2)})
+    _commit_runs(
+        repo,
+        {
+            "r0": _run_files(0.40, "13.5222", committed_kind),
+            "r1": _run_files(0.42, "13.6", committed_kind, seed=1),
+            "r2": _run_files(0.44, "13.4", committed_kind, seed=2),
+        },
+    )
     for name, text in _run_files(0.41, "13.5301", "GenuineIntel x86_64 AVX512 avx2 fma avx512f").items():
         (repo / "results/runs/r0" / name).write_text(text)
-    table = dict(zip(compare(repo / "results")["path"], zip(*[compare(repo / "results")[c] for c in ("verdict", "detail")])))
+    table = dict(
+        zip(
+            compare(repo / "results")["path"],
+            zip(*[compare(repo / "results")[c] for c in ("verdict", "detail")]),
+        )
+    )
     expected = "machine" if committed_kind else "differs"
-    assert table["results/runs/r0/metrics.json"][0] == expected and table["results/runs/r0/log.csv"][0] == expected
+    assert (
+        table["results/runs/r0/metrics.json"][0] == expected
+        and table["results/runs/r0/log.csv"][0] == expected
+    )
     detail = table["results/runs/r0/metrics.json"][1]
     committed = "AuthenticAMD x86_64 AVX2" if committed_kind else "a kind not recorded"
-    assert detail.startswith(f"retrained on GenuineIntel x86_64 AVX512, committed on {committed}: "
-                             f"AP 0.4000 -> 0.4100 (+0.0100; seed std of this config 0.0153 over 3)")  # 0.41, 0.42, 0.44
+    assert detail.startswith(
+        f"retrained on GenuineIntel x86_64 AVX512, committed on {committed}: "
+        f"AP 0.4000 -> 0.4100 (+0.0100; seed std of this config 0.0153 over 3)"
+    )  # 0.41, 0.42, 0.44
     assert table["results/runs/r0/provenance.json"][0] == "provenance"
     assert cli.main(["compare", "--results", str(repo / "results")]) == (0 if committed_kind else 1)
     assert f"2 {expected}" in capsys.readouterr().out

@@ -15,13 +15,17 @@ WEIGHTS = {"loss_vfl": 1.0, "loss_bbox": 5.0, "loss_giou": 2.0}
 
 
 def _layer(g, batch, queries):
-    return {"pred_logits": torch.randn(batch, queries, K, generator=g).requires_grad_(),
-            "pred_boxes": (torch.rand(batch, queries, 4, generator=g) * 0.4 + 0.1).requires_grad_()}
+    return {
+        "pred_logits": torch.randn(batch, queries, K, generator=g).requires_grad_(),
+        "pred_boxes": (torch.rand(batch, queries, 4, generator=g) * 0.4 + 0.1).requires_grad_(),
+    }
 
 
 def _targets(sizes, g):
-    return [{"labels": torch.randint(0, K, (n,), generator=g),
-             "boxes": torch.rand(n, 4, generator=g) * 0.3 + 0.1} for n in sizes]
+    return [
+        {"labels": torch.randint(0, K, (n,), generator=g), "boxes": torch.rand(n, 4, generator=g) * 0.3 + 0.1}
+        for n in sizes
+    ]
 
 
 def _outputs(sizes, num_layers=3, queries=6, groups=2, seed=0):
@@ -34,9 +38,13 @@ def _outputs(sizes, num_layers=3, queries=6, groups=2, seed=0):
     num_dn = groups * 2 * max_gt  # a positive and a negative query per gt slot and group
     out["dn_outputs"] = [_layer(g, batch, num_dn) for _ in range(num_layers)]
     out["dn_meta"] = {
-        "dn_positive_idx": [torch.tensor([grp * 2 * max_gt + j for grp in range(groups) for j in range(n)],
-                                         dtype=torch.long) for n in sizes],
-        "dn_num_group": groups, "dn_num_split": [num_dn, queries]}
+        "dn_positive_idx": [
+            torch.tensor([grp * 2 * max_gt + j for grp in range(groups) for j in range(n)], dtype=torch.long)
+            for n in sizes
+        ],
+        "dn_num_group": groups,
+        "dn_num_split": [num_dn, queries],
+    }
     return out, _targets(sizes, g)
 
 
@@ -77,8 +85,10 @@ def test_denoising_terms_use_fixed_matching_and_group_normalisation():
 def test_vfl_value_matches_hand_computation():
     # one image, two queries, one gt of class 1 matched to query 0 whose box is the gt's left half
     gt = torch.tensor([[0.5, 0.5, 0.2, 0.2]])
-    out = {"pred_logits": torch.tensor([[[0.0, 0.0, 0.0], [0.0, 0.0, 0.0]]]),
-           "pred_boxes": torch.tensor([[[0.45, 0.5, 0.1, 0.2], [0.9, 0.9, 0.05, 0.05]]])}
+    out = {
+        "pred_logits": torch.tensor([[[0.0, 0.0, 0.0], [0.0, 0.0, 0.0]]]),
+        "pred_boxes": torch.tensor([[[0.45, 0.5, 0.1, 0.2], [0.9, 0.9, 0.05, 0.05]]]),
+    }
     losses = _criterion()(out, [{"labels": torch.tensor([1]), "boxes": gt}])
     iou = 0.5
     ln2 = math.log(2)
@@ -92,8 +102,9 @@ def test_vfl_value_matches_hand_computation():
 @pytest.mark.parametrize("cls_loss", ["vfl", "qfl", "tal"])
 def test_finite_losses_and_gradients_with_empty_images(sizes, cls_loss):
     out, targets = _outputs(sizes, num_layers=2)
-    criterion = SetCriterion(HungarianMatcher(), K, {**WEIGHTS, f"loss_{cls_loss}": 1.0},
-                             losses=(cls_loss, "boxes"))
+    criterion = SetCriterion(
+        HungarianMatcher(), K, {**WEIGHTS, f"loss_{cls_loss}": 1.0}, losses=(cls_loss, "boxes")
+    )
     losses = criterion(out, targets)
     assert f"loss_{cls_loss}_dn_1" in losses and all(torch.isfinite(v) for v in losses.values())
     total = criterion.weighted_total(losses)
@@ -149,8 +160,11 @@ def test_build_criterion_from_config():
     cfg = get_profile("smoke")
     criterion = sodlib.build_criterion(cfg.loss, cfg.model)
     assert isinstance(criterion, SetCriterion) and criterion.num_classes == cfg.model.num_classes
-    assert criterion.weight_dict == {"loss_vfl": cfg.loss.weight_vfl, "loss_bbox": cfg.loss.weight_bbox,
-                                     "loss_giou": cfg.loss.weight_giou}
+    assert criterion.weight_dict == {
+        "loss_vfl": cfg.loss.weight_vfl,
+        "loss_bbox": cfg.loss.weight_bbox,
+        "loss_giou": cfg.loss.weight_giou,
+    }
     matcher = criterion.matcher
     assert (matcher.cost_class, matcher.cost_bbox, matcher.cost_giou, matcher.alpha) == (2, 5, 2, 0.25)
     assert (criterion.alpha, criterion.gamma) == (cfg.loss.alpha, cfg.loss.gamma)
@@ -178,12 +192,15 @@ def test_extension_points_for_paper_a_terms():
             return {"loss_layer": torch.tensor(float(index))}
 
     gt = torch.tensor([[0.5, 0.5, 0.2, 0.2]])
-    out = {"pred_logits": torch.zeros(1, 2, 3), "pred_boxes": torch.tensor([[[0.45, 0.5, 0.1, 0.2],
-                                                                             [0.9, 0.9, 0.05, 0.05]]])}
+    out = {
+        "pred_logits": torch.zeros(1, 2, 3),
+        "pred_boxes": torch.tensor([[[0.45, 0.5, 0.1, 0.2], [0.9, 0.9, 0.05, 0.05]]]),
+    }
     out["aux_outputs"] = [dict(out)]
     out["enc_outputs"] = dict(out["aux_outputs"][0])
-    criterion = Extended(HungarianMatcher(), K, {**WEIGHTS, "loss_layer": 1.0},
-                         losses=("vfl", "boxes", "layer"))
+    criterion = Extended(
+        HungarianMatcher(), K, {**WEIGHTS, "loss_layer": 1.0}, losses=("vfl", "boxes", "layer")
+    )
     losses = criterion(out, [{"labels": torch.tensor([1]), "boxes": gt}])
     ln2 = math.log(2)
     assert_close(losses["loss_vfl"], torch.tensor(5 * 0.75 * 0.25 * ln2))  # positive weight r = 0
@@ -213,7 +230,9 @@ def test_encoder_one_to_many_terms():
     losses, indices = crit(out, targets, return_indices=True)
     assert base_loss_name("loss_giou_o2m_0") == "loss_giou"
     pred = out["enc_dense_outputs"]["pred_boxes"]
-    l1 = sum((pred[i, src] - targets[i]["boxes"][tgt]).abs().sum() for i, (src, tgt) in enumerate(indices["o2m_0"]))
+    l1 = sum(
+        (pred[i, src] - targets[i]["boxes"][tgt]).abs().sum() for i, (src, tgt) in enumerate(indices["o2m_0"])
+    )
     assert sum(len(s) for s, _ in indices["o2m_0"]) == 9
     assert_close(losses["loss_bbox_o2m_0"], l1 / (3 * 3))  # normalised by targets x k
     assert all(torch.isfinite(v) for v in losses.values())

@@ -178,9 +178,13 @@ def test_visdrone_missing_pairs_named(tmp_path):
 def test_voc_neon_trees():
     coco = voc_to_coco(NEON)
     assert len(coco["images"]) == 4 and len(coco["annotations"]) == 951
-    per_file = {p.stem: len(ET.parse(p).getroot().findall("object")) for p in (NEON / "annotations").glob("*.xml")}
-    got = {Path(i["file_name"]).stem: sum(1 for a in coco["annotations"] if a["image_id"] == i["id"])
-           for i in coco["images"]}
+    per_file = {
+        p.stem: len(ET.parse(p).getroot().findall("object")) for p in (NEON / "annotations").glob("*.xml")
+    }
+    got = {
+        Path(i["file_name"]).stem: sum(1 for a in coco["annotations"] if a["image_id"] == i["id"])
+        for i in coco["images"]
+    }
     assert got == per_file
     assert [c["name"] for c in coco["categories"]] == ["Alive", "Dead", "Tree"]  # SOAP_061 uses Alive/Dead
     one = voc_to_coco(NEON, single_class="Tree")
@@ -189,7 +193,10 @@ def test_voc_neon_trees():
         with Image.open(NEON / "images" / img["file_name"]) as im:
             assert (img["width"], img["height"]) == im.size
     train = subset_coco(one, ["OSBS_029", "SOAP_061", "2019_YELL_2_528000_4978000_image_crop2"])
-    assert len(train["images"]) == 3 and len(train["annotations"]) == 951 - per_file["2019_YELL_2_541000_4977000_image_crop"]
+    assert (
+        len(train["images"]) == 3
+        and len(train["annotations"]) == 951 - per_file["2019_YELL_2_541000_4977000_image_crop"]
+    )
 
 
 def _voc_folder(root, size_xml=(64, 48), size_img=(64, 48), with_image=True):
@@ -221,13 +228,22 @@ def test_load_coco_validation(tmp_path):
     p.write_text(json.dumps({"images": [], "categories": []}))
     with pytest.raises(ValueError, match=r"x\.json.*'annotations'"):
         load_coco(p)
-    p.write_text(json.dumps({"images": [{"id": 1, "file_name": "a.png", "width": 4}], "annotations": [],
-                             "categories": []}))
+    p.write_text(
+        json.dumps(
+            {"images": [{"id": 1, "file_name": "a.png", "width": 4}], "annotations": [], "categories": []}
+        )
+    )
     with pytest.raises(ValueError, match=r"x\.json.*images\[0\].*'height'"):
         load_coco(p)
-    p.write_text(json.dumps({"images": [{"id": 1, "file_name": "a.png", "width": 4, "height": 4}],
-                             "annotations": [{"id": 1, "image_id": 1, "category_id": 3, "bbox": [0, 0, 1, 1]}],
-                             "categories": [{"id": 3, "name": "c"}]}))
+    p.write_text(
+        json.dumps(
+            {
+                "images": [{"id": 1, "file_name": "a.png", "width": 4, "height": 4}],
+                "annotations": [{"id": 1, "image_id": 1, "category_id": 3, "bbox": [0, 0, 1, 1]}],
+                "categories": [{"id": 3, "name": "c"}],
+            }
+        )
+    )
     coco = load_coco(p)
     assert coco["annotations"][0]["area"] == 1.0 and coco["annotations"][0]["iscrowd"] == 0
 
@@ -249,8 +265,11 @@ def _coco_folder(tmp_path, split="train"):
         {"id": 2, "image_id": 11, "category_id": 3, "bbox": [50, 40, 10, 10], "area": 100, "iscrowd": 1},
         {"id": 3, "image_id": 13, "category_id": 3, "bbox": [0, 0, 50, 25], "area": 1250, "iscrowd": 0},
     ]
-    coco = {"images": images, "annotations": anns,
-            "categories": [{"id": 7, "name": "seven"}, {"id": 3, "name": "three"}]}
+    coco = {
+        "images": images,
+        "annotations": anns,
+        "categories": [{"id": 7, "name": "seven"}, {"id": 3, "name": "three"}],
+    }
     (tmp_path / "annotations").mkdir()
     (tmp_path / "annotations" / f"instances_{split}.json").write_text(json.dumps(coco))
     return img_dir, tmp_path / "annotations" / f"instances_{split}.json"
@@ -300,8 +319,11 @@ def test_collate_rejects_mixed_sizes():
 
 def test_build_dataset_layouts(tmp_path, monkeypatch):
     _coco_folder(tmp_path / "coco", split="val")
-    ds = build_dataset(DataConfig(dataset="coco", root=str(tmp_path / "coco"), image_size=32, num_classes=2),
-                       "val", train=False)
+    ds = build_dataset(
+        DataConfig(dataset="coco", root=str(tmp_path / "coco"), image_size=32, num_classes=2),
+        "val",
+        train=False,
+    )
     assert len(ds) == 3 and ds[0][0].shape == (3, 32, 32)
 
     _visdrone_folder(tmp_path / "vd" / "VisDrone2019-DET-val", SYNTH_LINES)
@@ -339,10 +361,15 @@ def test_build_dataset_layouts(tmp_path, monkeypatch):
 def test_file_names_must_stay_inside_the_image_folder(tmp_path, file_name):
     from sodlib.data.datasets import CocoDetection
 
-    coco = {"images": [{"id": 7, "file_name": file_name, "width": 8, "height": 8}], "annotations": [],
-            "categories": [{"id": 1, "name": "car"}]}
+    coco = {
+        "images": [{"id": 7, "file_name": file_name, "width": 8, "height": 8}],
+        "annotations": [],
+        "categories": [{"id": 1, "name": "car"}],
+    }
     (tmp_path / "images").mkdir()
-    with pytest.raises(ValueError, match=r"image 7 file_name .* lies outside the image folder .*allow_outside_paths"):
+    with pytest.raises(
+        ValueError, match=r"image 7 file_name .* lies outside the image folder .*allow_outside_paths"
+    ):
         CocoDetection(tmp_path / "images", coco)
     CocoDetection(tmp_path / "images", coco, allow_outside=True)  # when the user says so
     inside = {**coco, "images": [{"id": 1, "file_name": "sub/./a.png", "width": 8, "height": 8}]}
@@ -354,12 +381,16 @@ def test_a_non_finite_box_in_a_coco_json_is_named(tmp_path):
 
     from sodlib.data.formats import load_coco
 
-    coco = {"images": [{"id": 1, "file_name": "a.png", "width": 8, "height": 8}],
-            "annotations": [{"id": 5, "image_id": 1, "category_id": 1, "bbox": [1, 1, float("nan"), 2]}],
-            "categories": [{"id": 1, "name": "car"}]}
+    coco = {
+        "images": [{"id": 1, "file_name": "a.png", "width": 8, "height": 8}],
+        "annotations": [{"id": 5, "image_id": 1, "category_id": 1, "bbox": [1, 1, float("nan"), 2]}],
+        "categories": [{"id": 1, "name": "car"}],
+    }
     path = tmp_path / "instances_train.json"
     path.write_text(json.dumps(coco))  # json.dumps writes NaN, as many tools do
-    with pytest.raises(ValueError, match=r"instances_train.json: annotations\[0\] \(id 5\) 'bbox' .* is not finite"):
+    with pytest.raises(
+        ValueError, match=r"instances_train.json: annotations\[0\] \(id 5\) 'bbox' .* is not finite"
+    ):
         load_coco(path)
 
 
@@ -375,15 +406,19 @@ def test_a_coco_dataset_checks_its_images_when_built(tmp_path):
     (tmp_path / "annotations").mkdir()
     PILImage.new("RGB", (20, 10)).save(tmp_path / "images" / "val" / "good.png")
     (tmp_path / "images" / "val" / "broken.png").write_bytes(b"\x89PNG\r\n cut short")
-    images = [{"id": 1, "file_name": "good.png", "width": 20, "height": 10},
-              {"id": 2, "file_name": "broken.png", "width": 20, "height": 10}]
+    images = [
+        {"id": 1, "file_name": "good.png", "width": 20, "height": 10},
+        {"id": 2, "file_name": "broken.png", "width": 20, "height": 10},
+    ]
     cats = [{"id": 1, "name": "car"}]
 
     def build(imgs):
         (tmp_path / "annotations" / "instances_val.json").write_text(
-            json.dumps({"images": imgs, "annotations": [], "categories": cats}))
-        return build_dataset(DataConfig(dataset="coco", root=str(tmp_path), num_classes=1, image_size=64), "val",
-                             train=False)
+            json.dumps({"images": imgs, "annotations": [], "categories": cats})
+        )
+        return build_dataset(
+            DataConfig(dataset="coco", root=str(tmp_path), num_classes=1, image_size=64), "val", train=False
+        )
 
     with pytest.raises(ValueError, match=r"cannot read image .*broken.png \(image id 2\)"):
         build(images)

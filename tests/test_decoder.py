@@ -10,15 +10,29 @@ from sodlib.models.decoder import RTDETRDecoder
 from sodlib.models.deform_attn import ms_deform_attn_core
 from sodlib.models.denoising import inverse_sigmoid
 
-LAYER_KEYS = {"pred_logits", "pred_boxes", "sampling_locations", "attention_weights", "ref_boxes",
-              "hidden_cls", "hidden_reg"}
+LAYER_KEYS = {
+    "pred_logits",
+    "pred_boxes",
+    "sampling_locations",
+    "attention_weights",
+    "ref_boxes",
+    "hidden_cls",
+    "hidden_reg",
+}
 
 
 def _decoder(**kw):
     cfg = get_profile("smoke").model
-    args = {"num_classes": cfg.num_classes, "in_channels": (16, 16, 16), "hidden_dim": cfg.hidden_dim,
-            "num_queries": cfg.num_queries, "num_heads": cfg.num_heads, "num_layers": cfg.num_decoder_layers,
-            "dim_feedforward": cfg.dim_feedforward, "num_denoising": cfg.num_denoising}
+    args = {
+        "num_classes": cfg.num_classes,
+        "in_channels": (16, 16, 16),
+        "hidden_dim": cfg.hidden_dim,
+        "num_queries": cfg.num_queries,
+        "num_heads": cfg.num_heads,
+        "num_layers": cfg.num_decoder_layers,
+        "dim_feedforward": cfg.dim_feedforward,
+        "num_denoising": cfg.num_denoising,
+    }
     args.update(kw)
     torch.manual_seed(0)
     return RTDETRDecoder(**args)
@@ -30,8 +44,13 @@ def _feats(bs=2):
 
 
 def _targets():
-    return [{"boxes": torch.tensor([[0.3, 0.4, 0.1, 0.2], [0.7, 0.6, 0.05, 0.05]]), "labels": torch.tensor([0, 3])},
-            {"boxes": torch.tensor([[0.5, 0.5, 0.2, 0.2]]), "labels": torch.tensor([5])}]
+    return [
+        {
+            "boxes": torch.tensor([[0.3, 0.4, 0.1, 0.2], [0.7, 0.6, 0.05, 0.05]]),
+            "labels": torch.tensor([0, 3]),
+        },
+        {"boxes": torch.tensor([[0.5, 0.5, 0.2, 0.2]]), "labels": torch.tensor([5])},
+    ]
 
 
 def test_anchors_and_valid_mask():
@@ -51,15 +70,28 @@ def test_anchors_and_valid_mask():
 def test_training_output_structure_and_ref_box_chain():
     dec = _decoder().train()
     out = dec(_feats(), _targets(), return_sampling=True, return_hidden=True)
-    assert set(out) == LAYER_KEYS | {"aux_outputs", "enc_outputs", "enc_dense_outputs", "dn_outputs", "dn_meta"}
+    assert set(out) == LAYER_KEYS | {
+        "aux_outputs",
+        "enc_outputs",
+        "enc_dense_outputs",
+        "dn_outputs",
+        "dn_meta",
+    }
     assert len(out["aux_outputs"]) == dec.num_layers - 1 and len(out["dn_outputs"]) == dec.num_layers
     assert set(out["enc_outputs"]) == {"pred_logits", "pred_boxes"}
     # the selected proposals are rows of the dense encoder output (every token's scores and boxes)
     dense = out["enc_dense_outputs"]
     assert dense["pred_logits"].shape == (2, 16 * 16 + 8 * 8 + 4 * 4, 6)
     for key in ("pred_logits", "pred_boxes"):
-        gap = torch.cdist(out["enc_outputs"][key].detach(), dense[key].detach(),
-                          compute_mode="donot_use_mm_for_euclid_dist").min(-1).values
+        gap = (
+            torch.cdist(
+                out["enc_outputs"][key].detach(),
+                dense[key].detach(),
+                compute_mode="donot_use_mm_for_euclid_dist",
+            )
+            .min(-1)
+            .values
+        )
         assert (gap < 1e-5).all()  # (sigmoid before/after the gather: equal up to rounding)
     layers = out["aux_outputs"] + [out]
     num_dn = out["dn_meta"]["dn_num_split"][0]
@@ -91,7 +123,8 @@ def test_sampling_outputs_reproduce_cross_attention():
     captured = {}
     layer_idx = 1
     hook = dec.layers[layer_idx].cross_attn.register_forward_hook(
-        lambda mod, args, output: captured.update(out=output[0], query=args[0]))
+        lambda mod, args, output: captured.update(out=output[0], query=args[0])
+    )
     with torch.no_grad():
         out = dec(feats, return_sampling=True)
         memory, shapes = dec.memory(feats)
@@ -101,8 +134,10 @@ def test_sampling_outputs_reproduce_cross_attention():
     with torch.no_grad():
         value = attn_mod.project_value(memory)
         recomputed = attn_mod.output_proj(
-            ms_deform_attn_core(value, shapes, layer["sampling_locations"], layer["attention_weights"],
-                                impl="grid_sample"))
+            ms_deform_attn_core(
+                value, shapes, layer["sampling_locations"], layer["attention_weights"], impl="grid_sample"
+            )
+        )
         offsets = attn_mod.sampling_offsets(captured["query"]).view(2, 30, 4, 3, 4, 2)
     assert_close(recomputed, captured["out"], atol=1e-5, rtol=1e-4)
     ref = layer["ref_boxes"][:, :, None, None, None, :]
@@ -135,7 +170,10 @@ def test_box_loss_of_a_layer_trains_the_previous_box_head():
     out["pred_boxes"].sum().backward()  # last layer only
     assert dec.dec_bbox_head[-1].layers[-1].weight.grad.abs().sum() > 0
     assert dec.dec_bbox_head[-2].layers[-1].weight.grad.abs().sum() > 0  # look forward twice
-    assert dec.enc_bbox_head.layers[-1].weight.grad is None or dec.enc_bbox_head.layers[-1].weight.grad.abs().sum() == 0
+    assert (
+        dec.enc_bbox_head.layers[-1].weight.grad is None
+        or dec.enc_bbox_head.layers[-1].weight.grad.abs().sum() == 0
+    )
 
 
 def test_more_queries_than_tokens_and_extra_level():
@@ -149,9 +187,13 @@ def test_distinct_topk_suppresses_overlapping_proposals():
     from sodlib.models.decoder import distinct_topk
 
     # image 0: proposals 0 and 1 overlap (IoU 0.90), 2 and 3 are apart; image 1: all apart, scores reversed
-    boxes = torch.tensor([[[.2, .2, .1, .1], [.205, .2, .1, .1], [.7, .7, .1, .1], [.5, .5, .1, .1]],
-                          [[.2, .2, .1, .1], [.5, .5, .1, .1], [.7, .7, .1, .1], [.9, .9, .05, .05]]])
-    scores = torch.tensor([[3., 2., 1., 0.], [0., 1., 2., 3.]])
+    boxes = torch.tensor(
+        [
+            [[0.2, 0.2, 0.1, 0.1], [0.205, 0.2, 0.1, 0.1], [0.7, 0.7, 0.1, 0.1], [0.5, 0.5, 0.1, 0.1]],
+            [[0.2, 0.2, 0.1, 0.1], [0.5, 0.5, 0.1, 0.1], [0.7, 0.7, 0.1, 0.1], [0.9, 0.9, 0.05, 0.05]],
+        ]
+    )
+    scores = torch.tensor([[3.0, 2.0, 1.0, 0.0], [0.0, 1.0, 2.0, 3.0]])
     unact = inverse_sigmoid(boxes)
     assert distinct_topk(scores, unact, 3, 0.7).tolist() == [[0, 2, 3], [3, 2, 1]]
     # fewer survivors than k: the suppressed proposal fills the last slot
@@ -168,7 +210,9 @@ def test_distinct_topk_matches_nms_over_every_proposal():
 
     g = torch.Generator().manual_seed(0)
     n, k = 600, 40
-    boxes = torch.cat([torch.rand(2, n, 2, generator=g) * 0.6 + 0.2, torch.rand(2, n, 2, generator=g) * 0.1 + 0.05], -1)
+    boxes = torch.cat(
+        [torch.rand(2, n, 2, generator=g) * 0.6 + 0.2, torch.rand(2, n, 2, generator=g) * 0.1 + 0.05], -1
+    )
     scores = torch.rand(2, n, generator=g)
     got = distinct_topk(scores, inverse_sigmoid(boxes), k, 0.5)
     for i in range(2):
@@ -184,6 +228,7 @@ def test_query_nms_selects_distinct_queries_and_keeps_shapes():
         target, ref_unact, _, _ = dec._select_queries(memory, shapes)
     assert target.shape[:2] == ref_unact.shape[:2] == (2, dec.num_queries)
     from torchvision.ops import box_convert, box_iou
+
     for boxes in ref_unact.sigmoid():
         xyxy = box_convert(boxes, "cxcywh", "xyxy")
         iou = box_iou(xyxy, xyxy).fill_diagonal_(0)
@@ -245,7 +290,10 @@ def test_more_queries_than_encoder_tokens_is_said_once():
     cfg = override(get_profile("smoke"), "model.num_queries=5000")
     model = build_detector(cfg.model).eval()
     images = torch.zeros(1, 3, cfg.data.image_size, cfg.data.image_size)
-    with pytest.warns(UserWarning, match=r"model.num_queries=5000 exceeds the \d+ selectable encoder tokens at this image size; \d+ queries"):
+    with pytest.warns(
+        UserWarning,
+        match=r"model.num_queries=5000 exceeds the \d+ selectable encoder tokens at this image size; \d+ queries",
+    ):
         out = model(images)
     assert out["pred_logits"].shape[1] < 5000
     with warnings.catch_warnings():

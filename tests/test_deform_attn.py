@@ -37,17 +37,23 @@ def test_gather_falls_back_on_maps_thinner_than_two_pixels():
     value = torch.randn(1, 12 + 2 + 2, 2, 3, generator=g, dtype=torch.float64)
     loc = torch.rand(1, 5, 2, 3, 2, 2, generator=g, dtype=torch.float64) * 1.4 - 0.2
     attn = torch.rand(1, 5, 2, 3, 2, generator=g, dtype=torch.float64)
-    assert_close(ms_deform_attn_core(value, shapes, loc, attn, impl="gather"),
-                 ms_deform_attn_core_reference(value, shapes, loc, attn))
+    assert_close(
+        ms_deform_attn_core(value, shapes, loc, attn, impl="gather"),
+        ms_deform_attn_core_reference(value, shapes, loc, attn),
+    )
 
 
 def test_core_hand_computed_bilinear_on_2x2_map():
     value = torch.tensor([[1.0, 2.0], [3.0, 4.0]]).reshape(1, 4, 1, 1)  # row-major 2x2 map
-    points = torch.tensor([[0.5, 0.5],  # centre of the map: mean of the 4 pixels
-                           [0.25, 0.25],  # centre of the top-left pixel
-                           [0.25, 0.5],  # between the left pixels
-                           [0.0, 0.0],  # the corner: 1/4 of pixel (0,0), the rest is zero padding
-                           [1.6, 0.5]])  # outside (x_pix = 2.7): zero
+    points = torch.tensor(
+        [
+            [0.5, 0.5],  # centre of the map: mean of the 4 pixels
+            [0.25, 0.25],  # centre of the top-left pixel
+            [0.25, 0.5],  # between the left pixels
+            [0.0, 0.0],  # the corner: 1/4 of pixel (0,0), the rest is zero padding
+            [1.6, 0.5],
+        ]
+    )  # outside (x_pix = 2.7): zero
     expected = torch.tensor([2.5, 1.0, 2.0, 0.25, 0.0])
     loc = points.reshape(1, 5, 1, 1, 1, 2)
     attn = torch.ones(1, 5, 1, 1, 1)
@@ -65,8 +71,12 @@ def test_core_gradients_finite_and_match_reference(impl):
     value, loc, attn = _inputs(seed=1)
     grad_out = torch.randn(2, 7, 6, dtype=torch.float64)
     inputs = [t.clone().requires_grad_() for t in (value, loc, attn)]
-    ref = torch.autograd.grad(ms_deform_attn_core_reference(*inputs[:1], SHAPES, *inputs[1:]), inputs, grad_out)
-    got = torch.autograd.grad(ms_deform_attn_core(inputs[0], SHAPES, *inputs[1:], impl=impl), inputs, grad_out)
+    ref = torch.autograd.grad(
+        ms_deform_attn_core_reference(*inputs[:1], SHAPES, *inputs[1:]), inputs, grad_out
+    )
+    got = torch.autograd.grad(
+        ms_deform_attn_core(inputs[0], SHAPES, *inputs[1:], impl=impl), inputs, grad_out
+    )
     for g_ref, g in zip(ref, got):
         assert torch.isfinite(g).all()
         assert_close(g, g_ref)

@@ -11,7 +11,9 @@ def _targets(counts, seed=0):
     for n in counts:
         centres = torch.rand(n, 2, generator=g) * 0.6 + 0.2
         sizes = torch.rand(n, 2, generator=g) * 0.1 + 0.05
-        out.append({"boxes": torch.cat([centres, sizes], 1), "labels": torch.randint(0, 5, (n,), generator=g)})
+        out.append(
+            {"boxes": torch.cat([centres, sizes], 1), "labels": torch.randint(0, 5, (n,), generator=g)}
+        )
     return out
 
 
@@ -40,7 +42,8 @@ def test_noise_magnitudes_positive_vs_negative():
     embed = nn.Embedding(6, 8, padding_idx=5)
     targets = _targets([4])
     emb, boxes, _, meta = get_contrastive_denoising_training_group(
-        targets, 5, 10, embed, num_denoising=40, label_noise_ratio=0.0, box_noise_scale=0.5)
+        targets, 5, 10, embed, num_denoising=40, label_noise_ratio=0.0, box_noise_scale=0.5
+    )
     groups = meta["dn_num_group"]
     gt = box_cxcywh_to_xyxy(targets[0]["boxes"]).repeat(2 * groups, 1)
     noisy = box_cxcywh_to_xyxy(boxes[0].sigmoid())
@@ -57,13 +60,19 @@ def test_noise_magnitudes_positive_vs_negative():
 def test_no_objects_or_no_budget_returns_none():
     embed = nn.Embedding(6, 8, padding_idx=5)
     assert get_contrastive_denoising_training_group(_targets([0, 0]), 5, 10, embed) == (None,) * 4
-    assert get_contrastive_denoising_training_group(_targets([2]), 5, 10, embed, num_denoising=0) == (None,) * 4
+    assert (
+        get_contrastive_denoising_training_group(_targets([2]), 5, 10, embed, num_denoising=0) == (None,) * 4
+    )
 
 
 def test_more_objects_than_budget_gives_one_group():
     embed = nn.Embedding(6, 8, padding_idx=5)
-    _, boxes, _, meta = get_contrastive_denoising_training_group(_targets([12]), 5, 10, embed, num_denoising=5)
+    _, boxes, _, meta = get_contrastive_denoising_training_group(
+        _targets([12]), 5, 10, embed, num_denoising=5
+    )
     assert meta["dn_num_group"] == 1 and boxes.shape[1] == 24
     # box_noise_scale = 0 still returns logit-space boxes
-    _, boxes0, _, _ = get_contrastive_denoising_training_group(_targets([2]), 5, 10, embed, box_noise_scale=0.0)
+    _, boxes0, _, _ = get_contrastive_denoising_training_group(
+        _targets([2]), 5, 10, embed, box_noise_scale=0.0
+    )
     torch.testing.assert_close(boxes0[0, :2].sigmoid(), _targets([2])[0]["boxes"], atol=1e-5, rtol=1e-5)

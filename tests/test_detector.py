@@ -9,7 +9,15 @@ from sodlib.build import build_detector
 from sodlib.config import get_profile, override
 from sodlib.models.detector import RTDETR, postprocess, to_coco_results
 
-TRAIN_KEYS = {"pred_logits", "pred_boxes", "aux_outputs", "enc_outputs", "enc_dense_outputs", "dn_outputs", "dn_meta"}
+TRAIN_KEYS = {
+    "pred_logits",
+    "pred_boxes",
+    "aux_outputs",
+    "enc_outputs",
+    "enc_dense_outputs",
+    "dn_outputs",
+    "dn_meta",
+}
 
 
 @pytest.fixture(scope="module")
@@ -21,8 +29,13 @@ def smoke():
 
 def _targets(counts=(3, 1)):
     g = torch.Generator().manual_seed(0)
-    return [{"boxes": torch.cat([torch.rand(n, 2, generator=g) * 0.8 + 0.1, torch.full((n, 2), 0.06)], 1),
-             "labels": torch.randint(0, 6, (n,), generator=g)} for n in counts]
+    return [
+        {
+            "boxes": torch.cat([torch.rand(n, 2, generator=g) * 0.8 + 0.1, torch.full((n, 2), 0.06)], 1),
+            "labels": torch.randint(0, 6, (n,), generator=g),
+        }
+        for n in counts
+    ]
 
 
 def test_lazy_export_and_eval_outputs(smoke):
@@ -54,7 +67,10 @@ def test_training_outputs_and_gradient_reaches_backbone(smoke):
         torch.nn.init.normal_(head.layers[-1].weight, std=0.01)
     out = model(torch.rand(2, 3, 128, 128), _targets())
     assert set(out) == TRAIN_KEYS
-    assert len(out["aux_outputs"]) == cfg.num_decoder_layers - 1 and len(out["dn_outputs"]) == cfg.num_decoder_layers
+    assert (
+        len(out["aux_outputs"]) == cfg.num_decoder_layers - 1
+        and len(out["dn_outputs"]) == cfg.num_decoder_layers
+    )
     assert out["dn_meta"]["dn_num_group"] == cfg.num_denoising // 3
     out["pred_boxes"].sum().backward()
     stem_grad = model.backbone.stem[0][0].weight.grad
@@ -66,8 +82,16 @@ def test_training_without_objects_or_targets(smoke):
     model.train()
     empty = [{"boxes": torch.zeros(0, 4), "labels": torch.zeros(0, dtype=torch.long)}] * 2
     out = model(torch.rand(2, 3, 128, 128), empty, return_sampling=True)
-    assert set(out) == {"pred_logits", "pred_boxes", "aux_outputs", "enc_outputs", "enc_dense_outputs",
-                        "sampling_locations", "attention_weights", "ref_boxes"}
+    assert set(out) == {
+        "pred_logits",
+        "pred_boxes",
+        "aux_outputs",
+        "enc_outputs",
+        "enc_dense_outputs",
+        "sampling_locations",
+        "attention_weights",
+        "ref_boxes",
+    }
     assert torch.isfinite(out["pred_boxes"]).all()
     out = model(torch.rand(1, 3, 96, 128))  # no targets: no denoising
     assert "dn_outputs" not in out and out["pred_logits"].shape == (1, cfg.num_queries, cfg.num_classes)
@@ -102,7 +126,9 @@ def test_other_backbones_and_unknown_encoder():
     assert model.backbone.out_channels == (128, 256, 512)
     with pytest.raises(ValueError, match="model.num_levels"):  # MRQM's encoder reads P2..P5
         override(get_profile("smoke"), "model.encoder=bifpn_sae")
-    mrqm = build_detector(override(get_profile("smoke"), "model.encoder=bifpn_sae", "model.num_levels=4").model)
+    mrqm = build_detector(
+        override(get_profile("smoke"), "model.encoder=bifpn_sae", "model.num_levels=4").model
+    )
     assert mrqm.backbone.out_strides == (4, 8, 16, 32) and mrqm.encoder.out_channels == (32,) * 4
 
 
@@ -116,8 +142,12 @@ def test_postprocess_topk_and_pixel_boxes():
     assert_close(det["scores"], torch.tensor([3.0, 1.0]).sigmoid())
     assert_close(det["boxes_xyxy"], torch.tensor([[0.0, 40.0, 100.0, 60.0], [90.0, 0.0, 110.0, 50.0]]))
     results = to_coco_results([det], [7], {0: 3, 1: 9})
-    assert results[0] == {"image_id": 7, "category_id": 3, "bbox": [0.0, 40.0, 100.0, 20.0],
-                          "score": pytest.approx(float(torch.tensor(3.0).sigmoid()))}
+    assert results[0] == {
+        "image_id": 7,
+        "category_id": 3,
+        "bbox": [0.0, 40.0, 100.0, 20.0],
+        "score": pytest.approx(float(torch.tensor(3.0).sigmoid())),
+    }
     assert results[1]["category_id"] == 9 and results[1]["bbox"] == [90.0, 0.0, 20.0, 50.0]
     assert to_coco_results([det], [7])[1]["category_id"] == 2  # default: label + 1
     many = postprocess({"pred_logits": logits, "pred_boxes": boxes}, [[10, 10]], num_top=100)
@@ -129,13 +159,16 @@ def test_postprocess_with_nms_drops_same_class_duplicates_only():
     # 0.81 but class 1 (kept: per-class NMS); query 3 elsewhere, class 0
     logits = torch.full((1, 4, 2), -10.0)
     logits[0, 0, 0], logits[0, 1, 0], logits[0, 2, 1], logits[0, 3, 0] = 3.0, 2.0, 1.0, 0.0
-    boxes = torch.tensor([[[0.5, 0.5, 0.2, 0.2], [0.5, 0.5, 0.2, 0.2], [0.5, 0.5, 0.18, 0.18],
-                           [0.2, 0.2, 0.1, 0.1]]])
+    boxes = torch.tensor(
+        [[[0.5, 0.5, 0.2, 0.2], [0.5, 0.5, 0.2, 0.2], [0.5, 0.5, 0.18, 0.18], [0.2, 0.2, 0.1, 0.1]]]
+    )
     out = {"pred_logits": logits, "pred_boxes": boxes}
     (det,) = postprocess(out, [[100, 100]], num_top=4, nms_iou=0.5)
     assert det["labels"].tolist() == [0, 1, 0, 1]  # query 1's class-0 duplicate is gone
     assert_close(det["scores"][:3], torch.tensor([3.0, 1.0, 0.0]).sigmoid())
-    assert_close(det["boxes_xyxy"][:3], torch.tensor([[40.0, 40, 60, 60], [41, 41, 59, 59], [15, 15, 25, 25]]))
+    assert_close(
+        det["boxes_xyxy"][:3], torch.tensor([[40.0, 40, 60, 60], [41, 41, 59, 59], [15, 15, 25, 25]])
+    )
     # the fourth slot: the only low-score pair that overlaps nothing of its class (query 3, class 1)
     assert_close(det["boxes_xyxy"][3], torch.tensor([15.0, 15, 25, 25]))
     assert_close(det["scores"][3], torch.tensor(-10.0).sigmoid())

@@ -25,8 +25,10 @@ def test_code_path_matches_recorded_losses(path):
     problems, note = drift.check(recorded[ref_kind], ref_kind, recorded, current, kind)
     if note:
         warnings.warn(f"code path {path!r}: {note}", stacklevel=1)
-    assert not problems, (f"code path {path!r} no longer gives the losses recorded on {ref_kind} "
-                          f"({'; '.join(problems[:3])}): the committed runs of this path are stale; {RECORD_HINT}")
+    assert not problems, (
+        f"code path {path!r} no longer gives the losses recorded on {ref_kind} "
+        f"({'; '.join(problems[:3])}): the committed runs of this path are stale; {RECORD_HINT}"
+    )
 
 
 @pytest.mark.parametrize("path", sorted(drift.COMMITTED_RUNS))
@@ -37,8 +39,10 @@ def test_committed_run_retrains_to_its_own_log(path):
     problems, note = drift.check(reference, ref_kind, recorded, current, machine_kind())
     if note:
         warnings.warn(f"committed run {drift.COMMITTED_RUNS[path]} ({path}): {note}", stacklevel=1)
-    assert not problems, (f"committed run {drift.COMMITTED_RUNS[path]} ({path}) does not retrain to what this kind "
-                          f"of machine recorded ({'; '.join(problems[:3])}); {RECORD_HINT}")
+    assert not problems, (
+        f"committed run {drift.COMMITTED_RUNS[path]} ({path}) does not retrain to what this kind "
+        f"of machine recorded ({'; '.join(problems[:3])}); {RECORD_HINT}"
+    )
 
 
 def test_committed_runs_exist_and_name_their_path():
@@ -53,7 +57,8 @@ def test_mismatches_reports_a_moved_value():
     rec = [[1.0, 10.0, 2.0], [2.0, 9.0, 1.5]]
     assert drift.mismatches(rec, [[1.0, 10.0, 2.0], [2.0, 9.0, 1.5]]) == []
     assert drift.mismatches(rec, [[1.0, 10.0, 2.0], [2.0, 9.0001, 1.5]]) == [
-        "iteration 2, column 1: 9.0001 vs recorded 9"]  # exact by default
+        "iteration 2, column 1: 9.0001 vs recorded 9"
+    ]  # exact by default
     assert drift.mismatches(rec, [[1.0, 10.0, 2.0], [2.0, 9.0001, 1.5]], rtol=1e-3) == []
     assert drift.mismatches(rec, rec[:1]) == ["1 logged iterations, recorded 2"]
 
@@ -64,11 +69,16 @@ def test_check_is_exact_on_recorded_kinds_and_reports_the_size_elsewhere():
     # the run's own kind: exact
     assert drift.check(ref, "A", {}, ref, "A") == ([], "")
     problems, _ = drift.check(ref, "A", {}, here, "A")
-    assert problems == ["iteration 10, column 1: 18.018 vs recorded 18", "iteration 10, column 2: 4.01 vs recorded 4"]
+    assert problems == [
+        "iteration 10, column 1: 18.018 vs recorded 18",
+        "iteration 10, column 2: 4.01 vs recorded 4",
+    ]
     # a recorded other kind: exact against its record, the size against the reference reported
     problems, note = drift.check(ref, "A", {"B": here}, here, "B")
     assert problems == [] and "differs by 1.0e-03 (relative) at iteration 10" in note
-    assert drift.check(ref, "A", {"B": here}, ref, "B")[0]  # B recorded `here`: the reference values are wrong
+    assert drift.check(ref, "A", {"B": here}, ref, "B")[
+        0
+    ]  # B recorded `here`: the reference values are wrong
     # an unrecorded kind: iteration 1 within FIRST_STEP_RTOL, the rest reported
     problems, note = drift.check(ref, "A", {}, here, "C")
     assert problems == [] and note.startswith("kind of machine not recorded") and "--record" in note
@@ -77,7 +87,10 @@ def test_check_is_exact_on_recorded_kinds_and_reports_the_size_elsewhere():
 
 
 def test_largest_difference_names_the_iteration():
-    assert drift.largest_difference([[1.0, 10.0], [10.0, 8.0]], [[1.0, 10.0], [10.0, 8.08]]) == (10.0, pytest.approx(0.01))
+    assert drift.largest_difference([[1.0, 10.0], [10.0, 8.0]], [[1.0, 10.0], [10.0, 8.08]]) == (
+        10.0,
+        pytest.approx(0.01),
+    )
 
 
 def test_guard_config_and_committed_run_reject_unknown_path():
@@ -90,11 +103,15 @@ def test_guard_config_and_committed_run_reject_unknown_path():
 def test_recording_some_paths_keeps_this_kinds_other_records(tmp_path):
     path = tmp_path / "drift_committed.json"
     kind = machine_kind()
-    path.write_text(json.dumps({"machines": {kind: {"runs": {"a": [[1.0, 2.0]]}}, "other": {"runs": {"a": [[9.0]]}}}}))
+    path.write_text(
+        json.dumps({"machines": {kind: {"runs": {"a": [[1.0, 2.0]]}}, "other": {"runs": {"a": [[9.0]]}}}})
+    )
     kept = drift._merge_record(path, "runs", {"b": [[1.0, 3.0]]}, {"iterations": 10}, keep=True)
     assert kept["machines"][kind]["runs"] == {"a": [[1.0, 2.0]], "b": [[1.0, 3.0]]}
     assert kept["machines"]["other"] == {"runs": {"a": [[9.0]]}} and kept["iterations"] == 10
-    assert drift._merge_record(path, "runs", {"b": [[1.0, 3.0]]}, {})["machines"][kind]["runs"] == {"b": [[1.0, 3.0]]}
+    assert drift._merge_record(path, "runs", {"b": [[1.0, 3.0]]}, {})["machines"][kind]["runs"] == {
+        "b": [[1.0, 3.0]]
+    }
     with pytest.raises(ValueError, match="unknown code path 'nope'"):
         drift.record(tmp_path, committed=["nope"])
 
@@ -104,7 +121,9 @@ def test_machine_table_compares_whole_retrains_with_the_committed_runs(tmp_path)
 
     def run(folder, seed, ap, kind=None):
         folder.mkdir(parents=True)
-        (folder / "config.json").write_text(json.dumps(override(get_profile("smoke"), f"train.seed={seed}").to_dict()))
+        (folder / "config.json").write_text(
+            json.dumps(override(get_profile("smoke"), f"train.seed={seed}").to_dict())
+        )
         (folder / "metrics.json").write_text(json.dumps({"AP": ap}))
         (folder / "provenance.json").write_text(json.dumps({"machine_kind": kind} if kind else {}))
 
@@ -112,9 +131,18 @@ def test_machine_table_compares_whole_retrains_with_the_committed_runs(tmp_path)
         run(tmp_path / "runs" / f"r{seed}", seed, ap)
     run(drift.machine_folder(tmp_path, "Vendor x86_64 AVX2") / "runs" / "r0", 0, 0.41, "Vendor x86_64 AVX2")
     table = drift.machine_table(tmp_path)
-    assert table.to_dict("records") == [{
-        "run": "r0", "committed_on": drift.UNRECORDED, "retrained_on": "Vendor x86_64 AVX2", "AP_committed": 0.40,
-        "AP_retrained": 0.41, "dAP": pytest.approx(0.01), "seed_std_AP": pytest.approx(0.02), "seeds": 3}]
+    assert table.to_dict("records") == [
+        {
+            "run": "r0",
+            "committed_on": drift.UNRECORDED,
+            "retrained_on": "Vendor x86_64 AVX2",
+            "AP_committed": 0.40,
+            "AP_retrained": 0.41,
+            "dAP": pytest.approx(0.01),
+            "seed_std_AP": pytest.approx(0.02),
+            "seeds": 3,
+        }
+    ]
     assert drift.machine_folder(tmp_path, "Vendor x86_64 AVX2").name == "Vendor_x86_64_AVX2"
     with pytest.raises(ValueError, match="no committed run there"):
         drift.retrain_whole("nope", tmp_path)

@@ -40,8 +40,9 @@ def test_hybrid_encoder_odd_sizes():
 
 
 def test_light_levels_bypass_ccfm():
-    enc = HybridEncoder((8, 8, 16, 32), hidden_dim=16, num_heads=2, dim_feedforward=32, csp_blocks=1,
-                        light_levels=1).eval()
+    enc = HybridEncoder(
+        (8, 8, 16, 32), hidden_dim=16, num_heads=2, dim_feedforward=32, csp_blocks=1, light_levels=1
+    ).eval()
     g = torch.Generator().manual_seed(0)
     feats = [torch.randn(1, c, s, s, generator=g) for c, s in ((8, 16), (8, 8), (16, 4), (32, 2))]
     with torch.no_grad():

@@ -14,8 +14,9 @@ from sodlib.training.engine import NonFiniteLossError, epoch_batches, train
 
 
 def _smoke(*extra):
-    return override(get_profile("smoke"), "train.max_iters=6", "train.checkpoint_every=2", "train.log_every=1",
-                    *extra)
+    return override(
+        get_profile("smoke"), "train.max_iters=6", "train.checkpoint_every=2", "train.log_every=1", *extra
+    )
 
 
 def test_epoch_batches_deterministic_and_disjoint_across_ranks():
@@ -41,7 +42,9 @@ def test_resume_equals_uninterrupted(tmp_path):
     for k in a["model"]:
         torch.testing.assert_close(a["model"][k], b["model"][k], rtol=0, atol=0, msg=k)
     strip = ("train_seconds",)
-    assert {k: v for k, v in full.items() if k not in strip} == {k: v for k, v in resumed.items() if k not in strip}
+    assert {k: v for k, v in full.items() if k not in strip} == {
+        k: v for k, v in resumed.items() if k not in strip
+    }
     with open(tmp_path / "part" / "log.csv") as f:
         rows = list(csv.DictReader(f))
     assert [int(r["iteration"]) for r in rows] == [1, 2, 3, 4, 5, 6]
@@ -67,8 +70,13 @@ def test_non_finite_loss_stops_and_keeps_last_good_checkpoint(tmp_path, monkeypa
 
 @pytest.mark.slow
 def test_smoke_training_reduces_the_loss(tmp_path):
-    cfg = override(get_profile("smoke"), "train.max_iters=60", "train.log_every=1", "train.checkpoint_every=100",
-                   "train.epochs=100")
+    cfg = override(
+        get_profile("smoke"),
+        "train.max_iters=60",
+        "train.log_every=1",
+        "train.checkpoint_every=100",
+        "train.epochs=100",
+    )
     train(cfg, tmp_path, progress=False)
     with open(tmp_path / "log.csv") as f:
         losses = [float(r["loss"]) for r in csv.DictReader(f)]
@@ -81,8 +89,22 @@ def test_smoke_training_reduces_the_loss(tmp_path):
 def test_ddp_gloo_two_processes(tmp_path):
     torchrun = Path(sys.executable).with_name("torchrun")
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    cmd = [str(torchrun), "--standalone", "--nproc_per_node=2", "-m", "sodlib", "train", "--profile", "smoke",
-           "--set", "train.max_iters=2", "--set", "train.checkpoint_every=2", "--out", str(tmp_path)]
+    cmd = [
+        str(torchrun),
+        "--standalone",
+        "--nproc_per_node=2",
+        "-m",
+        "sodlib",
+        "train",
+        "--profile",
+        "smoke",
+        "--set",
+        "train.max_iters=2",
+        "--set",
+        "train.checkpoint_every=2",
+        "--out",
+        str(tmp_path),
+    ]
     proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300, check=False)
     assert proc.returncode == 0, proc.stderr[-3000:]
     state = load_checkpoint(tmp_path / "checkpoints" / "last.pt")
@@ -96,7 +118,10 @@ def test_finished_run_is_not_trained_again(tmp_path, monkeypatch):
     first = train(cfg, tmp_path, progress=False)
     (tmp_path / "checkpoints" / "last.pt").unlink()  # a fresh clone has metrics but no checkpoint
     from sodlib.training import engine
-    monkeypatch.setattr(engine, "init_distributed", lambda *a: (_ for _ in ()).throw(AssertionError("retrained")))
+
+    monkeypatch.setattr(
+        engine, "init_distributed", lambda *a: (_ for _ in ()).throw(AssertionError("retrained"))
+    )
     assert train(cfg, tmp_path, progress=False) == json.loads((tmp_path / "metrics.json").read_text())
     assert first["iterations"] == 2
     with pytest.raises(ValueError, match="different config"):
@@ -127,11 +152,14 @@ def test_tensorboard_events_follow_the_csv_logs(tmp_path):
     value per iteration."""
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
-    cfg = override(_smoke(), "train.max_iters=4", "train.log_every=1", "train.eval_every=2",
-                   "train.checkpoint_every=2")
+    cfg = override(
+        _smoke(), "train.max_iters=4", "train.log_every=1", "train.eval_every=2", "train.checkpoint_every=2"
+    )
     train(cfg, tmp_path, progress=False, stop_after=3)  # interrupted after iteration 3, checkpoint at 2
     train(cfg, tmp_path, progress=False)
-    events = EventAccumulator(str(tmp_path / "tensorboard"), size_guidance={"images": 0, "scalars": 0}).Reload()
+    events = EventAccumulator(
+        str(tmp_path / "tensorboard"), size_guidance={"images": 0, "scalars": 0}
+    ).Reload()
     tags = events.Tags()
     assert {"train/loss", "train/lr", "train/images_per_s", "val/AP", "val/AP50"} <= set(tags["scalars"])
     assert "attention/val_image_0" in tags["images"]
@@ -149,18 +177,25 @@ def test_resume_refuses_another_config_naming_the_keys(tmp_path):
     from sodlib.cli import main
     from sodlib.training.engine import config_differences
 
-    assert config_differences({"train": {"lr": 1e-3, "threads": 1, "multiscale": [256]}},
-                              {"train": {"lr": 2e-3, "threads": 2, "multiscale": (256,)}}) == ["train.lr: 0.001 → 0.002"]
+    assert config_differences(
+        {"train": {"lr": 1e-3, "threads": 1, "multiscale": [256]}},
+        {"train": {"lr": 2e-3, "threads": 2, "multiscale": (256,)}},
+    ) == ["train.lr: 0.001 → 0.002"]
     cfg = _smoke()
     part = train(cfg, tmp_path / "run", progress=False, stop_after=2)
     assert part["interrupted"]
     changed = override(cfg, "train.lr=0.002", "loss.st=true")
-    with pytest.raises(ValueError, match=r"interrupted run of another config \(loss\.st: False → True; "
-                                         r"train\.lr: 0\.001 → 0\.002\)"):
+    with pytest.raises(
+        ValueError,
+        match=r"interrupted run of another config \(loss\.st: False → True; "
+        r"train\.lr: 0\.001 → 0\.002\)",
+    ):
         train(changed, tmp_path / "run", progress=False)
     assert load_checkpoint(tmp_path / "run" / "checkpoints" / "last.pt")["iteration"] == 2  # untouched
     # the CLI: one line, exit 2; the same settings (threads aside) resume
-    assert main(["train", "--profile", "smoke", "--set", "train.lr=0.002", "--out", str(tmp_path / "run")]) == 2
+    assert (
+        main(["train", "--profile", "smoke", "--set", "train.lr=0.002", "--out", str(tmp_path / "run")]) == 2
+    )
     resumed = train(override(cfg, "train.threads=1", "train.log_every=3"), tmp_path / "run", progress=False)
     assert resumed["iterations"] == cfg.train.max_iters
 
@@ -186,7 +221,10 @@ def test_max_iters_beyond_the_epochs_is_announced(tmp_path, caplog):
 
 def _no_dataset(monkeypatch):
     from sodlib.training import engine
-    monkeypatch.setattr(engine, "build_dataset", lambda *a, **k: (_ for _ in ()).throw(AssertionError("built")))
+
+    monkeypatch.setattr(
+        engine, "build_dataset", lambda *a, **k: (_ for _ in ()).throw(AssertionError("built"))
+    )
 
 
 def test_amp_where_autocast_cannot_run_is_refused_before_any_work(tmp_path, monkeypatch):
@@ -198,6 +236,7 @@ def test_amp_where_autocast_cannot_run_is_refused_before_any_work(tmp_path, monk
 
 def test_emulated_bf16_is_announced_once_before_the_dataset(tmp_path, monkeypatch, caplog):
     from sodlib import hardware
+
     _no_dataset(monkeypatch)
     monkeypatch.setattr(hardware, "cpu_has_native_bf16", lambda: False)
     hardware._warn_emulated_bf16.cache_clear()
@@ -208,7 +247,9 @@ def test_emulated_bf16_is_announced_once_before_the_dataset(tmp_path, monkeypatc
                     train(_smoke("train.amp=true"), tmp_path / run, progress=False)
     finally:
         hardware._warn_emulated_bf16.cache_clear()
-    assert len(caplog.records) == 1 and "bf16 autocast is emulated on this CPU" in caplog.records[0].getMessage()
+    assert (
+        len(caplog.records) == 1 and "bf16 autocast is emulated on this CPU" in caplog.records[0].getMessage()
+    )
 
 
 def test_exploding_weights_never_replace_the_last_good_checkpoint(tmp_path, monkeypatch):
@@ -234,8 +275,11 @@ def test_exploding_weights_never_replace_the_last_good_checkpoint(tmp_path, monk
 
     monkeypatch.setattr(sodlib.training.engine, "build_detector", build)
     monkeypatch.setattr(torch.optim.AdamW, "step", step)
-    with pytest.raises(NonFiniteLossError, match=r"non-finite weights at iteration 4 \(.*running_var\); the last "
-                                                 r"checkpoint with finite weights is .*last.pt"):
+    with pytest.raises(
+        NonFiniteLossError,
+        match=r"non-finite weights at iteration 4 \(.*running_var\); the last "
+        r"checkpoint with finite weights is .*last.pt",
+    ):
         train(cfg, tmp_path, progress=False)
     assert load_checkpoint(tmp_path / "checkpoints" / "last.pt")["iteration"] == 2
 
@@ -257,13 +301,19 @@ def test_a_train_split_without_annotations_or_with_other_classes_is_refused_befo
 
     cfg = get_profile("smoke")
     n = cfg.model.num_classes
-    coco = {"images": [{"id": 1, "file_name": "a.png", "width": 64, "height": 64}],
-            "annotations": [{"id": 1, "image_id": 1, "category_id": 1, "bbox": [1, 1, 8, 8], "area": 64, "iscrowd": 0}],
-            "categories": [{"id": i + 1, "name": f"c{i}"} for i in range(n)]}
+    coco = {
+        "images": [{"id": 1, "file_name": "a.png", "width": 64, "height": 64}],
+        "annotations": [
+            {"id": 1, "image_id": 1, "category_id": 1, "bbox": [1, 1, 8, 8], "area": 64, "iscrowd": 0}
+        ],
+        "categories": [{"id": i + 1, "name": f"c{i}"} for i in range(n)],
+    }
     check_train_split(CocoDetection(tmp_path, coco), cfg)  # fine
     empty = {**coco, "annotations": []}
     with pytest.raises(ValueError, match="no annotation to learn from"):
         check_train_split(CocoDetection(tmp_path, empty), cfg)
     fewer = {**coco, "categories": coco["categories"][:3]}
-    with pytest.raises(ValueError, match=rf"3 categories, but model.num_classes={n}; set --set model.num_classes=3"):
+    with pytest.raises(
+        ValueError, match=rf"3 categories, but model.num_classes={n}; set --set model.num_classes=3"
+    ):
         check_train_split(CocoDetection(tmp_path, fewer), cfg)

@@ -1,4 +1,5 @@
 """The environment files agree with each other: pyproject ranges, the lock's pins, environment.yml."""
+
 import re
 from pathlib import Path
 
@@ -27,8 +28,10 @@ def test_pyproject_ranges_admit_older_torch():
 
 def test_every_dependency_is_locked():
     py = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]
-    names = [re.split(r"[<>=!~ \[]", d, maxsplit=1)[0].lower() for d in
-             py["dependencies"] + py["optional-dependencies"]["dev"]]
+    names = [
+        re.split(r"[<>=!~ \[]", d, maxsplit=1)[0].lower()
+        for d in py["dependencies"] + py["optional-dependencies"]["dev"]
+    ]
     locked = _lock_versions()
     assert [n for n in names if n not in locked] == []
 
@@ -36,6 +39,8 @@ def test_every_dependency_is_locked():
 def test_environment_yml_installs_the_same_package():
     text = (ROOT / "environment.yml").read_text()
     assert re.search(r"^\s*-\s*python=3\.11\s*$", text, re.MULTILINE)
-    assert re.search(r'^\s*-\s*-e\s+"?\.\[dev\]"?\s*$', text, re.MULTILINE), "environment.yml must pip-install -e .[dev]"
+    assert re.search(r'^\s*-\s*-e\s+"?\.\[dev\]"?\s*$', text, re.MULTILINE), (
+        "environment.yml must pip-install -e .[dev]"
+    )
     req = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]["requires-python"]
     assert ">=3.10" in req and "<3.14" in req

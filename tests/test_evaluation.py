@@ -26,11 +26,28 @@ CATS10 = [{"id": k, "name": n} for k, n in vd.VISDRONE_CATEGORIES]
 def make_gt(boxes, cats=None, size=(200, 200), regions=None, others=None):
     """boxes: list of (image_id, category_id, [x, y, w, h], ignore)."""
     ids = sorted({b[0] for b in boxes} | {1})
-    images = [{"id": i, "width": size[0], "height": size[1],
-               "ignore_regions_xywh": (regions or {}).get(i, []),
-               "ignored_boxes_xywh": (others or {}).get(i, [])} for i in ids]
-    anns = [{"id": j + 1, "image_id": im, "category_id": c, "bbox": list(b), "area": b[2] * b[3],
-             "iscrowd": int(ig), "ignore": int(ig)} for j, (im, c, b, ig) in enumerate(boxes)]
+    images = [
+        {
+            "id": i,
+            "width": size[0],
+            "height": size[1],
+            "ignore_regions_xywh": (regions or {}).get(i, []),
+            "ignored_boxes_xywh": (others or {}).get(i, []),
+        }
+        for i in ids
+    ]
+    anns = [
+        {
+            "id": j + 1,
+            "image_id": im,
+            "category_id": c,
+            "bbox": list(b),
+            "area": b[2] * b[3],
+            "iscrowd": int(ig),
+            "ignore": int(ig),
+        }
+        for j, (im, c, b, ig) in enumerate(boxes)
+    ]
     return {"images": images, "annotations": anns, "categories": cats or [{"id": 1, "name": "a"}]}
 
 
@@ -42,14 +59,23 @@ def random_set(seed, n_img=6, n_gt=15, n_det=40, n_cat=3, W=120, H=90):
     rng = np.random.default_rng(seed)
     boxes, dets, regions = [], [], {}
     for i in range(1, n_img + 1):
-        g = np.c_[rng.integers(0, W - 20, n_gt), rng.integers(0, H - 20, n_gt), rng.integers(2, 30, (n_gt, 2))]
+        g = np.c_[
+            rng.integers(0, W - 20, n_gt), rng.integers(0, H - 20, n_gt), rng.integers(2, 30, (n_gt, 2))
+        ]
         c = rng.integers(1, n_cat + 1, n_gt)
         ig = rng.uniform(size=n_gt) < 0.15
         g[1] = g[0]  # a duplicate ground-truth box (tie in matching)
         c[1] = c[0]
         boxes += [(i, int(cc), [int(v) for v in gg], bool(ii)) for gg, cc, ii in zip(g, c, ig)]
-        regions[i] = [[int(rng.integers(0, W)), int(rng.integers(0, H)), int(rng.integers(5, 50)),
-                       int(rng.integers(5, 50))] for _ in range(int(rng.integers(0, 3)))]
+        regions[i] = [
+            [
+                int(rng.integers(0, W)),
+                int(rng.integers(0, H)),
+                int(rng.integers(5, 50)),
+                int(rng.integers(5, 50)),
+            ]
+            for _ in range(int(rng.integers(0, 3)))
+        ]
         for k in range(n_det):
             if k < n_gt and rng.uniform() < 0.8:
                 b = g[k] + np.r_[rng.integers(-3, 4, 2) + 0.5 * rng.integers(0, 2, 2), rng.integers(-2, 3, 2)]
@@ -81,7 +107,7 @@ def _drop_literal(gt, dt, H, W):  # dropObjectsInIgr.m
         return cur, dt
     m = np.zeros((H + 1, W + 1), np.int64)  # 1-based
     for x, y, w, h in regs:
-        m[y:min(H, y + h) + 1, x:min(W, x + w) + 1] = 1
+        m[y : min(H, y + h) + 1, x : min(W, x + w) + 1] = 1
     m[0, :] = 0
     m[:, 0] = 0
     I = m.cumsum(0).cumsum(1)  # createIntImg.m
@@ -139,8 +165,11 @@ def toolkit_literal(gt_dict, dets, max_dets=(1, 10, 100, 500)):
     """Rows as the toolkit reads them, then saveAnnoRes.m + calcAccuracy.m."""
     allgt, alldet = [], []
     for im in gt_dict["images"]:
-        g = [list(a["bbox"]) + [0 if a.get("ignore") else 1, a["category_id"]]
-             for a in gt_dict["annotations"] if a["image_id"] == im["id"]]
+        g = [
+            list(a["bbox"]) + [0 if a.get("ignore") else 1, a["category_id"]]
+            for a in gt_dict["annotations"]
+            if a["image_id"] == im["id"]
+        ]
         g += [list(r) + [0, 0] for r in im.get("ignore_regions_xywh", [])]
         g += [list(r) + [0, 11] for r in im.get("ignored_boxes_xywh", [])]
         d = [list(x["bbox"]) + [x["score"], x["category_id"]] for x in dets if x["image_id"] == im["id"]]
@@ -159,7 +188,9 @@ def toolkit_literal(gt_dict, dets, max_dets=(1, 10, 100, 500)):
             for y, md in enumerate(max_dets):
                 gtm, dtm = [], []
                 for g, d in zip(allgt, alldet):
-                    gm, dm = _eval_res([r[:5] for r in g if r[5] == c], [r[:5] for r in d[:md] if r[5] == c], thr)
+                    gm, dm = _eval_res(
+                        [r[:5] for r in g if r[5] == c], [r[:5] for r in d[:md] if r[5] == c], thr
+                    )
                     gtm += gm
                     dtm += dm
                 rank = sorted(range(len(dtm)), key=lambda i: -dtm[i][0])
@@ -172,8 +203,11 @@ def toolkit_literal(gt_dict, dets, max_dets=(1, 10, 100, 500)):
             AP[c][x] = _vocap(rec, prec)
     if not eval_class:
         return None
-    out = {"AP": np.mean([AP[c] for c in eval_class]), "AP50": np.mean([AP[c][0] for c in eval_class]),
-           "AP75": np.mean([AP[c][5] for c in eval_class])}
+    out = {
+        "AP": np.mean([AP[c] for c in eval_class]),
+        "AP50": np.mean([AP[c][0] for c in eval_class]),
+        "AP75": np.mean([AP[c][5] for c in eval_class]),
+    }
     for y, md in enumerate(max_dets):
         out[f"AR{md}"] = np.mean([[AR[c][x][y] for x in range(10)] for c in eval_class])
     return out
@@ -192,14 +226,30 @@ def visdrone_gt_from_files(files):
         rows = _read_visdrone_txt(f)
         W = max(r[0] + r[2] for r in rows) + 1
         H = max(r[1] + r[3] for r in rows) + 1
-        images.append({"id": i, "file_name": f.name, "width": W, "height": H,
-                       "ignore_regions_xywh": [r[:4] for r in rows if r[5] == 0],
-                       "ignored_boxes_xywh": [r[:4] for r in rows if r[5] == 11]})
+        images.append(
+            {
+                "id": i,
+                "file_name": f.name,
+                "width": W,
+                "height": H,
+                "ignore_regions_xywh": [r[:4] for r in rows if r[5] == 0],
+                "ignored_boxes_xywh": [r[:4] for r in rows if r[5] == 11],
+            }
+        )
         for r in rows:
             if 1 <= r[5] <= 10:
                 ig = int(r[4] == 0)
-                anns.append({"id": len(anns) + 1, "image_id": i, "category_id": r[5], "bbox": r[:4],
-                             "area": r[2] * r[3], "iscrowd": ig, "ignore": ig})
+                anns.append(
+                    {
+                        "id": len(anns) + 1,
+                        "image_id": i,
+                        "category_id": r[5],
+                        "bbox": r[:4],
+                        "area": r[2] * r[3],
+                        "iscrowd": ig,
+                        "ignore": ig,
+                    }
+                )
     return {"images": images, "annotations": anns, "categories": CATS10}
 
 
@@ -227,6 +277,7 @@ def test_single_offset_box(protocol):
 def test_coco_equals_raw_pycocotools():
     from pycocotools.coco import COCO
     from pycocotools.cocoeval import COCOeval
+
     gt, dets = vd.make_eval_benchmark_set(num_images=12, gt_per_image=20, dets_per_image=40, seed=3)
     with contextlib.redirect_stdout(io.StringIO()):
         cg = COCO()
@@ -277,7 +328,9 @@ def test_sodad_size_ranges():
 
 def test_sodad_ignore_flag_and_ignore_category():
     cats = [{"id": 1, "name": "people"}, {"id": 10, "name": "ignore"}]
-    gt = make_gt([(1, 1, [0, 0, 10, 10], 0), (1, 1, [50, 50, 10, 10], 1), (1, 10, [100, 100, 10, 10], 0)], cats)
+    gt = make_gt(
+        [(1, 1, [0, 0, 10, 10], 0), (1, 1, [50, 50, 10, 10], 1), (1, 10, [100, 100, 10, 10], 0)], cats
+    )
     a, b, c = [x["bbox"] for x in gt["annotations"]]
     assert ev.evaluate(gt, [det(1, 1, b, 0.95), det(1, 1, a, 0.8)], "sodad")["AP"] == 1.0  # ignored, not FP
     # official SODADeval forces iscrowd=0: an ignore box absorbs one detection, the second is a FP
@@ -293,8 +346,12 @@ def test_sodad_ignore_flag_and_ignore_category():
 
 # ----------------------------------------------------------------------------- visdrone
 def test_visdrone_perfect_with_ignore_info():
-    gt = make_gt([(1, 1, [10, 10, 20, 20], 0), (1, 4, [100, 100, 15, 10], 0), (2, 4, [50, 50, 8, 8], 0)],
-                 CATS10, regions={1: [[150, 150, 40, 40]]}, others={2: [[0, 0, 10, 10]]})
+    gt = make_gt(
+        [(1, 1, [10, 10, 20, 20], 0), (1, 4, [100, 100, 15, 10], 0), (2, 4, [50, 50, 8, 8], 0)],
+        CATS10,
+        regions={1: [[150, 150, 40, 40]]},
+        others={2: [[0, 0, 10, 10]]},
+    )
     dets = [det(a["image_id"], a["category_id"], a["bbox"], 1.0) for a in gt["annotations"]]
     m = ev.evaluate(gt, dets, "visdrone")
     assert list(m) == ["AP", "AP50", "AP75", "AR1", "AR10", "AR100", "AR500"]
@@ -303,8 +360,9 @@ def test_visdrone_perfect_with_ignore_info():
 
 def test_visdrone_ignore_regions():
     # region [0,0,50,50] -> mask pixels rows/cols 1..51 (1-based, inclusive: dropObjectsInIgr.m)
-    gt = make_gt([(1, 1, [150, 150, 20, 20], 0), (1, 1, [5, 5, 20, 20], 0)], CATS10,
-                 regions={1: [[0, 0, 50, 50]]})
+    gt = make_gt(
+        [(1, 1, [150, 150, 20, 20], 0), (1, 1, [5, 5, 20, 20], 0)], CATS10, regions={1: [[0, 0, 50, 50]]}
+    )
     tp = det(1, 1, [150, 150, 20, 20], 0.5)
     inside = det(1, 1, [10, 10, 20, 20], 0.9)  # 100% inside: dropped
     half = det(1, 1, [41, 10, 20, 20], 0.9)  # columns 42..61 -> 10/20 inside = 50%: dropped
@@ -313,8 +371,9 @@ def test_visdrone_ignore_regions():
     assert ev.evaluate(gt, [tp], "visdrone")["AP"] == 1.0
     assert ev.evaluate(gt, [tp, inside, half], "visdrone")["AP"] == 1.0
     assert ev.evaluate(gt, [tp, forty], "visdrone")["AP"] == pytest.approx(0.5, abs=1e-12)
-    frac = vd.ignored_fraction(np.array([[10, 10, 20, 20], [41, 10, 20, 20], [43, 10, 20, 20.4]]),
-                               [[0, 0, 50, 50]], 200, 200)
+    frac = vd.ignored_fraction(
+        np.array([[10, 10, 20, 20], [41, 10, 20, 20], [43, 10, 20, 20.4]]), [[0, 0, 50, 50]], 200, 200
+    )
     np.testing.assert_allclose(frac, [1.0, 0.5, 0.4])
 
 
@@ -325,8 +384,11 @@ def test_visdrone_score0_ignore():
     # toolkit divides recall by all GT of the class including the score-0 one: AP = 0.5
     assert ev.evaluate(gt, [det(1, 1, b, 0.9), det(1, 1, a, 0.8)], "visdrone")["AP"] == pytest.approx(0.5)
     # crowd-like: a box inside the score-0 box matches by intersection / detection area
-    m = ev.evaluate(gt, [det(1, 1, [105, 105, 5, 5], 0.9), det(1, 1, [106, 106, 5, 5], 0.85),
-                         det(1, 1, a, 0.8)], "visdrone")
+    m = ev.evaluate(
+        gt,
+        [det(1, 1, [105, 105, 5, 5], 0.9), det(1, 1, [106, 106, 5, 5], 0.85), det(1, 1, a, 0.8)],
+        "visdrone",
+    )
     assert m["AP"] == pytest.approx(0.5)
 
 
@@ -345,7 +407,11 @@ def test_visdrone_max_dets():
     dets = [det(a["image_id"], 4, a["bbox"], 1 - a["id"] / 1000) for a in gt["annotations"]]
     m = ev.evaluate(gt, dets, "visdrone")
     assert m["AP"] == 1.0 and m["AR500"] == 1.0
-    assert m["AR100"] == pytest.approx(0.5) and m["AR10"] == pytest.approx(0.05) and m["AR1"] == pytest.approx(0.005)
+    assert (
+        m["AR100"] == pytest.approx(0.5)
+        and m["AR10"] == pytest.approx(0.05)
+        and m["AR1"] == pytest.approx(0.005)
+    )
     # maxDets keeps the first k detections of an image in the given order (saveAnnoRes.m does not sort)
     gt = make_gt([(1, 1, [10, 10, 20, 20], 0)], CATS10)
     tp, fp = det(1, 1, [10, 10, 20, 20], 0.5), det(1, 1, [100, 100, 20, 20], 0.9)
@@ -367,9 +433,12 @@ def test_visdrone_warns_about_detections_not_sorted_by_score(caplog):
 def test_visdrone_class_mean_weighted_by_images():
     # calcAccuracy.m appends a class once per image holding it: class 1 (2 images, AP 1) and
     # class 2 (1 image, AP 0) average to 2/3, not 1/2
-    gt = make_gt([(1, 1, [10, 10, 20, 20], 0), (2, 1, [10, 10, 20, 20], 0), (2, 2, [60, 60, 20, 20], 0)], CATS10)
-    m, table = ev.evaluate_detailed(gt, [det(1, 1, [10, 10, 20, 20], 0.9), det(2, 1, [10, 10, 20, 20], 0.9)],
-                                    "visdrone")
+    gt = make_gt(
+        [(1, 1, [10, 10, 20, 20], 0), (2, 1, [10, 10, 20, 20], 0), (2, 2, [60, 60, 20, 20], 0)], CATS10
+    )
+    m, table = ev.evaluate_detailed(
+        gt, [det(1, 1, [10, 10, 20, 20], 0.9), det(2, 1, [10, 10, 20, 20], 0.9)], "visdrone"
+    )
     assert m["AP"] == pytest.approx(2 / 3)
     assert table["AP"].iloc[:2].tolist() == [1.0, 0.0] and table["AP"].iloc[2:].isna().all()
 
@@ -401,20 +470,38 @@ def test_visdrone_matches_literal_toolkit(seed):
     md = (1, 3, 8, 20)
     ref = toolkit_literal(gt, dets, md)
     G = ev._GT(gt)
-    got, _ = vd.evaluate_visdrone(G.images, G.cat_ids, G.cat_names, G.img, G.cat, G.box,
-                                  G.ignore | G.crowd, *ev._parse_detections(dets, G), max_dets=md)
+    got, _ = vd.evaluate_visdrone(
+        G.images,
+        G.cat_ids,
+        G.cat_names,
+        G.img,
+        G.cat,
+        G.box,
+        G.ignore | G.crowd,
+        *ev._parse_detections(dets, G),
+        max_dets=md,
+    )
     assert got == pytest.approx(ref, abs=1e-12)
     # same data sorted by score per image (the shared-matching fast path)
     dets_sorted = sorted(dets, key=lambda d: (d["image_id"], -d["score"]))
-    assert ev.evaluate(gt, dets_sorted, "visdrone") == pytest.approx(toolkit_literal(gt, dets_sorted), abs=1e-12)
+    assert ev.evaluate(gt, dets_sorted, "visdrone") == pytest.approx(
+        toolkit_literal(gt, dets_sorted), abs=1e-12
+    )
 
 
 def test_ignored_fraction_matches_pixel_mask():
     rng = np.random.default_rng(0)
     for _ in range(20):
         W, H = int(rng.integers(20, 80)), int(rng.integers(20, 80))
-        regs = [[int(rng.integers(-5, W + 5)), int(rng.integers(-5, H + 5)), int(rng.integers(0, 40)),
-                 int(rng.integers(0, 40))] for _ in range(int(rng.integers(1, 4)))]
+        regs = [
+            [
+                int(rng.integers(-5, W + 5)),
+                int(rng.integers(-5, H + 5)),
+                int(rng.integers(0, 40)),
+                int(rng.integers(0, 40)),
+            ]
+            for _ in range(int(rng.integers(1, 4)))
+        ]
         boxes = np.c_[rng.uniform(-5, W + 5, (30, 2)), rng.uniform(0, 30, (30, 2))].round(1)
         boxes[:5] = np.floor(boxes[:5]) + 0.5  # exact halves: MATLAB rounds away from zero
         got = vd.ignored_fraction(boxes, regs, H, W) < 0.5
@@ -430,7 +517,9 @@ def test_visdrone_real_annotations():
     with_regions = [f for f in files[:40] if any(r[5] == 0 for r in _read_visdrone_txt(f))][:4]
     gt = visdrone_gt_from_files(with_regions)
     assert sum(len(im["ignore_regions_xywh"]) for im in gt["images"]) > 0
-    dets = [det(a["image_id"], a["category_id"], a["bbox"], 1.0) for a in gt["annotations"] if not a["ignore"]]
+    dets = [
+        det(a["image_id"], a["category_id"], a["bbox"], 1.0) for a in gt["annotations"] if not a["ignore"]
+    ]
     m = ev.evaluate(gt, dets, "visdrone")
     assert m["AP"] == 1.0 and m["AP50"] == 1.0 and m["AP75"] == 1.0 and m["AR500"] == 1.0
     # noisy detections on real layouts, some inside the real ignore regions: vectorised == literal port
@@ -489,6 +578,7 @@ def test_bad_inputs(tmp_path):
 
 def test_paths_silence_and_outputs(tmp_path, capsys):
     import json
+
     gt, dets = vd.make_eval_benchmark_set(num_images=4, gt_per_image=10, dets_per_image=20, seed=5)
     (tmp_path / "gt.json").write_text(json.dumps(gt))
     (tmp_path / "dt.json").write_text(json.dumps(dets))
@@ -500,7 +590,9 @@ def test_paths_silence_and_outputs(tmp_path, capsys):
     assert ev.per_class_ap(gt, dets, "visdrone").equals(table)
     paths = ev.write_metrics(tmp_path / "out", metrics, table)
     back = pd.read_csv(paths["metrics"])
-    assert list(back.columns) == ["metric", "value"] and back["value"].tolist() == pytest.approx(list(metrics.values()))
+    assert list(back.columns) == ["metric", "value"] and back["value"].tolist() == pytest.approx(
+        list(metrics.values())
+    )
     assert pd.read_csv(paths["per_class"])["name"].tolist() == table["name"].tolist()
     assert sorted(p.name for p in (tmp_path / "out").iterdir()) == ["metrics.csv", "per_class.csv"]
     text = ev.format_table(metrics, table)
@@ -516,21 +608,35 @@ def test_benchmark_set_deterministic():
     assert any(x["ignore"] for x in gt["annotations"]) and all(math.isfinite(d["score"]) for d in dets)
 
 
-@pytest.mark.parametrize("field, value, message", [
-    ("area", -1, "'area' must be a finite number >= 0, got -1"),
-    ("area", float("nan"), "'area' must be a finite number >= 0, got nan"),
-    ("area", "big", "'area' must be a finite number >= 0, got 'big'"),
-    ("iscrowd", 2, "'iscrowd' must be 0 or 1, got 2"),
-])
+@pytest.mark.parametrize(
+    "field, value, message",
+    [
+        ("area", -1, "'area' must be a finite number >= 0, got -1"),
+        ("area", float("nan"), "'area' must be a finite number >= 0, got nan"),
+        ("area", "big", "'area' must be a finite number >= 0, got 'big'"),
+        ("iscrowd", 2, "'iscrowd' must be 0 or 1, got 2"),
+    ],
+)
 def test_ground_truth_fields_the_protocols_read_are_checked(tmp_path, field, value, message):
     import json as _json
 
     from sodlib.evaluation import evaluate
 
-    gt = {"images": [{"id": 1, "width": 100, "height": 100}],
-          "annotations": [{"id": 7, "image_id": 1, "category_id": 1, "bbox": [10, 10, 5, 5], "area": 25, "iscrowd": 0,
-                           field: value}],
-          "categories": [{"id": 1, "name": "car"}]}
+    gt = {
+        "images": [{"id": 1, "width": 100, "height": 100}],
+        "annotations": [
+            {
+                "id": 7,
+                "image_id": 1,
+                "category_id": 1,
+                "bbox": [10, 10, 5, 5],
+                "area": 25,
+                "iscrowd": 0,
+                field: value,
+            }
+        ],
+        "categories": [{"id": 1, "name": "car"}],
+    }
     path = tmp_path / "gt.json"
     path.write_text(_json.dumps(gt))
     dets = [{"image_id": 1, "category_id": 1, "bbox": [10, 10, 5, 5], "score": 0.9}]
@@ -538,7 +644,9 @@ def test_ground_truth_fields_the_protocols_read_are_checked(tmp_path, field, val
         evaluate(str(path), dets)
     for kind, rec in (("images", {"width": 100, "height": 100}), ("categories", {"name": "car"})):
         bad = {**gt, kind: [rec], "annotations": []}
-        with pytest.raises(ValueError, match=rf"ground-truth {kind}\[0\]: 'id' must be an integer, got '\(missing\)'"):
+        with pytest.raises(
+            ValueError, match=rf"ground-truth {kind}\[0\]: 'id' must be an integer, got '\(missing\)'"
+        ):
             evaluate(bad, [])
     with pytest.raises(ValueError, match=r"images\[0\]: 'id' must be an integer, got 1.5"):
         evaluate({**gt, "images": [{"id": 1.5}], "annotations": []}, [])

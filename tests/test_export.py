@@ -60,7 +60,9 @@ def test_postprocessed_export_equals_rtdetr_style_postprocess(tmp_path):
     session = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
     images = torch.rand(2, 3, 128, 128)
     sizes_wh = torch.tensor([[640, 480], [128, 256]])
-    labels, boxes, scores = session.run(None, {"images": images.numpy(), "orig_target_sizes": sizes_wh.numpy()})
+    labels, boxes, scores = session.run(
+        None, {"images": images.numpy(), "orig_target_sizes": sizes_wh.numpy()}
+    )
     assert labels.shape == (2, 50) and boxes.shape == (2, 50, 4) and scores.shape == (2, 50)
     with torch.no_grad():
         expected = postprocess(model(images), sizes_wh.flip(-1), num_top=50)
@@ -95,8 +97,24 @@ def test_export_a_released_rtdetr_checkpoint(tmp_path):
     ckpt = tmp_path / "rtdetr_r18.pth"
     torch.save({"ema": {"module": to_layout(model, "official")}}, ckpt)
     out = tmp_path / "r18.onnx"
-    assert main(["export", "--checkpoint", str(ckpt), "--rtdetr", "18", "--num-classes", "3", "--out", str(out),
-                 "--image-size", "128"]) == 0
+    assert (
+        main(
+            [
+                "export",
+                "--checkpoint",
+                str(ckpt),
+                "--rtdetr",
+                "18",
+                "--num-classes",
+                "3",
+                "--out",
+                str(out),
+                "--image-size",
+                "128",
+            ]
+        )
+        == 0
+    )
     assert check_onnx(out, load_rtdetr(ckpt, cfg), torch.rand(2, 3, 128, 128)) < 1e-4
     # without --rtdetr a released checkpoint is not a sodlib one: one line, no file
     assert main(["export", "--checkpoint", str(ckpt), "--out", str(tmp_path / "x.onnx")]) == 2
@@ -109,6 +127,8 @@ def test_num_top_and_image_size_out_of_range_are_refused_before_export(smoke_det
     for num_top in (0, pairs + 1):
         with pytest.raises(ValueError, match=rf"--num-top must be from 1 to {pairs} .*got {num_top}"):
             export_onnx(model, tmp_path / "x.onnx", image_size=128, postprocess=True, num_top=num_top)
-    with pytest.raises(ValueError, match=r"--image-size must be a multiple of 32 .* from 32 to 4096, got 100000"):
+    with pytest.raises(
+        ValueError, match=r"--image-size must be a multiple of 32 .* from 32 to 4096, got 100000"
+    ):
         export_onnx(model, tmp_path / "x.onnx", image_size=100000)
     assert not list(tmp_path.iterdir())

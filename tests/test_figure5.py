@@ -1,5 +1,6 @@
 """Figure 5 from trained runs (sodlib.studies.figure5): the runs it draws, the in-box summary over seeds, the
 stored per-run shares, and the panels it builds."""
+
 import json
 import math
 from pathlib import Path
@@ -19,8 +20,12 @@ matplotlib.use("Agg")
 def test_profiles_and_paired_configs():
     from sodlib.studies.ablations import comparison_profile
 
-    assert [comparison_profile(p) for p in ("smoke", "cpu", "ablation", "paper")] == \
-        ["smoke", "ablation", "ablation", "paper"]
+    assert [comparison_profile(p) for p in ("smoke", "cpu", "ablation", "paper")] == [
+        "smoke",
+        "ablation",
+        "ablation",
+        "paper",
+    ]
     configs = figure5.figure5_configs("cpu", seeds=3)
     assert list(configs) == list(figure5.MODELS)
     # the baseline runs are MRQM Table 3's (same hash: read from the same cache)
@@ -38,17 +43,27 @@ def test_profiles_and_paired_configs():
 
 def test_in_box_summary_by_hand():
     # two seeds, two layers; each seed's share is the mean over its objects
-    base = [torch.tensor([[0.2, 0.4], [0.5, 0.7]]), torch.tensor([[0.1, 0.1], [0.4, 0.6]])]  # means .3 .6 / .1 .5
-    full = [torch.tensor([[0.4, 0.4], [0.8, 0.8]]), torch.tensor([[0.2, 0.4], [0.6, 0.6]])]  # means .4 .8 / .3 .6
+    base = [
+        torch.tensor([[0.2, 0.4], [0.5, 0.7]]),
+        torch.tensor([[0.1, 0.1], [0.4, 0.6]]),
+    ]  # means .3 .6 / .1 .5
+    full = [
+        torch.tensor([[0.4, 0.4], [0.8, 0.8]]),
+        torch.tensor([[0.2, 0.4], [0.6, 0.6]]),
+    ]  # means .4 .8 / .3 .6
     s = figure5.in_box_summary({"baseline": base, "ST+SR+SPR": full})
     assert list(s["model"]) == ["baseline", "baseline", "ST+SR+SPR", "ST+SR+SPR"]
     assert s["mean"].tolist() == pytest.approx([0.2, 0.55, 0.35, 0.7])
-    assert s["std"].tolist() == pytest.approx([math.sqrt(0.02), math.sqrt(0.005), math.sqrt(0.005), math.sqrt(0.02)])
+    assert s["std"].tolist() == pytest.approx(
+        [math.sqrt(0.02), math.sqrt(0.005), math.sqrt(0.005), math.sqrt(0.02)]
+    )
     assert s["objects"].tolist() == [2] * 4 and s["seeds"].tolist() == [2] * 4
     full_rows = s[s["model"] == "ST+SR+SPR"]
     # layer 1: differences .1, .2 → mean .15, sd .0707, t(1) 12.706 · .0707/√2 = .6353
     assert full_rows["d_vs_baseline"].tolist() == pytest.approx([0.15, 0.15])
-    assert full_rows["ci95_low"].iloc[0] == pytest.approx(0.15 - 12.7062 * math.sqrt(0.005) / math.sqrt(2), abs=1e-4)
+    assert full_rows["ci95_low"].iloc[0] == pytest.approx(
+        0.15 - 12.7062 * math.sqrt(0.005) / math.sqrt(2), abs=1e-4
+    )
     assert s[s["model"] == "baseline"]["d_vs_baseline"].isna().all()
     one = figure5.in_box_summary({"baseline": base[:1], "ST+SR+SPR": full[:1]})
     assert one["std"].isna().all() and one["ci95_low"].isna().iloc[-1]
@@ -130,11 +145,15 @@ def test_seed_table_means_over_seeds(tmp_path):
 
     cfgs = figure5.figure5_configs("smoke", seeds=2)
     entries = [(label, s, c) for label, cs in cfgs.items() for s, c in enumerate(cs)]
-    metrics = [{"AP": ap, "AP50": 2 * ap, "iterations": 8, "train_seconds": 1.0} for ap in (0.1, 0.3, 0.2, 0.6)]
+    metrics = [
+        {"AP": ap, "AP50": 2 * ap, "iterations": 8, "train_seconds": 1.0} for ap in (0.1, 0.3, 0.2, 0.6)
+    ]
     runs, table = seed_table(entries, metrics, tmp_path, columns=("AP", "AP50"))
     assert list(runs["run"]) == [run_dir(c, tmp_path).name for *_, c in entries]
     assert list(table.columns) == ["model", "seeds", "AP", "AP std", "AP50", "iterations", "runs"]
-    assert table["AP"].tolist() == pytest.approx([0.2, 0.4]) and table["AP50"].tolist() == pytest.approx([0.4, 0.8])
+    assert table["AP"].tolist() == pytest.approx([0.2, 0.4]) and table["AP50"].tolist() == pytest.approx(
+        [0.4, 0.8]
+    )
     assert table["AP std"].tolist() == pytest.approx([math.sqrt(0.02), math.sqrt(0.08)])
     _, one = seed_table(entries[::2], metrics[::2], tmp_path, columns=("AP",))
     assert "AP std" not in one.columns and one["seeds"].tolist() == [1, 1]
@@ -153,13 +172,17 @@ def test_trained_models_load_weights_and_train_only_what_lacks_them(tmp_path, mo
 
     def fake_train(cfg, out_dir, data_root=None, progress=True, protocol="coco", need_checkpoint=False):
         calls.append((cfg.loss.spr, need_checkpoint))
-        save_checkpoint(Path(out_dir) / "checkpoints" / "last.pt", model=model.state_dict(), config=cfg.to_dict())
+        save_checkpoint(
+            Path(out_dir) / "checkpoints" / "last.pt", model=model.state_dict(), config=cfg.to_dict()
+        )
         return {"AP": 0.0}
 
     monkeypatch.setattr(engine, "train", fake_train)
     monkeypatch.setattr(ablations, "_prepare_data", lambda cfgs, root: None)
     models = ablations.trained_models(cfgs, tmp_path, workers=1)
-    assert list(models) == ["baseline", "ST+SR+SPR"] and calls == [(True, True)]  # only the run without weights
+    assert list(models) == ["baseline", "ST+SR+SPR"] and calls == [
+        (True, True)
+    ]  # only the run without weights
     loaded, cfg = models["ST+SR+SPR"]
     assert cfg == cfgs["ST+SR+SPR"] and not loaded.training
     for name, tensor in model.state_dict().items():

@@ -1,4 +1,5 @@
 """Native-bf16 detection from /proc/cpuinfo texts, the machine line, and the check of train.amp."""
+
 import logging
 import os
 import platform
@@ -45,9 +46,18 @@ def _cpuinfo(tmp_path, text: str):
     return path
 
 
-@pytest.mark.parametrize(("text", "native"), [(AVX2, False), (AVX512_BF16, True), (AMX, True),
-                                              (AVX512_NO_BF16, False), (AARCH64_BF16, True), (AARCH64, False),
-                                              ("", False)])
+@pytest.mark.parametrize(
+    ("text", "native"),
+    [
+        (AVX2, False),
+        (AVX512_BF16, True),
+        (AMX, True),
+        (AVX512_NO_BF16, False),
+        (AARCH64_BF16, True),
+        (AARCH64, False),
+        ("", False),
+    ],
+)
 def test_native_bf16_from_cpuinfo(tmp_path, text, native):
     assert hardware.cpu_has_native_bf16(_cpuinfo(tmp_path, text)) is native
 
@@ -57,8 +67,22 @@ def test_no_cpuinfo_means_no_native_bf16(tmp_path):
 
 
 def test_flags_are_the_first_processors_flags_or_features_line():
-    assert hardware.cpu_flags(AVX2) == {"fpu", "vme", "sse", "sse2", "ssse3", "sse4_1", "sse4_2", "avx", "f16c",
-                                        "fma", "avx2", "bmi2", "adx", "sha_ni"}
+    assert hardware.cpu_flags(AVX2) == {
+        "fpu",
+        "vme",
+        "sse",
+        "sse2",
+        "ssse3",
+        "sse4_1",
+        "sse4_2",
+        "avx",
+        "f16c",
+        "fma",
+        "avx2",
+        "bmi2",
+        "adx",
+        "sha_ni",
+    }
     assert "bf16" in hardware.cpu_flags(AARCH64_BF16) and "asimd" in hardware.cpu_flags(AARCH64_BF16)
     assert hardware.cpu_flags("model name\t: CPU with flags: none\n") == frozenset()
 
@@ -115,10 +139,14 @@ def test_cuda_without_bf16_is_refused(monkeypatch):
 
 def test_machine_kind_names_vendor_capability_and_kernel_flags(tmp_path, monkeypatch):
     info = tmp_path / "cpuinfo"
-    info.write_text("processor\t: 0\nvendor_id\t: AuthenticAMD\nflags\t\t: fpu sse2 avx2 fma avx512f avx512bw\n"
-                    "processor\t: 1\nvendor_id\t: AuthenticAMD\nflags\t\t: fpu sse2 avx2 fma avx512f avx512bw\n")
+    info.write_text(
+        "processor\t: 0\nvendor_id\t: AuthenticAMD\nflags\t\t: fpu sse2 avx2 fma avx512f avx512bw\n"
+        "processor\t: 1\nvendor_id\t: AuthenticAMD\nflags\t\t: fpu sse2 avx2 fma avx512f avx512bw\n"
+    )
     monkeypatch.setattr(torch.backends.cpu, "get_cpu_capability", lambda: "AVX512")
-    assert hardware.machine_kind(info) == f"AuthenticAMD {platform.machine()} AVX512 avx2 fma avx512f avx512bw"
+    assert (
+        hardware.machine_kind(info) == f"AuthenticAMD {platform.machine()} AVX512 avx2 fma avx512f avx512bw"
+    )
     arm = tmp_path / "arm"
     arm.write_text("processor\t: 0\nFeatures\t: fp asimd sve bf16\nCPU implementer\t: 0x41\n")
     assert hardware.machine_kind(arm).split()[0] == "arm-0x41"

@@ -149,27 +149,48 @@ def test_heatmap_command_writes_one_figure_per_image_and_refuses_bad_input(tmp_p
     ckpt, _, _ = _smoke_checkpoint(tmp_path / "last.pt", smoke_detector)
     for folder in ("a", "b"):
         (tmp_path / folder).mkdir()
-        Image.fromarray((torch.rand(96, 128, 3) * 255).to(torch.uint8).numpy()).save(tmp_path / folder / "x.png")
+        Image.fromarray((torch.rand(96, 128, 3) * 255).to(torch.uint8).numpy()).save(
+            tmp_path / folder / "x.png"
+        )
     images = [str(tmp_path / "a" / "x.png"), str(tmp_path / "b" / "x.png")]
     out = tmp_path / "figs"
     assert main(["heatmap", *images, "--checkpoint", str(ckpt), "--out", str(out), "--objects", "2"]) == 0
     assert sorted(p.name for p in out.glob("*.png")) == ["x_2_heatmap.png", "x_heatmap.png"]
-    assert main(["heatmap", images[0], "--checkpoint", str(ckpt), "--out", str(out / "one"),
-                 "--box", "10,10,20,16", "--layer", "2"]) == 0
+    assert (
+        main(
+            [
+                "heatmap",
+                images[0],
+                "--checkpoint",
+                str(ckpt),
+                "--out",
+                str(out / "one"),
+                "--box",
+                "10,10,20,16",
+                "--layer",
+                "2",
+            ]
+        )
+        == 0
+    )
     broken = tmp_path / "broken.png"
     broken.write_bytes(b"\x89PNG not really")
     junk = tmp_path / "junk.pt"
     junk.write_bytes(b"junk")
-    bad = {"undecodable": [str(broken), "--checkpoint", str(ckpt)],
-           "box outside": [images[0], "--checkpoint", str(ckpt), "--box", "100,80,40,40"],
-           "layer beyond depth": [images[0], "--checkpoint", str(ckpt), "--layer", "3"],
-           "layer superscript": [images[0], "--checkpoint", str(ckpt), "--layer", "²"],
-           "not a checkpoint": [images[0], "--checkpoint", str(junk)]}
+    bad = {
+        "undecodable": [str(broken), "--checkpoint", str(ckpt)],
+        "box outside": [images[0], "--checkpoint", str(ckpt), "--box", "100,80,40,40"],
+        "layer beyond depth": [images[0], "--checkpoint", str(ckpt), "--layer", "3"],
+        "layer superscript": [images[0], "--checkpoint", str(ckpt), "--layer", "²"],
+        "not a checkpoint": [images[0], "--checkpoint", str(junk)],
+    }
     for case, args in bad.items():
         target = tmp_path / case.replace(" ", "_")
         assert main(["heatmap", *args, "--out", str(target)]) == 2, case
         assert not target.exists() or not any(target.iterdir()), case
     from sodlib.inference.heatmaps import heatmap_files
 
-    with pytest.raises(ValueError, match=r"--layer must be 'all' or 1\.\.\d+ \(the decoder's depth\), got '²'"):
+    with pytest.raises(
+        ValueError, match=r"--layer must be 'all' or 1\.\.\d+ \(the decoder's depth\), got '²'"
+    ):
         heatmap_files(str(ckpt), [images[0]], str(tmp_path / "sup"), layer="²")

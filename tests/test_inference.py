@@ -14,8 +14,13 @@ from sodlib.training.engine import train
 @pytest.fixture(scope="module")
 def checkpoint(tmp_path_factory):
     out = tmp_path_factory.mktemp("smoke_run")
-    cfg = override(get_profile("smoke"), "train.max_iters=2", "train.checkpoint_every=2", "train.ema_decay=0.9",
-                   "train.ema_warmups=1")
+    cfg = override(
+        get_profile("smoke"),
+        "train.max_iters=2",
+        "train.checkpoint_every=2",
+        "train.ema_decay=0.9",
+        "train.ema_warmups=1",
+    )
     train(cfg, out, progress=False)
     return out / "checkpoints" / "last.pt"
 
@@ -50,12 +55,17 @@ def test_predict_and_eval_commands(checkpoint, tmp_path):
         Image.fromarray(rng.integers(0, 255, (h, w, 3), dtype=np.uint8)).save(p)
         paths.append(str(p))
     out = tmp_path / "pred"
-    assert main(["predict", *paths, "--checkpoint", str(checkpoint), "--out", str(out), "--slice", "128"]) == 0
+    assert (
+        main(["predict", *paths, "--checkpoint", str(checkpoint), "--out", str(out), "--slice", "128"]) == 0
+    )
     pred = json.loads((out / "predictions.json").read_text())
     assert [im["width"] for im in pred["images"]] == [300, 128]
     assert {d["image_id"] for d in pred["detections"]} <= {1, 2}
     assert (out / "img0_pred.png").exists() and (out / "img1_pred.png").exists()
-    assert main(["predict", str(tmp_path / "missing.png"), "--checkpoint", str(checkpoint), "--out", str(out)]) == 2
+    assert (
+        main(["predict", str(tmp_path / "missing.png"), "--checkpoint", str(checkpoint), "--out", str(out)])
+        == 2
+    )
 
     ev = tmp_path / "ev"
     assert main(["eval", "--checkpoint", str(checkpoint), "--protocol", "coco", "--out", str(ev)]) == 0
@@ -63,8 +73,22 @@ def test_predict_and_eval_commands(checkpoint, tmp_path):
     per_image = np.bincount([d["image_id"] for d in json.loads((ev / "detections.json").read_text())])
     assert set(per_image[per_image > 0]) == {100}  # coco: the 100 best (query, class) pairs per image
     ev300 = tmp_path / "ev300"
-    assert main(["eval", "--checkpoint", str(checkpoint), "--protocol", "coco", "--num-top", "300",
-                 "--out", str(ev300)]) == 0
+    assert (
+        main(
+            [
+                "eval",
+                "--checkpoint",
+                str(checkpoint),
+                "--protocol",
+                "coco",
+                "--num-top",
+                "300",
+                "--out",
+                str(ev300),
+            ]
+        )
+        == 0
+    )
     per_image = np.bincount([d["image_id"] for d in json.loads((ev300 / "detections.json").read_text())])
     assert set(per_image[per_image > 0]) == {30 * 6}  # smoke: 30 queries x 6 classes < 300, all kept
     assert main(["eval", "--checkpoint", str(checkpoint), "--num-top", "0", "--out", str(ev300)]) == 2
@@ -85,11 +109,17 @@ def test_predict_keeps_one_drawing_per_input_even_with_equal_names(checkpoint, t
     from sodlib.inference.predict import output_names
 
     assert output_names(["a/x.png", "b/x.png", "c/y.jpg", "d/x.jpg"], "_pred.png") == [
-        "x_pred.png", "x_2_pred.png", "y_pred.png", "x_3_pred.png"]
+        "x_pred.png",
+        "x_2_pred.png",
+        "y_pred.png",
+        "x_3_pred.png",
+    ]
     paths = []
     for folder in ("a", "b"):
         (tmp_path / folder).mkdir()
-        Image.fromarray(np.full((64, 64, 3), 40 * len(paths), dtype=np.uint8)).save(tmp_path / folder / "x.png")
+        Image.fromarray(np.full((64, 64, 3), 40 * len(paths), dtype=np.uint8)).save(
+            tmp_path / folder / "x.png"
+        )
         paths.append(str(tmp_path / folder / "x.png"))
     out = tmp_path / "pred"
     assert main(["predict", *paths, "--checkpoint", str(checkpoint), "--out", str(out)]) == 0
@@ -109,7 +139,9 @@ def test_a_16_bit_image_reads_as_training_reads_it(tmp_path):
     grey = (np.arange(32 * 32, dtype=np.uint32).reshape(32, 32) * 60).astype(np.uint16)  # up to 61380
     Image.fromarray(grey).save(tmp_path / "g16.png")
     image = read_image_rgb(tmp_path / "g16.png")
-    assert image.dtype == torch.uint8 and int(image.max()) == 61380 >> 8  # 239, not clipped or 257x too bright
+    assert (
+        image.dtype == torch.uint8 and int(image.max()) == 61380 >> 8
+    )  # 239, not clipped or 257x too bright
     with Image.open(tmp_path / "g16.png") as im:
         assert np.array_equal(np.asarray(rgb8(im)).transpose(2, 0, 1), image.numpy())
     assert np.array_equal(image[0].numpy(), (grey >> 8).astype(np.uint8))
@@ -121,7 +153,10 @@ def test_predict_checks_every_image_before_writing_anything(checkpoint, tmp_path
     bad = tmp_path / "bad.png"
     bad.write_bytes(b"not an image")
     out = tmp_path / "pred"
-    assert main(["predict", str(good), str(good), str(bad), "--checkpoint", str(checkpoint), "--out", str(out)]) == 2
+    assert (
+        main(["predict", str(good), str(good), str(bad), "--checkpoint", str(checkpoint), "--out", str(out)])
+        == 2
+    )
     assert "bad.png" in capsys.readouterr().err
     assert not list(out.glob("*.png")) and not (out / "predictions.json").exists()
 

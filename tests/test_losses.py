@@ -40,9 +40,11 @@ def test_varifocal_loss_hand_computed():
     logits, target = _tensors()
     loss = varifocal_loss(logits, target, alpha=0.75, gamma=2.0)
     p2 = _sigmoid(2.0)
-    expected = [0.6 * LN2,  # BCE(0.5, 0.6) = ln 2, weight = q = 0.6
-                0.75 * 0.5 ** 2 * LN2,  # negative: alpha * p^gamma * BCE(0.5, 0)
-                0.75 * p2 ** 2 * _bce(p2, 0.0)]
+    expected = [
+        0.6 * LN2,  # BCE(0.5, 0.6) = ln 2, weight = q = 0.6
+        0.75 * 0.5**2 * LN2,  # negative: alpha * p^gamma * BCE(0.5, 0)
+        0.75 * p2**2 * _bce(p2, 0.0),
+    ]
     assert_close(loss, torch.tensor([expected]))
     # the weight is detached (RT-DETR): d/dx = weight * (sigmoid(x) - t)
     loss.sum().backward()
@@ -66,7 +68,7 @@ def test_varifocal_loss_positive_with_zero_target_and_reduction():
     loss = varifocal_loss(logits, target, positive_mask=onehot)
     assert loss[0, 0] == 0  # matched but IoU 0: weight q = 0, as in RT-DETR
     p = _sigmoid(-1.0)
-    assert_close(loss[0, 1], torch.tensor(0.75 * p ** 2 * _bce(p, 0.0)))
+    assert_close(loss[0, 1], torch.tensor(0.75 * p**2 * _bce(p, 0.0)))
     assert_close(varifocal_loss(logits, target, positive_mask=onehot, reduction="sum"), loss.sum())
     assert_close(varifocal_loss(logits, target, positive_mask=onehot, reduction="mean"), loss.mean())
     with pytest.raises(ValueError, match="reduction"):
@@ -77,7 +79,7 @@ def test_quality_focal_loss_hand_computed():
     logits, target = _tensors()
     loss = quality_focal_loss(logits, target, beta=2.0)
     p2 = _sigmoid(2.0)
-    expected = [LN2 * 0.1 ** 2, LN2 * 0.5 ** 2, _bce(p2, 0.0) * p2 ** 2]  # BCE(s, y) * |y - s|^beta
+    expected = [LN2 * 0.1**2, LN2 * 0.5**2, _bce(p2, 0.0) * p2**2]  # BCE(s, y) * |y - s|^beta
     assert_close(loss, torch.tensor([expected]))
     r = torch.tensor([[0.4, 9.0, 9.0]])
     loss_r = quality_focal_loss(logits, target, pos_weight=r)
@@ -93,20 +95,23 @@ def test_task_aligned_loss_hand_computed_with_instances():
     ids = torch.tensor([7, 7, -1])
     a, b, gamma = 1.0, 6.0, 2.0
     s0, s1 = _sigmoid(1.0), _sigmoid(-0.5)
-    t0, t1 = s0 ** a * 0.8 ** b, s1 ** a * 0.5 ** b
+    t0, t1 = s0**a * 0.8**b, s1**a * 0.5**b
     tmax, umax = max(t0, t1), 0.8
     th0, th1 = t0 / tmax * umax, t1 / tmax * umax  # TOOD: t_hat = t / max t * max u
-    assert_close(task_aligned_target(logits, iou, onehot, a, b, ids)[:, 1],
-                 torch.tensor([th0, th1, 0.0]))
+    assert_close(task_aligned_target(logits, iou, onehot, a, b, ids)[:, 1], torch.tensor([th0, th1, 0.0]))
     loss = task_aligned_loss(logits, iou, onehot, a, b, gamma=gamma, instance_ids=ids)
 
     def neg(x):
         p = _sigmoid(x)
-        return p ** gamma * _bce(p, 0.0)
+        return p**gamma * _bce(p, 0.0)
 
-    expected = torch.tensor([[neg(0.5), abs(th0 - s0) ** gamma * _bce(s0, th0)],
-                             [neg(0.0), abs(th1 - s1) ** gamma * _bce(s1, th1)],
-                             [neg(0.3), neg(-2.0)]])
+    expected = torch.tensor(
+        [
+            [neg(0.5), abs(th0 - s0) ** gamma * _bce(s0, th0)],
+            [neg(0.0), abs(th1 - s1) ** gamma * _bce(s1, th1)],
+            [neg(0.3), neg(-2.0)],
+        ]
+    )
     assert_close(loss, expected)
     # pos_weight replaces |t_hat - s|^gamma on the positives only
     r = torch.full((3, 2), 0.3)
@@ -138,9 +143,11 @@ def test_losses_finite_for_extreme_logits_and_degenerate_boxes():
     logits = torch.tensor([[80.0, -80.0], [-80.0, 80.0]], requires_grad=True)
     target = torch.tensor([[1.0, 0.0], [0.0, 0.0]])
     onehot = torch.tensor([[1.0, 0.0], [0.0, 1.0]])
-    for loss in (varifocal_loss(logits, target, positive_mask=onehot),
-                 quality_focal_loss(logits, target, positive_mask=onehot),
-                 task_aligned_loss(logits, target, onehot)):
+    for loss in (
+        varifocal_loss(logits, target, positive_mask=onehot),
+        quality_focal_loss(logits, target, positive_mask=onehot),
+        task_aligned_loss(logits, target, onehot),
+    ):
         (grad,) = torch.autograd.grad(loss.sum(), logits)
         assert torch.isfinite(loss).all() and torch.isfinite(grad).all()
     boxes = torch.tensor([[0.5, 0.5, 0.0, 0.0]], requires_grad=True)
@@ -153,18 +160,24 @@ def test_losses_finite_for_extreme_logits_and_degenerate_boxes():
 
 
 def _c(u, rho, beta=0.73, theta=6.0):  # Eqs. 12-14 by hand
-    return u ** beta * math.exp(-theta * (math.sqrt(rho) - 1) ** 2) ** (1 - beta)
+    return u**beta * math.exp(-theta * (math.sqrt(rho) - 1) ** 2) ** (1 - beta)
 
 
-@pytest.mark.parametrize("iou, pred_area, gt_area, expected", [
-    (0.5, 0.01, 0.01, 0.5 ** 0.73),  # ρ = 1: v = 1, c = u^β
-    (0.6, 0.04, 0.01, 0.6 ** 0.73 * math.exp(-6.0 * 0.27)),  # ρ = 4: r = 2, v = e^-6
-    (0.3, 0.0025, 0.01, 0.3 ** 0.73 * math.exp(-6.0 * 0.25 * 0.27)),  # ρ = 1/4: r = 1/2, v = e^-1.5
-    (0.8, 2.0, 1.0, _c(0.8, 2.0)),
-])
+@pytest.mark.parametrize(
+    "iou, pred_area, gt_area, expected",
+    [
+        (0.5, 0.01, 0.01, 0.5**0.73),  # ρ = 1: v = 1, c = u^β
+        (0.6, 0.04, 0.01, 0.6**0.73 * math.exp(-6.0 * 0.27)),  # ρ = 4: r = 2, v = e^-6
+        (0.3, 0.0025, 0.01, 0.3**0.73 * math.exp(-6.0 * 0.25 * 0.27)),  # ρ = 1/4: r = 1/2, v = e^-1.5
+        (0.8, 2.0, 1.0, _c(0.8, 2.0)),
+    ],
+)
 def test_scale_aligned_quality_hand_computed(iou, pred_area, gt_area, expected):
-    c = scale_aligned_quality(torch.tensor(iou, dtype=torch.float64), torch.tensor(pred_area, dtype=torch.float64),
-                              torch.tensor(gt_area, dtype=torch.float64))
+    c = scale_aligned_quality(
+        torch.tensor(iou, dtype=torch.float64),
+        torch.tensor(pred_area, dtype=torch.float64),
+        torch.tensor(gt_area, dtype=torch.float64),
+    )
     assert_close(c, torch.tensor(expected, dtype=torch.float64))
 
 
@@ -174,12 +187,12 @@ def test_scale_aligned_quality_limits():
     gt = torch.tensor([0.04, 0.01, 0.02], dtype=torch.float64)
     rho = [0.25, 9.0, 1.0]
     v = torch.tensor([math.exp(-6.0 * (math.sqrt(r) - 1) ** 2) for r in rho], dtype=torch.float64)
-    assert_close(scale_aligned_quality(iou, pred, gt, theta=0.0), iou ** 0.73)  # θ = 0: v = 1
+    assert_close(scale_aligned_quality(iou, pred, gt, theta=0.0), iou**0.73)  # θ = 0: v = 1
     assert_close(scale_aligned_quality(iou, pred, gt, beta=0.0), v)  # β = 0: c = v
     assert_close(scale_aligned_quality(iou, pred, gt, beta=1.0), iou)  # β = 1: c = u
-    assert_close(scale_aligned_quality(iou, gt, gt, beta=0.4, theta=3.0), iou ** 0.4)  # ρ = 1
+    assert_close(scale_aligned_quality(iou, gt, gt, beta=0.4, theta=3.0), iou**0.4)  # ρ = 1
     # the ratio only: areas in pixels give the same c
-    assert_close(scale_aligned_quality(iou, pred * 640 ** 2, gt * 640 ** 2), scale_aligned_quality(iou, pred, gt))
+    assert_close(scale_aligned_quality(iou, pred * 640**2, gt * 640**2), scale_aligned_quality(iou, pred, gt))
     # not symmetric in log ρ: a too-small box (ρ = 1/4, r = 1/2) costs less than a too-large one (ρ = 4, r = 2)
     c = scale_aligned_quality(torch.tensor([0.5, 0.5]), torch.tensor([0.25, 4.0]), torch.tensor([1.0, 1.0]))
     assert c[0] > c[1]
@@ -234,7 +247,9 @@ def _locations(dp, box=BOX):
     """Sampling locations [1, 1, 1, L, P, 2] from offsets in box units dp [L, P, 2]."""
     dp = torch.as_tensor(dp, dtype=torch.float64)
     cx, cy, w, h = box
-    return (torch.tensor([cx, cy], dtype=torch.float64) + dp * torch.tensor([w, h], dtype=torch.float64))[None, None, None]
+    return (torch.tensor([cx, cy], dtype=torch.float64) + dp * torch.tensor([w, h], dtype=torch.float64))[
+        None, None, None
+    ]
 
 
 def test_spr_offset_loss_hand_computed():
@@ -243,10 +258,12 @@ def test_spr_offset_loss_hand_computed():
     loc = _locations(dp)
     boxes = torch.tensor([[BOX]], dtype=torch.float64)
     mask = torch.tensor([[True]])
-    expected = 0.25 ** 2 + (0.15 + 0.2) ** 2  # (|dx| + |dy|)^2 per point, summed over points
+    expected = 0.25**2 + (0.15 + 0.2) ** 2  # (|dx| + |dy|)^2 per point, summed over points
     assert_close(spr_offset_loss(loc, boxes, 1.5, mask), torch.tensor(expected, dtype=torch.float64))
     # a second, all-inside positive halves the mean; a non-positive query far outside is ignored
-    loc2 = torch.cat([loc, _locations([[[0.1, 0.1], [0.0, 0.0], [-0.5, 0.5]]]), _locations([[[9.0, 9.0]] * 3])], 1)
+    loc2 = torch.cat(
+        [loc, _locations([[[0.1, 0.1], [0.0, 0.0], [-0.5, 0.5]]]), _locations([[[9.0, 9.0]] * 3])], 1
+    )
     boxes2 = boxes.expand(1, 3, 4)
     mask2 = torch.tensor([[True, True, False]])
     assert_close(spr_offset_loss(loc2, boxes2, 1.5, mask2), torch.tensor(expected / 2, dtype=torch.float64))
@@ -295,7 +312,9 @@ def test_spr_offset_loss_gradcheck():
     B, Q, M, L_, P = 2, 3, 2, 2, 3
     eta = 1.2
     boxes = torch.rand(B, Q, 4, generator=g, dtype=torch.float64) * 0.3 + 0.2
-    dp = _away_from_kinks((torch.rand(B, Q, M, L_, P, 2, generator=g, dtype=torch.float64) - 0.5) * 3, [eta / 2])
+    dp = _away_from_kinks(
+        (torch.rand(B, Q, M, L_, P, 2, generator=g, dtype=torch.float64) - 0.5) * 3, [eta / 2]
+    )
     loc = (boxes[:, :, None, None, None, :2] + dp * boxes[:, :, None, None, None, 2:]).requires_grad_()
     mask = torch.tensor([[True, False, True], [False, True, True]])
     boxes.requires_grad_()
@@ -317,8 +336,9 @@ def test_spr_attention_loss_hand_computed():
     # two positives average, negatives are ignored
     loc3, attn3 = loc.expand(1, 3, 1, 2, 3, 2), torch.cat([attn, attn_ok, attn], 1)
     mask3 = torch.tensor([[True, True, False]])
-    assert_close(spr_attention_loss(loc3, attn3, boxes.expand(1, 3, 4), mask3),
-                 torch.tensor(0.05, dtype=torch.float64))
+    assert_close(
+        spr_attention_loss(loc3, attn3, boxes.expand(1, 3, 4), mask3), torch.tensor(0.05, dtype=torch.float64)
+    )
     # the gradient lowers the outside weight and raises the inside maximum
     attn_g = attn.clone().requires_grad_()
     spr_attention_loss(loc, attn_g, boxes, mask).backward()
@@ -360,19 +380,33 @@ def test_spr_losses_zero_area_boxes_are_finite():
         assert all(gr is None or torch.isfinite(gr).all() for gr in grads)
 
 
-@pytest.mark.parametrize("loc_shape, box_shape, mask_shape, attn_shape", [
-    ((2, 3, 2, 2, 4, 2), (2, 3, 5), (2, 3), (2, 3, 2, 2, 4)),  # box
-    ((2, 3, 2, 2, 4, 2), (2, 3, 4), (2, 4), (2, 3, 2, 2, 4)),  # mask
-    ((2, 3, 2, 4, 2), (2, 3, 4), (2, 3), (2, 3, 2, 4)),  # no level axis
-    ((2, 3, 2, 2, 4, 2), (2, 3, 4), (2, 3), (2, 3, 2, 2, 3)),  # attention only
-])
+@pytest.mark.parametrize(
+    "loc_shape, box_shape, mask_shape, attn_shape",
+    [
+        ((2, 3, 2, 2, 4, 2), (2, 3, 5), (2, 3), (2, 3, 2, 2, 4)),  # box
+        ((2, 3, 2, 2, 4, 2), (2, 3, 4), (2, 4), (2, 3, 2, 2, 4)),  # mask
+        ((2, 3, 2, 4, 2), (2, 3, 4), (2, 3), (2, 3, 2, 4)),  # no level axis
+        ((2, 3, 2, 2, 4, 2), (2, 3, 4), (2, 3), (2, 3, 2, 2, 3)),  # attention only
+    ],
+)
 def test_spr_losses_reject_mismatched_shapes(loc_shape, box_shape, mask_shape, attn_shape):
     loc, boxes = torch.rand(loc_shape), torch.rand(box_shape)
     mask, attn = torch.ones(mask_shape, dtype=torch.bool), torch.rand(attn_shape)
-    shapes = (r"got sampling_locations \(" + ", ".join(map(str, loc_shape)) + r"\), ref_boxes \("
-              + ", ".join(map(str, box_shape)) + r"\), positive_mask \(" + ", ".join(map(str, mask_shape)))
-    with pytest.raises(ValueError, match=r"spr_attention_loss: .*" + shapes + r".*attention_weights \("
-                       + ", ".join(map(str, attn_shape))):
+    shapes = (
+        r"got sampling_locations \("
+        + ", ".join(map(str, loc_shape))
+        + r"\), ref_boxes \("
+        + ", ".join(map(str, box_shape))
+        + r"\), positive_mask \("
+        + ", ".join(map(str, mask_shape))
+    )
+    with pytest.raises(
+        ValueError,
+        match=r"spr_attention_loss: .*"
+        + shapes
+        + r".*attention_weights \("
+        + ", ".join(map(str, attn_shape)),
+    ):
         spr_attention_loss(loc, attn, boxes, mask)
     if attn_shape == (2, 3, 2, 2, 3):  # everything but the attention weights fits spr_offset_loss
         assert torch.isfinite(spr_offset_loss(loc, boxes, 1.5, mask))

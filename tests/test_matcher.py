@@ -12,10 +12,17 @@ from sodlib.losses.matcher import HungarianMatcher
 
 def _batch(sizes, num_queries=7, num_classes=3, seed=0):
     g = torch.Generator().manual_seed(seed)
-    outputs = {"pred_logits": torch.randn(len(sizes), num_queries, num_classes, generator=g),
-               "pred_boxes": torch.rand(len(sizes), num_queries, 4, generator=g) * 0.4 + 0.1}
-    targets = [{"labels": torch.randint(0, num_classes, (n,), generator=g),
-                "boxes": torch.rand(n, 4, generator=g) * 0.4 + 0.1} for n in sizes]
+    outputs = {
+        "pred_logits": torch.randn(len(sizes), num_queries, num_classes, generator=g),
+        "pred_boxes": torch.rand(len(sizes), num_queries, 4, generator=g) * 0.4 + 0.1,
+    }
+    targets = [
+        {
+            "labels": torch.randint(0, num_classes, (n,), generator=g),
+            "boxes": torch.rand(n, 4, generator=g) * 0.4 + 0.1,
+        }
+        for n in sizes
+    ]
     return outputs, targets
 
 
@@ -26,7 +33,7 @@ def test_batched_equals_per_image():
     batched = matcher(outputs, targets)
     assert len(batched) == len(sizes)
     for i, (n, (src, tgt)) in enumerate(zip(sizes, batched)):
-        single = matcher({k: v[i:i + 1] for k, v in outputs.items()}, [targets[i]])[0]
+        single = matcher({k: v[i : i + 1] for k, v in outputs.items()}, [targets[i]])[0]
         assert src.dtype == tgt.dtype == torch.int64
         assert len(src) == len(tgt) == min(n, 7)
         assert torch.equal(src, single[0]) and torch.equal(tgt, single[1])
@@ -39,7 +46,7 @@ def test_cost_matrix_matches_rtdetr_formula():
     logits, boxes = outputs["pred_logits"][0], outputs["pred_boxes"][0]
     labels, tgt = targets[0]["labels"], targets[0]["boxes"]
     p = logits.sigmoid()[:, labels].double()
-    neg = 0.75 * p ** 2 * -(1 - p + 1e-8).log()
+    neg = 0.75 * p**2 * -(1 - p + 1e-8).log()
     pos = 0.25 * (1 - p) ** 2 * -(p + 1e-8).log()
     l1 = (boxes[:, None, :] - tgt[None, :, :]).abs().sum(-1)
     giou = generalized_box_iou(box_convert(boxes, "cxcywh", "xyxy"), box_convert(tgt, "cxcywh", "xyxy"))
@@ -51,8 +58,9 @@ def test_matches_brute_force_3x3():
     matcher = HungarianMatcher()
     for seed in range(3):
         outputs, targets = _batch([3], num_queries=3, seed=seed)
-        cost = matcher.cost_matrix(outputs["pred_logits"][0], outputs["pred_boxes"][0],
-                                   targets[0]["labels"], targets[0]["boxes"]).numpy()
+        cost = matcher.cost_matrix(
+            outputs["pred_logits"][0], outputs["pred_boxes"][0], targets[0]["labels"], targets[0]["boxes"]
+        ).numpy()
         best = min(itertools.permutations(range(3)), key=lambda perm: sum(cost[q, perm[q]] for q in range(3)))
         src, tgt = matcher(outputs, targets)[0]
         assert src.tolist() == [0, 1, 2] and tgt.tolist() == list(best)

@@ -12,8 +12,16 @@ from sodlib.training.runs import run_dir
 
 
 def _m(outside_last=0.2, spearman=None, gap=0.0):
-    m = {"spr_outside_share_l0": 0.01, "spr_outside_share_l1": 0.05, "spr_outside_share_l2": outside_last,
-         "st_gap_eS": gap, "st_gap_rS": gap, "st_gap_gS": gap, "st_gap_N": gap, "spr_loss_share": 0.0}
+    m = {
+        "spr_outside_share_l0": 0.01,
+        "spr_outside_share_l1": 0.05,
+        "spr_outside_share_l2": outside_last,
+        "st_gap_eS": gap,
+        "st_gap_rS": gap,
+        "st_gap_gS": gap,
+        "st_gap_N": gap,
+        "spr_loss_share": 0.0,
+    }
     if spearman is not None:
         m["sr_difficulty_spearman"] = spearman
     return m
@@ -21,11 +29,13 @@ def _m(outside_last=0.2, spearman=None, gap=0.0):
 
 def test_each_mechanism_is_judged_by_what_it_changes():
     baseline = {0: _m(0.20), 1: _m(0.18), 2: _m(0.22)}
-    rows = [("SPR", {"spr": True}, {0: _m(0.02), 1: _m(0.03), 2: _m(0.01)}),
-            ("SR", {"sr": True}, {0: _m(spearman=0.5), 1: _m(spearman=0.6), 2: _m(spearman=0.55)}),
-            ("ST (no gap)", {"st": True}, {0: _m(gap=0.0), 1: _m(gap=0.0)}),
-            ("SR one seed", {"sr": True}, {0: _m(spearman=0.4)}),
-            ("plain", {}, {0: _m()})]
+    rows = [
+        ("SPR", {"spr": True}, {0: _m(0.02), 1: _m(0.03), 2: _m(0.01)}),
+        ("SR", {"sr": True}, {0: _m(spearman=0.5), 1: _m(spearman=0.6), 2: _m(spearman=0.55)}),
+        ("ST (no gap)", {"st": True}, {0: _m(gap=0.0), 1: _m(gap=0.0)}),
+        ("SR one seed", {"sr": True}, {0: _m(spearman=0.4)}),
+        ("plain", {}, {0: _m()}),
+    ]
     checks = mechanism_checks("t", rows, baseline)
     assert list(checks["row"]) == ["SPR", "SR", "ST (no gap)", "SR one seed"]
     spr = checks.iloc[0]
@@ -51,11 +61,21 @@ def test_a_table_reads_its_runs_and_pairs_spr_with_the_baseline(tmp_path):
         folder = run_dir(cfg, tmp_path)
         folder.mkdir(parents=True)
         outside = 0.2 if not cfg.loss.spr else 0.02 + 0.01 * seed
-        (folder / "mechanisms.json").write_text(json.dumps(_m(outside, 0.5 + 0.1 * seed if cfg.loss.sr else None,
-                                                              0.05 * (seed + 1) if cfg.loss.st else 0.0)))
+        (folder / "mechanisms.json").write_text(
+            json.dumps(
+                _m(
+                    outside,
+                    0.5 + 0.1 * seed if cfg.loss.sr else None,
+                    0.05 * (seed + 1) if cfg.loss.st else 0.0,
+                )
+            )
+        )
     runs = ablations.runs_frame(table, entries, [{"AP": 0.4}] * len(entries), tmp_path)
     checks = table_checks(table, runs, "ablation", tmp_path).set_index(["row", "mechanism"])
-    assert checks.loc[("SPR", "SPR"), "mean"] == pytest.approx(-0.175) and checks.loc[("SPR", "SPR"), "seeds"] == 2
+    assert (
+        checks.loc[("SPR", "SPR"), "mean"] == pytest.approx(-0.175)
+        and checks.loc[("SPR", "SPR"), "seeds"] == 2
+    )
     assert checks.loc[("ST+SR+SPR", "ST"), "mean"] == pytest.approx(0.075)
     assert ("baseline", "SPR") not in checks.index and ("SR", "SPR") not in checks.index
     long = mechanisms_long([table], {"table3": runs}, tmp_path)

@@ -13,7 +13,9 @@ from sodlib.training import mechanisms as M
 def test_outside_expanded_box_hand_made_points():
     # one positive query, box centred at (0.5, 0.5), 0.2 x 0.2; η = 1.2 -> expanded half-size 0.6 box units
     ref = torch.tensor([[[0.5, 0.5, 0.2, 0.2], [0.2, 0.2, 0.1, 0.1]]])  # [B=1, Q=2, 4]
-    offsets_box_units = torch.tensor([[0.0, 0.25], [0.55, 0.0], [0.7, 0.0], [0.0, -0.65]])  # inside, inside, out, out
+    offsets_box_units = torch.tensor(
+        [[0.0, 0.25], [0.55, 0.0], [0.7, 0.0], [0.0, -0.65]]
+    )  # inside, inside, out, out
     loc = torch.zeros(1, 2, 1, 1, 4, 2)  # [B, Q, heads, levels, points, 2]
     loc[0, 0, 0, 0] = ref[0, 0, :2] + offsets_box_units * ref[0, 0, 2:]
     loc[0, 1, 0, 0] = 5.0  # far outside, but query 1 is not positive
@@ -26,15 +28,16 @@ def test_outside_expanded_box_hand_made_points():
 
 def test_spearman():
     x = torch.tensor([1.0, 2.0, 3.0, 4.0])
-    assert M.spearman(x, x ** 3) == pytest.approx(1.0)
+    assert M.spearman(x, x**3) == pytest.approx(1.0)
     assert M.spearman(x, -x) == pytest.approx(-1.0)
     assert math.isnan(M.spearman(x[:2], x[:2])) and math.isnan(M.spearman(x, torch.ones(4)))
 
 
 def test_spr_loss_share_reads_the_last_quarter(tmp_path):
     log = tmp_path / "log.csv"
-    log.write_text("iteration,loss,loss_offset_all,loss_atten_all\n"
-                   "10,10,5,5\n50,10,1,0\n80,8,1,1\n100,10,0.5,0.5\n")
+    log.write_text(
+        "iteration,loss,loss_offset_all,loss_atten_all\n10,10,5,5\n50,10,1,0\n80,8,1,1\n100,10,0.5,0.5\n"
+    )
     # iterations > 75: shares 2/8 and 1/10
     assert M.spr_loss_share(log) == pytest.approx((0.25 + 0.1) / 2)
     log.write_text("iteration,loss\n100,10\n")  # a run without SPR
@@ -80,5 +83,7 @@ def test_mechanisms_frame(tmp_path):
     (tmp_path / "a" / "mechanisms.json").write_text('{"spr_loss_share": 0.1, "st_gap_eS": 0.2}')
     df = M.mechanisms_frame([("row A", 0, tmp_path / "a"), ("row B", 1, tmp_path / "missing")])
     assert list(df.columns) == ["metric", "row", "seed", "value"]
-    assert df.to_dict("records") == [{"metric": "spr_loss_share", "row": "row A", "seed": 0, "value": 0.1},
-                                     {"metric": "st_gap_eS", "row": "row A", "seed": 0, "value": 0.2}]
+    assert df.to_dict("records") == [
+        {"metric": "spr_loss_share", "row": "row A", "seed": 0, "value": 0.1},
+        {"metric": "st_gap_eS", "row": "row A", "seed": 0, "value": 0.2},
+    ]

@@ -1,4 +1,5 @@
 """MRQM (paper B): BiFPN, scale-aware encoder, IoU-aware head, auxiliary queries, criterion, measurements."""
+
 import copy
 import csv
 import math
@@ -27,9 +28,13 @@ def _cfg(*extra):
 
 
 def _targets():
-    return [{"labels": torch.tensor([0, 2, 1]),
-             "boxes": torch.tensor([[0.3, 0.3, 0.05, 0.05], [0.6, 0.5, 0.2, 0.15], [0.2, 0.7, 0.03, 0.04]])},
-            {"labels": torch.tensor([1]), "boxes": torch.tensor([[0.5, 0.5, 0.03, 0.04]])}]
+    return [
+        {
+            "labels": torch.tensor([0, 2, 1]),
+            "boxes": torch.tensor([[0.3, 0.3, 0.05, 0.05], [0.6, 0.5, 0.2, 0.15], [0.2, 0.7, 0.03, 0.04]]),
+        },
+        {"labels": torch.tensor([1]), "boxes": torch.tensor([[0.5, 0.5, 0.03, 0.04]])},
+    ]
 
 
 def _maps(g, channels=(8, 16, 24, 32), sizes=((17, 15), (9, 8), (5, 4), (3, 2)), batch=2):
@@ -61,7 +66,9 @@ def test_bifpn_shapes_and_finite_gradients():
 def test_sae_shapes_gradients_and_update_order():
     torch.manual_seed(0)
     g = torch.Generator().manual_seed(1)
-    maps = [torch.randn(2, 16, h, w, generator=g).requires_grad_() for h, w in ((16, 16), (8, 8), (4, 4), (2, 2))]
+    maps = [
+        torch.randn(2, 16, h, w, generator=g).requires_grad_() for h, w in ((16, 16), (8, 8), (4, 4), (2, 2))
+    ]
     sae = ScaleAwareEncoder(16, num_heads=4, num_levels=4, num_points=2, dim_feedforward=32, high_updates=2)
     outs = sae(maps)
     assert [o.shape for o in outs] == [m.shape for m in maps]
@@ -83,8 +90,15 @@ def test_naive_encoder_and_bifpn_sae_encoder():
     naive = NaiveDeformableEncoder(16, 4, 4, 2, 32, num_layers=3)
     maps = [torch.randn(1, 16, h, w, generator=g) for h, w in ((8, 8), (4, 4), (2, 2), (1, 1))]
     assert [o.shape for o in naive(maps)] == [m.shape for m in maps]
-    enc = BiFPNSAEEncoder((8, 16, 24, 32), hidden_dim=16, num_heads=4, num_points=2, dim_feedforward=32,
-                          bifpn_repeats=1, sae_high_updates=1)
+    enc = BiFPNSAEEncoder(
+        (8, 16, 24, 32),
+        hidden_dim=16,
+        num_heads=4,
+        num_points=2,
+        dim_feedforward=32,
+        bifpn_repeats=1,
+        sae_high_updates=1,
+    )
     assert enc.out_channels == (16,) * 4
     assert [o.shape[1:] for o in enc(_maps(g))] == [(16, *m.shape[-2:]) for m in _maps(g)]
     with pytest.raises(ValueError, match="C2..C5"):
@@ -111,19 +125,22 @@ def test_dynamic_threshold_hand_computed():
     sizes = torch.tensor([2.0, 64.0, 0.0, 1.0])
     # px_px: both lengths in px -> ratios 1, 32, 0, 0.5
     t = dynamic_iou_threshold(sizes, as_px=2.0, reading="px_px")
-    assert_close(t, torch.tensor([0.70, 0.55 + 0.15 * 2.0, 0.55, 0.55 + 0.15 * 0.5 ** 0.2]))  # 32^0.2 = 2
+    assert_close(t, torch.tensor([0.70, 0.55 + 0.15 * 2.0, 0.55, 0.55 + 0.15 * 0.5**0.2]))  # 32^0.2 = 2
     # px_px2: A_s an area, 4 px^2 -> ratios 0.5, 16, 0, 0.25
     t = dynamic_iou_threshold(sizes, as_px=2.0, reading="px_px2")
-    assert_close(t, torch.tensor([0.55 + 0.15 * 0.5 ** 0.2, 0.55 + 0.15 * 16 ** 0.2, 0.55, 0.55 + 0.15 * 0.25 ** 0.2]))
+    assert_close(
+        t, torch.tensor([0.55 + 0.15 * 0.5**0.2, 0.55 + 0.15 * 16**0.2, 0.55, 0.55 + 0.15 * 0.25**0.2])
+    )
     # norm_px2 (default): sqrt(wh) / sqrt(H W) over 4 px^2; a 64-px box in a 128 x 32 image (sqrt(HW) = 64)
     t = dynamic_iou_threshold(sizes, as_px=2.0, image_hw=(128, 32))
     assert_close(t, 0.55 + 0.15 * (sizes / 64 / 4) ** 0.2)
-    assert_close(t[1], torch.tensor(0.55 + 0.15 * 0.25 ** 0.2))
+    assert_close(t[1], torch.tensor(0.55 + 0.15 * 0.25**0.2))
     # the reading documented for SynthSOD at 320 px (A_s = 5.36 px): 4 px -> 0.582, 128 px -> 0.614
     doc = dynamic_iou_threshold(torch.tensor([4.0, 128.0]), 5.36, image_hw=(320, 320))
     assert_close(doc, torch.tensor([0.582, 0.614]), atol=5e-4, rtol=0)
-    assert_close(dynamic_iou_threshold(torch.tensor([10.0]), 2.0, tb=0.5, k=-0.1, reading="px_px"),
-                 torch.tensor([0.5]))  # max(T_b, .)
+    assert_close(
+        dynamic_iou_threshold(torch.tensor([10.0]), 2.0, tb=0.5, k=-0.1, reading="px_px"), torch.tensor([0.5])
+    )  # max(T_b, .)
     for reading in ("norm_px2", "px_px2", "px_px"):  # k >= 0: T_I >= T_b always, and it grows with size
         t = dynamic_iou_threshold(torch.arange(0, 500.0), 1.0, reading=reading, image_hw=(320, 320))
         assert (t >= 0.55).all() and (t.diff() >= 0).all()
@@ -139,11 +156,15 @@ def test_dynamic_threshold_hand_computed():
 
 def test_assignment_rules():
     gt = torch.tensor([[0.5, 0.5, 0.2, 0.2], [0.2, 0.2, 0.1, 0.1]])
-    pred = torch.tensor([[0.5, 0.5, 0.2, 0.2],  # IoU 1 with gt 0
-                         [0.5, 0.5, 0.18, 0.18],  # IoU 0.81 with gt 0
-                         [0.5, 0.5, 0.15, 0.15],  # IoU 0.5625 with gt 0
-                         [0.8, 0.8, 0.1, 0.1],  # no overlap with anything
-                         [0.5, 0.5, 0.2, 0.2]])  # IoU 1 but invalid
+    pred = torch.tensor(
+        [
+            [0.5, 0.5, 0.2, 0.2],  # IoU 1 with gt 0
+            [0.5, 0.5, 0.18, 0.18],  # IoU 0.81 with gt 0
+            [0.5, 0.5, 0.15, 0.15],  # IoU 0.5625 with gt 0
+            [0.8, 0.8, 0.1, 0.1],  # no overlap with anything
+            [0.5, 0.5, 0.2, 0.2],
+        ]
+    )  # IoU 1 but invalid
     valid = torch.tensor([True, True, True, True, False])
     gt_idx, iou, forced = assign_one_to_many(pred, gt, torch.tensor([0.7, 0.7]), valid)
     # gt 1 overlaps nothing: it gets the nearest still-negative valid token (2, not the positives 0 and 1)
@@ -184,11 +205,15 @@ def test_small_boxes_lose_fewer_positives_than_large_ones():
 
 
 def test_min_instance_size_px_scales_to_the_input():
-    coco = {"images": [{"id": 1, "width": 200, "height": 100}],
-            "annotations": [{"id": 1, "image_id": 1, "bbox": [0, 0, 10, 4], "category_id": 1},
-                            {"id": 2, "image_id": 1, "bbox": [0, 0, 2, 2], "category_id": 1, "ignore": 1},
-                            {"id": 3, "image_id": 1, "bbox": [0, 0, 0, 5], "category_id": 1}],
-            "categories": [{"id": 1, "name": "a"}]}
+    coco = {
+        "images": [{"id": 1, "width": 200, "height": 100}],
+        "annotations": [
+            {"id": 1, "image_id": 1, "bbox": [0, 0, 10, 4], "category_id": 1},
+            {"id": 2, "image_id": 1, "bbox": [0, 0, 2, 2], "category_id": 1, "ignore": 1},
+            {"id": 3, "image_id": 1, "bbox": [0, 0, 0, 5], "category_id": 1},
+        ],
+        "categories": [{"id": 1, "name": "a"}],
+    }
     assert min_instance_size_px(coco, 100) == pytest.approx((10 * 0.5 * 4 * 1.0) ** 0.5)
 
 
@@ -206,13 +231,25 @@ def test_box_sine_embedding():
 def _run(head, memory, shapes, targets, dec, image_hw):
     """The head as RTDETR calls it: the decoder's anchors and its decode_queries passed explicitly."""
     anchors, valid = dec.anchors(shapes, memory.device, torch.float32)
-    return head(memory, shapes, targets, anchors=anchors, valid=valid, decode=dec.decode_queries, image_hw=image_hw)
+    return head(
+        memory, shapes, targets, anchors=anchors, valid=valid, decode=dec.decode_queries, image_hw=image_hw
+    )
 
 
 def _head_and_decoder(max_queries=300):
     torch.manual_seed(0)
-    dec = RTDETRDecoder(6, (16,) * 4, 16, num_queries=10, num_levels=4, num_points=2, num_heads=4, num_layers=2,
-                        dim_feedforward=32, num_denoising=0).eval()
+    dec = RTDETRDecoder(
+        6,
+        (16,) * 4,
+        16,
+        num_queries=10,
+        num_levels=4,
+        num_points=2,
+        num_heads=4,
+        num_layers=2,
+        dim_feedforward=32,
+        num_denoising=0,
+    ).eval()
     return IoUAwareHead(16, 6, as_px=2.0, max_queries=max_queries), dec
 
 
@@ -231,7 +268,10 @@ def test_iah_outputs_gradients_and_batched_equals_per_image():
         q, gt = out["aux_query_indices"][b]
         assert_close(gt, iah["gt_idx"][b][iah["aux_token_idx"][b]])
         assert len(q) == (iah["gt_idx"][b] >= 0).sum()
-    assert len(layers) == 2 and layers[0]["pred_boxes"].shape[:2] == (2, max(len(q) for q, _ in out["aux_query_indices"]))
+    assert len(layers) == 2 and layers[0]["pred_boxes"].shape[:2] == (
+        2,
+        max(len(q) for q, _ in out["aux_query_indices"]),
+    )
     sum(layer["pred_boxes"].sum() + layer["pred_logits"].sum() for layer in layers).backward()
     assert torch.isfinite(memory.grad).all() and memory.grad.abs().sum() > 0
     for name, p in head.named_parameters():  # the dense head's own terms come from the criterion
@@ -241,7 +281,9 @@ def test_iah_outputs_gradients_and_batched_equals_per_image():
     with torch.no_grad():
         alone = _run(head, memory[1:], shapes, targets[1:], dec, (64, 64))["aux_query_outputs"]
         m = len(out["aux_query_indices"][1][0])
-        assert_close(alone[-1]["pred_boxes"][0], layers[-1]["pred_boxes"][1, :m].detach(), atol=1e-5, rtol=1e-5)
+        assert_close(
+            alone[-1]["pred_boxes"][0], layers[-1]["pred_boxes"][1, :m].detach(), atol=1e-5, rtol=1e-5
+        )
     capped = IoUAwareHead(16, 6, as_px=2.0, max_queries=1)
     capped.load_state_dict(head.state_dict())
     out1 = _run(capped, memory, shapes, targets, dec, (64, 64))
@@ -290,30 +332,49 @@ def test_build_criterion_weights_and_loss_keys():
     crit = build_criterion(cfg.loss, cfg.model)
     assert isinstance(crit, MRQMCriterion)
     # the IAH terms carry loss.weight_iah (0.25 by default) times their own weights
-    assert crit.weight_dict == {"loss_vfl": 1.0, "loss_bbox": 5.0, "loss_giou": 2.0, "loss_auxq_vfl": 0.5,
-                                "loss_auxq_bbox": 2.5, "loss_auxq_giou": 1.0, "loss_iah_cls": 0.25,
-                                "loss_iah_bbox": 0.75, "loss_iah_giou": 0.5}
+    assert crit.weight_dict == {
+        "loss_vfl": 1.0,
+        "loss_bbox": 5.0,
+        "loss_giou": 2.0,
+        "loss_auxq_vfl": 0.5,
+        "loss_auxq_bbox": 2.5,
+        "loss_auxq_giou": 1.0,
+        "loss_iah_cls": 0.25,
+        "loss_iah_bbox": 0.75,
+        "loss_iah_giou": 0.5,
+    }
     unscaled = _cfg("loss.weight_iah=1")
     assert build_criterion(unscaled.loss, unscaled.model).weight_dict["loss_iah_bbox"] == 5.0
-    assert base_loss_name("loss_auxq_giou_1") == "loss_auxq_giou" and base_loss_name("loss_vfl_aux_0") == "loss_vfl"
+    assert (
+        base_loss_name("loss_auxq_giou_1") == "loss_auxq_giou"
+        and base_loss_name("loss_vfl_aux_0") == "loss_vfl"
+    )
     torch.manual_seed(0)
     model = sodlib.build_detector(cfg.model).train()
     out = model(torch.rand(2, 3, 64, 64), _targets())
     losses = crit(out, _targets())
     layers = cfg.model.num_decoder_layers
     expected = {"loss_iah_cls", "loss_iah_bbox", "loss_iah_giou"} | {
-        f"loss_auxq_{t}_{i}" for t in ("vfl", "bbox", "giou") for i in range(layers)}
+        f"loss_auxq_{t}_{i}" for t in ("vfl", "bbox", "giou") for i in range(layers)
+    }
     assert expected <= set(losses) and all(torch.isfinite(v) for v in losses.values())
     # with iah off the MRQM criterion adds nothing: it equals paper A's criterion
     plain = {k: v for k, v in losses.items() if not k.startswith(("loss_iah", "loss_auxq"))}
-    stripped = {k: v for k, v in out.items() if k not in ("iah_outputs", "aux_query_outputs", "aux_query_indices")}
+    stripped = {
+        k: v for k, v in out.items() if k not in ("iah_outputs", "aux_query_outputs", "aux_query_indices")
+    }
     assert_close(crit(stripped, _targets()), plain)
 
 
 @pytest.mark.parametrize("cls_loss", ["vfl", "tal"])
 def test_combination_with_paper_a_switches(cls_loss):
-    cfg = _cfg("loss.st=true", "loss.sr=true", "loss.spr=true", f"loss.cls_loss={cls_loss}",
-               "loss.sr_grad=difficulty")  # the mode with the generator's own loss term
+    cfg = _cfg(
+        "loss.st=true",
+        "loss.sr=true",
+        "loss.spr=true",
+        f"loss.cls_loss={cls_loss}",
+        "loss.sr_grad=difficulty",
+    )  # the mode with the generator's own loss term
     torch.manual_seed(0)
     model = sodlib.build_detector(cfg.model).train()
     crit = build_criterion(cfg.loss, cfg.model).train()
@@ -323,8 +384,14 @@ def test_combination_with_paper_a_switches(cls_loss):
             layer.cross_attn.sampling_offsets.bias.mul_(3.0)
     out = model(torch.rand(2, 3, 64, 64), _targets(), return_sampling=True, return_hidden=True)
     losses = crit(out, _targets())
-    assert {"loss_auxq_offset_0", "loss_auxq_atten_1", "loss_auxq_sr_gen_0", f"loss_auxq_{cls_loss}_1",
-            "loss_iah_cls", "loss_offset"} <= set(losses)
+    assert {
+        "loss_auxq_offset_0",
+        "loss_auxq_atten_1",
+        "loss_auxq_sr_gen_0",
+        f"loss_auxq_{cls_loss}_1",
+        "loss_iah_cls",
+        "loss_offset",
+    } <= set(losses)
     assert all(torch.isfinite(v) for v in losses.values())
     crit.weighted_total(losses).backward()
     grads = [p.grad for p in [*model.parameters(), *crit.parameters()] if p.grad is not None]
@@ -353,8 +420,13 @@ def test_encoder_cost_rows():
     assert all(r["gflops"] > 0 and r["latency_ms"] > 0 for r in rows.values())
     assert rows["sae"]["tokens"] < rows["naive"]["tokens"]
     assert rows["sae"]["gflops"] < rows["naive"]["gflops"]
-    assert rows["sae"]["sampling_gflops"] < rows["naive"]["sampling_gflops"] and rows["hybrid"]["sampling_gflops"] == 0
-    assert rows["bifpn_sae"]["gflops"] == pytest.approx(rows["bifpn"]["gflops"] + rows["sae"]["gflops"], rel=1e-6)
+    assert (
+        rows["sae"]["sampling_gflops"] < rows["naive"]["sampling_gflops"]
+        and rows["hybrid"]["sampling_gflops"] == 0
+    )
+    assert rows["bifpn_sae"]["gflops"] == pytest.approx(
+        rows["bifpn"]["gflops"] + rows["sae"]["gflops"], rel=1e-6
+    )
 
 
 def test_deepcopy_keeps_the_head():  # EMA deep-copies the detector
@@ -374,8 +446,10 @@ def test_default_reading_mines_more_than_one_positive_and_favours_small_boxes():
     gts = [torch.tensor([[0.3, 0.3, 8 / size, 8 / size]]), torch.tensor([[0.5, 0.5, 128 / size, 128 / size]])]
     preds = torch.stack([_concentric(g[0], ious) for g in gts])
     dyn = positives_per_gt(gts, preds, "dynamic", image_hw=(size, size), as_px=5.36, force_best=False)
-    assert_close(dyn["threshold"], torch.tensor([0.55 + 0.15 * (8 / 320 / 5.36**2) ** 0.2,
-                                                 0.55 + 0.15 * (128 / 320 / 5.36**2) ** 0.2]))
+    assert_close(
+        dyn["threshold"],
+        torch.tensor([0.55 + 0.15 * (8 / 320 / 5.36**2) ** 0.2, 0.55 + 0.15 * (128 / 320 / 5.36**2) ** 0.2]),
+    )
     assert dyn["per_gt"].tolist() == [6, 4]  # 0.6 and 0.59 pass 0.587 but not 0.614
     fixed = positives_per_gt(gts, preds, 0.55, image_hw=(size, size), force_best=False)
     assert fixed["per_gt"].tolist() == [6, 6]
@@ -392,9 +466,13 @@ def test_iah_runs_in_float32_under_autocast():
 
 
 def test_iah_config_errors_name_the_key():
-    for bad, key in (("model.iah_reading=px", "model.iah_reading"), ("model.iah_as_px=-1", "model.iah_as_px"),
-                     ("loss.weight_iah=-0.5", "loss.weight_iah"), ("model.iah_tb=1.5", "model.iah_tb"),
-                     ("model.iah_p=-1", "model.iah_p")):
+    for bad, key in (
+        ("model.iah_reading=px", "model.iah_reading"),
+        ("model.iah_as_px=-1", "model.iah_as_px"),
+        ("loss.weight_iah=-0.5", "loss.weight_iah"),
+        ("model.iah_tb=1.5", "model.iah_tb"),
+        ("model.iah_p=-1", "model.iah_p"),
+    ):
         with pytest.raises(ValueError, match=key):
             _cfg(bad)
 

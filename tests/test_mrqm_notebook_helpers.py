@@ -1,4 +1,5 @@
 """Helpers of notebook 06 (MRQM): positives per gt of a trained IAH, mined queries, encoder cost, figures."""
+
 import math
 
 import pandas as pd
@@ -26,7 +27,9 @@ SIZE = 64
 
 def _model(*extra):
     torch.manual_seed(0)
-    cfg = override(get_profile("smoke"), "model.iah=true", "model.iah_as_px=2", f"data.image_size={SIZE}", *extra)
+    cfg = override(
+        get_profile("smoke"), "model.iah=true", "model.iah_as_px=2", f"data.image_size={SIZE}", *extra
+    )
     return sodlib.build_detector(cfg.model).eval()
 
 
@@ -66,8 +69,9 @@ def test_positives_table_buckets_means_and_ratio():
 
 def _table(dyn, fixed):
     area = torch.tensor([100.0, 300.0, 900.0, 1500.0])
-    return positives_table({"IoU > T_I": torch.tensor(dyn), "IoU > T_b": torch.tensor(fixed)}, area,
-                           torch.full((4,), 0.7))
+    return positives_table(
+        {"IoU > T_I": torch.tensor(dyn), "IoU > T_b": torch.tensor(fixed)}, area, torch.full((4,), 0.7)
+    )
 
 
 def test_positives_verdict_words():
@@ -81,14 +85,33 @@ def test_positives_verdict_words():
 
 
 def test_encoder_cost_summary():
-    rows = [("hybrid", 50.0, 0.0, 280.0, 400), ("bifpn", 18.0, 0.0, 300.0, 0), ("bifpn_sae", 89.0, 1.0, 1200.0, 424),
-            ("bifpn_naive", 170.0, 10.0, 2800.0, 1020), ("sae", 70.0, 1.0, 900.0, 424),
-            ("naive", 150.0, 10.0, 2500.0, 1020)]
-    df = pd.DataFrame([{"encoder": e, "image_size": 640, "gflops": g, "sampling_gflops": s, "latency_ms": ms,
-                        "tokens": n} for e, g, s, ms, n in rows])
+    rows = [
+        ("hybrid", 50.0, 0.0, 280.0, 400),
+        ("bifpn", 18.0, 0.0, 300.0, 0),
+        ("bifpn_sae", 89.0, 1.0, 1200.0, 424),
+        ("bifpn_naive", 170.0, 10.0, 2800.0, 1020),
+        ("sae", 70.0, 1.0, 900.0, 424),
+        ("naive", 150.0, 10.0, 2500.0, 1020),
+    ]
+    df = pd.DataFrame(
+        [
+            {
+                "encoder": e,
+                "image_size": 640,
+                "gflops": g,
+                "sampling_gflops": s,
+                "latency_ms": ms,
+                "tokens": n,
+            }
+            for e, g, s, ms, n in rows
+        ]
+    )
     text = encoder_cost_summary(df)
     assert text.startswith("Encoder cost at 640 px: BiFPN+SAE 90 GFLOPs, 50% of BiFPN + naive encoder (180)")
-    assert "1.8× RT-DETR's hybrid encoder (50)" in text and "latency 1200 ms vs 2800 ms (naive) and 280 ms" in text
+    assert (
+        "1.8× RT-DETR's hybrid encoder (50)" in text
+        and "latency 1200 ms vs 2800 ms (naive) and 280 ms" in text
+    )
     assert "SAE 71 vs naive 160 GFLOPs (424 vs 1020 token updates)" in text
 
 
@@ -130,8 +153,18 @@ def test_trained_positives_per_gt_is_the_heads_own_assignment():
     # and the same as positives_per_gt called directly on the head's boxes and parameters
     boxes = iah_dense_predictions(model, torch.stack([image for image, _ in data]))
     head = model.aux_head
-    direct = positives_per_gt([t["boxes"] for _, t in data], boxes["pred_boxes"], "dynamic", (SIZE, SIZE),
-                              float(head.as_px), head.tb, head.k, head.p, valid=boxes["valid"], force_best=False)
+    direct = positives_per_gt(
+        [t["boxes"] for _, t in data],
+        boxes["pred_boxes"],
+        "dynamic",
+        (SIZE, SIZE),
+        float(head.as_px),
+        head.tb,
+        head.k,
+        head.p,
+        valid=boxes["valid"],
+        force_best=False,
+    )
     assert table.loc["all", "IoU > T_I"] == pytest.approx(float(direct["per_gt"].mean()))
     # gts copied from predicted boxes are reached by IoU alone; T_I >= T_b never gives more positives
     assert table.loc["all", "IoU > T_b"] > 0
@@ -155,7 +188,9 @@ def test_mined_queries_flags_and_boxes():
     assert_close(m["box"], dense["pred_boxes"][0, m["token"]])
     assert_close(m["level"], dense["level"][m["token"]])
     assert int(m["num_positive"].sum()) >= len(m["token"])  # the cap keeps a subset
-    none = mined_queries(model, image, {"boxes": torch.zeros(0, 4), "labels": torch.zeros(0, dtype=torch.long)})
+    none = mined_queries(
+        model, image, {"boxes": torch.zeros(0, 4), "labels": torch.zeros(0, dtype=torch.long)}
+    )
     assert len(none["token"]) == 0 and len(none["num_positive"]) == 0
 
 
@@ -165,12 +200,16 @@ def test_mined_queries_flags_and_boxes():
 def test_query_panels_and_figures(tmp_path):
     model = _model()
     data = _dataset(model)
-    rows = [query_panels(image, target, mined_queries(model, image, target), num_objects=2, label="x: ")
-            for image, target in data]
+    rows = [
+        query_panels(image, target, mined_queries(model, image, target), num_objects=2, label="x: ")
+        for image, target in data
+    ]
     assert [len(r) for r in rows] == [3, 3]
     whole, smallest = rows[0][0], rows[0][1]
     assert whole["focus_xyxy"] is None and whole["title"].startswith("x: ")
-    assert smallest["focus_xyxy"] == pytest.approx([56.6, 5.4, 58.6, 7.4])  # the 2-px box at (0.9, 0.1), in pixels
+    assert smallest["focus_xyxy"] == pytest.approx(
+        [56.6, 5.4, 58.6, 7.4]
+    )  # the 2-px box at (0.9, 0.1), in pixels
     assert "(eS)" in smallest["title"] and len(smallest["query_iou"]) >= 1
     png = save_figure(plot_mined_queries(rows, suptitle="t"), tmp_path / "q.png")
     assert png.read_bytes()[:4] == b"\x89PNG"
@@ -187,13 +226,19 @@ def test_atss_thresholds_hand_computed():
 
     gt = torch.tensor([[0.5, 0.5, 0.2, 0.2]])
     # three tokens centred on the gt with IoU 1, 0.81, 0.64 (side ×1, ×0.9, ×0.8), one far token (IoU 0)
-    boxes = torch.tensor([[0.5, 0.5, 0.2, 0.2], [0.5, 0.5, 0.18, 0.18], [0.5, 0.5, 0.16, 0.16], [0.9, 0.9, 0.2, 0.2]])
+    boxes = torch.tensor(
+        [[0.5, 0.5, 0.2, 0.2], [0.5, 0.5, 0.18, 0.18], [0.5, 0.5, 0.16, 0.16], [0.9, 0.9, 0.2, 0.2]]
+    )
     # top-3 nearest: the three centred ones; mean 0.81667, sample std 0.18009
     assert_close(atss_thresholds(boxes, gt, topk=3), torch.tensor([0.816667 + 0.180093]), atol=1e-5, rtol=0)
     # top-1 per level on two levels: IoU 1 (level 0) and 0.64 (level 1): mean 0.82, std 0.254558
     level = torch.tensor([0, 1, 1, 1])
-    assert_close(atss_thresholds(boxes[[0, 2, 3, 1]], gt, level=level, topk=1), torch.tensor([0.82 + 0.254558]),
-                 atol=1e-5, rtol=0)
+    assert_close(
+        atss_thresholds(boxes[[0, 2, 3, 1]], gt, level=level, topk=1),
+        torch.tensor([0.82 + 0.254558]),
+        atol=1e-5,
+        rtol=0,
+    )
     # invalid tokens are never candidates: without token 0 the three nearest are 0.81, 0.64 and 0
     valid = torch.tensor([False, True, True, True])
     ious = torch.tensor([0.81, 0.64, 0.0])
@@ -210,12 +255,19 @@ def test_encoder_gradient_share_scales_with_the_iah_factor():
     from sodlib.build import build_criterion
     from sodlib.studies.mrqm_analysis import encoder_gradient_share
 
-    targets = [{"labels": torch.tensor([0, 1]), "boxes": torch.tensor([[0.3, 0.3, 0.1, 0.1], [0.6, 0.6, 0.2, 0.1]])}]
+    targets = [
+        {"labels": torch.tensor([0, 1]), "boxes": torch.tensor([[0.3, 0.3, 0.1, 0.1], [0.6, 0.6, 0.2, 0.1]])}
+    ]
     images = torch.rand(1, 3, SIZE, SIZE, generator=torch.Generator().manual_seed(0))
     shares = {}
     for factor in (1.0, 0.5):
-        cfg = override(get_profile("smoke"), "model.iah=true", "model.iah_as_px=2", f"data.image_size={SIZE}",
-                       f"loss.weight_iah={factor}")
+        cfg = override(
+            get_profile("smoke"),
+            "model.iah=true",
+            "model.iah_as_px=2",
+            f"data.image_size={SIZE}",
+            f"loss.weight_iah={factor}",
+        )
         torch.manual_seed(0)
         model = sodlib.build_detector(cfg.model)
         shares[factor] = encoder_gradient_share(model, build_criterion(cfg.loss, cfg.model), images, targets)
@@ -223,7 +275,9 @@ def test_encoder_gradient_share_scales_with_the_iah_factor():
     assert {"decoder", "iah", "auxq"} <= set(one) and all(v > 0 and math.isfinite(v) for v in one.values())
     assert half["iah"] == pytest.approx(one["iah"] / 2, rel=1e-4)  # the IAH's pull is linear in its factor
     assert half["iah_loss"] == pytest.approx(one["iah_loss"] / 2, rel=1e-5)
-    assert half["decoder"] == pytest.approx(one["decoder"], rel=1e-5) and half["auxq"] == pytest.approx(one["auxq"])
+    assert half["decoder"] == pytest.approx(one["decoder"], rel=1e-5) and half["auxq"] == pytest.approx(
+        one["auxq"]
+    )
 
 
 def test_threshold_readings_and_long_positives():
@@ -233,12 +287,19 @@ def test_threshold_readings_and_long_positives():
     assert list(t.columns) == ["side_px", "T_I norm_px2", "T_I px_px2", "T_I px_px"]
     assert t["T_I norm_px2"].tolist() == pytest.approx([0.582, 0.614], abs=5e-4)
     assert t["T_I px_px"].tolist() == pytest.approx([0.6915, 0.8329], abs=1e-4)
-    table = positives_table({"IoU > T_I": torch.tensor([2.0, 4.0]), "IoU > T_b": torch.tensor([3.0, 5.0])},
-                            torch.tensor([100.0, 300.0]), torch.tensor([0.6, 0.6]))
+    table = positives_table(
+        {"IoU > T_I": torch.tensor([2.0, 4.0]), "IoU > T_b": torch.tensor([3.0, 5.0])},
+        torch.tensor([100.0, 300.0]),
+        torch.tensor([0.6, 0.6]),
+    )
     long = positives_long(table)
     assert list(long.columns) == ["rule", "bucket", "positives_per_gt"]
     got = long.set_index(["rule", "bucket"])["positives_per_gt"]
-    assert got[("IoU > T_I", "eS")] == 2.0 and got[("IoU > T_b", "rS")] == 5.0 and got[("IoU > T_b", "all")] == 4.0
+    assert (
+        got[("IoU > T_I", "eS")] == 2.0
+        and got[("IoU > T_b", "rS")] == 5.0
+        and got[("IoU > T_b", "all")] == 4.0
+    )
 
 
 def test_decoder_loss_curve_and_figure(tmp_path):
@@ -249,9 +310,17 @@ def test_decoder_loss_curve_and_figure(tmp_path):
 
     run = tmp_path / "run"
     run.mkdir()
-    (run / "config.json").write_text(json.dumps({"loss": {"weight_vfl": 1.0, "weight_bbox": 5.0, "weight_giou": 2.0}}))
-    pd.DataFrame({"iteration": [10, 20, 30], "loss_vfl": [1.0, 0.5, 0.25], "loss_bbox": [0.2, 0.1, 0.1],
-                  "loss_giou": [0.5, 0.5, 0.25]}).to_csv(run / "log.csv", index=False)
+    (run / "config.json").write_text(
+        json.dumps({"loss": {"weight_vfl": 1.0, "weight_bbox": 5.0, "weight_giou": 2.0}})
+    )
+    pd.DataFrame(
+        {
+            "iteration": [10, 20, 30],
+            "loss_vfl": [1.0, 0.5, 0.25],
+            "loss_bbox": [0.2, 0.1, 0.1],
+            "loss_giou": [0.5, 0.5, 0.25],
+        }
+    ).to_csv(run / "log.csv", index=False)
     curve = decoder_loss_curve(run, window=2)
     # 1 + 5·0.2 + 2·0.5 = 3; 0.5 + 0.5 + 1 = 2; 0.25 + 0.5 + 0.5 = 1.25; rolling mean over 2
     assert curve["decoder_loss"].tolist() == pytest.approx([3.0, 2.5, 1.625])

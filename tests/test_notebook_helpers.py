@@ -1,5 +1,6 @@
 """Helpers the notebooks call: ST score dynamics (01), SPR tables (02), the prediction grid (03, 07) and the
 in-box attention share (05), against hand-computed values and per-image references."""
+
 import math
 
 import numpy as np
@@ -17,7 +18,9 @@ from sodlib.studies.viz import predictions_figure
 
 
 def test_score_trajectory_first_step_and_fixed_points():
-    c = float(formulas.scale_aligned_quality(torch.tensor(0.6), torch.tensor(1.5), torch.tensor(1.0), 0.73, 6.0))
+    c = float(
+        formulas.scale_aligned_quality(torch.tensor(0.6), torch.tensor(1.5), torch.tensor(1.0), 0.73, 6.0)
+    )
     # one BCE step on the logit: x1 = x0 - lr * (s0 - t), t = c (label mode)
     s = score_trajectory(0.6, 1.5, "label", 0.5, "BCE", steps=2, lr=2.0)
     assert s[0] == pytest.approx(0.5)
@@ -45,7 +48,10 @@ def test_spr_tables_inside_and_outside_the_box():
     scores, gt = torch.tensor([0.9, 0.5, 0.1]), torch.rand(3, 4)
     rows, panels = spr_per_query(_layers(True), (1.5, 1.0), [(0, 2), (2, 0)], gt, scores)
     assert len(rows) == 4 and len(panels) == 2 and len(panels[0]) == 2
-    assert all(r["L_offset"] == 0 and r["in box"] == r["points"] == 4 and r["outside expanded box"] == 0 for r in rows)
+    assert all(
+        r["L_offset"] == 0 and r["in box"] == r["points"] == 4 and r["outside expanded box"] == 0
+        for r in rows
+    )
     assert_close(panels[1][0]["gt_box_cxcywh"], gt[0])
     far = spr_per_layer(_layers(False), (1.5, 1.0), torch.tensor([0, 1, 2]))
     assert [r["points outside box (%)"] for r in far] == [100.0, 100.0]
@@ -62,7 +68,9 @@ def tiny_model_and_data():
     samples = []
     for k in range(3):
         boxes = torch.tensor([[0.3 + 0.1 * k, 0.4, 0.1, 0.1], [0.7, 0.6, 0.2, 0.1]])[: k + 1]
-        samples.append((torch.rand(3, 64, 64), {"boxes": boxes, "labels": torch.zeros(len(boxes), dtype=torch.long)}))
+        samples.append(
+            (torch.rand(3, 64, 64), {"boxes": boxes, "labels": torch.zeros(len(boxes), dtype=torch.long)})
+        )
     return model, samples
 
 

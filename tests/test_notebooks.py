@@ -1,5 +1,6 @@
 """Notebooks: every one runs under papermill with PROFILE="smoke"; committed copies are clean; the runner
 (and `sodlib reproduce`) name the notebook and cell that failed."""
+
 import ast
 import re
 from pathlib import Path
@@ -14,8 +15,14 @@ NOTEBOOKS_DIR = Path(__file__).resolve().parents[1] / "notebooks"
 NOTEBOOKS = notebooks.discover(NOTEBOOKS_DIR)
 # what each notebook must leave under OUT_DIR/figures/, and lines its printed output must contain
 EXPECTED_FIGURES = {
-    "01_scale_aligned_target": ["st_u_rho.png", "st_fig3_example.png", "st_v_theta.png", "st_c_beta.png",
-                                "st_fixed_point.png", "sr_eq19_direction.png"],
+    "01_scale_aligned_target": [
+        "st_u_rho.png",
+        "st_fig3_example.png",
+        "st_v_theta.png",
+        "st_c_beta.png",
+        "st_fixed_point.png",
+        "sr_eq19_direction.png",
+    ],
     "02_sample_point_refinement": ["spr_geometry.png"],
     "03_training": ["training_curves_smoke.png", "predictions_smoke.png"],
     "04_ablations": ["ablations_smoke.png", "mechanisms_smoke.png"],
@@ -24,10 +31,19 @@ EXPECTED_FIGURES = {
     "07_real_data": ["real_data_neon_smoke.png", "real_data_neon_heatmaps_smoke.png"],
 }
 EXPECTED_TEXT = {
-    "01_scale_aligned_target": ["rho always in [u, 1/u]: True", "r is increasing in |t - s| for every w: True"],
+    "01_scale_aligned_target": [
+        "rho always in [u, 1/u]: True",
+        "r is increasing in |t - s| for every w: True",
+    ],
     "02_sample_point_refinement": ["matched queries"],
     "03_training": ["sodad APeS"],
-    "04_ablations": ["Table 3 · ST / SR / SPR combinations: ", "comparisons are resolved", "Resolution:", "Holm's first step over", "Mechanisms: "],
+    "04_ablations": [
+        "Table 3 · ST / SR / SPR combinations: ",
+        "comparisons are resolved",
+        "Resolution:",
+        "Holm's first step over",
+        "Mechanisms: ",
+    ],
     "05_heatmaps": ["in-box attention share, last decoder layer: baseline"],
     "06_mrqm": ["positives per GT"],
     "07_real_data": ["neon_trees test tile"],
@@ -45,7 +61,9 @@ def _outputs_text(path: Path) -> str:
     parts = []
     for cell in nbformat.read(path, as_version=4).cells:
         for out in cell.get("outputs", []):
-            parts.append(out.get("text", "") + out.get("data", {}).get("text/plain", "") + out.get("evalue", ""))
+            parts.append(
+                out.get("text", "") + out.get("data", {}).get("text/plain", "") + out.get("evalue", "")
+            )
     return "\n".join(parts)
 
 
@@ -92,7 +110,9 @@ def test_notebook_runs_with_smoke_profile(path, tmp_path, one_thread_kernel):
 def test_committed_notebook_is_stripped(path):
     nb = nbformat.read(path, as_version=4)
     nbformat.validate(nb)
-    assert notebooks.unstripped_cells(nb) == [], f"{path.name}: run `make strip` (python -m sodlib.studies.notebooks)"
+    assert notebooks.unstripped_cells(nb) == [], (
+        f"{path.name}: run `make strip` (python -m sodlib.studies.notebooks)"
+    )
     assert "papermill" not in nb.metadata
     assert not [c for c in nb.cells if "injected-parameters" in c.metadata.get("tags", [])]
     assert nb.metadata["kernelspec"]["name"] == "python3"
@@ -125,7 +145,9 @@ def test_discover_orders_and_filters(tmp_path):
 
 def test_strip_outputs(tmp_path):
     path = _notebook(tmp_path / "01_x.ipynb", ["#md title", PARAMS, "print(PROFILE)"])
-    executed = notebooks.run_notebook(path, tmp_path / "out" / "01_x.ipynb", {"PROFILE": "smoke"}, progress=False)
+    executed = notebooks.run_notebook(
+        path, tmp_path / "out" / "01_x.ipynb", {"PROFILE": "smoke"}, progress=False
+    )
     nb = nbformat.read(executed, as_version=4)
     assert notebooks.unstripped_cells(nb) and "smoke" in _outputs_text(executed)
     assert notebooks.strip_outputs(executed) is True
@@ -136,8 +158,10 @@ def test_strip_outputs(tmp_path):
 
 
 def test_failure_names_notebook_and_cell(tmp_path):
-    path = _notebook(tmp_path / "nbs" / "07_broken.ipynb",
-                     ["#md intro", PARAMS, "x = 1", "#md the next cell fails", "raise ValueError(f'boom {PROFILE}')"])
+    path = _notebook(
+        tmp_path / "nbs" / "07_broken.ipynb",
+        ["#md intro", PARAMS, "x = 1", "#md the next cell fails", "raise ValueError(f'boom {PROFILE}')"],
+    )
     dst = tmp_path / "results" / "notebooks" / "07_broken.ipynb"
     dst.parent.mkdir(parents=True)
     dst.write_text("previous good copy")
@@ -152,8 +176,13 @@ def test_failure_names_notebook_and_cell(tmp_path):
     assert "boom smoke" in _outputs_text(failed)
 
 
-@pytest.mark.parametrize("cells, where", [([PARAMS, "1 / 0"], "cell 2"),  # right after the injected cell
-                                          (["#md a", "#md b", PARAMS, "y = 2", "#md c", "1 / 0"], "cell 6")])
+@pytest.mark.parametrize(
+    "cells, where",
+    [
+        ([PARAMS, "1 / 0"], "cell 2"),  # right after the injected cell
+        (["#md a", "#md b", PARAMS, "y = 2", "#md c", "1 / 0"], "cell 6"),
+    ],
+)
 def test_failing_cell_number_counts_source_cells(tmp_path, cells, where):
     path = _notebook(tmp_path / "nbs" / "09_x.ipynb", cells)
     with pytest.raises(notebooks.NotebookError, match=f"^nbs/09_x.ipynb {where}: ZeroDivisionError"):
@@ -162,7 +191,9 @@ def test_failing_cell_number_counts_source_cells(tmp_path, cells, where):
 
 def test_missing_parameters_cell_is_named(tmp_path):
     path = _notebook(tmp_path / "nbs" / "08_noparams.ipynb", ["print(1)"])
-    with pytest.raises(notebooks.NotebookError, match="nbs/08_noparams.ipynb: expected exactly one cell tagged"):
+    with pytest.raises(
+        notebooks.NotebookError, match="nbs/08_noparams.ipynb: expected exactly one cell tagged"
+    ):
         notebooks.run_notebook(path, tmp_path / "out.ipynb", {"PROFILE": "smoke"}, progress=False)
     assert not (tmp_path / "out.ipynb").exists()
 
@@ -171,20 +202,31 @@ def test_reproduce_runs_notebook_steps_and_fails_with_one_line(tmp_path, monkeyp
     import sodlib.studies.reproduce
 
     nbs = tmp_path / "nbs"
-    _notebook(nbs / "06_ok.ipynb", [PARAMS + '\nSEEDS: int = 1  # seeds\nDATA: str = ""  # root\nDEVICE: str = ""  # device',
-                                    "print(PROFILE, SEEDS, OUT_DIR)"])
+    _notebook(
+        nbs / "06_ok.ipynb",
+        [
+            PARAMS + '\nSEEDS: int = 1  # seeds\nDATA: str = ""  # root\nDEVICE: str = ""  # device',
+            "print(PROFILE, SEEDS, OUT_DIR)",
+        ],
+    )
     _notebook(nbs / "07_broken.ipynb", [PARAMS, "#md prose", "1 / 0"])
     monkeypatch.setattr(sodlib.studies.reproduce, "NOTEBOOKS_DIR", nbs)
     out = tmp_path / "results"
 
-    assert cli_main(["reproduce", "--profile", "smoke", "--only", "06", "--seeds", "3", "--out", str(out)]) == 0
+    assert (
+        cli_main(["reproduce", "--profile", "smoke", "--only", "06", "--seeds", "3", "--out", str(out)]) == 0
+    )
     assert f"smoke 3 {out.resolve()}" in _outputs_text(out / "notebooks" / "06_ok.ipynb")
     assert "[reproduce] 06_ok" in capsys.readouterr().out
 
     assert cli_main(["reproduce", "--profile", "smoke", "--only", "07", "--out", str(out)]) == 2
-    err = capsys.readouterr().err.strip().splitlines()[-1]  # papermill's progress bar and kernel logs precede it
+    err = (
+        capsys.readouterr().err.strip().splitlines()[-1]
+    )  # papermill's progress bar and kernel logs precede it
     assert err.startswith("sodlib reproduce: error: ") and "Traceback" not in err
-    assert "step 07_broken failed: nbs/07_broken.ipynb cell 3: ZeroDivisionError: division by zero" in err, err
+    assert "step 07_broken failed: nbs/07_broken.ipynb cell 3: ZeroDivisionError: division by zero" in err, (
+        err
+    )
 
     assert cli_main(["reproduce", "--profile", "smoke", "--only", "99", "--out", str(out)]) == 2
     assert "matches no step" in capsys.readouterr().err
@@ -216,18 +258,29 @@ def test_step_budget_scales_iterations_and_tabulates_every_variant(tmp_path, mon
 
     def fake_train(cfg, out, protocol):
         seen[out.name] = cfg
-        return {"iterations": cfg.train.max_iters, "train_seconds": 1.0, "AP": 0.1, "AP50": 0.2, "AP75": 0.1,
-                "APS": 0.1, "APM": 0.2}
+        return {
+            "iterations": cfg.train.max_iters,
+            "train_seconds": 1.0,
+            "AP": 0.1,
+            "AP50": 0.2,
+            "AP75": 0.1,
+            "APS": 0.1,
+            "APM": 0.2,
+        }
 
     monkeypatch.setattr(sodlib.training.engine, "train", fake_train)
     table = rep.step_budget("cpu", tmp_path)
     assert list(table["variant"]) == list(rep.BUDGET_VARIANTS)
     iters = dict(zip(table["variant"], table["iterations"]))
-    assert iters["baseline"] == 520 and iters["3 decoder layers"] == 440 and iters["ResNet-18 backbone"] == 280
+    assert (
+        iters["baseline"] == 520 and iters["3 decoder layers"] == 440 and iters["ResNet-18 backbone"] == 280
+    )
     assert iters["stride-4 value level"] == 385 and iters["stride-4 value level, same iterations"] == 520
     assert len(seen) == len(rep.BUDGET_VARIANTS)  # one run folder (config hash) per variant
     p2 = [cfg for cfg in seen.values() if cfg.model.p2_values]
-    assert sorted(cfg.train.max_iters for cfg in p2) == [385, 520] and {cfg.model.num_levels for cfg in p2} == {4}
+    assert sorted(cfg.train.max_iters for cfg in p2) == [385, 520] and {
+        cfg.model.num_levels for cfg in p2
+    } == {4}
     assert pd.read_csv(tmp_path / "tables" / "baseline_budget.csv").shape == (len(rep.BUDGET_VARIANTS), 8)
 
 

@@ -33,13 +33,17 @@ def _randomise(model: torch.nn.Module, seed: int = 0, scale: float = 0.02) -> No
 def _calibrate(model: torch.nn.Module, images: torch.Tensor) -> None:
     """Set every BatchNorm's statistics to those of its input on ``images`` (one pass, in order), so that
     random weights give activations of unit scale and the comparison is not dominated by overflowing maps."""
+
     def pre(module, inputs):
         x = inputs[0]
         module.running_mean.copy_(x.mean((0, 2, 3)))
         module.running_var.copy_(x.var((0, 2, 3)))
 
-    hooks = [m.register_forward_pre_hook(pre) for m in model.modules()
-             if isinstance(getattr(m, "running_var", None), torch.Tensor)]
+    hooks = [
+        m.register_forward_pre_hook(pre)
+        for m in model.modules()
+        if isinstance(getattr(m, "running_var", None), torch.Tensor)
+    ]
     with torch.no_grad():
         model.eval()(images)
     for h in hooks:
@@ -51,14 +55,21 @@ def _calibrate(model: torch.nn.Module, images: torch.Tensor) -> None:
 
 @pytest.mark.parametrize("depth,blocks,channels", [(18, 8, (128, 256, 512)), (50, 16, (512, 1024, 2048))])
 def test_presnet_structure_and_names(depth, blocks, channels):
-    bb = PResNet(depth, return_levels=(3, 4, 5), freeze_norm=(depth == 50), freeze_at=0 if depth == 50 else -1)
+    bb = PResNet(
+        depth, return_levels=(3, 4, 5), freeze_norm=(depth == 50), freeze_at=0 if depth == 50 else -1
+    )
     assert bb.out_channels == channels and bb.out_strides == (8, 16, 32)
     assert sum(len(stage.blocks) for stage in bb.res_layers) == blocks
     keys = set(bb.state_dict())
     # deep stem, projection shortcut in the first block of every stage (even at equal widths: R18's first),
     # variant-d pooled shortcut where the block halves the resolution
-    assert {"conv1.conv1_1.conv.weight", "conv1.conv1_3.norm.running_var", "res_layers.0.blocks.0.short.conv.weight",
-            "res_layers.1.blocks.0.short.conv.conv.weight", "res_layers.3.blocks.0.short.conv.norm.weight"} <= keys
+    assert {
+        "conv1.conv1_1.conv.weight",
+        "conv1.conv1_3.norm.running_var",
+        "res_layers.0.blocks.0.short.conv.weight",
+        "res_layers.1.blocks.0.short.conv.conv.weight",
+        "res_layers.3.blocks.0.short.conv.norm.weight",
+    } <= keys
     assert not any(k.startswith("res_layers.1.blocks.1.short") for k in keys)
     assert bb.conv1.conv1_1.conv.stride == (2, 2) and bb.conv1.conv1_1.conv.out_channels == 32
     assert isinstance(bb.res_layers[1].blocks[0].short.pool, torch.nn.AvgPool2d)
@@ -73,7 +84,11 @@ def test_presnet_structure_and_names(depth, blocks, channels):
         assert all(p.requires_grad for p in bb.parameters())
     with torch.no_grad():
         feats = bb(torch.rand(1, 3, 64, 96))
-    assert [tuple(f.shape[1:]) for f in feats] == [(channels[0], 8, 12), (channels[1], 4, 6), (channels[2], 2, 3)]
+    assert [tuple(f.shape[1:]) for f in feats] == [
+        (channels[0], 8, 12),
+        (channels[1], 4, 6),
+        (channels[2], 2, 3),
+    ]
 
 
 def test_presnet_shortcut_pools_before_projecting():
@@ -146,7 +161,10 @@ def test_rtdetr_position_embedding_layout():
     x, y = torch.tensor([0.0, 1, 2, 0, 1, 2]), torch.tensor([0.0, 0, 0, 1, 1, 1])
     torch.testing.assert_close(xy, torch.stack([x.sin(), x.cos(), y.sin(), y.cos()], 1))
     # on a square map the released layout is (y, x): xy with its halves swapped
-    sq, sq_xy = sincos_position_embedding_2d(5, 5, 64, layout="rtdetr"), sincos_position_embedding_2d(5, 5, 64)
+    sq, sq_xy = (
+        sincos_position_embedding_2d(5, 5, 64, layout="rtdetr"),
+        sincos_position_embedding_2d(5, 5, 64),
+    )
     torch.testing.assert_close(sq, torch.cat([sq_xy[..., 32:], sq_xy[..., :32]], -1))
     with pytest.raises(ValueError, match="layout"):
         sincos_position_embedding_2d(2, 2, 4, layout="yx")
@@ -174,21 +192,34 @@ def test_layout_round_trip_every_depth(depth, layout):
         images = torch.rand(1, 3, 96, 96)
         with torch.no_grad():
             a, b = model.eval()(images), loaded(images)
-        assert torch.equal(a["pred_logits"], b["pred_logits"]) and torch.equal(a["pred_boxes"], b["pred_boxes"])
+        assert torch.equal(a["pred_logits"], b["pred_logits"]) and torch.equal(
+            a["pred_boxes"], b["pred_boxes"]
+        )
 
 
 def test_official_names_follow_rtdetr_code():
     """A few names as RT-DETR's own modules register them (rtdetr_pytorch/src/zoo/rtdetr)."""
     names = set(to_layout(build_detector(rtdetr_model_config(18, num_classes=2)), "official"))
-    assert {"encoder.encoder.0.layers.0.linear1.weight", "encoder.encoder.0.layers.0.self_attn.in_proj_weight",
-            "encoder.fpn_blocks.0.bottlenecks.2.conv1.conv.weight", "encoder.fpn_blocks.0.conv3.norm.running_var",
-            "encoder.lateral_convs.1.conv.weight", "encoder.pan_blocks.1.conv2.norm.bias",
-            "decoder.input_proj.2.conv.weight", "decoder.input_proj.0.norm.running_mean",
-            "decoder.decoder.layers.2.cross_attn.sampling_offsets.weight", "decoder.dec_bbox_head.2.layers.2.bias",
-            "decoder.enc_output.1.weight", "decoder.denoising_class_embed.weight",
-            "backbone.res_layers.0.blocks.0.short.conv.weight"} <= names
-    assert not any(re.search(r"\.ffn\.|\.blocks\.\d+\.conv3|^decoder\.layers", n) for n in names
-                   if not n.startswith("backbone."))
+    assert {
+        "encoder.encoder.0.layers.0.linear1.weight",
+        "encoder.encoder.0.layers.0.self_attn.in_proj_weight",
+        "encoder.fpn_blocks.0.bottlenecks.2.conv1.conv.weight",
+        "encoder.fpn_blocks.0.conv3.norm.running_var",
+        "encoder.lateral_convs.1.conv.weight",
+        "encoder.pan_blocks.1.conv2.norm.bias",
+        "decoder.input_proj.2.conv.weight",
+        "decoder.input_proj.0.norm.running_mean",
+        "decoder.decoder.layers.2.cross_attn.sampling_offsets.weight",
+        "decoder.dec_bbox_head.2.layers.2.bias",
+        "decoder.enc_output.1.weight",
+        "decoder.denoising_class_embed.weight",
+        "backbone.res_layers.0.blocks.0.short.conv.weight",
+    } <= names
+    assert not any(
+        re.search(r"\.ffn\.|\.blocks\.\d+\.conv3|^decoder\.layers", n)
+        for n in names
+        if not n.startswith("backbone.")
+    )
 
 
 def test_release_formats_and_files(tmp_path):
@@ -197,9 +228,12 @@ def test_release_formats_and_files(tmp_path):
     _randomise(model, seed=3)
     official = to_layout(model, "official")
     ref = model.state_dict()["decoder.dec_score_head.2.weight"]
-    formats = {"ema": {"ema": {"module": official, "updates": 10}, "model": {}, "last_epoch": 71},
-               "model": {"model": official}, "bare": official,
-               "ddp": {"model": {f"module.{k}": v for k, v in official.items()}}}
+    formats = {
+        "ema": {"ema": {"module": official, "updates": 10}, "model": {}, "last_epoch": 71},
+        "model": {"model": official},
+        "bare": official,
+        "ddp": {"model": {f"module.{k}": v for k, v in official.items()}},
+    }
     for name, obj in formats.items():
         path = tmp_path / f"{name}.pth"
         torch.save(obj, path)
@@ -231,10 +265,15 @@ def test_bad_checkpoints_are_refused_with_the_keys_at_fault(tmp_path):
     nan = {k: torch.full_like(v, float("nan")) if v.is_floating_point() else v for k, v in official.items()}
     with pytest.raises(ValueError, match=r"state dict: weight '[\w.]+' holds NaN or infinite values"):
         load_rtdetr(nan, cfg)
-    with pytest.raises(ValueError, match=r"shape mismatch .*decoder\.enc_score_head\.weight: \(2, 256\) in the "
-                                         r"checkpoint, \(80, 256\) in the model"):
+    with pytest.raises(
+        ValueError,
+        match=r"shape mismatch .*decoder\.enc_score_head\.weight: \(2, 256\) in the "
+        r"checkpoint, \(80, 256\) in the model",
+    ):
         load_rtdetr(official, rtdetr_model_config(18))
-    with pytest.raises(ValueError, match=r"missing \(\d+\): backbone\.res_layers\.0\.blocks\.2\."):  # R18 weights, R34 config
+    with pytest.raises(
+        ValueError, match=r"missing \(\d+\): backbone\.res_layers\.0\.blocks\.2\."
+    ):  # R18 weights, R34 config
         load_rtdetr(official, rtdetr_model_config(34, num_classes=2))
     junk = tmp_path / "junk.pth"
     junk.write_bytes(b"not a checkpoint")
@@ -258,11 +297,19 @@ def test_bad_checkpoints_are_refused_with_the_keys_at_fault(tmp_path):
 def _hf_model(depth: int, num_labels: int):
     transformers = pytest.importorskip("transformers")
     if depth == 18:
-        backbone = transformers.RTDetrResNetConfig(depths=[2, 2, 2, 2], layer_type="basic",
-                                                   hidden_sizes=[64, 128, 256, 512],
-                                                   out_features=["stage2", "stage3", "stage4"])
-        config = transformers.RTDetrConfig(backbone_config=backbone, encoder_in_channels=[128, 256, 512],
-                                           hidden_expansion=0.5, decoder_layers=3, num_labels=num_labels)
+        backbone = transformers.RTDetrResNetConfig(
+            depths=[2, 2, 2, 2],
+            layer_type="basic",
+            hidden_sizes=[64, 128, 256, 512],
+            out_features=["stage2", "stage3", "stage4"],
+        )
+        config = transformers.RTDetrConfig(
+            backbone_config=backbone,
+            encoder_in_channels=[128, 256, 512],
+            hidden_expansion=0.5,
+            decoder_layers=3,
+            num_labels=num_labels,
+        )
     else:
         config = transformers.RTDetrConfig(num_labels=num_labels)
     with warnings.catch_warnings():
@@ -287,8 +334,14 @@ def test_transformers_rtdetr_weights_give_equal_outputs(depth):
     torch.testing.assert_close(got["pred_logits"], expected.logits, rtol=1e-4, atol=1e-4)
     torch.testing.assert_close(got["pred_boxes"], expected.pred_boxes, rtol=1e-4, atol=1e-4)
     # the same weights under transformers 4.x names (out_proj, fc1/fc2, encoder.encoder) load too
-    v4 = {re.sub(r"\.mlp\.fc", ".fc", k.replace(".o_proj.", ".out_proj.").replace("encoder.aifi.", "encoder.encoder.")): v
-          for k, v in hf.state_dict().items()}
+    v4 = {
+        re.sub(
+            r"\.mlp\.fc",
+            ".fc",
+            k.replace(".o_proj.", ".out_proj.").replace("encoder.aifi.", "encoder.encoder."),
+        ): v
+        for k, v in hf.state_dict().items()
+    }
     assert "model.encoder.encoder.0.layers.0.fc1.weight" in v4
     old = load_rtdetr(v4, rtdetr_model_config(depth, num_classes=4))
     with torch.no_grad():
@@ -312,18 +365,36 @@ def test_init_from_loads_what_fits_and_reinitialises_the_class_heads():
     model = build_detector(rtdetr_model_config(18, num_classes=3))
     fresh_head = model.decoder.dec_score_head[0].weight.clone()
     report = init_from(model, to_layout(coco, "official"))
-    heads = {f"decoder.{h}.{p}" for h in ("enc_score_head", *(f"dec_score_head.{i}" for i in range(3)))
-             for p in ("weight", "bias")} | {"decoder.denoising_class_embed.weight"}
+    heads = {
+        f"decoder.{h}.{p}"
+        for h in ("enc_score_head", *(f"dec_score_head.{i}" for i in range(3)))
+        for p in ("weight", "bias")
+    } | {"decoder.denoising_class_embed.weight"}
     assert set(report.reinitialised) == heads and report.absent == [] and report.layout == "official"
     assert "re-initialised, shape differs: 9" in str(report)
-    assert torch.equal(model.backbone.res_layers[3].blocks[1].branch2b.conv.weight,
-                       coco.backbone.res_layers[3].blocks[1].branch2b.conv.weight)
-    assert torch.equal(model.decoder.layers[2].cross_attn.sampling_offsets.bias,
-                       coco.decoder.layers[2].cross_attn.sampling_offsets.bias)
+    assert torch.equal(
+        model.backbone.res_layers[3].blocks[1].branch2b.conv.weight,
+        coco.backbone.res_layers[3].blocks[1].branch2b.conv.weight,
+    )
+    assert torch.equal(
+        model.decoder.layers[2].cross_attn.sampling_offsets.bias,
+        coco.decoder.layers[2].cross_attn.sampling_offsets.bias,
+    )
     assert torch.equal(model.decoder.dec_score_head[0].weight, fresh_head)
     with pytest.raises(ValueError, match="not a checkpoint of this architecture"):
-        init_from(build_detector(ModelConfig(backbone="tiny", hidden_dim=32, num_heads=4, dim_feedforward=64,
-                                             encoder_ffn=64, num_decoder_layers=1)), to_layout(coco, "official"))
+        init_from(
+            build_detector(
+                ModelConfig(
+                    backbone="tiny",
+                    hidden_dim=32,
+                    num_heads=4,
+                    dim_feedforward=64,
+                    encoder_ffn=64,
+                    num_decoder_layers=1,
+                )
+            ),
+            to_layout(coco, "official"),
+        )
 
 
 @pytest.mark.slow
@@ -339,11 +410,41 @@ def test_cli_train_init_from_another_class_count(tmp_path, capsys):
     ckpt = tmp_path / "donor.pth"
     torch.save({"ema": {"module": to_layout(donor, "official")}}, ckpt)
     out = tmp_path / "run"
-    assert main(["train", "--profile", "smoke", "--init-from", str(ckpt), "--out", str(out),
-                 "--data", str(tmp_path / "data"), "--set", "train.max_iters=1"]) == 0
+    assert (
+        main(
+            [
+                "train",
+                "--profile",
+                "smoke",
+                "--init-from",
+                str(ckpt),
+                "--out",
+                str(out),
+                "--data",
+                str(tmp_path / "data"),
+                "--set",
+                "train.max_iters=1",
+            ]
+        )
+        == 0
+    )
     printed = capsys.readouterr().out
     assert f"initialised from {ckpt} (official layout)" in printed
     assert "decoder.enc_score_head.weight" in printed
     assert json.loads((out / "config.json").read_text())["train"]["init_from"] == str(ckpt)
-    assert main(["train", "--profile", "smoke", "--init-from", str(tmp_path / "absent.pth"),
-                 "--out", str(tmp_path / "run2"), "--data", str(tmp_path / "data")]) == 2
+    assert (
+        main(
+            [
+                "train",
+                "--profile",
+                "smoke",
+                "--init-from",
+                str(tmp_path / "absent.pth"),
+                "--out",
+                str(tmp_path / "run2"),
+                "--data",
+                str(tmp_path / "data"),
+            ]
+        )
+        == 2
+    )

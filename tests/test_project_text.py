@@ -13,8 +13,9 @@ SCANNED = ("sodlib", "tests", "notebooks", "Makefile", ".ci")
 
 
 def test_no_development_history_in_code_tests_or_notebooks():
-    files = subprocess.run(["git", "ls-files", *SCANNED], cwd=SOURCE_ROOT, capture_output=True, text=True,
-                           check=True).stdout.split()
+    files = subprocess.run(
+        ["git", "ls-files", *SCANNED], cwd=SOURCE_ROOT, capture_output=True, text=True, check=True
+    ).stdout.split()
     assert files, "no tracked files found"
     found = []
     for name in files:
@@ -27,5 +28,7 @@ def test_no_development_history_in_code_tests_or_notebooks():
 
 @pytest.mark.parametrize("word, number", [("session", "13"), ("issue", "16"), ("sessions", "<= 8")])
 def test_the_pattern_finds_what_it_should(word, number):
-    assert HISTORY.search(f"as in {word} {number}")  # phrases built here, so this file never states one itself
+    assert HISTORY.search(
+        f"as in {word} {number}"
+    )  # phrases built here, so this file never states one itself
     assert HISTORY.search("on this\tVM") and not HISTORY.search("the regression issue of a session")

@@ -1,5 +1,6 @@
 """neon_trees patches: counts against an independent count, no test-tile leak, cache reuse, atomic builds,
 errors naming the file, and the absent-data path."""
+
 import json
 import xml.etree.ElementTree as ET
 from pathlib import Path
@@ -32,8 +33,10 @@ def _starts(size: int, tile: int, overlap: int) -> list[int]:
 
 def _voc_boxes(xml_path: Path) -> list[tuple[float, float, float, float]]:
     root = ET.parse(xml_path).getroot()
-    return [tuple(float(obj.find(f"bndbox/{k}").text) for k in ("xmin", "ymin", "xmax", "ymax"))
-            for obj in root.iter("object")]
+    return [
+        tuple(float(obj.find(f"bndbox/{k}").text) for k in ("xmin", "ymin", "xmax", "ymax"))
+        for obj in root.iter("object")
+    ]
 
 
 def _expected(src: Path, stems, tile: int, overlap: int) -> dict[str, tuple[int, int]]:
@@ -49,7 +52,10 @@ def _expected(src: Path, stems, tile: int, overlap: int) -> dict[str, tuple[int,
                 iw = np.clip(np.minimum(boxes[:, 2], x1) - np.maximum(boxes[:, 0], x0), 0, None)
                 ih = np.clip(np.minimum(boxes[:, 3], y1) - np.maximum(boxes[:, 1], y0), 0, None)
                 frac = iw * ih / area
-                out[f"{stem}_{x0}_{y0}.png"] = (int((frac >= 0.5).sum()), int(((frac > 0) & (frac < 0.5)).sum()))
+                out[f"{stem}_{x0}_{y0}.png"] = (
+                    int((frac >= 0.5).sum()),
+                    int(((frac > 0) & (frac < 0.5)).sum()),
+                )
     return out
 
 
@@ -115,8 +121,9 @@ def test_the_test_tile_never_reaches_training(neon_root):
 
 def test_patch_root_loads_as_a_one_class_coco_dataset(neon_root):
     _, root = neon_root
-    cfg = DataConfig(dataset="coco", root=root.name, image_size=PATCH, num_classes=1, val_split="test",
-                     augment="none")
+    cfg = DataConfig(
+        dataset="coco", root=root.name, image_size=PATCH, num_classes=1, val_split="test", augment="none"
+    )
     test = build_dataset(cfg, "test", train=False, data_root=str(root))  # data_root wins over data.root
     assert test.names == ["Tree"] and len(test) == 20
     image, target = test[0]
@@ -130,13 +137,18 @@ def _write_voc(root: Path, name: str, size: tuple[int, int], boxes, label: str =
     (root / "images").mkdir(parents=True, exist_ok=True)
     (root / "annotations").mkdir(parents=True, exist_ok=True)
     rng = np.random.default_rng(len(name))
-    Image.fromarray(rng.integers(0, 255, (size[1], size[0], 3), dtype=np.uint8)).save(root / "images" / f"{name}.png")
+    Image.fromarray(rng.integers(0, 255, (size[1], size[0], 3), dtype=np.uint8)).save(
+        root / "images" / f"{name}.png"
+    )
     objects = "".join(
         f"<object><name>{label}</name><bndbox><xmin>{b[0]}</xmin><ymin>{b[1]}</ymin><xmax>{b[2]}</xmax>"
-        f"<ymax>{b[3]}</ymax></bndbox></object>" for b in boxes)
+        f"<ymax>{b[3]}</ymax></bndbox></object>"
+        for b in boxes
+    )
     (root / "annotations" / f"{name}.xml").write_text(
         f"<annotation><filename>{name}.png</filename><size><width>{size[0]}</width><height>{size[1]}</height>"
-        f"</size>{objects}</annotation>")
+        f"</size>{objects}</annotation>"
+    )
 
 
 @pytest.fixture
@@ -174,8 +186,12 @@ def test_cache_is_reused_and_keyed_by_parameters_and_source_bytes(voc, tmp_path,
     assert _patches(voc, tmp_path / "out") == first
     assert (first / realdata.MANIFEST).stat().st_mtime_ns == marker
     monkeypatch.undo()
-    assert realdata.neon_patches(voc, tmp_path / "out", patch=64, overlap=8, train_stems=["a", "b"],
-                                 test_stem="t") != first
+    assert (
+        realdata.neon_patches(
+            voc, tmp_path / "out", patch=64, overlap=8, train_stems=["a", "b"], test_stem="t"
+        )
+        != first
+    )
     xml = voc / "annotations" / "t.xml"
     xml.write_text(xml.read_text().replace("<xmax>70</xmax>", "<xmax>72</xmax>"))
     assert _patches(voc, tmp_path / "out") != first  # edited annotations: a new folder
@@ -212,11 +228,16 @@ def test_drop_empty_train_removes_only_train_patches_without_targets(voc, tmp_pa
     dropped = _patches(voc, tmp_path / "drop", drop_empty_train=True)
     counts = {k: realdata.read_manifest(r)["counts"] for k, r in (("keep", kept), ("drop", dropped))}
     assert counts["keep"]["train"]["empty_patches"] > 0 and counts["drop"]["train"]["empty_patches"] == 0
-    assert counts["drop"]["train"]["patches"] == counts["keep"]["train"]["patches"] - counts["keep"]["train"]["empty_patches"]
+    assert (
+        counts["drop"]["train"]["patches"]
+        == counts["keep"]["train"]["patches"] - counts["keep"]["train"]["empty_patches"]
+    )
     assert counts["drop"]["train"]["boxes"] == counts["keep"]["train"]["boxes"]
     assert counts["drop"]["test"] == counts["keep"]["test"]
     coco = json.loads((dropped / "annotations" / "instances_train.json").read_text())
-    assert sorted(p.name for p in (dropped / "images" / "train").iterdir()) == sorted(i["file_name"] for i in coco["images"])
+    assert sorted(p.name for p in (dropped / "images" / "train").iterdir()) == sorted(
+        i["file_name"] for i in coco["images"]
+    )
 
 
 def test_bad_input_names_the_file(voc, tmp_path):
@@ -266,8 +287,11 @@ def test_visdrone_patches_keep_every_valid_box_and_the_ten_classes(tmp_path):
     tiles = load_coco(root / "annotations" / "tiles_train.json")
     assert sum(1 for a in tiles["annotations"] if not a["iscrowd"]) == valid
     assert counts["train"]["tiles"] == 8
-    ds = build_dataset(DataConfig(dataset="coco", root=str(root), num_classes=10, image_size=PATCH, augment="none"),
-                       "train", train=False)
+    ds = build_dataset(
+        DataConfig(dataset="coco", root=str(root), num_classes=10, image_size=PATCH, augment="none"),
+        "train",
+        train=False,
+    )
     assert ds.num_classes == 10 and len(ds) == counts["train"]["patches"]
     with pytest.raises(FileNotFoundError, match="nope"):
         realdata.visdrone_patches(tmp_path / "nope", tmp_path / "out")

@@ -10,8 +10,14 @@ def _m(ap):
 
 
 def test_plateau_is_the_shortest_schedule_whose_doubling_gains_under_one_point():
-    runs = [(1000, 0, _m(0.30), "a"), (1000, 1, _m(0.31), "b"), (2000, 0, _m(0.335), "c"),
-            (2000, 1, _m(0.318), "d"), (4000, 0, _m(0.34), "e"), (4000, 1, _m(0.325), "f")]
+    runs = [
+        (1000, 0, _m(0.30), "a"),
+        (1000, 1, _m(0.31), "b"),
+        (2000, 0, _m(0.335), "c"),
+        (2000, 1, _m(0.318), "d"),
+        (4000, 0, _m(0.34), "e"),
+        (4000, 1, _m(0.325), "f"),
+    ]
     df = plateau_frame(runs)
     gains = dict(zip(zip(df["iterations"], df["seed"]), df["gain_2x"]))
     assert gains[(1000, 0)] == 3.5 and gains[(1000, 1)] == 0.8  # one seed still gains 3.5 points

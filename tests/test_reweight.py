@@ -21,14 +21,22 @@ def _randomise(gen, seed=1):
 
 
 def _bn(x, norm, training):
-    return F.batch_norm(x, norm.running_mean.clone(), norm.running_var.clone(), norm.weight, norm.bias,
-                        training=training, eps=norm.eps)
+    return F.batch_norm(
+        x,
+        norm.running_mean.clone(),
+        norm.running_var.clone(),
+        norm.weight,
+        norm.bias,
+        training=training,
+        eps=norm.eps,
+    )
 
 
 def _reference(gen, h_cls, h_reg, training):
     """Fig. 4 written out: Eqs. 16-18 with 1×1 convs as matrix products."""
-    a = torch.sigmoid(F.relu(_bn(torch.cat([h_reg, h_cls], -1) @ gen.conv1.weight.T + gen.conv1.bias,
-                                 gen.norm1, training)))  # Eq. 16
+    a = torch.sigmoid(
+        F.relu(_bn(torch.cat([h_reg, h_cls], -1) @ gen.conv1.weight.T + gen.conv1.bias, gen.norm1, training))
+    )  # Eq. 16
     out = []
     for branch, h in ((gen.cls, h_cls), (gen.reg, h_reg)):  # Eqs. 17, 18
         z = (h * (a @ branch.conv2.weight.T + branch.conv2.bias)) @ branch.conv3.weight.T + branch.conv3.bias
@@ -71,8 +79,9 @@ def test_generator_handles_zero_and_one_matched_query():
     assert_close(bn(x), F.batch_norm(x, None, None, bn.weight, bn.bias, training=True))
 
 
-@pytest.mark.parametrize("shape_cls, shape_reg", [((3, C), (2, C)), ((3, C + 1), (3, C + 1)),
-                                                 ((1, 3, C), (1, 3, C))])
+@pytest.mark.parametrize(
+    "shape_cls, shape_reg", [((3, C), (2, C)), ((3, C + 1), (3, C + 1)), ((1, 3, C), (1, 3, C))]
+)
 def test_generator_rejects_bad_shapes(shape_cls, shape_reg):
     with pytest.raises(ValueError, match=r"got \(" + ", ".join(map(str, shape_cls))):
         SampleWeightGenerator(C)(torch.zeros(shape_cls), torch.zeros(shape_reg))

@@ -92,7 +92,10 @@ def test_rehash_moves_a_chain_in_an_order_that_frees_each_target(tmp_path):
     _stored_run(tmp_path, runs.config_hash(sr), old_default, 0.1)
     _stored_run(tmp_path, "0123456789ab", sr, 0.2)
     moved = runs.rehash_runs(tmp_path)
-    assert moved == {runs.config_hash(sr): runs.config_hash(old_default), "0123456789ab": runs.config_hash(sr)}
+    assert moved == {
+        runs.config_hash(sr): runs.config_hash(old_default),
+        "0123456789ab": runs.config_hash(sr),
+    }
     assert list(moved) == [runs.config_hash(sr), "0123456789ab"]  # the target was vacated first
     assert runs.load_finished_run(sr, tmp_path) == {"AP": 0.2}
     assert runs.load_finished_run(old_default, tmp_path) == {"AP": 0.1}
@@ -105,7 +108,9 @@ def test_rehash_refuses_a_held_target_before_moving_anything(tmp_path):
     _stored_run(tmp_path, "0123456789ab", cfg, 0.4)  # wants the same name
     with pytest.raises(FileExistsError, match="0123456789ab"):
         runs.rehash_runs(tmp_path)
-    assert (tmp_path / "runs" / "0123456789ab").is_dir() and runs.load_finished_run(cfg, tmp_path) == {"AP": 0.3}
+    assert (tmp_path / "runs" / "0123456789ab").is_dir() and runs.load_finished_run(cfg, tmp_path) == {
+        "AP": 0.3
+    }
 
 
 def test_every_committed_run_sits_under_its_configs_name():

@@ -37,8 +37,10 @@ def test_one_window_through_sahi_equals_predict_image(checkpoint):
     ours["boxes_xyxy"][:, 0::2] = ours["boxes_xyxy"][:, 0::2].clamp(0, 300)  # SAHI clips boxes to the image
     ours["boxes_xyxy"][:, 1::2] = ours["boxes_xyxy"][:, 1::2].clamp(0, 240)
     got = sorted((p.score.value, p.category.id, *p.bbox.to_xyxy()) for p in result.object_prediction_list)
-    expected = sorted((s, lab, *b) for s, lab, b in zip(ours["scores"].tolist(), ours["labels"].tolist(),
-                                                        ours["boxes_xyxy"].tolist()))
+    expected = sorted(
+        (s, lab, *b)
+        for s, lab, b in zip(ours["scores"].tolist(), ours["labels"].tolist(), ours["boxes_xyxy"].tolist())
+    )
     assert len(got) == len(expected) == 100
     np.testing.assert_allclose(np.array(got), np.array(expected), atol=1e-3)
     with pytest.raises(ValueError, match="image_size"):
@@ -52,4 +54,7 @@ def test_sliced_sahi_agrees_with_predict_slice_on_visdrone(checkpoint, shared_da
     rows = {r["pipeline"]: r for r in compare_sliced(checkpoint, [image], visdrone_to_coco(visdrone), 640)}
     ours, sahi_nms = rows["sodlib predict --slice"], rows["SAHI, sodlib's merge (NMS IoU 0.5, slices only)"]
     assert ours["agreement"] == 1.0 and ours["detections"] > 0
-    assert sahi_nms["agreement"] >= 0.9 and abs(sahi_nms["detections"] - ours["detections"]) <= 0.1 * ours["detections"]
+    assert (
+        sahi_nms["agreement"] >= 0.9
+        and abs(sahi_nms["detections"] - ours["detections"]) <= 0.1 * ours["detections"]
+    )

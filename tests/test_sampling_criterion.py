@@ -1,4 +1,5 @@
 """Paper A's criterion (ST, SR, SPR) on hand-made outputs and on a smoke-sized RT-DETR."""
+
 import dataclasses
 import inspect
 import math
@@ -18,30 +19,52 @@ from sodlib.losses.sampling import BetterSamplingCriterion
 K, C = 3, 8  # classes, hidden width
 LN2 = math.log(2.0)
 NEG = 0.75 * 0.25 * LN2  # VFL negative term at logit 0: alpha * p^gamma * BCE(0.5, 0)
-WEIGHTS = {"loss_vfl": 1.0, "loss_bbox": 5.0, "loss_giou": 2.0, "loss_qfl": 1.0, "loss_tal": 1.0,
-           "loss_offset": 1.0, "loss_atten": 1.0, "loss_sr_gen": 1.0}
+WEIGHTS = {
+    "loss_vfl": 1.0,
+    "loss_bbox": 5.0,
+    "loss_giou": 2.0,
+    "loss_qfl": 1.0,
+    "loss_tal": 1.0,
+    "loss_offset": 1.0,
+    "loss_atten": 1.0,
+    "loss_sr_gen": 1.0,
+}
 
 
 def _criterion(cls_loss="vfl", **switches):
-    return BetterSamplingCriterion(HungarianMatcher(), K, WEIGHTS, losses=(cls_loss, "boxes"), hidden_dim=C,
-                                   eta_per_layer=(1.5, 1.2, 1.0), **switches)
+    return BetterSamplingCriterion(
+        HungarianMatcher(),
+        K,
+        WEIGHTS,
+        losses=(cls_loss, "boxes"),
+        hidden_dim=C,
+        eta_per_layer=(1.5, 1.2, 1.0),
+        **switches,
+    )
 
 
 def _extras(g, batch, queries, heads=2, levels=2, points=3):
     boxes = torch.rand(batch, queries, 4, generator=g) * 0.3 + 0.2
     dp = (torch.rand(batch, queries, heads, levels, points, 2, generator=g) - 0.5) * 3
-    return {"hidden_cls": torch.randn(batch, queries, C, generator=g).requires_grad_(),
-            "hidden_reg": torch.randn(batch, queries, C, generator=g).requires_grad_(),
-            "ref_boxes": boxes,
-            "sampling_locations": (boxes[:, :, None, None, None, :2]
-                                   + dp * boxes[:, :, None, None, None, 2:]).requires_grad_(),
-            "attention_weights": torch.randn(batch, queries, heads, levels * points, generator=g)
-            .softmax(-1).view(batch, queries, heads, levels, points).requires_grad_()}
+    return {
+        "hidden_cls": torch.randn(batch, queries, C, generator=g).requires_grad_(),
+        "hidden_reg": torch.randn(batch, queries, C, generator=g).requires_grad_(),
+        "ref_boxes": boxes,
+        "sampling_locations": (
+            boxes[:, :, None, None, None, :2] + dp * boxes[:, :, None, None, None, 2:]
+        ).requires_grad_(),
+        "attention_weights": torch.randn(batch, queries, heads, levels * points, generator=g)
+        .softmax(-1)
+        .view(batch, queries, heads, levels, points)
+        .requires_grad_(),
+    }
 
 
 def _layer(g, batch, queries, extras=True):
-    out = {"pred_logits": torch.randn(batch, queries, K, generator=g).requires_grad_(),
-           "pred_boxes": (torch.rand(batch, queries, 4, generator=g) * 0.4 + 0.1).requires_grad_()}
+    out = {
+        "pred_logits": torch.randn(batch, queries, K, generator=g).requires_grad_(),
+        "pred_boxes": (torch.rand(batch, queries, 4, generator=g) * 0.4 + 0.1).requires_grad_(),
+    }
     return {**out, **_extras(g, batch, queries)} if extras else out
 
 
@@ -53,11 +76,20 @@ def _outputs(sizes, num_layers=3, queries=6, groups=2, seed=0):
     out = dict(layers[-1], aux_outputs=layers[:-1], enc_outputs=_layer(g, batch, queries, extras=False))
     num_dn = groups * 2 * max(sizes)
     out["dn_outputs"] = [_layer(g, batch, num_dn) for _ in range(num_layers)]
-    out["dn_meta"] = {"dn_positive_idx": [torch.tensor([grp * 2 * max(sizes) + j for grp in range(groups)
-                                                        for j in range(n)], dtype=torch.long) for n in sizes],
-                      "dn_num_group": groups, "dn_num_split": [num_dn, queries]}
-    targets = [{"labels": torch.randint(0, K, (n,), generator=g),
-                "boxes": torch.rand(n, 4, generator=g) * 0.3 + 0.1} for n in sizes]
+    out["dn_meta"] = {
+        "dn_positive_idx": [
+            torch.tensor(
+                [grp * 2 * max(sizes) + j for grp in range(groups) for j in range(n)], dtype=torch.long
+            )
+            for n in sizes
+        ],
+        "dn_num_group": groups,
+        "dn_num_split": [num_dn, queries],
+    }
+    targets = [
+        {"labels": torch.randint(0, K, (n,), generator=g), "boxes": torch.rand(n, 4, generator=g) * 0.3 + 0.1}
+        for n in sizes
+    ]
     return out, targets
 
 
@@ -69,10 +101,12 @@ def _hand_case(num_gt=1, logits=None):
         boxes = boxes[:, [0, 2]]
     q = boxes.shape[1]
     g = torch.Generator().manual_seed(0)
-    out = {"pred_logits": (torch.zeros(1, q, K) if logits is None else logits).requires_grad_(),
-           "pred_boxes": boxes.requires_grad_(),
-           "hidden_cls": torch.randn(1, q, C, generator=g).requires_grad_(),
-           "hidden_reg": torch.randn(1, q, C, generator=g).requires_grad_()}
+    out = {
+        "pred_logits": (torch.zeros(1, q, K) if logits is None else logits).requires_grad_(),
+        "pred_boxes": boxes.requires_grad_(),
+        "hidden_cls": torch.randn(1, q, C, generator=g).requires_grad_(),
+        "hidden_reg": torch.randn(1, q, C, generator=g).requires_grad_(),
+    }
     return out, [{"labels": torch.tensor([1, 0])[:num_gt], "boxes": gts}]
 
 
@@ -102,13 +136,14 @@ def test_all_switches_off_equals_baseline(cls_loss):
 
 def test_scale_aligned_target_replaces_the_iou():
     out, targets = _hand_case()
-    c = 0.5 ** 0.73 * math.exp(-6.0 * (math.sqrt(0.5) - 1) ** 2) ** 0.27  # Eqs. 12-14 with u = 0.5, ρ = 1/2
+    c = 0.5**0.73 * math.exp(-6.0 * (math.sqrt(0.5) - 1) ** 2) ** 0.27  # Eqs. 12-14 with u = 0.5, ρ = 1/2
     assert_close(_criterion()(out, targets)["loss_vfl"], torch.tensor(0.5 * LN2 + 5 * NEG))  # baseline
     # label mode: t = c, VFL weights the positive by its target t and BCE(0.5, t) = ln 2
     assert_close(_criterion(st=True)(out, targets)["loss_vfl"], torch.tensor(c * LN2 + 5 * NEG))
     # pred mode: t = c · s with s = sigmoid(0) = 0.5
-    assert_close(_criterion(st=True, st_mode="pred")(out, targets)["loss_vfl"],
-                 torch.tensor(0.5 * c * LN2 + 5 * NEG))
+    assert_close(
+        _criterion(st=True, st_mode="pred")(out, targets)["loss_vfl"], torch.tensor(0.5 * c * LN2 + 5 * NEG)
+    )
     crit = _criterion(st=True, beta=1.0)  # β = 1: c = IoU, the baseline
     assert_close(crit(out, targets)["loss_vfl"], torch.tensor(0.5 * LN2 + 5 * NEG))
 
@@ -119,7 +154,7 @@ def test_st_and_sr_with_qfl_and_tal(cls_loss, sr):
     logits = torch.zeros(1, 2, K)
     logits[0, 0, 1] = 1.0  # the matched query's score at the gt class
     out, targets = _hand_case(logits=logits)
-    c = 0.5 ** 0.73 * math.exp(-6.0 * (math.sqrt(0.5) - 1) ** 2) ** 0.27
+    c = 0.5**0.73 * math.exp(-6.0 * (math.sqrt(0.5) - 1) ** 2) ** 0.27
     s = 1 / (1 + math.exp(-1.0))
     bce = -(c * math.log(s) + (1 - c) * math.log(1 - s))
     # ST replaces the IoU target (TAL under one-to-one matching: t_hat = c); SR with a single positive
@@ -156,11 +191,15 @@ def test_sample_reweighting_gradients_difficulty_vs_end_to_end():
     detector_terms = losses["loss_vfl"] + losses["loss_bbox"] + losses["loss_giou"]
     grads = torch.autograd.grad(detector_terms, list(crit.generator.parameters()), allow_unused=True)
     assert all(gr is None for gr in grads)  # r is detached: Eq. 22's terms do not train the generator
-    grads = torch.autograd.grad(losses["loss_sr_gen"], [out["hidden_cls"], out["hidden_reg"]], allow_unused=True)
+    grads = torch.autograd.grad(
+        losses["loss_sr_gen"], [out["hidden_cls"], out["hidden_reg"]], allow_unused=True
+    )
     assert all(gr is None for gr in grads)  # ... and the generator's BCE does not train the detector
     # end to end: r stays in the graph; with mean-normalised r the gradient is driven by the positives'
     # loss differences, so give them different scores
-    out, targets = _hand_case(num_gt=2, logits=torch.randn(1, 3, K, generator=torch.Generator().manual_seed(1)))
+    out, targets = _hand_case(
+        num_gt=2, logits=torch.randn(1, 3, K, generator=torch.Generator().manual_seed(1))
+    )
     e2e = _criterion(sr=True, sr_grad="end_to_end")
     losses = e2e(out, targets)
     assert "loss_sr_gen" not in losses
@@ -172,7 +211,9 @@ def test_sample_reweighting_single_positive_and_encoder():
     out, targets = _hand_case()
     out["enc_outputs"] = {k: out[k] for k in ("pred_logits", "pred_boxes")}  # no head features
     losses = _criterion(sr=True)(out, targets)
-    assert_close(losses["loss_vfl"], torch.tensor(0.5 * LN2 + 5 * NEG))  # one positive: r = q (IoU 0.5), as without SR
+    assert_close(
+        losses["loss_vfl"], torch.tensor(0.5 * LN2 + 5 * NEG)
+    )  # one positive: r = q (IoU 0.5), as without SR
     base = SetCriterion(HungarianMatcher(), K, WEIGHTS)(out, targets)
     assert_close(losses["loss_vfl_enc_0"], base["loss_vfl_enc_0"])  # encoder keeps the baseline weights
     assert "loss_sr_gen_enc_0" not in losses
@@ -194,16 +235,22 @@ def test_spr_terms_per_decoder_layer(spr_denoising):
     if spr_denoising:
         layers.update({f"_dn_{i}": dn for i, dn in enumerate(out["dn_outputs"])})
         etas.update({"_dn_0": 1.5, "_dn_1": 1.2, "_dn_2": 1.0})
-    assert {k for k in losses if k.startswith(("loss_offset", "loss_atten"))} == \
-        {f"loss_{t}{s}" for t in ("offset", "atten") for s in layers}
+    assert {k for k in losses if k.startswith(("loss_offset", "loss_atten"))} == {
+        f"loss_{t}{s}" for t in ("offset", "atten") for s in layers
+    }
     for suffix, layer in layers.items():
         name = suffix.lstrip("_") or "final"
         mask = positive_mask(indices[name], layer["pred_logits"].shape[1])
-        assert_close(losses[f"loss_offset{suffix}"],
-                     L.spr_offset_loss(layer["sampling_locations"], layer["ref_boxes"], etas[suffix], mask))
-        assert_close(losses[f"loss_atten{suffix}"],
-                     L.spr_attention_loss(layer["sampling_locations"], layer["attention_weights"],
-                                          layer["ref_boxes"], mask))
+        assert_close(
+            losses[f"loss_offset{suffix}"],
+            L.spr_offset_loss(layer["sampling_locations"], layer["ref_boxes"], etas[suffix], mask),
+        )
+        assert_close(
+            losses[f"loss_atten{suffix}"],
+            L.spr_attention_loss(
+                layer["sampling_locations"], layer["attention_weights"], layer["ref_boxes"], mask
+            ),
+        )
         assert losses[f"loss_offset{suffix}"] > 0
     # Eq. 22: the total adds L_offset and L_atten with their weights
     plain = {k: v for k, v in losses.items() if not k.startswith(("loss_offset", "loss_atten"))}
@@ -223,12 +270,25 @@ def test_spr_needs_sampling_outputs():
 
 def test_build_criterion_with_switches():
     cfg = get_profile("smoke")
-    on = override(cfg, "loss.st=true", "loss.sr=true", "loss.spr=true", "loss.weight_offset=0.5",
-                  "loss.weight_sr_gen=0.1", "loss.sr_grad=difficulty")
+    on = override(
+        cfg,
+        "loss.st=true",
+        "loss.sr=true",
+        "loss.spr=true",
+        "loss.weight_offset=0.5",
+        "loss.weight_sr_gen=0.1",
+        "loss.sr_grad=difficulty",
+    )
     crit = build_criterion(on.loss, on.model)
     assert isinstance(crit, BetterSamplingCriterion) and crit.needs_sampling and crit.needs_hidden
-    assert crit.weight_dict == {"loss_vfl": 1.0, "loss_bbox": 5.0, "loss_giou": 2.0, "loss_offset": 0.5,
-                                "loss_atten": 1.0, "loss_sr_gen": 0.1}
+    assert crit.weight_dict == {
+        "loss_vfl": 1.0,
+        "loss_bbox": 5.0,
+        "loss_giou": 2.0,
+        "loss_offset": 0.5,
+        "loss_atten": 1.0,
+        "loss_sr_gen": 0.1,
+    }
     assert crit.generator.dim == cfg.model.hidden_dim and crit.eta_per_layer == cfg.loss.eta_per_layer
     st = build_criterion(override(cfg, "loss.st=true", "loss.st_mode=pred").loss, cfg.model)
     assert (st.st_mode, st.generator, st.needs_sampling, st.needs_hidden) == ("pred", None, False, False)
@@ -277,8 +337,13 @@ def test_all_switches_on_smoke_detector_gives_finite_losses_and_gradients(sr_gra
     crit = build_criterion(cfg.loss, cfg.model).train()
     g = torch.Generator().manual_seed(0)
     images = torch.rand(2, 3, 64, 64, generator=g)
-    targets = [{"labels": torch.tensor([0, 2]), "boxes": torch.tensor([[0.3, 0.3, 0.1, 0.1], [0.6, 0.5, 0.2, 0.05]])},
-               {"labels": torch.tensor([1]), "boxes": torch.tensor([[0.5, 0.5, 0.05, 0.08]])}]
+    targets = [
+        {
+            "labels": torch.tensor([0, 2]),
+            "boxes": torch.tensor([[0.3, 0.3, 0.1, 0.1], [0.6, 0.5, 0.2, 0.05]]),
+        },
+        {"labels": torch.tensor([1]), "boxes": torch.tensor([[0.5, 0.5, 0.05, 0.08]])},
+    ]
     # drift the sampling offsets so that points leave the boxes and SPR is active
     with torch.no_grad():
         for layer in model.decoder.layers:
@@ -304,14 +369,17 @@ def test_smoke_detector_with_degenerate_targets():
     torch.manual_seed(0)
     model = sodlib.build_detector(cfg.model).train()
     crit = build_criterion(cfg.loss, cfg.model).train()
-    targets = [{"labels": torch.tensor([0]), "boxes": torch.tensor([[0.3, 0.3, 0.0, 0.0]])},  # zero area
-               {"labels": torch.zeros(0, dtype=torch.long), "boxes": torch.zeros(0, 4)}]  # no objects
+    targets = [
+        {"labels": torch.tensor([0]), "boxes": torch.tensor([[0.3, 0.3, 0.0, 0.0]])},  # zero area
+        {"labels": torch.zeros(0, dtype=torch.long), "boxes": torch.zeros(0, 4)},
+    ]  # no objects
     out = model(torch.rand(2, 3, 64, 64), targets, return_sampling=True, return_hidden=True)
     losses = crit(out, targets)
     assert all(torch.isfinite(v) for v in losses.values())
     crit.weighted_total(losses).backward()
-    assert all(torch.isfinite(p.grad).all() for p in [*model.parameters(), *crit.parameters()]
-               if p.grad is not None)
+    assert all(
+        torch.isfinite(p.grad).all() for p in [*model.parameters(), *crit.parameters()] if p.grad is not None
+    )
 
 
 def test_criterion_defaults_match_loss_config():

@@ -67,8 +67,12 @@ def _runs(values: dict[str, list[float]]) -> pd.DataFrame:
 
 
 def test_compare_pairs_rows_by_seed_and_corrects_over_the_table():
-    table = A.Table("t", "T", (A.Row("base", (), {"AP": 30.0}), A.Row("a", (), {"AP": 31.0}),
-                               A.Row("b", (), {"AP": 29.0})), seeds=3)
+    table = A.Table(
+        "t",
+        "T",
+        (A.Row("base", (), {"AP": 30.0}), A.Row("a", (), {"AP": 31.0}), A.Row("b", (), {"AP": 29.0})),
+        seeds=3,
+    )
     runs = _runs({"base": [0.10, 0.10, 0.20], "a": [0.12, 0.13, 0.23], "b": [0.10, 0.11, 0.19]})
     s = A.compare(table, runs).set_index("row")
     assert s.loc["a", "dAP"] == pytest.approx(8 / 3)  # per-seed differences (2, 3, 3) points
@@ -98,7 +102,9 @@ def test_write_summaries_writes_each_table_and_its_runs(tmp_path):
 def test_holm_first_step_resolves_the_half_width_at_alpha_over_m():
     # t_{1-0.05/(2*5), 2} = t_{0.995, 2} = 9.9248 (tables): 9.9248 * 1 / sqrt(3) = 5.7301
     assert holm_resolvable_difference(1.0, 3, 5) == pytest.approx(5.7301, abs=1e-3)
-    assert holm_resolvable_difference(1.0, 3, 1) == pytest.approx(resolvable_difference(1.0, 3))  # m = 1: plain
+    assert holm_resolvable_difference(1.0, 3, 1) == pytest.approx(
+        resolvable_difference(1.0, 3)
+    )  # m = 1: plain
     assert math.isnan(holm_resolvable_difference(1.0, 1, 5))
     with pytest.raises(ValueError, match="m=0"):
         holm_resolvable_difference(1.0, 3, 0)
@@ -113,5 +119,7 @@ def test_detectable_difference_has_the_asked_power():
     assert d > holm_resolvable_difference(1.0, 3, 5)  # 80% power needs more than the critical value
     # many pairs: the normal approximation (z_{0.975} + z_{0.8}) sd / sqrt(n) = 2.8016 / sqrt(200) = 0.1981
     assert detectable_difference(1.0, 200) == pytest.approx(0.1981, abs=2e-3)
-    assert detectable_difference(2.0, 5, 5) == pytest.approx(2 * detectable_difference(1.0, 5, 5))  # scales with sd
+    assert detectable_difference(2.0, 5, 5) == pytest.approx(
+        2 * detectable_difference(1.0, 5, 5)
+    )  # scales with sd
     assert math.isnan(detectable_difference(1.0, 1)) and detectable_difference(0.0, 3) == 0.0

@@ -89,8 +89,11 @@ def test_prefix_property(tmp_path, monkeypatch):
     pngs_s, pngs_l = _png_bytes(tmp_path / "short", "val"), _png_bytes(tmp_path / "long", "val")
     assert all(pngs_s[k] == pngs_l[k] for k in pngs_s) and len(pngs_l) == 6
     strip = [{k: a[k] for k in ("image_id", "category_id", "bbox")} for a in short["annotations"]]
-    assert strip == [{k: a[k] for k in ("image_id", "category_id", "bbox")}
-                     for a in long_["annotations"] if a["image_id"] <= 3]
+    assert strip == [
+        {k: a[k] for k in ("image_id", "category_id", "bbox")}
+        for a in long_["annotations"]
+        if a["image_id"] <= 3
+    ]
     # growing a split in place reuses the first images and equals a fresh generation
     calls, real = [], synth.generate_image
     monkeypatch.setattr(synth, "generate_image", lambda *a: calls.append(a) or real(*a))
@@ -212,7 +215,9 @@ def test_plot_stats_and_box_stats(tmp_path):
     per_image = [sum(a["image_id"] == im["id"] for a in c["annotations"]) for c in coco for im in c["images"]]
     assert summary["mean_per_image"] == pytest.approx(np.mean(per_image))
     assert summary["max_per_image"] == max(per_image)
-    assert sum(summary["per_class"].values()) == len(boxes) and set(summary["per_class"]) == set(synth.CLASSES)
+    assert sum(summary["per_class"].values()) == len(boxes) and set(summary["per_class"]) == set(
+        synth.CLASSES
+    )
     assert datastats.plot_stats([p_val], tmp_path / "val.png")["num_images"] == 2
     text = datastats.format_stats(summary)
     assert "16²" in text and str(summary["num_boxes"]) in text
@@ -232,11 +237,16 @@ def test_synthsod_never_overwrites_a_dataset_it_did_not_write(tmp_path):
     (root / "images" / "train").mkdir(parents=True)
     (root / "annotations").mkdir()
     (root / "images" / "train" / "photo.jpg").write_bytes(b"\xff\xd8 my photo")
-    (root / "annotations" / "instances_train.json").write_text(json.dumps(
-        {"info": {"description": "my drone survey"}, "images": [], "annotations": [], "categories": []}))
+    (root / "annotations" / "instances_train.json").write_text(
+        json.dumps(
+            {"info": {"description": "my drone survey"}, "images": [], "annotations": [], "categories": []}
+        )
+    )
     before = _snapshot(root)
-    for call in (lambda: write_split(root, "train", 2, 64, progress=False),
-                 lambda: ensure_split(root, "train", 2, 64, progress=False)):
+    for call in (
+        lambda: write_split(root, "train", 2, 64, progress=False),
+        lambda: ensure_split(root, "train", 2, 64, progress=False),
+    ):
         with pytest.raises(ValueError, match=r"my_coco.*SynthSOD did not write them.*data\.dataset=coco"):
             call()
         assert _snapshot(root) == before
@@ -294,14 +304,20 @@ def test_ensure_split_from_two_processes_at_once_generates_one_complete_split(tm
     assert paths[0] == paths[1]
     coco = json.loads(Path(paths[0]).read_text())
     assert len(coco["images"]) == 24
-    assert sorted(p.name for p in (tmp_path / "images" / "train").glob("*.png")) == [f"{i:06d}.png" for i in range(24)]
+    assert sorted(p.name for p in (tmp_path / "images" / "train").glob("*.png")) == [
+        f"{i:06d}.png" for i in range(24)
+    ]
     assert not list((tmp_path / "images").glob(".*")) and not list((tmp_path / "annotations").glob(".*"))
 
 
 def _tree_digest(root: Path) -> dict:
     import hashlib
 
-    return {p.relative_to(root): hashlib.sha256(p.read_bytes()).hexdigest() for p in root.rglob("*") if p.is_file()}
+    return {
+        p.relative_to(root): hashlib.sha256(p.read_bytes()).hexdigest()
+        for p in root.rglob("*")
+        if p.is_file()
+    }
 
 
 def test_regenerating_never_deletes_a_file_synthsod_did_not_write(tmp_path):
@@ -319,7 +335,9 @@ def test_regenerating_never_deletes_a_file_synthsod_did_not_write(tmp_path):
     (theirs / "images" / "train").mkdir(parents=True)
     (theirs / "images" / "train" / "holiday.jpg").write_bytes(b"\xff\xd8 a photo")
     (theirs / "annotations").mkdir()
-    (theirs / "annotations" / "instances_train.json").write_bytes(synth.annotation_path(tmp_path, "train").read_bytes())
+    (theirs / "annotations" / "instances_train.json").write_bytes(
+        synth.annotation_path(tmp_path, "train").read_bytes()
+    )
     before = _tree_digest(theirs)
     with pytest.raises(ValueError, match="holiday.jpg: SynthSOD did not write this file"):
         synth.write_split(theirs, "train", 2, 64, progress=False)

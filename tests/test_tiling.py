@@ -11,10 +11,17 @@ from torchvision.ops import box_iou
 from sodlib.data.tiling import merge_tile_detections, tile_coco, tile_coco_annotations, tile_windows
 
 
-@pytest.mark.parametrize("width,height,tile,overlap", [
-    (1920, 1080, 800, 150), (2299, 2472, 800, 150), (1000, 700, 400, 100), (801, 800, 800, 150),
-    (500, 300, 800, 150), (1360, 765, 640, 0),
-])
+@pytest.mark.parametrize(
+    "width,height,tile,overlap",
+    [
+        (1920, 1080, 800, 150),
+        (2299, 2472, 800, 150),
+        (1000, 700, 400, 100),
+        (801, 800, 800, 150),
+        (500, 300, 800, 150),
+        (1360, 765, 640, 0),
+    ],
+)
 def test_tile_windows_cover_with_overlap(width, height, tile, overlap):
     wins = tile_windows(width, height, tile, overlap)
     covered = np.zeros((height, width), dtype=bool)
@@ -36,8 +43,12 @@ def test_tile_windows_cover_with_overlap(width, height, tile, overlap):
 def test_tile_windows_small_image_kept_whole_and_bad_args():
     assert tile_windows(300, 200, 800, 150) == [(0, 0, 300, 200)]
     assert tile_windows(1000, 700, 400, 100) == [
-        (0, 0, 400, 400), (300, 0, 700, 400), (600, 0, 1000, 400),
-        (0, 300, 400, 700), (300, 300, 700, 700), (600, 300, 1000, 700),
+        (0, 0, 400, 400),
+        (300, 0, 700, 400),
+        (600, 0, 1000, 400),
+        (0, 300, 400, 700),
+        (300, 300, 700, 700),
+        (600, 300, 1000, 700),
     ]
     with pytest.raises(ValueError):
         tile_windows(100, 100, 800, 800)
@@ -51,18 +62,51 @@ def _synthetic_coco(width=1000, height=700, seed=0):
         for gx in range(0, width - 100, 100):
             w, h = rng.uniform(8, 80), rng.uniform(8, 80)
             x, y = gx + rng.uniform(0, 99 - w), gy + rng.uniform(0, 99 - h)
-            anns.append({"id": len(anns) + 1, "image_id": 7, "category_id": rng.choice([1, 2]),
-                         "bbox": [x, y, w, h], "area": w * h, "iscrowd": 0, "ignore": 0})
+            anns.append(
+                {
+                    "id": len(anns) + 1,
+                    "image_id": 7,
+                    "category_id": rng.choice([1, 2]),
+                    "bbox": [x, y, w, h],
+                    "area": w * h,
+                    "iscrowd": 0,
+                    "ignore": 0,
+                }
+            )
     # boxes straddling the window borders x=300/400, y=300/400, and touching the image border
     for k, (bx, by) in enumerate([(370.5, 50.5), (280.25, 370.75), (650.5, 360.5), (930.5, 620.5), (0, 0)]):
-        anns = [a for a in anns if box_iou(torch.tensor([[bx, by, bx + 60, by + 60]]),
-                                            torch.tensor([[a["bbox"][0], a["bbox"][1], a["bbox"][0] + a["bbox"][2],
-                                                           a["bbox"][1] + a["bbox"][3]]])).item() == 0]
-        anns.append({"id": 1000 + k, "image_id": 7, "category_id": 2, "bbox": [bx, by, 60.0, 60.0],
-                     "area": 3600.0, "iscrowd": 0, "ignore": 0})
+        anns = [
+            a
+            for a in anns
+            if box_iou(
+                torch.tensor([[bx, by, bx + 60, by + 60]]),
+                torch.tensor(
+                    [[a["bbox"][0], a["bbox"][1], a["bbox"][0] + a["bbox"][2], a["bbox"][1] + a["bbox"][3]]]
+                ),
+            ).item()
+            == 0
+        ]
+        anns.append(
+            {
+                "id": 1000 + k,
+                "image_id": 7,
+                "category_id": 2,
+                "bbox": [bx, by, 60.0, 60.0],
+                "area": 3600.0,
+                "iscrowd": 0,
+                "ignore": 0,
+            }
+        )
     return {
-        "images": [{"id": 7, "file_name": "big.png", "width": width, "height": height,
-                    "ignore_regions_xywh": [[350.0, 350.0, 100.0, 100.0]]}],
+        "images": [
+            {
+                "id": 7,
+                "file_name": "big.png",
+                "width": width,
+                "height": height,
+                "ignore_regions_xywh": [[350.0, 350.0, 100.0, 100.0]],
+            }
+        ],
         "annotations": anns,
         "categories": [{"id": 1, "name": "a"}, {"id": 2, "name": "b"}],
     }
@@ -89,7 +133,7 @@ def test_tile_round_trip(tmp_path):
         x0, y0 = rec["offset"]
         patch = np.asarray(Image.open(out / "images" / "val" / rec["file_name"]))
         assert patch.shape == (rec["height"], rec["width"], 3)
-        assert np.array_equal(patch, pixels[y0:y0 + rec["height"], x0:x0 + rec["width"]])
+        assert np.array_equal(patch, pixels[y0 : y0 + rec["height"], x0 : x0 + rec["width"]])
         for r in rec["ignore_regions_xywh"]:  # clipped into the patch
             assert r[0] >= 0 and r[1] >= 0 and r[0] + r[2] <= rec["width"] and r[1] + r[3] <= rec["height"]
     assert sum(len(r["ignore_regions_xywh"]) for r in tiles["images"]) == 4  # the region spans 4 patches
@@ -98,8 +142,11 @@ def test_tile_round_trip(tmp_path):
     assert all(a["visible"] >= 0.5 for a in tiles["annotations"] if not a["ignore"])
     assert any(a["ignore"] for a in tiles["annotations"])
 
-    dets = [{"image_id": a["image_id"], "category_id": a["category_id"], "bbox": a["bbox"], "score": 1.0}
-            for a in tiles["annotations"] if not a["ignore"]]
+    dets = [
+        {"image_id": a["image_id"], "category_id": a["category_id"], "bbox": a["bbox"], "score": 1.0}
+        for a in tiles["annotations"]
+        if not a["ignore"]
+    ]
     assert len(dets) > len(coco["annotations"])  # duplicates from the overlaps exist before merging
     merged = merge_tile_detections(dets, tiles, iou_thr=0.5)
     assert all(d["image_id"] == 7 for d in merged)
@@ -117,8 +164,17 @@ def test_tile_round_trip(tmp_path):
 def test_small_image_single_patch_and_crowd_kept():
     coco = {
         "images": [{"id": 1, "file_name": "s.jpg", "width": 300, "height": 200}],
-        "annotations": [{"id": 5, "image_id": 1, "category_id": 1, "bbox": [10, 10, 20, 20], "area": 400,
-                         "iscrowd": 1, "ignore": 1}],
+        "annotations": [
+            {
+                "id": 5,
+                "image_id": 1,
+                "category_id": 1,
+                "bbox": [10, 10, 20, 20],
+                "area": 400,
+                "iscrowd": 1,
+                "ignore": 1,
+            }
+        ],
         "categories": [{"id": 1, "name": "x"}],
     }
     t = tile_coco_annotations(coco, tile=800, overlap=150)

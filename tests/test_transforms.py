@@ -14,8 +14,9 @@ def _sample(with_box=True):
     img[:, y0:y1, x0:x1] = 255
     boxes = [list(RECT)] if with_box else []
     target = {
-        "boxes": tv_tensors.BoundingBoxes(torch.tensor(boxes, dtype=torch.float32).reshape(-1, 4),
-                                          format="XYXY", canvas_size=(H, W)),
+        "boxes": tv_tensors.BoundingBoxes(
+            torch.tensor(boxes, dtype=torch.float32).reshape(-1, 4), format="XYXY", canvas_size=(H, W)
+        ),
         "labels": torch.tensor([3] * len(boxes), dtype=torch.int64),
     }
     return tv_tensors.Image(img), target

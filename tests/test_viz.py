@@ -29,10 +29,12 @@ def test_learning_curve_is_drawn_against_iterations_so_a_retrained_run_draws_the
     def run(name, seconds):
         d = tmp_path / name
         d.mkdir()
-        d.joinpath("log.csv").write_text("iteration,loss,train_seconds\n" + "".join(
-            f"{i},{10 - i},{seconds * i}\n" for i in range(1, 9)))
-        d.joinpath("eval.csv").write_text(f"iteration,train_seconds,AP,AP50\n4,{4 * seconds},0.2,0.4\n"
-                                          f"8,{8 * seconds},0.3,0.6\n")
+        d.joinpath("log.csv").write_text(
+            "iteration,loss,train_seconds\n" + "".join(f"{i},{10 - i},{seconds * i}\n" for i in range(1, 9))
+        )
+        d.joinpath("eval.csv").write_text(
+            f"iteration,train_seconds,AP,AP50\n4,{4 * seconds},0.2,0.4\n8,{8 * seconds},0.3,0.6\n"
+        )
         return d
 
     first = viz.plot_learning_curve({"base": run("a", 1.0)}, tmp_path / "a.png").read_bytes()
@@ -45,8 +47,15 @@ def test_learning_curve_is_drawn_against_iterations_so_a_retrained_run_draws_the
 
 def test_plot_lines_draws_the_given_values(tmp_path):
     x = np.linspace(0, 1, 11)
-    fig = viz.plot_lines({"square": (x, x**2), "id": (x, x)}, "x", "y", "t", points={"pts": ([0.5], [0.2])},
-                         hlines={"half": 0.5}, legend_loc="outside")
+    fig = viz.plot_lines(
+        {"square": (x, x**2), "id": (x, x)},
+        "x",
+        "y",
+        "t",
+        points={"pts": ([0.5], [0.2])},
+        hlines={"half": 0.5},
+        legend_loc="outside",
+    )
     ax = fig.axes[0]
     np.testing.assert_allclose(ax.lines[0].get_ydata(), x**2)
     np.testing.assert_allclose(ax.lines[1].get_xdata(), x)
@@ -66,7 +75,9 @@ def test_plot_contour_panels_one_panel_per_entry(tmp_path):
     x, y = np.linspace(0, 1, 30), np.linspace(0, 1, 20)
     z = np.add.outer(y, x) / 2  # [len(y), len(x)]
     z_nan = np.where(z > 0.8, np.nan, z)
-    fig = viz.plot_contour_panels(x, y, {"a": z, "b with NaN": z_nan}, "x", "y", suptitle="s", nan_label="gone")
+    fig = viz.plot_contour_panels(
+        x, y, {"a": z, "b with NaN": z_nan}, "x", "y", suptitle="s", nan_label="gone"
+    )
     titles = [ax.get_title() for ax in fig.axes]
     assert titles[:2] == ["a", "b with NaN"] and len(fig.axes) == 3  # two panels + colour bar
     assert "hatched: gone" in fig._suptitle.get_text()
@@ -78,7 +89,11 @@ def test_plot_box_pairs_draws_boxes_and_intersection(tmp_path):
     fig = viz.plot_box_pairs(gt, {"shifted": [14.0, 10.0, 26.0, 22.0], "disjoint": [30.0, 30.0, 34.0, 34.0]})
     shifted, disjoint = fig.axes
     inter = [p for p in shifted.patches if p.get_label() == "intersection"]
-    assert len(inter) == 1 and inter[0].get_width() == pytest.approx(8) and inter[0].get_height() == pytest.approx(12)
+    assert (
+        len(inter) == 1
+        and inter[0].get_width() == pytest.approx(8)
+        and inter[0].get_height() == pytest.approx(12)
+    )
     assert not [p for p in disjoint.patches if p.get_label() == "intersection"]
     gt_patch = next(p for p in shifted.patches if p.get_label() == "ground truth")
     assert gt_patch.get_xy() == (10.0, 10.0) and gt_patch.get_width() == 12.0
@@ -88,9 +103,13 @@ def test_plot_box_pairs_draws_boxes_and_intersection(tmp_path):
 
 def test_spr_point_geometry_by_hand():
     box = torch.tensor([0.5, 0.5, 0.2, 0.1])  # cxcywh
-    points = torch.tensor([[0.55, 0.52],  # inside the box
-                           [0.62, 0.5],  # Δp/wh = (0.6, 0): between the box and the 1.5× box
-                           [0.8, 0.3]])  # Δp/wh = (1.5, -2): outside, target (0.75, -0.75)
+    points = torch.tensor(
+        [
+            [0.55, 0.52],  # inside the box
+            [0.62, 0.5],  # Δp/wh = (0.6, 0): between the box and the 1.5× box
+            [0.8, 0.3],
+        ]
+    )  # Δp/wh = (1.5, -2): outside, target (0.75, -0.75)
     geo = viz.spr_point_geometry(points, box, eta=1.5)
     assert geo["inside_box"].tolist() == [True, False, False]
     assert geo["inside_expanded"].tolist() == [True, True, False]
@@ -102,7 +121,9 @@ def test_spr_point_geometry_agrees_with_the_losses():
     """Eq. 5 from the geometry's targets equals spr_offset_loss; its inside-box set gives spr_attention_loss."""
     gen = torch.Generator().manual_seed(0)
     q, heads, levels, points = 5, 2, 3, 4
-    boxes = torch.cat([torch.rand(q, 2, generator=gen) * 0.6 + 0.2, torch.rand(q, 2, generator=gen) * 0.2 + 0.02], -1)
+    boxes = torch.cat(
+        [torch.rand(q, 2, generator=gen) * 0.6 + 0.2, torch.rand(q, 2, generator=gen) * 0.2 + 0.02], -1
+    )
     loc = boxes[:, None, None, None, :2] + torch.randn(q, heads, levels, points, 2, generator=gen) * 0.1
     attn = torch.rand(q, heads, levels, points, generator=gen).softmax(-1)
     eta = 1.3
@@ -126,10 +147,18 @@ def test_spr_point_geometry_agrees_with_the_losses():
 def test_plot_spr_geometry_panels_and_arrows(tmp_path):
     image = np.random.default_rng(0).random((64, 64, 3))
     box = torch.tensor([0.5, 0.5, 0.2, 0.2])
-    loc = box[:2] + torch.tensor([[[[0.0, 0.0], [0.05, 0.0], [0.3, 0.0]]]])  # [heads 1, levels 1, points 3, 2]
+    loc = box[:2] + torch.tensor(
+        [[[[0.0, 0.0], [0.05, 0.0], [0.3, 0.0]]]]
+    )  # [heads 1, levels 1, points 3, 2]
     attn = torch.tensor([[[0.5, 0.3, 0.2]]])
-    panel = {"ref_box_cxcywh": box, "eta": 1.5, "sampling_locations": loc, "attention_weights": attn,
-             "gt_box_cxcywh": torch.tensor([0.52, 0.5, 0.2, 0.25]), "title": "q0"}
+    panel = {
+        "ref_box_cxcywh": box,
+        "eta": 1.5,
+        "sampling_locations": loc,
+        "attention_weights": attn,
+        "gt_box_cxcywh": torch.tensor([0.52, 0.5, 0.2, 0.25]),
+        "title": "q0",
+    }
     fig = viz.plot_spr_geometry(image, [[panel, {**panel, "eta": 1.0, "title": "q0 l1"}]], suptitle="test")
     ax0, ax1 = fig.axes[:2]
     assert ax0.get_title() == "q0" and ax1.get_title() == "q0 l1"
@@ -146,8 +175,15 @@ def test_plot_spr_geometry_panels_and_arrows(tmp_path):
 def test_plot_predictions_grid_draws_gt_and_kept_predictions(tmp_path):
     image = np.zeros((32, 32, 3))
     gt = [np.array([[2.0, 2.0, 10.0, 10.0], [20.0, 20.0, 30.0, 30.0]])]
-    preds = {"a": [{"boxes_xyxy": np.array([[2.0, 2.0, 9.0, 9.0], [0.0, 0.0, 5.0, 5.0]]), "scores": np.array([0.9, 0.1])}],
-             "b": [{"boxes_xyxy": np.zeros((0, 4)), "scores": np.zeros(0)}]}
+    preds = {
+        "a": [
+            {
+                "boxes_xyxy": np.array([[2.0, 2.0, 9.0, 9.0], [0.0, 0.0, 5.0, 5.0]]),
+                "scores": np.array([0.9, 0.1]),
+            }
+        ],
+        "b": [{"boxes_xyxy": np.zeros((0, 4)), "scores": np.zeros(0)}],
+    }
     fig = viz.plot_predictions_grid([image], gt, preds, score_threshold=0.5)
     ax_a, ax_b = fig.axes
     assert len(ax_a.patches) == 3 and len(ax_b.patches) == 2  # 2 GT + 1 prediction above 0.5; 2 GT only
@@ -159,10 +195,21 @@ def test_plot_predictions_grid_draws_gt_and_kept_predictions(tmp_path):
 def test_plot_heatmap_grid_crops_around_the_box(tmp_path):
     heat = np.zeros((64, 64))
     heat[20, 30] = 1.0
-    panel = {"image_hwc": np.ones((64, 64, 3)) * 0.5, "heat": heat, "box_xyxy": (28.0, 18.0, 32.0, 22.0), "title": "t"}
-    fig = viz.plot_heatmap_grid([[panel, {**panel, "box_xyxy": None, "boxes_xyxy": [[1, 1, 5, 5], [6, 6, 9, 9]]}], [panel]], margin=1.0)
+    panel = {
+        "image_hwc": np.ones((64, 64, 3)) * 0.5,
+        "heat": heat,
+        "box_xyxy": (28.0, 18.0, 32.0, 22.0),
+        "title": "t",
+    }
+    fig = viz.plot_heatmap_grid(
+        [[panel, {**panel, "box_xyxy": None, "boxes_xyxy": [[1, 1, 5, 5], [6, 6, 9, 9]]}], [panel]],
+        margin=1.0,
+    )
     axes = fig.axes
-    assert axes[0].get_xlim() == (18.0, 42.0) and axes[0].get_ylim() == (32.0, 8.0)  # 12 px half-window (min 24)
+    assert axes[0].get_xlim() == (18.0, 42.0) and axes[0].get_ylim() == (
+        32.0,
+        8.0,
+    )  # 12 px half-window (min 24)
     assert axes[1].get_xlim() == (0.0, 64.0) and len(axes[1].patches) == 2  # no box: the whole image
     assert not axes[3].axison  # empty cell of the short row
     _assert_png(save_figure(fig, tmp_path / "heat.png"))
@@ -186,4 +233,5 @@ def test_notebook_image_embeds_small_pngs_and_previews_large_ones(tmp_path):
     shown = notebook_image(large, max_side=600)
     assert shown.format == "jpeg" and len(shown.data) < large.stat().st_size
     import io
+
     assert PILImage.open(io.BytesIO(shown.data)).size == (300, 600)

@@ -69,8 +69,10 @@ def _check_inside(image_dir: Path, images: list[dict], source) -> None:
         name = str(img["file_name"])
         target = os.path.normpath(os.path.join(root, name))
         if os.path.isabs(name) or not (target + os.sep).startswith(root + os.sep) or target == root:
-            raise ValueError(f"{source}: image {img['id']} file_name {name!r} lies outside the image folder "
-                             f"{image_dir}; set data.allow_outside_paths=true if that is intended")
+            raise ValueError(
+                f"{source}: image {img['id']} file_name {name!r} lies outside the image folder "
+                f"{image_dir}; set data.allow_outside_paths=true if that is intended"
+            )
 
 
 def rgb8(image: Image.Image) -> Image.Image:
@@ -94,8 +96,13 @@ class CocoDetection(torch.utils.data.Dataset):
     ids in dataset order). A missing or unreadable image raises an error naming the file.
     """
 
-    def __init__(self, image_dir: PathLike, ann_file_or_dict: PathLike | Mapping,
-                 transforms: Callable | None = None, allow_outside: bool = False):
+    def __init__(
+        self,
+        image_dir: PathLike,
+        ann_file_or_dict: PathLike | Mapping,
+        transforms: Callable | None = None,
+        allow_outside: bool = False,
+    ):
         self.image_dir = Path(image_dir)
         if isinstance(ann_file_or_dict, Mapping):
             self.coco = validate_coco(ann_file_or_dict)
@@ -106,7 +113,9 @@ class CocoDetection(torch.utils.data.Dataset):
         self.transforms = transforms
         self._basic = None  # lazily built no-resize pipeline for transforms=None
         cats = {c["id"]: c["name"] for c in self.coco["categories"]}
-        self.ignore_category_ids = {i for i, n in cats.items() if str(n).strip().lower() in IGNORE_CATEGORY_NAMES}
+        self.ignore_category_ids = {
+            i for i, n in cats.items() if str(n).strip().lower() in IGNORE_CATEGORY_NAMES
+        }
         self.category_ids = sorted(i for i in cats if i not in self.ignore_category_ids)
         self.names = [cats[i] for i in self.category_ids]
         self.cat_to_label = {c: i for i, c in enumerate(self.category_ids)}
@@ -157,19 +166,23 @@ class CocoDetection(torch.utils.data.Dataset):
             except Exception as e:
                 raise ValueError(f"cannot read image {path} (image id {record['id']}): {e}") from e
             if size != (int(record["width"]), int(record["height"])):
-                raise ValueError(f"image {path} is {size[0]}x{size[1]} but its record says "
-                                 f"{record['width']}x{record['height']}")
+                raise ValueError(
+                    f"image {path} is {size[0]}x{size[1]} but its record says "
+                    f"{record['width']}x{record['height']}"
+                )
 
     def training_annotations(self, index: int) -> list[dict]:
         """The annotations that become targets: not crowd, not ignore, not an ignore category."""
         return [
-            a for a in self._anns.get(self.images[index]["id"], [])
-            if not a.get("iscrowd", 0) and not a.get("ignore", 0) and a["category_id"] not in self.ignore_category_ids
+            a
+            for a in self._anns.get(self.images[index]["id"], [])
+            if not a.get("iscrowd", 0)
+            and not a.get("ignore", 0)
+            and a["category_id"] not in self.ignore_category_ids
         ]
 
     def __getitem__(self, index: int):
         from torchvision import tv_tensors
-
 
         record = self.images[index]
         image = self.load_image(index)
@@ -210,8 +223,10 @@ class CocoDetection(torch.utils.data.Dataset):
         return img, out
 
     def __repr__(self) -> str:
-        return (f"{type(self).__name__}(images={len(self)}, annotations={len(self.coco['annotations'])}, "
-                f"classes={self.names}, image_dir='{self.image_dir}')")
+        return (
+            f"{type(self).__name__}(images={len(self)}, annotations={len(self.coco['annotations'])}, "
+            f"classes={self.names}, image_dir='{self.image_dir}')"
+        )
 
 
 def _pil_to_chw(image: Image.Image):
@@ -234,7 +249,9 @@ def collate_fn(batch):
     images, targets = zip(*batch)
     shapes = {tuple(im.shape) for im in images}
     if len(shapes) != 1:
-        raise ValueError(f"collate_fn: images of different shapes {sorted(shapes)}; resize to a square size first")
+        raise ValueError(
+            f"collate_fn: images of different shapes {sorted(shapes)}; resize to a square size first"
+        )
     return torch.stack(list(images)), list(targets)
 
 
@@ -254,8 +271,6 @@ def synthsod_root(data_cfg) -> Path:
     if data_cfg.root:
         return Path(data_cfg.root).expanduser()
     return data_cache_dir() / f"synthsod_s{data_cfg.image_size}_seed{data_cfg.synth_seed}"
-
-
 
 
 def _read_split_list(root: Path, split: str) -> list[str] | None:
@@ -303,10 +318,15 @@ def build_dataset(data_cfg, split: str, train: bool, data_root: str | None = Non
     elif root is None:
         raise ValueError(f"data.root must be set for dataset {kind!r}")
     elif kind == "coco":
-        candidates = [root / "annotations" / f"instances_{split}.json", root / "annotations" / f"{split}.json"]
+        candidates = [
+            root / "annotations" / f"instances_{split}.json",
+            root / "annotations" / f"{split}.json",
+        ]
         ann = next((p for p in candidates if p.is_file()), None)
         if ann is None:
-            raise FileNotFoundError(f"no annotation file for split {split!r}: tried {[str(p) for p in candidates]}")
+            raise FileNotFoundError(
+                f"no annotation file for split {split!r}: tried {[str(p) for p in candidates]}"
+            )
         ds = CocoDetection(root / "images" / split, ann, tf, allow_outside=data_cfg.allow_outside_paths)
     elif kind == "visdrone":
         folder = root / split
@@ -339,13 +359,27 @@ def build_dataset(data_cfg, split: str, train: bool, data_root: str | None = Non
     else:
         raise ValueError(f"unknown dataset {kind!r}")
 
-    if kind != "synthsod":  # the user's files: read every header now (SynthSOD's were just written and checked)
+    if (
+        kind != "synthsod"
+    ):  # the user's files: read every header now (SynthSOD's were just written and checked)
         ds.check_images()
     if ds.num_classes != data_cfg.num_classes:
-        logger.warning("%s split %r has %d classes but data.num_classes=%d", kind, split, ds.num_classes,
-                       data_cfg.num_classes)
+        logger.warning(
+            "%s split %r has %d classes but data.num_classes=%d",
+            kind,
+            split,
+            ds.num_classes,
+            data_cfg.num_classes,
+        )
     logger.info("built %r", ds)
     return ds
 
 
-__all__ = ["CocoDetection", "VisDroneDataset", "build_dataset", "collate_fn", "data_cache_dir", "synthsod_root"]
+__all__ = [
+    "CocoDetection",
+    "VisDroneDataset",
+    "build_dataset",
+    "collate_fn",
+    "data_cache_dir",
+    "synthsod_root",
+]

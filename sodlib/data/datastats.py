@@ -53,8 +53,11 @@ def box_stats(ann_json_path):
 
     coco = ann_json_path if isinstance(ann_json_path, dict) else _load(ann_json_path)
     names = {c["id"]: c["name"] for c in coco.get("categories", [])}
-    rows = [(a["image_id"], names.get(a["category_id"], str(a["category_id"])), *a["bbox"][2:4])
-            for a in coco["annotations"] if _is_object(a)]
+    rows = [
+        (a["image_id"], names.get(a["category_id"], str(a["category_id"])), *a["bbox"][2:4])
+        for a in coco["annotations"]
+        if _is_object(a)
+    ]
     df = pd.DataFrame(rows, columns=["image_id", "category", "w", "h"]).astype({"w": float, "h": float})
     df["area"] = df["w"] * df["h"]
     df["sqrt_area"] = np.sqrt(df["area"])
@@ -112,17 +115,25 @@ def plot_stats(ann_json_paths_or_dirs, out_png, title: str | None = None) -> dic
     FigureCanvasAgg(fig)
     ax1, ax2, ax3 = fig.subplots(1, 3)
     hi = max(64.0, float(s.max()) * 1.05) if s.size else 64.0
-    ax1.hist(s, bins=np.geomspace(max(1.0, float(s.min()) * 0.95) if s.size else 1.0, hi, 40), color="#4C72B0")
+    ax1.hist(
+        s, bins=np.geomspace(max(1.0, float(s.min()) * 0.95) if s.size else 1.0, hi, 40), color="#4C72B0"
+    )
     ax1.set_xscale("log")
     for px, lab in ((16, "16 px"), (32, "32 px")):
         ax1.axvline(px, color="#C44E52", ls="--", lw=1)
         ax1.text(px, 0.97, f" {lab}", color="#C44E52", transform=ax1.get_xaxis_transform(), va="top")
-    ax1.set(xlabel="box sqrt(area) [px]", ylabel="boxes",
-            title=f"<16²: {summary['frac_under_16']:.0%}   <32²: {summary['frac_under_32']:.0%}")
+    ax1.set(
+        xlabel="box sqrt(area) [px]",
+        ylabel="boxes",
+        title=f"<16²: {summary['frac_under_16']:.0%}   <32²: {summary['frac_under_32']:.0%}",
+    )
     top = int(c.max()) if c.size else 1
     ax2.hist(c, bins=np.linspace(-0.5, top + 0.5, min(top + 1, 40) + 1), color="#55A868")
-    ax2.set(xlabel="objects per image", ylabel="images",
-            title=f"mean {summary['mean_per_image']:.1f}, max {summary['max_per_image']}")
+    ax2.set(
+        xlabel="objects per image",
+        ylabel="images",
+        title=f"mean {summary['mean_per_image']:.1f}, max {summary['max_per_image']}",
+    )
     names = list(summary["per_class"])
     ax3.bar(range(len(names)), [summary["per_class"][n] for n in names], color="#8172B2")
     ax3.set_xticks(range(len(names)), names, rotation=30, ha="right")
@@ -140,10 +151,14 @@ def format_stats(summary: dict) -> str:
     median = summary.get("median_sqrt_area", float("nan"))
     lines = [
         f"images: {summary['num_images']}   boxes: {summary['num_boxes']}",
-        (f"area < 16²: {summary['frac_under_16']:.1%}   area < 32²: {summary['frac_under_32']:.1%}   "
-         f"median sqrt(area): {median:.1f} px"),
-        (f"objects / image: mean {summary['mean_per_image']:.1f}, max {summary['max_per_image']}, "
-         f"empty images {summary.get('frac_empty_images', 0.0):.1%}"),
+        (
+            f"area < 16²: {summary['frac_under_16']:.1%}   area < 32²: {summary['frac_under_32']:.1%}   "
+            f"median sqrt(area): {median:.1f} px"
+        ),
+        (
+            f"objects / image: mean {summary['mean_per_image']:.1f}, max {summary['max_per_image']}, "
+            f"empty images {summary.get('frac_empty_images', 0.0):.1%}"
+        ),
         "per class: " + ", ".join(f"{k} {v}" for k, v in summary["per_class"].items()),
     ]
     return "\n".join(lines)
@@ -169,4 +184,4 @@ def min_instance_size_px(dataset, image_size: int) -> float:
             best = min(best, area)
     if best == float("inf"):
         raise ValueError("min_instance_size_px: the dataset has no box of positive area")
-    return best ** 0.5
+    return best**0.5

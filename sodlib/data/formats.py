@@ -139,7 +139,8 @@ def subset_coco(coco: Mapping, keep: Iterable[str | int]) -> dict:
     keep = list(keep)
     wanted = {str(k) for k in keep}
     images = [
-        img for img in coco["images"]
+        img
+        for img in coco["images"]
         if str(img["id"]) in wanted or img["file_name"] in wanted or Path(img["file_name"]).stem in wanted
     ]
     found = {str(img["id"]) for img in images} | {img["file_name"] for img in images}
@@ -193,8 +194,10 @@ def _parse_visdrone_line(line: str) -> tuple[list[float], int, int, int, int]:
     """One annotation line -> ([x, y, w, h], score, category, truncation, occlusion); ValueError(reason)."""
     fields = [f.strip() for f in line.strip().rstrip(",").split(",")]
     if len(fields) != 8:
-        raise ValueError(f"expected 8 comma-separated fields x,y,w,h,score,category,truncation,occlusion, "
-                         f"got {len(fields)}")
+        raise ValueError(
+            f"expected 8 comma-separated fields x,y,w,h,score,category,truncation,occlusion, "
+            f"got {len(fields)}"
+        )
     try:
         x, y, w, h = (float(v) for v in fields[:4])
     except ValueError:
@@ -269,14 +272,20 @@ def visdrone_to_coco(
         images_by_stem = _list_images(image_dir)
         for stem, p in images_by_stem.items():
             if stem not in ann_files:
-                raise FileNotFoundError(f"no annotation file for image {p} (expected {ann_dir / (stem + '.txt')})")
+                raise FileNotFoundError(
+                    f"no annotation file for image {p} (expected {ann_dir / (stem + '.txt')})"
+                )
         for stem, p in ann_files.items():
             if stem not in images_by_stem:
-                raise FileNotFoundError(f"no image for annotation file {p} (expected {image_dir / (stem + '.jpg')})")
+                raise FileNotFoundError(
+                    f"no image for annotation file {p} (expected {image_dir / (stem + '.jpg')})"
+                )
     if not ann_files:
         raise FileNotFoundError(f"no .txt annotation files in {ann_dir}")
 
-    categories = [{"id": i + 1, "name": n, "supercategory": "visdrone"} for i, n in enumerate(VISDRONE_CATEGORIES)]
+    categories = [
+        {"id": i + 1, "name": n, "supercategory": "visdrone"} for i, n in enumerate(VISDRONE_CATEGORIES)
+    ]
     images, annotations = [], []
     skipped = dropped = clipped_n = 0
     for img_id, (stem, ann_path) in enumerate(ann_files.items(), start=1):
@@ -306,8 +315,14 @@ def visdrone_to_coco(
         else:
             width, height = _image_size(images_by_stem[stem])
             file_name = images_by_stem[stem].name
-        image = {"id": img_id, "file_name": file_name, "width": width, "height": height,
-                 "ignore_regions_xywh": [], "ignored_boxes_xywh": []}
+        image = {
+            "id": img_id,
+            "file_name": file_name,
+            "width": width,
+            "height": height,
+            "ignore_regions_xywh": [],
+            "ignored_boxes_xywh": [],
+        }
         for (x, y, w, h), score, category, trunc, occl in rows:
             if w <= 0 or h <= 0:
                 dropped += 1
@@ -323,11 +338,19 @@ def visdrone_to_coco(
                 image["ignored_boxes_xywh"].append(box)
             else:
                 crowd = int(score == 0)
-                annotations.append({
-                    "id": len(annotations) + 1, "image_id": img_id, "category_id": category, "bbox": box,
-                    "area": box[2] * box[3], "iscrowd": crowd, "ignore": crowd,
-                    "truncation": trunc, "occlusion": occl,
-                })
+                annotations.append(
+                    {
+                        "id": len(annotations) + 1,
+                        "image_id": img_id,
+                        "category_id": category,
+                        "bbox": box,
+                        "area": box[2] * box[3],
+                        "iscrowd": crowd,
+                        "ignore": crowd,
+                        "truncation": trunc,
+                        "occlusion": occl,
+                    }
+                )
         images.append(image)
     if dropped:
         logger.warning("%s: dropped %d zero/negative-size boxes", root, dropped)
@@ -336,10 +359,15 @@ def visdrone_to_coco(
     if skipped:
         logger.warning("%s: skipped %d malformed lines (strict=False)", root, skipped)
     logger.info("%s: %d images, %d annotations", root, len(images), len(annotations))
-    info = {"description": "VisDrone2019-DET converted by sodlib.datasets.visdrone_to_coco",
-            "source": str(root), "skipped_lines": skipped, "dropped_boxes": dropped,
-            "clipped_boxes": clipped_n, "annotations_only": bool(annotations_only),
-            "inferred_sizes": bool(annotations_only and image_sizes is None)}
+    info = {
+        "description": "VisDrone2019-DET converted by sodlib.datasets.visdrone_to_coco",
+        "source": str(root),
+        "skipped_lines": skipped,
+        "dropped_boxes": dropped,
+        "clipped_boxes": clipped_n,
+        "annotations_only": bool(annotations_only),
+        "inferred_sizes": bool(annotations_only and image_sizes is None),
+    }
     return {"info": info, "images": images, "annotations": annotations, "categories": categories}
 
 
@@ -420,7 +448,9 @@ def voc_to_coco(
             except ValueError:
                 raise ValueError(f"{xml_path}: non-numeric <size>") from None
             if xw and xh and (xw, xh) != (width, height):
-                raise ValueError(f"{xml_path}: <size> {xw}x{xh} does not match image {img_path} ({width}x{height})")
+                raise ValueError(
+                    f"{xml_path}: <size> {xw}x{xh} does not match image {img_path} ({width}x{height})"
+                )
         objects = []
         for k, obj in enumerate(node.findall("object")):
             name = _xml_text(obj, "name", xml_path)
@@ -459,19 +489,34 @@ def voc_to_coco(
     for image, objects in parsed:
         images.append(image)
         for name, box, difficult in objects:
-            annotations.append({
-                "id": len(annotations) + 1, "image_id": image["id"], "category_id": cat_id[name], "bbox": box,
-                "area": box[2] * box[3], "iscrowd": int(difficult > 0), "ignore": int(difficult > 0),
-            })
+            annotations.append(
+                {
+                    "id": len(annotations) + 1,
+                    "image_id": image["id"],
+                    "category_id": cat_id[name],
+                    "bbox": box,
+                    "area": box[2] * box[3],
+                    "iscrowd": int(difficult > 0),
+                    "ignore": int(difficult > 0),
+                }
+            )
     if dropped:
         logger.warning("%s: dropped %d zero/negative-size boxes", root, dropped)
     if clipped_n:
         logger.info("%s: clipped %d boxes to the image border", root, clipped_n)
     logger.info("%s: %d images, %d annotations, classes %s", root, len(images), len(annotations), classes)
-    info = {"description": "Pascal VOC converted by sodlib.datasets.voc_to_coco", "source": str(root),
-            "dropped_boxes": dropped, "clipped_boxes": clipped_n}
-    return {"info": info, "images": images, "annotations": annotations,
-            "categories": [{"id": cat_id[n], "name": n} for n in classes]}
+    info = {
+        "description": "Pascal VOC converted by sodlib.datasets.voc_to_coco",
+        "source": str(root),
+        "dropped_boxes": dropped,
+        "clipped_boxes": clipped_n,
+    }
+    return {
+        "info": info,
+        "images": images,
+        "annotations": annotations,
+        "categories": [{"id": cat_id[n], "name": n} for n in classes],
+    }
 
 
 __all__ = [

@@ -161,9 +161,18 @@ def neon_patches(
         coco = voc_to_coco(src, single_class="Tree", stems=[*train_stems, test_stem])
         return {"train": subset_coco(coco, train_stems), "test": subset_coco(coco, [test_stem])}
 
-    return _patch_dataset(src, "neon_trees", splits, [*train_stems, test_stem], out_root, patch, overlap,
-                          min_visible, drop_empty_train,
-                          {"train_stems": train_stems, "test_stem": test_stem, "single_class": "Tree"})
+    return _patch_dataset(
+        src,
+        "neon_trees",
+        splits,
+        [*train_stems, test_stem],
+        out_root,
+        patch,
+        overlap,
+        min_visible,
+        drop_empty_train,
+        {"train_stems": train_stems, "test_stem": test_stem, "single_class": "Tree"},
+    )
 
 
 def find_visdrone_mini(path: PathLike | None = "") -> Path | None:
@@ -198,19 +207,43 @@ def visdrone_patches(
         coco = visdrone_to_coco(src)
         return {"train": coco, "test": coco}
 
-    return _patch_dataset(src, "visdrone", splits, stems, out_root, patch, overlap, min_visible, False,
-                          {"split": "train=test=all"})
+    return _patch_dataset(
+        src,
+        "visdrone",
+        splits,
+        stems,
+        out_root,
+        patch,
+        overlap,
+        min_visible,
+        False,
+        {"split": "train=test=all"},
+    )
 
 
-def _patch_dataset(src: Path, prefix: str, make_splits, stems: Sequence[str], out_root: PathLike | None,
-                   patch: int, overlap: int | None, min_visible: float, drop_empty_train: bool,
-                   extra: dict) -> Path:
+def _patch_dataset(
+    src: Path,
+    prefix: str,
+    make_splits,
+    stems: Sequence[str],
+    out_root: PathLike | None,
+    patch: int,
+    overlap: int | None,
+    min_visible: float,
+    drop_empty_train: bool,
+    extra: dict,
+) -> Path:
     """Build (or reuse) ``out_root / patch_dataset_name(...)`` from ``make_splits()`` = {split: COCO dict of
     whole images in ``src / "images"``}; see :func:`neon_patches` for the caching and atomicity rules."""
 
     overlap = default_overlap(patch) if overlap is None else int(overlap)
-    params = {"patch": int(patch), "overlap": overlap, "min_visible": float(min_visible),
-              "drop_empty_train": bool(drop_empty_train), **extra}
+    params = {
+        "patch": int(patch),
+        "overlap": overlap,
+        "min_visible": float(min_visible),
+        "drop_empty_train": bool(drop_empty_train),
+        **extra,
+    }
     fingerprint = _fingerprint(src, stems, params)
     out_root = Path(out_root).expanduser() if out_root else data_cache_dir()
     final = out_root / patch_dataset_name(patch, overlap, fingerprint, prefix)
@@ -224,17 +257,31 @@ def _patch_dataset(src: Path, prefix: str, make_splits, stems: Sequence[str], ou
     try:
         counts = {}
         for split, tiles in splits.items():
-            logger.info("cutting %d %s image(s) into %d px patches (overlap %d)", len(tiles["images"]), split,
-                        patch, overlap)
-            patches = tile_coco(tiles, src / "images", tmp, tile=patch, overlap=overlap, min_visible=min_visible,
-                                split=split)
+            logger.info(
+                "cutting %d %s image(s) into %d px patches (overlap %d)",
+                len(tiles["images"]),
+                split,
+                patch,
+                overlap,
+            )
+            patches = tile_coco(
+                tiles, src / "images", tmp, tile=patch, overlap=overlap, min_visible=min_visible, split=split
+            )
             if split == "train" and drop_empty_train:
                 patches = _drop_empty(tmp, split, patches)
             tiles = {**tiles, "info": {**tiles.get("info", {}), "source": src.name}}
             atomic_write_json(tmp / "annotations" / f"tiles_{split}.json", tiles)
             counts[split] = _split_counts(tiles, patches)
-        atomic_write_json(tmp / MANIFEST, {"format": FORMAT_VERSION, "source": src.name, **params,
-                                           "fingerprint": fingerprint, "counts": counts})
+        atomic_write_json(
+            tmp / MANIFEST,
+            {
+                "format": FORMAT_VERSION,
+                "source": src.name,
+                **params,
+                "fingerprint": fingerprint,
+                "counts": counts,
+            },
+        )
         os.chmod(tmp, 0o755)  # mkdtemp makes it private; the cache is shared like the files in it
         _install(tmp, final)
     except BaseException:

@@ -64,6 +64,7 @@ def image_seed(seed: int, split: str, index: int) -> np.random.SeedSequence:
 
 # ----------------------------------------------------------------------------- image
 
+
 def generate_image(seed_seq_or_rng, size: int, ignore_regions: bool = False):
     """One SynthSOD image.
 
@@ -78,8 +79,11 @@ def generate_image(seed_seq_or_rng, size: int, ignore_regions: bool = False):
         (image [size, size, 3] uint8, annotations) with each annotation a dict holding
         ``bbox`` [x, y, w, h] float pixels, ``category_id`` in 1..6, ``iscrowd``, ``ignore``.
     """
-    rng = seed_seq_or_rng if isinstance(seed_seq_or_rng, np.random.Generator) else np.random.default_rng(
-        seed_seq_or_rng)
+    rng = (
+        seed_seq_or_rng
+        if isinstance(seed_seq_or_rng, np.random.Generator)
+        else np.random.default_rng(seed_seq_or_rng)
+    )
     size = int(size)
     sc = _Scene(rng, size)
     g = float(np.exp(sc.img_log_scale))
@@ -138,7 +142,9 @@ def generate_image(seed_seq_or_rng, size: int, ignore_regions: bool = False):
     if region is not None:
         x0, y0, x1, y1 = (float(v) for v in region)
         for cls in sorted({o[0] for o in sc.objects[:n_region]}):
-            anns.append({"bbox": [x0, y0, x1 - x0, y1 - y0], "category_id": cls + 1, "iscrowd": 1, "ignore": 1})
+            anns.append(
+                {"bbox": [x0, y0, x1 - x0, y1 - y0], "category_id": cls + 1, "iscrowd": 1, "ignore": 1}
+            )
     for cls, _, _, b in sc.objects[n_region:]:
         bb = [round(float(v), 2) for v in (b[0], b[1], b[2] - b[0], b[3] - b[1])]
         anns.append({"bbox": bb, "category_id": cls + 1, "iscrowd": 0, "ignore": 0})
@@ -147,18 +153,26 @@ def generate_image(seed_seq_or_rng, size: int, ignore_regions: bool = False):
 
 # ----------------------------------------------------------------------------- COCO splits on disk
 
+
 def _info(split, num_images, size, seed, ignore_regions) -> dict:
     # the description is the format's identity (what _is_synthsod looks for): it keeps the module's first name
-    return {"description": "SynthSOD synthetic aerial small-object dataset (sodlib.synth)",
-            "generator": GENERATOR_VERSION, "seed": int(seed), "split": str(split),
-            "split_seed": split_seed(seed, split), "size": int(size), "num_images": int(num_images),
-            "ignore_regions": bool(ignore_regions)}
+    return {
+        "description": "SynthSOD synthetic aerial small-object dataset (sodlib.synth)",
+        "generator": GENERATOR_VERSION,
+        "seed": int(seed),
+        "split": str(split),
+        "split_seed": split_seed(seed, split),
+        "size": int(size),
+        "num_images": int(num_images),
+        "ignore_regions": bool(ignore_regions),
+    }
 
 
 def _same_but_count(a: dict | None, b: dict) -> bool:
     drop = ("num_images",)
     return a is not None and {k: v for k, v in a.items() if k not in drop} == {
-        k: v for k, v in b.items() if k not in drop}
+        k: v for k, v in b.items() if k not in drop
+    }
 
 
 def _load_json(path):
@@ -208,16 +222,28 @@ def check_ours(out_dir, split: str) -> None:
         mine = (lambda name: name in listed) if ours else _written_by_us
         foreign = sorted(p.name for p in folder.iterdir() if not mine(p.name)) if folder.is_dir() else []
         if foreign:  # regenerating replaces the folder: a file SynthSOD did not write there would be lost
-            raise ValueError(f"{folder / foreign[0]}: SynthSOD did not write this file ({len(foreign)} such in "
-                             f"{folder}); nothing was changed. Move your files out, or choose an empty folder")
+            raise ValueError(
+                f"{folder / foreign[0]}: SynthSOD did not write this file ({len(foreign)} such in "
+                f"{folder}); nothing was changed. Move your files out, or choose an empty folder"
+            )
         return
-    raise ValueError(f"{out_dir}: images/{split} or annotations/instances_{split}.json exist and SynthSOD did not "
-                     f"write them; nothing was changed. For your own COCO data add --set data.dataset=coco; for "
-                     f"SynthSOD choose an empty folder")
+    raise ValueError(
+        f"{out_dir}: images/{split} or annotations/instances_{split}.json exist and SynthSOD did not "
+        f"write them; nothing was changed. For your own COCO data add --set data.dataset=coco; for "
+        f"SynthSOD choose an empty folder"
+    )
 
 
-def write_split(out_dir, split: str, num_images: int, size: int, seed: int = 0,
-                ignore_regions: bool = False, progress: bool = True, reuse: bool = False) -> Path:
+def write_split(
+    out_dir,
+    split: str,
+    num_images: int,
+    size: int,
+    seed: int = 0,
+    ignore_regions: bool = False,
+    progress: bool = True,
+    reuse: bool = False,
+) -> Path:
     """Generate a split as ``out_dir/images/<split>/<index:06d>.png`` + ``annotations/instances_<split>.json``.
 
     Crash-safe and resumable: images (and per-image annotation side files) go to hidden partial
@@ -251,7 +277,8 @@ def write_split(out_dir, split: str, num_images: int, size: int, seed: int = 0,
     if old is not None and _same_but_count(old.get("info"), info):
         for a in old["annotations"]:
             old_anns.setdefault(a["image_id"] - 1, []).append(
-                {k: a[k] for k in ("bbox", "category_id", "iscrowd", "ignore")})
+                {k: a[k] for k in ("bbox", "category_id", "iscrowd", "ignore")}
+            )
         old_n = len(old["images"])
     else:
         old_n = 0
@@ -271,14 +298,26 @@ def write_split(out_dir, split: str, num_images: int, size: int, seed: int = 0,
         images.append({"id": index + 1, "file_name": name, "width": int(size), "height": int(size)})
         for a in anns:
             w, h = a["bbox"][2:]
-            annotations.append({"id": len(annotations) + 1, "image_id": index + 1, "category_id": a["category_id"],
-                                "bbox": a["bbox"], "area": round(w * h, 2), "iscrowd": a["iscrowd"],
-                                "ignore": a["ignore"]})
+            annotations.append(
+                {
+                    "id": len(annotations) + 1,
+                    "image_id": index + 1,
+                    "category_id": a["category_id"],
+                    "bbox": a["bbox"],
+                    "area": round(w * h, 2),
+                    "iscrowd": a["iscrowd"],
+                    "ignore": a["ignore"],
+                }
+            )
     for stale in partial.glob("*.png"):  # left over from a longer interrupted run
         if int(stale.stem) >= num_images:
             stale.unlink()
-    coco = {"info": info, "images": images, "annotations": annotations,
-            "categories": [{"id": i + 1, "name": n, "supercategory": "synthsod"} for i, n in enumerate(CLASSES)]}
+    coco = {
+        "info": info,
+        "images": images,
+        "annotations": annotations,
+        "categories": [{"id": i + 1, "name": n, "supercategory": "synthsod"} for i, n in enumerate(CLASSES)],
+    }
     json_path.unlink(missing_ok=True)  # from here until the last line no json exists for this split
     trash = out_dir / "images" / f".{split}.old"
     shutil.rmtree(trash, ignore_errors=True)
@@ -306,18 +345,25 @@ def _complete(out_dir, split: str, info: dict) -> bool:
     return all((folder / im["file_name"]).exists() for im in data["images"])
 
 
-def ensure_split(out_dir, split: str, num_images: int, size: int, seed: int = 0,
-                 ignore_regions: bool = False, progress: bool = True) -> Path:
+def ensure_split(
+    out_dir,
+    split: str,
+    num_images: int,
+    size: int,
+    seed: int = 0,
+    ignore_regions: bool = False,
+    progress: bool = True,
+) -> Path:
     """Return the json path of a split, generating it only when it is missing, incomplete or its
     ``info`` does not match the requested parameters. Safe to call from several processes at once."""
     info = _info(split, num_images, size, seed, ignore_regions)
     if _complete(out_dir, split, info):
         return annotation_path(out_dir, split)
-    check_ours(Path(out_dir), split)  # a folder of someone else's files is refused before the lock file is made
+    check_ours(
+        Path(out_dir), split
+    )  # a folder of someone else's files is refused before the lock file is made
     # processes that need the same split at once (parallel trainings, test workers) generate it once
     with file_lock(Path(out_dir) / f".{split}.lock"):
         if _complete(out_dir, split, info):  # another process finished it while this one waited
             return annotation_path(out_dir, split)
         return write_split(out_dir, split, num_images, size, seed, ignore_regions, progress, reuse=True)
-
-

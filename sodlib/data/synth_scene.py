@@ -16,8 +16,7 @@ from PIL import Image, ImageDraw
 
 _CLASS_P = (0.26, 0.18, 0.16, 0.12, 0.11, 0.17)
 _CLASS_SCALE = (0.92, 1.0, 1.2, 0.98, 0.98, 1.3)  # relative box sqrt-area per class
-_BASE_COLOR = ((178, 36, 40), (202, 96, 44), (40, 70, 170), (222, 223, 218), (218, 197, 130),
-               (196, 200, 210))
+_BASE_COLOR = ((178, 36, 40), (202, 96, 44), (40, 70, 170), (222, 223, 218), (218, 197, 130), (196, 200, 210))
 _GROUND = ((95, 124, 66), (150, 143, 96), (140, 116, 86), (132, 132, 127), (82, 98, 62))
 _ROOF = ((150, 150, 150), (92, 92, 97), (160, 90, 66), (120, 96, 76), (198, 194, 184))
 _CLUTTER = ((100, 110, 60), (110, 80, 55), (60, 70, 80), (150, 170, 130))
@@ -29,9 +28,21 @@ _MIN_SQRT_AREA = 6.0
 
 # ----------------------------------------------------------------------------- shapes (unit length)
 
+
 def _chamfer_rect(x0, x1, hw, c):
-    return np.array([(x1 - c, -hw), (x1, -hw + c), (x1, hw - c), (x1 - c, hw),
-                     (x0 + c, hw), (x0, hw - c), (x0, -hw + c), (x0 + c, -hw)], dtype=np.float64)
+    return np.array(
+        [
+            (x1 - c, -hw),
+            (x1, -hw + c),
+            (x1, hw - c),
+            (x1 - c, hw),
+            (x0 + c, hw),
+            (x0, hw - c),
+            (x0, -hw + c),
+            (x0 + c, -hw),
+        ],
+        dtype=np.float64,
+    )
 
 
 def _rect(x0, x1, hw):
@@ -59,17 +70,24 @@ def _unit_shape(cls: int, rng, sun_deg: float):
         hw = 0.5 / (rng.uniform(1.8, 2.2) if cls == 0 else rng.uniform(2.55, 3.1))
         out = [("poly", _chamfer_rect(-0.5, 0.5, hw, 0.5 * hw), body)]
         if cls == 0:
-            det = [("poly", _rect(-0.24, 0.13, 0.8 * hw), _shade(body, 1.15, 12)),
-                   ("poly", _rect(0.13, 0.29, 0.8 * hw), dark), ("poly", _rect(-0.37, -0.24, 0.75 * hw), dark)]
+            det = [
+                ("poly", _rect(-0.24, 0.13, 0.8 * hw), _shade(body, 1.15, 12)),
+                ("poly", _rect(0.13, 0.29, 0.8 * hw), dark),
+                ("poly", _rect(-0.37, -0.24, 0.75 * hw), dark),
+            ]
         else:
-            det = [("poly", _rect(-0.44, 0.32, 0.78 * hw), _shade(body, 1.0, 45)),
-                   ("poly", _rect(0.35, 0.45, 0.82 * hw), dark)]
+            det = [
+                ("poly", _rect(-0.44, 0.32, 0.78 * hw), _shade(body, 1.0, 45)),
+                ("poly", _rect(0.35, 0.45, 0.82 * hw), dark),
+            ]
         return out, det
     if cls == 2:  # truck: blue cab + white ribbed trailer with a gap
         hw = 0.5 / rng.uniform(3.0, 3.9)
         cargo = _jitter(rng, (222, 222, 216), 6)
-        out = [("poly", _chamfer_rect(0.30, 0.5, 0.9 * hw, 0.3 * hw), body),
-               ("poly", _rect(-0.5, 0.26, hw), cargo)]
+        out = [
+            ("poly", _chamfer_rect(0.30, 0.5, 0.9 * hw, 0.3 * hw), body),
+            ("poly", _rect(-0.5, 0.26, hw), cargo),
+        ]
         ribs = [("poly", _rect(x - 0.012, x + 0.012, hw), _shade(cargo, 0.7)) for x in (-0.3, -0.1, 0.1)]
         return out, ribs + [("poly", _rect(0.43, 0.48, 0.75 * hw), dark)]
     if cls in (3, 4):  # tank / silo: same disc, ring vs shaded dome
@@ -78,8 +96,10 @@ def _unit_shape(cls: int, rng, sun_deg: float):
             ring = _jitter(rng, (95, 95, 100), 5)
             return out, [("ring", (0.0, 0.0, 0.36, 0.08), ring), ("circle", (0.0, 0.0, 0.08), ring)]
         hl = np.deg2rad(sun_deg)  # lit side and highlight face the sun, the far half is shaded
-        return out, [("pie", (0.0, 0.0, 0.5, sun_deg + 90, sun_deg + 270), _shade(body, 0.8)),
-                     ("circle", (0.2 * np.cos(hl), 0.2 * np.sin(hl), 0.1), _shade(body, 1.12, 20))]
+        return out, [
+            ("pie", (0.0, 0.0, 0.5, sun_deg + 90, sun_deg + 270), _shade(body, 0.8)),
+            ("circle", (0.2 * np.cos(hl), 0.2 * np.sin(hl), 0.1), _shade(body, 1.12, 20)),
+        ]
     # plane: fuselage, swept wings, tailplane
     hw = rng.uniform(0.055, 0.07)
     span = rng.uniform(0.42, 0.5)
@@ -111,8 +131,12 @@ def _place(parts, scale, angle, cx, cy):
 
 def _extent(parts):
     """xyxy extent of placed outline parts."""
-    pts = [geo if kind == "poly" else np.array([[geo[0] - geo[2], geo[1] - geo[2]], [geo[0] + geo[2], geo[1] + geo[2]]])
-           for kind, geo, _ in parts]
+    pts = [
+        geo
+        if kind == "poly"
+        else np.array([[geo[0] - geo[2], geo[1] - geo[2]], [geo[0] + geo[2], geo[1] + geo[2]]])
+        for kind, geo, _ in parts
+    ]
     pts = pts[0] if len(pts) == 1 else np.concatenate(pts)
     return np.concatenate([pts.min(0), pts.max(0)])
 
@@ -136,6 +160,7 @@ def _draw(draw, parts, k=2.0, offset=(0.0, 0.0), fill=None):
 
 
 # ----------------------------------------------------------------------------- scene planning
+
 
 class _Scene:
     def __init__(self, rng, size):
@@ -173,7 +198,9 @@ class _Scene:
         c = np.clip(b, 0, self.size)
         if (c[2] - c[0]) * (c[3] - c[1]) < 0.6 * area or min(c[2] - c[0], c[3] - c[1]) < 2:
             return None
-        if self.inside is not None and not ((b[:2] >= self.inside[:2]).all() and (b[2:] <= self.inside[2:]).all()):
+        if self.inside is not None and not (
+            (b[:2] >= self.inside[:2]).all() and (b[2:] <= self.inside[2:]).all()
+        ):
             return None
         if self.keep_out is not None and self.inside is None and _inter(self.keep_out[None], b)[0] > 0:
             return None
@@ -181,7 +208,11 @@ class _Scene:
             inter = _inter(self.boxes, c)
             old = np.prod(self.boxes[:, 2:] - self.boxes[:, :2], 1)
             new = (c[2] - c[0]) * (c[3] - c[1])
-            if (inter > 0.45 * old).any() or (inter > 0.6 * new).any() or (inter / (old + new - inter) > 0.4).any():
+            if (
+                (inter > 0.45 * old).any()
+                or (inter > 0.6 * new).any()
+                or (inter / (old + new - inter) > 0.4).any()
+            ):
                 return None
         self.objects.append((cls, _place(out, scale, angle, cx, cy), _place(det, scale, angle, cx, cy), c))
         self.boxes = np.vstack([self.boxes, c[None]])
@@ -217,8 +248,11 @@ def _populate(sc: _Scene, n: int, anchors: list[tuple[float, float, float]], are
         log_c = rng.normal(0, _SIZE_SIGMA_CLUSTER)
         if mode == 0:  # parking row / queue
             cls = (0, 1, 2, 5)[_pick(rng, (0.45, 0.3, 0.15, 0.1))]
-            x, y, th = anchors[rng.integers(len(anchors))] if anchors and rng.random() < 0.6 else (
-                *rng.uniform(lo, hi, 2), rng.uniform(0, np.pi))
+            x, y, th = (
+                anchors[rng.integers(len(anchors))]
+                if anchors and rng.random() < 0.6
+                else (*rng.uniform(lo, hi, 2), rng.uniform(0, np.pi))
+            )
             across = rng.random() < 0.6
             d = np.array([np.cos(th), np.sin(th)])
             p, gap = np.array([x, y]), sc.sample_size(cls, log_c, 0.1)
@@ -260,6 +294,7 @@ def _populate(sc: _Scene, n: int, anchors: list[tuple[float, float, float]], are
 
 # ----------------------------------------------------------------------------- rendering
 
+
 def _ground(rng, size):
     """Textured ground with fields, computed at half resolution (it is low-frequency), uint8."""
     h = (size + 1) // 2
@@ -274,7 +309,9 @@ def _ground(rng, size):
     tints, n_fields = [np.zeros(3, np.float32)], int(rng.integers(0, 6))
     for k in range(1, n_fields + 1):  # fields: rotated patches with their own tint, some ploughed
         w, th = rng.uniform(0.15, 0.7, 2) * h, rng.uniform(0, np.pi)
-        poly = _place([("poly", _rect(-w[0] / 2, w[0] / 2, w[1] / 2), 0)], 1.0, th, *rng.uniform(0, h, 2))[0][1]
+        poly = _place([("poly", _rect(-w[0] / 2, w[0] / 2, w[1] / 2), 0)], 1.0, th, *rng.uniform(0, h, 2))[0][
+            1
+        ]
         draw.polygon(poly.ravel().tolist(), fill=k)
         tint = (np.array(_GROUND[rng.integers(len(_GROUND))], np.float32) - base) * rng.uniform(0.4, 0.9)
         tints.append(tint)
@@ -295,11 +332,15 @@ def _roads(rng, size, draw, g, k=2.0):
         d = np.array([np.cos(th), np.sin(th)])
         a, b = np.array([x, y]) - 2 * size * d, np.array([x, y]) + 2 * size * d
         w = max(4.0, 26 * g * rng.uniform(0.8, 1.4))
-        draw.line([a[0] * k, a[1] * k, b[0] * k, b[1] * k], fill=_jitter(rng, (92, 92, 96), 5), width=int(w * k))
+        draw.line(
+            [a[0] * k, a[1] * k, b[0] * k, b[1] * k], fill=_jitter(rng, (92, 92, 96), 5), width=int(w * k)
+        )
         dash = rng.uniform(3, 6)
         for i in range(int(4 * size / (2 * dash))):  # dashed centre line
             p, q = a + d * 2 * dash * i, a + d * (2 * i + 1) * dash
-            draw.line([p[0] * k, p[1] * k, q[0] * k, q[1] * k], fill=(215, 212, 200), width=max(1, int(k * 0.7)))
+            draw.line(
+                [p[0] * k, p[1] * k, q[0] * k, q[1] * k], fill=(215, 212, 200), width=max(1, int(k * 0.7))
+            )
         off = np.array([-d[1], d[0]]) * w * 0.27
         anchors += [(x + off[0], y + off[1], th), (x - off[0], y - off[1], th)]
     if rng.random() < 0.4:  # parking lot with stall lines
@@ -326,8 +367,10 @@ def _clutter(sc: _Scene, g):
     for _ in range(rng.integers(0, 5)):  # buildings with a ridge line
         s = rng.uniform(25, 70) * g
         roof = _jitter(rng, _ROOF[rng.integers(len(_ROOF))], 6)
-        parts = [("poly", _rect(-0.5, 0.5, rng.uniform(0.3, 0.5)), roof),
-                 ("poly", _rect(-0.5, 0.5, 0.015), _shade(roof, 0.75))]
+        parts = [
+            ("poly", _rect(-0.5, 0.5, rng.uniform(0.3, 0.5)), roof),
+            ("poly", _rect(-0.5, 0.5, 0.015), _shade(roof, 0.75)),
+        ]
         placed = _place(parts, s, rng.uniform(0, np.pi), *rng.uniform(0, size, 2))
         items.append(placed)
         sc.blocked.append(_extent(placed[:1]))
@@ -338,7 +381,9 @@ def _clutter(sc: _Scene, g):
             p = (x, y) + rng.normal(0, 8 * g, 2)
             col = _jitter(rng, (50, 84, 40), 8)
             hl = p + sc.sun_vec * -0.3 * r
-            items.append([("circle", (p[0], p[1], r), col), ("circle", (hl[0], hl[1], 0.5 * r), _shade(col, 1.2, 8))])
+            items.append(
+                [("circle", (p[0], p[1], r), col), ("circle", (hl[0], hl[1], 0.5 * r), _shade(col, 1.2, 8))]
+            )
             if r > 6:
                 sc.blocked.append(np.array([p[0] - r / 2, p[1] - r / 2, p[0] + r / 2, p[1] + r / 2]))
     for _ in range(rng.integers(3, 25)):  # rocks / debris
@@ -348,7 +393,13 @@ def _clutter(sc: _Scene, g):
         items.append([("poly", pts + rng.uniform(0, size, 2), _jitter(rng, (120, 115, 105), 25))])
     for _ in range(rng.integers(0, 6)):  # containers: car-like rectangles in non-class colours
         s = sc.sample_size(0) * 0.9
-        parts = [("poly", _rect(-0.5, 0.5, 0.5 / rng.uniform(1.5, 3.0)), _jitter(rng, _CLUTTER[rng.integers(4)], 8))]
+        parts = [
+            (
+                "poly",
+                _rect(-0.5, 0.5, 0.5 / rng.uniform(1.5, 3.0)),
+                _jitter(rng, _CLUTTER[rng.integers(4)], 8),
+            )
+        ]
         items.append(_place(parts, s, rng.uniform(0, np.pi), *rng.uniform(0, size, 2)))
     return items
 
@@ -361,9 +412,11 @@ _NOISE: dict[str, np.ndarray] = {}
 def _noise_tile(rng, size):
     """A size x size x 3 crop (random offset) of a fixed int8 N(0, 16²) tile: cheap sensor noise."""
     if "tile" not in _NOISE:
-        _NOISE["tile"] = np.clip(np.random.default_rng(7).normal(0, 16, (512, 512, 3)), -127, 127).astype(np.int8)
+        _NOISE["tile"] = np.clip(np.random.default_rng(7).normal(0, 16, (512, 512, 3)), -127, 127).astype(
+            np.int8
+        )
     tile = _NOISE["tile"]
     if size > 512:
         tile = np.tile(tile, (size // 512 + 1, size // 512 + 1, 1))
     oy, ox = rng.integers(0, tile.shape[0] - size + 1, 2)
-    return tile[oy:oy + size, ox:ox + size]
+    return tile[oy : oy + size, ox : ox + size]

@@ -45,7 +45,9 @@ def _starts(size: int, tile: int, overlap: int) -> list[int]:
     return starts
 
 
-def tile_windows(width: int, height: int, tile: int = 800, overlap: int = 150) -> list[tuple[int, int, int, int]]:
+def tile_windows(
+    width: int, height: int, tile: int = 800, overlap: int = 150
+) -> list[tuple[int, int, int, int]]:
     """Patch windows ``(x0, y0, x1, y1)`` (pixels, x1/y1 exclusive) covering a ``width × height`` image.
 
     Row-major order (y then x). See the module docstring for the placement rule.
@@ -121,19 +123,48 @@ def tile_coco_annotations(
                         continue
                     crowd = ignore = 1
                     n_truncated += 1
-                new = {k: v for k, v in a.items() if k not in ("id", "image_id", "bbox", "area", "segmentation")}
-                new.update({
-                    "id": len(annotations) + 1, "image_id": rec["id"], "bbox": box, "area": box[2] * box[3],
-                    "iscrowd": crowd, "ignore": ignore, "source_ann_id": a["id"], "visible": round(frac, 6),
-                })
+                new = {
+                    k: v for k, v in a.items() if k not in ("id", "image_id", "bbox", "area", "segmentation")
+                }
+                new.update(
+                    {
+                        "id": len(annotations) + 1,
+                        "image_id": rec["id"],
+                        "bbox": box,
+                        "area": box[2] * box[3],
+                        "iscrowd": crowd,
+                        "ignore": ignore,
+                        "source_ann_id": a["id"],
+                        "visible": round(frac, 6),
+                    }
+                )
                 annotations.append(new)
-    logger.info("tiled %d images into %d patches (%d px, overlap %d); %d annotations, %d truncated → ignore",
-                len(coco["images"]), len(images), tile, overlap, len(annotations), n_truncated)
+    logger.info(
+        "tiled %d images into %d patches (%d px, overlap %d); %d annotations, %d truncated → ignore",
+        len(coco["images"]),
+        len(images),
+        tile,
+        overlap,
+        len(annotations),
+        n_truncated,
+    )
     info = dict(coco.get("info", {}))
-    info.update({"tiling": {"tile": tile, "overlap": overlap, "min_visible": min_visible,
-                            "ignore_truncated": ignore_truncated}})
-    return {"info": info, "images": images, "annotations": annotations,
-            "categories": [dict(c) for c in coco["categories"]]}
+    info.update(
+        {
+            "tiling": {
+                "tile": tile,
+                "overlap": overlap,
+                "min_visible": min_visible,
+                "ignore_truncated": ignore_truncated,
+            }
+        }
+    )
+    return {
+        "info": info,
+        "images": images,
+        "annotations": annotations,
+        "categories": [dict(c) for c in coco["categories"]],
+    }
 
 
 def tile_coco(
@@ -152,7 +183,6 @@ def tile_coco(
     and returns the patch COCO dict. A missing source image raises ``FileNotFoundError`` naming it.
     """
     if not isinstance(coco, Mapping):
-
         coco = load_coco(coco)
     image_dir, out_dir = Path(image_dir), Path(out_dir)
     tiles = tile_coco_annotations(coco, tile, overlap, min_visible, ignore_truncated)
@@ -166,8 +196,10 @@ def tile_coco(
             raise FileNotFoundError(f"image not found: {path}")
         with Image.open(path) as im:
             if im.size != (int(img["width"]), int(img["height"])):
-                raise ValueError(f"image {path} is {im.size[0]}x{im.size[1]} but its record says "
-                                 f"{img['width']}x{img['height']}")
+                raise ValueError(
+                    f"image {path} is {im.size[0]}x{im.size[1]} but its record says "
+                    f"{img['width']}x{img['height']}"
+                )
             im = im.convert("RGB")
             for rec in by_source[img["id"]]:
                 x0, y0 = rec["offset"]

@@ -91,12 +91,14 @@ def build_transforms(image_size: int, train: bool, augment: str | bool = "rtdetr
 
 def basic_transforms() -> v2.Compose:
     """No resize, no augmentation: float image in [0, 1] and normalised cxcywh boxes."""
-    return v2.Compose([
-        v2.ToImage(),
-        v2.ToDtype(torch.float32, scale=True),
-        v2.ConvertBoundingBoxFormat(tv_tensors.BoundingBoxFormat.CXCYWH),
-        NormalizeBoxes(),
-    ])
+    return v2.Compose(
+        [
+            v2.ToImage(),
+            v2.ToDtype(torch.float32, scale=True),
+            v2.ConvertBoundingBoxFormat(tv_tensors.BoundingBoxFormat.CXCYWH),
+            NormalizeBoxes(),
+        ]
+    )
 
 
 AUGMENTATIONS = ("rtdetr", "flip", "none")

@@ -54,11 +54,12 @@ METRIC_KEYS = {
     "sodad": ("AP", "AP50", "AP75", "APeS", "APrS", "APgS", "APN"),
     "visdrone": ("AP", "AP50", "AP75", "AR1", "AR10", "AR100", "AR500"),
 }
-COCO_AREAS = ([[0, 1e5 ** 2], [0, 32 ** 2], [32 ** 2, 96 ** 2], [96 ** 2, 1e5 ** 2]],
-              ["all", "small", "medium", "large"])
+COCO_AREAS = ([[0, 1e5**2], [0, 32**2], [32**2, 96**2], [96**2, 1e5**2]], ["all", "small", "medium", "large"])
 # sodadeval.py SODADParams.setDetParams: areaRng / areaRngLbl / maxDets
-SODAD_AREAS = ([[0, 32 ** 2], [0, 12 ** 2], [12 ** 2, 20 ** 2], [20 ** 2, 32 ** 2], [32 ** 2, 40 * 50]],
-               ["Small", "eS", "rS", "gS", "Normal"])
+SODAD_AREAS = (
+    [[0, 32**2], [0, 12**2], [12**2, 20**2], [20**2, 32**2], [32**2, 40 * 50]],
+    ["Small", "eS", "rS", "gS", "Normal"],
+)
 SODAD_MAX_DETS = [100, 300, 1000]
 PER_CLASS_COLUMNS = ["category_id", "name", "AP", "AP50", "num_gt"]
 
@@ -66,7 +67,6 @@ PER_CLASS_COLUMNS = ["category_id", "name", "AP", "AP50", "num_gt"]
 # ----------------------------------------------------------------------------- inputs
 def _load_json(obj, what: str):
     if isinstance(obj, (str, os.PathLike)):
-
         return read_json(obj, what)
     return obj
 
@@ -76,8 +76,13 @@ def _is_num(v) -> bool:
 
 
 def _box_ok(b) -> bool:
-    return (isinstance(b, (list, tuple, np.ndarray)) and len(b) == 4
-            and all(_is_num(v) and math.isfinite(v) for v in b) and b[2] >= 0 and b[3] >= 0)
+    return (
+        isinstance(b, (list, tuple, np.ndarray))
+        and len(b) == 4
+        and all(_is_num(v) and math.isfinite(v) for v in b)
+        and b[2] >= 0
+        and b[3] >= 0
+    )
 
 
 def _as_int(v):
@@ -95,7 +100,9 @@ class _GT:
         src = f"{gt}: " if isinstance(gt, (str, os.PathLike)) else ""
         gt = _load_json(gt, "ground-truth")
         if not isinstance(gt, Mapping) or not all(k in gt for k in ("images", "annotations", "categories")):
-            raise ValueError(f"{src}ground truth must be a COCO dict with 'images', 'annotations' and 'categories'")
+            raise ValueError(
+                f"{src}ground truth must be a COCO dict with 'images', 'annotations' and 'categories'"
+            )
         self.images = list(gt["images"])
         for kind in ("images", "categories"):  # every id the protocols read is an integer
             for i, rec in enumerate(gt[kind]):
@@ -125,23 +132,34 @@ class _GT:
                     if key not in a:
                         raise ValueError(f"ground-truth annotation {j}: missing key {key!r}")
                 if not _box_ok(a["bbox"]):
-                    raise ValueError(f"ground-truth annotation {j}: 'bbox' must be 4 finite numbers "
-                                     f"[x, y, w, h] with w, h >= 0, got {a['bbox']!r}")
+                    raise ValueError(
+                        f"ground-truth annotation {j}: 'bbox' must be 4 finite numbers "
+                        f"[x, y, w, h] with w, h >= 0, got {a['bbox']!r}"
+                    )
                 if a["image_id"] not in self.img_index or a["category_id"] not in self.cat_index:
-                    raise ValueError(f"ground-truth annotation {j}: unknown image_id {a['image_id']!r} "
-                                     f"or category_id {a['category_id']!r}")
+                    raise ValueError(
+                        f"ground-truth annotation {j}: unknown image_id {a['image_id']!r} "
+                        f"or category_id {a['category_id']!r}"
+                    )
             raise ValueError("ground truth annotations are malformed")
         self.img, self.cat = np.asarray(img, np.int64).reshape(n), np.asarray(cat, np.int64).reshape(n)
         self.box = box
-        for j, a in enumerate(anns):  # the size ranges read the area: a negative, NaN or text one would skew them
+        for j, a in enumerate(
+            anns
+        ):  # the size ranges read the area: a negative, NaN or text one would skew them
             if "area" in a and not (_is_num(a["area"]) and math.isfinite(a["area"]) and a["area"] >= 0):
-                raise ValueError(f"{src}ground-truth annotation {j} (id {a.get('id', '?')!r}): 'area' must be a "
-                                 f"finite number >= 0, got {a['area']!r}")
+                raise ValueError(
+                    f"{src}ground-truth annotation {j} (id {a.get('id', '?')!r}): 'area' must be a "
+                    f"finite number >= 0, got {a['area']!r}"
+                )
             if _as_int(a.get("iscrowd", 0)) not in (0, 1):
-                raise ValueError(f"{src}ground-truth annotation {j} (id {a.get('id', '?')!r}): 'iscrowd' must be "
-                                 f"0 or 1, got {a['iscrowd']!r}")
-        self.area = np.asarray([a["area"] if "area" in a else a["bbox"][2] * a["bbox"][3] for a in anns],
-                               dtype=np.float64).reshape(n)
+                raise ValueError(
+                    f"{src}ground-truth annotation {j} (id {a.get('id', '?')!r}): 'iscrowd' must be "
+                    f"0 or 1, got {a['iscrowd']!r}"
+                )
+        self.area = np.asarray(
+            [a["area"] if "area" in a else a["bbox"][2] * a["bbox"][3] for a in anns], dtype=np.float64
+        ).reshape(n)
         self.crowd = np.asarray([bool(a.get("iscrowd", 0)) for a in anns], bool).reshape(n)
         self.ignore = np.asarray([bool(a.get("ignore", 0)) for a in anns], bool).reshape(n)
 
@@ -159,9 +177,15 @@ def _parse_detections(dets, G: _GT):
         cat = np.asarray([d["category_id"] for d in dets])
         box = np.asarray([d["bbox"] for d in dets])
         score = np.asarray([d["score"] for d in dets])
-        fast = (box.shape == (n, 4) and box.dtype.kind in "iuf" and score.shape == (n,)
-                and score.dtype.kind in "iuf" and img.dtype.kind in "iu" and cat.dtype.kind in "iu"
-                and bool(np.isfinite(box).all() and np.isfinite(score).all() and (box[:, 2:] >= 0).all()))
+        fast = (
+            box.shape == (n, 4)
+            and box.dtype.kind in "iuf"
+            and score.shape == (n,)
+            and score.dtype.kind in "iuf"
+            and img.dtype.kind in "iu"
+            and cat.dtype.kind in "iu"
+            and bool(np.isfinite(box).all() and np.isfinite(score).all() and (box[:, 2:] >= 0).all())
+        )
     except (KeyError, TypeError, ValueError, IndexError):
         fast = False
     if not fast:
@@ -172,8 +196,10 @@ def _parse_detections(dets, G: _GT):
                 if key not in d:
                     raise ValueError(f"detection {i}: missing key {key!r}")
             if not _box_ok(d["bbox"]):
-                raise ValueError(f"detection {i}: key 'bbox' must be 4 finite numbers [x, y, w, h] "
-                                 f"with w, h >= 0, got {d['bbox']!r}")
+                raise ValueError(
+                    f"detection {i}: key 'bbox' must be 4 finite numbers [x, y, w, h] "
+                    f"with w, h >= 0, got {d['bbox']!r}"
+                )
             if not (_is_num(d["score"]) and math.isfinite(d["score"])):
                 raise ValueError(f"detection {i}: key 'score' must be a finite number, got {d['score']!r}")
             for key in ("image_id", "category_id"):
@@ -222,8 +248,10 @@ def _resolve_backend(protocol: str, backend: str) -> str:
 
 
 def _datasets(G: _GT, D, protocol: str):
-    images = [{"id": G.img_ids[i], "width": im.get("width", 0), "height": im.get("height", 0)}
-              for i, im in enumerate(G.images)]
+    images = [
+        {"id": G.img_ids[i], "width": im.get("width", 0), "height": im.get("height", 0)}
+        for i, im in enumerate(G.images)
+    ]
     cats = [{"id": c, "name": n} for c, n in zip(G.cat_ids, G.cat_names)]
     gi, gc = np.asarray(G.img_ids)[G.img].tolist(), np.asarray(G.cat_ids)[G.cat].tolist()
     anns = []
@@ -237,11 +265,22 @@ def _datasets(G: _GT, D, protocol: str):
         anns.append(ann)
     di, dc, db, ds = D
     di, dc = np.asarray(G.img_ids)[di].tolist(), np.asarray(G.cat_ids)[dc].tolist()
-    dts = [{"id": i + 1, "image_id": di[i], "category_id": dc[i], "bbox": b, "score": s,
-            "area": b[2] * b[3], "iscrowd": 0}  # as COCO.loadRes sets them for bbox results
-           for i, (b, s) in enumerate(zip(db.tolist(), ds.tolist()))]
-    return ({"images": images, "annotations": anns, "categories": cats},
-            {"images": images, "annotations": dts, "categories": cats})
+    dts = [
+        {
+            "id": i + 1,
+            "image_id": di[i],
+            "category_id": dc[i],
+            "bbox": b,
+            "score": s,
+            "area": b[2] * b[3],
+            "iscrowd": 0,
+        }  # as COCO.loadRes sets them for bbox results
+        for i, (b, s) in enumerate(zip(db.tolist(), ds.tolist()))
+    ]
+    return (
+        {"images": images, "annotations": anns, "categories": cats},
+        {"images": images, "annotations": dts, "categories": cats},
+    )
 
 
 def _restore_ignore(anns):
@@ -312,10 +351,12 @@ def _coco_like(G: _GT, D, protocol: str, engine: str):
         ap, ap50 = _summ(prec, thrs, None, 0, -1, j), _summ(prec, thrs, 0.5, 0, -1, j)
         sel = G.cat == k
         if protocol == "sodad":
-            n_gt = int((sel & ~G.ignore & (G.area <= 32 ** 2)).sum())
+            n_gt = int((sel & ~G.ignore & (G.area <= 32**2)).sum())
         else:
-            n_gt = int((sel & ~G.crowd & (G.area <= 1e5 ** 2)).sum())
-        rows.append((G.cat_ids[k], G.cat_names[k], np.nan if ap < 0 else ap, np.nan if ap50 < 0 else ap50, n_gt))
+            n_gt = int((sel & ~G.crowd & (G.area <= 1e5**2)).sum())
+        rows.append(
+            (G.cat_ids[k], G.cat_names[k], np.nan if ap < 0 else ap, np.nan if ap50 < 0 else ap50, n_gt)
+        )
     return metrics, pd.DataFrame(rows, columns=PER_CLASS_COLUMNS)
 
 
@@ -330,13 +371,15 @@ def evaluate_detailed(gt, detections, protocol: str = "coco", backend: str = "au
     G = _GT(gt)
     D = _parse_detections(detections, G)
     if protocol == "visdrone":
-        return evaluate_visdrone(G.images, G.cat_ids, G.cat_names, G.img, G.cat, G.box,
-                                 G.ignore | G.crowd, *D)
+        return evaluate_visdrone(
+            G.images, G.cat_ids, G.cat_names, G.img, G.cat, G.box, G.ignore | G.crowd, *D
+        )
     return _coco_like(G, D, protocol, engine)
 
 
-def evaluate(gt, detections, protocol: str = "coco", backend: str = "auto",
-             per_class: bool = False) -> dict[str, float]:
+def evaluate(
+    gt, detections, protocol: str = "coco", backend: str = "auto", per_class: bool = False
+) -> dict[str, float]:
     """Evaluate COCO-format detections under ``protocol`` ("coco" | "sodad" | "visdrone").
 
     ``gt``: COCO dict or json path; ``detections``: list of {image_id, category_id,
@@ -366,6 +409,7 @@ def write_metrics(out_dir, metrics: dict, per_class_df: pd.DataFrame | None = No
 
 def format_table(metrics: dict, per_class_df: pd.DataFrame | None = None) -> str:
     """Human-readable tables (values in %, '-' where there is no ground truth)."""
+
     def pct(v):
         return "-" if v is None or (isinstance(v, float) and np.isnan(v)) or v < 0 else f"{100 * v:.2f}"
 
@@ -375,5 +419,7 @@ def format_table(metrics: dict, per_class_df: pd.DataFrame | None = None) -> str
         nw = max([len(str(n)) for n in per_class_df["name"]] + [4])
         lines += ["", f"{'id':>4}  {'name':<{nw}}  {'AP(%)':>7}  {'AP50(%)':>7}  {'num_gt':>7}"]
         for r in per_class_df.itertuples(index=False):
-            lines.append(f"{r.category_id:>4}  {r.name:<{nw}}  {pct(r.AP):>7}  {pct(r.AP50):>7}  {r.num_gt:>7}")
+            lines.append(
+                f"{r.category_id:>4}  {r.name:<{nw}}  {pct(r.AP):>7}  {pct(r.AP50):>7}  {r.num_gt:>7}"
+            )
     return "\n".join(lines)

@@ -49,8 +49,16 @@ logger = logging.getLogger(__name__)
 MAX_DETS = (1, 10, 100, 500)  # calcAccuracy.m: for maxDets = [1 10 100 500]
 
 VISDRONE_CATEGORIES = [
-    (1, "pedestrian"), (2, "people"), (3, "bicycle"), (4, "car"), (5, "van"),
-    (6, "truck"), (7, "tricycle"), (8, "awning-tricycle"), (9, "bus"), (10, "motor"),
+    (1, "pedestrian"),
+    (2, "people"),
+    (3, "bicycle"),
+    (4, "car"),
+    (5, "van"),
+    (6, "truck"),
+    (7, "tricycle"),
+    (8, "awning-tricycle"),
+    (9, "bus"),
+    (10, "motor"),
 ]
 
 
@@ -86,7 +94,9 @@ def ignored_fraction(boxes_xywh: np.ndarray, regions_xywh: np.ndarray, height: i
     coordinate-compressed integral image (exact integers, no H x W mask).
     """
     boxes = np.asarray(boxes_xywh, dtype=np.float64).reshape(-1, 4)
-    regs = np.maximum(1, matlab_round(np.asarray(regions_xywh, dtype=np.float64).reshape(-1, 4))).astype(np.int64)
+    regs = np.maximum(1, matlab_round(np.asarray(regions_xywh, dtype=np.float64).reshape(-1, 4))).astype(
+        np.int64
+    )
     # dropObjectsInIgr.m: igrMap(y:min(H,y+h), x:min(W,x+w)) = 1, 1-based inclusive
     r0, r1 = regs[:, 1], np.minimum(height, regs[:, 1] + regs[:, 3])
     c0, c1 = regs[:, 0], np.minimum(width, regs[:, 0] + regs[:, 2])
@@ -105,8 +115,16 @@ def ignored_fraction(boxes_xywh: np.ndarray, regions_xywh: np.ndarray, height: i
     ry = np.unique(np.concatenate([[0, height], r0 - 1, r1]))
     cx = np.unique(np.concatenate([[0, width], c0 - 1, c1]))
     ymid, xmid = ry[1:], cx[1:]  # last pixel of each cell
-    cover = ((ymid[:, None, None] >= r0) & (ymid[:, None, None] <= r1)
-             & (xmid[None, :, None] >= c0) & (xmid[None, :, None] <= c1)).any(-1).astype(np.int64)
+    cover = (
+        (
+            (ymid[:, None, None] >= r0)
+            & (ymid[:, None, None] <= r1)
+            & (xmid[None, :, None] >= c0)
+            & (xmid[None, :, None] <= c1)
+        )
+        .any(-1)
+        .astype(np.int64)
+    )
 
     def integral(rr, cc):  # createIntImg.m value at (rr, cc), 1-based: mask sum over [1..rr] x [1..cc]
         ly = np.clip(rr[:, None] - ry[None, :-1], 0, np.diff(ry)[None, :])
@@ -152,7 +170,9 @@ def _candidates(d_key, d_box, g_key, g_box, g_ign, n_keys, min_thr, chunk=2_000_
         gi = g_order[np.repeat(g_start[d_key[lo:hi]], c) + np.arange(len(di)) - first]
         oa = _comp_oas(d_box[di], g_box[gi], g_ign[gi])
         keep = oa >= min_thr
-        pd_.append(di[keep]); pg_.append(gi[keep]); po_.append(oa[keep])
+        pd_.append(di[keep])
+        pg_.append(gi[keep])
+        po_.append(oa[keep])
         lo = hi
     di = np.concatenate(pd_) if pd_ else np.zeros(0, np.int64)
     gi = np.concatenate(pg_) if pg_ else np.zeros(0, np.int64)
@@ -187,7 +207,7 @@ def _match(subset, d_key, d_score, d_pos, cand_g, cand_o, cand_i, n_gt, thrs):
     matched = np.zeros((T, n_gt + 1), bool)  # evalRes.m: gt(g,5)==1 once matched
     thr = np.asarray(thrs)[:, None, None]
     for s in range(len(bounds) - 1):
-        loc = by_rank[bounds[s]:bounds[s + 1]]
+        loc = by_rank[bounds[s] : bounds[s + 1]]
         sel = subset[loc]
         g, o, ig = cand_g[sel], cand_o[sel], cand_i[sel]
         ok = o[None] >= thr  # evalRes.m: if(oa(d,g)<bstOa) continue; (bstOa starts at thr)
@@ -213,8 +233,9 @@ def voc_ap(rec: np.ndarray, prec: np.ndarray) -> np.ndarray:
     return np.where(d != 0, d * mpre[:, 1:], 0.0).sum(1)
 
 
-def evaluate_visdrone(images, cat_ids, cat_names, g_img, g_cat, g_box, g_ign,
-                      d_img, d_cat, d_box, d_score, max_dets=MAX_DETS):
+def evaluate_visdrone(
+    images, cat_ids, cat_names, g_img, g_cat, g_box, g_ign, d_img, d_cat, d_box, d_score, max_dets=MAX_DETS
+):
     """Toolkit metrics from parsed arrays.
 
     ``images``: list of image dicts (``width``, ``height``, optional ``ignore_regions_xywh``);
@@ -235,10 +256,10 @@ def evaluate_visdrone(images, cat_ids, cat_names, g_img, g_cat, g_box, g_ign,
         if "height" not in im or "width" not in im:
             raise ValueError(f"image {im.get('id')!r} has ignore regions but no width/height")
         H, W = int(im["height"]), int(im["width"])
-        gi, di = g_by[g_lo[i]:g_lo[i + 1]], d_by[d_lo[i]:d_lo[i + 1]]
+        gi, di = g_by[g_lo[i] : g_lo[i + 1]], d_by[d_lo[i] : d_lo[i + 1]]
         frac = ignored_fraction(np.concatenate([g_box[gi], d_box[di]]), regions, H, W)
-        keep_g[gi] = frac[:len(gi)] < 0.5
-        keep_d[di] = frac[len(gi):] < 0.5
+        keep_g[gi] = frac[: len(gi)] < 0.5
+        keep_d[di] = frac[len(gi) :] < 0.5
     gk = np.nonzero(keep_g)[0]
     g_img, g_cat, g_box, g_ign = g_img[gk], g_cat[gk], g_box[gk], g_ign[gk]
     dk = np.nonzero(keep_d)[0]  # results-list order is kept
@@ -251,10 +272,13 @@ def evaluate_visdrone(images, cat_ids, cat_names, g_img, g_cat, g_box, g_ign,
     order = np.lexsort((pos, d_img))  # maxDets cuts follow list order: say so when that order is not by score
     unsorted = (d_img[order][1:] == d_img[order][:-1]) & (d_score[order][1:] > d_score[order][:-1])
     if unsorted.any():
-        logger.warning("VisDrone protocol: maxDets (%s) keeps each image's first detections in list order, as the "
-                       "toolkit does, and the detections of image %r are not sorted by score: sort each image's "
-                       "detections by descending score, or AR and AP count the wrong ones",
-                       "/".join(map(str, max_dets)), images[int(d_img[order][1:][unsorted][0])].get("id"))
+        logger.warning(
+            "VisDrone protocol: maxDets (%s) keeps each image's first detections in list order, as the "
+            "toolkit does, and the detections of image %r are not sorted by score: sort each image's "
+            "detections by descending score, or AR and AP count the wrong ones",
+            "/".join(map(str, max_dets)),
+            images[int(d_img[order][1:][unsorted][0])].get("id"),
+        )
     dk = np.nonzero(top)[0]
     d_img, d_cat, d_box, d_score, pos = d_img[dk], d_cat[dk], d_box[dk], d_score[dk], pos[dk]
     n_keys = n_img * C
@@ -302,16 +326,21 @@ def evaluate_visdrone(images, cat_ids, cat_names, g_img, g_cat, g_box, g_ign,
     metrics = {"AP": wmean(ap), "AP50": wmean(ap[:, 0]), "AP75": wmean(ap[:, 5])}
     for y, k in enumerate(max_dets):
         metrics[f"AR{k}"] = wmean(ar[:, :, y])
-    per_class = pd.DataFrame({
-        "category_id": list(cat_ids), "name": list(cat_names),
-        "AP": np.where(has, ap.mean(1), np.nan), "AP50": np.where(has, ap[:, 0], np.nan),
-        "num_gt": n_gt.astype(np.int64),
-    })
+    per_class = pd.DataFrame(
+        {
+            "category_id": list(cat_ids),
+            "name": list(cat_names),
+            "AP": np.where(has, ap.mean(1), np.nan),
+            "AP50": np.where(has, ap[:, 0], np.nan),
+            "num_gt": n_gt.astype(np.int64),
+        }
+    )
     return metrics, per_class
 
 
-def make_eval_benchmark_set(num_images: int = 548, gt_per_image: int = 70, dets_per_image: int = 300,
-                            seed: int = 0) -> tuple[dict, list[dict]]:
+def make_eval_benchmark_set(
+    num_images: int = 548, gt_per_image: int = 70, dets_per_image: int = 300, seed: int = 0
+) -> tuple[dict, list[dict]]:
     """A deterministic VisDrone-like evaluation set: (COCO gt dict, COCO results list).
 
     Image sizes of VisDrone val (1920x1080, 1360x765, 960x540); long-tailed box sizes (median
@@ -343,11 +372,28 @@ def make_eval_benchmark_set(num_images: int = 548, gt_per_image: int = 70, dets_
         g = rand_boxes(gt_per_image, W, H)
         gc = rng.choice(10, gt_per_image, p=freq) + 1
         gi = rng.uniform(size=gt_per_image) < 0.05  # score-0 boxes
-        images.append({"id": i + 1, "file_name": f"{i + 1:07d}.jpg", "width": W, "height": H,
-                       "ignore_regions_xywh": regs, "ignored_boxes_xywh": others})
+        images.append(
+            {
+                "id": i + 1,
+                "file_name": f"{i + 1:07d}.jpg",
+                "width": W,
+                "height": H,
+                "ignore_regions_xywh": regs,
+                "ignored_boxes_xywh": others,
+            }
+        )
         for b, c, ig in zip(g.astype(int).tolist(), gc.tolist(), gi.tolist()):
-            anns.append({"id": len(anns) + 1, "image_id": i + 1, "category_id": c, "bbox": b,
-                         "area": float(b[2] * b[3]), "iscrowd": int(ig), "ignore": int(ig)})
+            anns.append(
+                {
+                    "id": len(anns) + 1,
+                    "image_id": i + 1,
+                    "category_id": c,
+                    "bbox": b,
+                    "area": float(b[2] * b[3]),
+                    "iscrowd": int(ig),
+                    "ignore": int(ig),
+                }
+            )
         hit = rng.uniform(size=gt_per_image) < 0.85
         tb = g[hit].copy()
         jit = rng.normal(0, 0.08, tb.shape) * tb[:, [2, 3, 2, 3]]

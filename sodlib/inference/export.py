@@ -33,8 +33,14 @@ from torchvision.ops import box_convert
 from sodlib.inference.predict import load_model
 from sodlib.official import load_rtdetr, rtdetr_model_config
 
-__all__ = ["ExportedDetector", "check_onnx", "export_checkpoint", "export_onnx", "graph_signature",
-           "match_queries"]
+__all__ = [
+    "ExportedDetector",
+    "check_onnx",
+    "export_checkpoint",
+    "export_onnx",
+    "graph_signature",
+    "match_queries",
+]
 
 
 class ExportedDetector(nn.Module):
@@ -54,7 +60,9 @@ class ExportedDetector(nn.Module):
         scores, index = scores.topk(min(self.num_top, scores.shape[1]), dim=1)
         labels = index % num_classes
         query = index // num_classes
-        xyxy = box_convert(boxes, "cxcywh", "xyxy") * orig_target_sizes.to(boxes.dtype).repeat(1, 2).unsqueeze(1)
+        xyxy = box_convert(boxes, "cxcywh", "xyxy") * orig_target_sizes.to(boxes.dtype).repeat(
+            1, 2
+        ).unsqueeze(1)
         picked = xyxy.gather(1, query.unsqueeze(-1).expand(-1, -1, 4))
         return labels, picked, scores
 
@@ -62,21 +70,31 @@ class ExportedDetector(nn.Module):
 MAX_IMAGE_SIZE = 4096  # the largest square input an export traces (a 100000-px one would not fit in memory)
 
 
-def export_onnx(model: nn.Module, out: str | os.PathLike, image_size: int, postprocess: bool = False,
-                num_top: int = 300, opset: int = 17) -> Path:
+def export_onnx(
+    model: nn.Module,
+    out: str | os.PathLike,
+    image_size: int,
+    postprocess: bool = False,
+    num_top: int = 300,
+    opset: int = 17,
+) -> Path:
     """Export ``model`` (a sodlib detector) to ``out``; returns the path. See the module docstring."""
     import warnings
 
     out = Path(out)
     if image_size < 32 or image_size % 32 or image_size > MAX_IMAGE_SIZE:
-        raise ValueError(f"--image-size must be a multiple of 32 (the coarsest stride) from 32 to {MAX_IMAGE_SIZE}, "
-                         f"got {image_size}")
+        raise ValueError(
+            f"--image-size must be a multiple of 32 (the coarsest stride) from 32 to {MAX_IMAGE_SIZE}, "
+            f"got {image_size}"
+        )
     images = torch.rand(1, 3, image_size, image_size)
     if postprocess:  # every requested detection must exist: at most one per (query, class) pair
         with torch.no_grad():
             pairs = model.eval()(images)["pred_logits"][0].numel()
         if not 1 <= num_top <= pairs:
-            raise ValueError(f"--num-top must be from 1 to {pairs} (this model's query x class pairs), got {num_top}")
+            raise ValueError(
+                f"--num-top must be from 1 to {pairs} (this model's query x class pairs), got {num_top}"
+            )
     wrapper = ExportedDetector(model.eval(), postprocess, num_top).eval()
     args: tuple = (images,)
     inputs, outputs = ["images"], ["pred_logits", "pred_boxes"]
@@ -91,8 +109,16 @@ def export_onnx(model: nn.Module, out: str | os.PathLike, image_size: int, postp
     try:
         with warnings.catch_warnings(), torch.no_grad():
             warnings.simplefilter("ignore")  # the tracer's notes on shapes it records as constants
-            torch.onnx.export(wrapper, args, tmp, input_names=inputs, output_names=outputs, dynamic_axes=axes,
-                              opset_version=opset, dynamo=False)
+            torch.onnx.export(
+                wrapper,
+                args,
+                tmp,
+                input_names=inputs,
+                output_names=outputs,
+                dynamic_axes=axes,
+                opset_version=opset,
+                dynamo=False,
+            )
         os.chmod(tmp, 0o644)
         os.replace(tmp, out)
     finally:
@@ -101,9 +127,15 @@ def export_onnx(model: nn.Module, out: str | os.PathLike, image_size: int, postp
     return out
 
 
-def export_checkpoint(checkpoint: str | os.PathLike, out: str | os.PathLike, image_size: int | None = None,
-                      postprocess: bool = False, num_top: int = 300, rtdetr_depth: int | None = None,
-                      num_classes: int = 80) -> Path:
+def export_checkpoint(
+    checkpoint: str | os.PathLike,
+    out: str | os.PathLike,
+    image_size: int | None = None,
+    postprocess: bool = False,
+    num_top: int = 300,
+    rtdetr_depth: int | None = None,
+    num_classes: int = 80,
+) -> Path:
     """``sodlib export``: a checkpoint's detector → ONNX. ``out`` must not exist (nothing the user owns is
     overwritten).
 
@@ -126,7 +158,9 @@ def export_checkpoint(checkpoint: str | os.PathLike, out: str | os.PathLike, ima
     return export_onnx(model, out, image_size or cfg.data.image_size, postprocess, num_top)
 
 
-def match_queries(a_logits: np.ndarray, a_boxes: np.ndarray, b_logits: np.ndarray, b_boxes: np.ndarray) -> float:
+def match_queries(
+    a_logits: np.ndarray, a_boxes: np.ndarray, b_logits: np.ndarray, b_boxes: np.ndarray
+) -> float:
     """Largest difference between two detectors' per-query outputs after pairing the queries of each image
     one to one (Hungarian assignment on the L∞ distance of logits and boxes): 0 for equal sets of queries
     in any order."""

@@ -22,7 +22,9 @@ from sodlib.io import claim_output_dir, save_figure
 from sodlib.models.detector import eval_mode
 
 
-def splat_attention(sampling_locations: Tensor, attention_weights: Tensor, size_hw: tuple[int, int]) -> Tensor:
+def splat_attention(
+    sampling_locations: Tensor, attention_weights: Tensor, size_hw: tuple[int, int]
+) -> Tensor:
     """Heatmap [H, W]: every attention weight added to the pixel its sampling point falls in (nearest splat).
 
     ``sampling_locations`` [..., 2] normalised (x, y); ``attention_weights`` [...] (same leading shape), summed
@@ -30,8 +32,10 @@ def splat_attention(sampling_locations: Tensor, attention_weights: Tensor, size_
     x ∈ [j/W, (j+1)/W), y ∈ [i/H, (i+1)/H); points outside the image are dropped.
     """
     if sampling_locations.shape[:-1] != attention_weights.shape:
-        raise ValueError(f"sampling_locations {tuple(sampling_locations.shape)} do not match "
-                         f"attention_weights {tuple(attention_weights.shape)} (expected [..., 2] and [...])")
+        raise ValueError(
+            f"sampling_locations {tuple(sampling_locations.shape)} do not match "
+            f"attention_weights {tuple(attention_weights.shape)} (expected [..., 2] and [...])"
+        )
     h, w = size_hw
     xy = sampling_locations.detach().float().reshape(-1, 2)
     weights = attention_weights.detach().float().reshape(-1)
@@ -42,8 +46,13 @@ def splat_attention(sampling_locations: Tensor, attention_weights: Tensor, size_
     return heat.reshape(h, w)
 
 
-def attention_density(sampling_locations: Tensor, attention_weights: Tensor, level_strides, size_hw: tuple[int, int],
-                      sigma_per_stride: float = 0.5) -> Tensor:
+def attention_density(
+    sampling_locations: Tensor,
+    attention_weights: Tensor,
+    level_strides,
+    size_hw: tuple[int, int],
+    sigma_per_stride: float = 0.5,
+) -> Tensor:
     """Attention as a smooth density [H, W]: every sampling point's weight spread by a Gaussian whose width
     follows its feature level's stride.
 
@@ -60,12 +69,16 @@ def attention_density(sampling_locations: Tensor, attention_weights: Tensor, lev
     Cost: one [H, P] × [P, W] product per level (P points of that level).
     """
     if sampling_locations.shape[:-1] != attention_weights.shape or sampling_locations.dim() < 3:
-        raise ValueError(f"sampling_locations {tuple(sampling_locations.shape)} and attention_weights "
-                         f"{tuple(attention_weights.shape)} must be [..., levels, points, 2] and [..., levels, points]")
+        raise ValueError(
+            f"sampling_locations {tuple(sampling_locations.shape)} and attention_weights "
+            f"{tuple(attention_weights.shape)} must be [..., levels, points, 2] and [..., levels, points]"
+        )
     strides = torch.as_tensor(level_strides, dtype=torch.float32).flatten()
     levels = attention_weights.shape[-2]
     if len(strides) != levels or not bool((strides > 0).all()):
-        raise ValueError(f"level_strides must give {levels} positive strides (one per level), got {level_strides}")
+        raise ValueError(
+            f"level_strides must give {levels} positive strides (one per level), got {level_strides}"
+        )
     h, w = int(size_hw[0]), int(size_hw[1])
     xy = sampling_locations.detach().float().movedim(-3, 0).reshape(levels, -1, 2)  # [L, N, 2]
     weights = attention_weights.detach().float().movedim(-2, 0).reshape(levels, -1)  # [L, N]
@@ -87,7 +100,9 @@ def attention_density(sampling_locations: Tensor, attention_weights: Tensor, lev
     return density
 
 
-def attention_mass_in_boxes(sampling_locations: Tensor, attention_weights: Tensor, boxes_cxcywh: Tensor) -> Tensor:
+def attention_mass_in_boxes(
+    sampling_locations: Tensor, attention_weights: Tensor, boxes_cxcywh: Tensor
+) -> Tensor:
     """Share of each query's attention mass on points inside its box: Σ_{k inside} A_k / Σ_k A_k.
 
     ``sampling_locations`` [N, ..., 2], ``attention_weights`` [N, ...], ``boxes_cxcywh`` [N, 4] (one box per
@@ -110,13 +125,17 @@ def query_per_box(pred_boxes_cxcywh: Tensor, scores: Tensor, gt_boxes_cxcywh: Te
     """
     if len(gt_boxes_cxcywh) == 0:
         return torch.zeros(0, dtype=torch.long)
-    iou = box_iou(box_convert(gt_boxes_cxcywh.float(), "cxcywh", "xyxy"),
-                  box_convert(pred_boxes_cxcywh.float(), "cxcywh", "xyxy"))  # [G, Q]
+    iou = box_iou(
+        box_convert(gt_boxes_cxcywh.float(), "cxcywh", "xyxy"),
+        box_convert(pred_boxes_cxcywh.float(), "cxcywh", "xyxy"),
+    )  # [G, Q]
     return (iou * scores.float()[None]).argmax(1)
 
 
 @torch.no_grad()
-def attention_for_objects(model: torch.nn.Module, image_chw: Tensor, gt_boxes_cxcywh: Tensor, device="cpu") -> dict:
+def attention_for_objects(
+    model: torch.nn.Module, image_chw: Tensor, gt_boxes_cxcywh: Tensor, device="cpu"
+) -> dict:
     """Run the eval-mode detector on one image and follow, for every ground-truth box, the query that detects
     it (:func:`query_per_box` on the last layer's boxes and best class scores) through the decoder.
 
@@ -133,13 +152,22 @@ def attention_for_objects(model: torch.nn.Module, image_chw: Tensor, gt_boxes_cx
     queries = query_per_box(layers[-1]["pred_boxes"], scores, gt)
     locs = [layer["sampling_locations"][queries] for layer in layers]
     attns = [layer["attention_weights"][queries] for layer in layers]
-    share = torch.stack([attention_mass_in_boxes(loc, attn, gt) for loc, attn in zip(locs, attns)]) if len(gt) \
+    share = (
+        torch.stack([attention_mass_in_boxes(loc, attn, gt) for loc, attn in zip(locs, attns)])
+        if len(gt)
         else torch.zeros(len(layers), 0)
-    return {"queries": queries, "scores": scores[queries], "sampling_locations": locs, "attention_weights": attns,
-            "in_box_share": share}
+    )
+    return {
+        "queries": queries,
+        "scores": scores[queries],
+        "sampling_locations": locs,
+        "attention_weights": attns,
+        "in_box_share": share,
+    }
 
 
 # ---------------------------------------------------------------- one image, chosen objects (sodlib heatmap)
+
 
 def in_box_share(model: torch.nn.Module, dataset, num_images: int, device="cpu") -> Tensor:
     """:func:`attention_for_objects`' in-box attention share for every ground-truth object of the first
@@ -155,16 +183,22 @@ def level_strides(model_cfg) -> tuple[int, ...]:
     """Stride (input pixels) of each decoder level: the encoder's maps (8, 16, 32; from 4 with a stride-4 level),
     then each extra level twice the previous one."""
 
-    strides = [2 ** lv for lv in encoder_levels(model_cfg)]
+    strides = [2**lv for lv in encoder_levels(model_cfg)]
     while len(strides) < model_cfg.num_levels:
         strides.append(strides[-1] * 2)
-    return tuple(strides[:model_cfg.num_levels])
+    return tuple(strides[: model_cfg.num_levels])
 
 
 @torch.no_grad()
-def object_attention(model: torch.nn.Module, image_uint8: Tensor, image_size: int, objects: int = 3,
-                     box_xywh: tuple[float, float, float, float] | None = None, slice_size: int | None = None,
-                     overlap: float = 0.2) -> list[dict]:
+def object_attention(
+    model: torch.nn.Module,
+    image_uint8: Tensor,
+    image_size: int,
+    objects: int = 3,
+    box_xywh: tuple[float, float, float, float] | None = None,
+    slice_size: int | None = None,
+    overlap: float = 0.2,
+) -> list[dict]:
     """The queries to draw on one image and their attention in every decoder layer.
 
     The image (or, with ``slice_size``, each overlapping window of it) is resized to ``image_size`` and run
@@ -178,19 +212,26 @@ def object_attention(model: torch.nn.Module, image_uint8: Tensor, image_size: in
     """
 
     _, h, w = image_uint8.shape
-    windows = (tile_windows(w, h, slice_size, round(overlap * slice_size))
-               if slice_size and (h > slice_size or w > slice_size) else [(0, 0, w, h)])
+    windows = (
+        tile_windows(w, h, slice_size, round(overlap * slice_size))
+        if slice_size and (h > slice_size or w > slice_size)
+        else [(0, 0, w, h)]
+    )
     if box_xywh is not None:
         x, y, bw, bh = box_xywh
-        cx, cy = x + bw / 2, y + bh / 2  # the window that holds the box best: its centre, farthest from the edge
+        cx, cy = (
+            x + bw / 2,
+            y + bh / 2,
+        )  # the window that holds the box best: its centre, farthest from the edge
         windows = [max(windows, key=lambda win: min(cx - win[0], win[2] - cx, cy - win[1], win[3] - cy))]
     device = next(model.parameters()).device
     candidates = []
     for win in windows:
         x0, y0, x1, y1 = win
         crop = image_uint8[:, y0:y1, x0:x1].to(device).float().div(255)
-        crop = torch.nn.functional.interpolate(crop[None], size=(image_size, image_size), mode="bilinear",
-                                               align_corners=False)
+        crop = torch.nn.functional.interpolate(
+            crop[None], size=(image_size, image_size), mode="bilinear", align_corners=False
+        )
         with eval_mode(model):
             out = model(crop, return_sampling=True)
         layers = [{k: v[0].float().cpu() for k, v in layer.items()} for layer in out["layers"]]
@@ -202,23 +243,32 @@ def object_attention(model: torch.nn.Module, image_uint8: Tensor, image_size: in
             return box_convert(cxcywh, "cxcywh", "xyxy") * scale + shift
 
         if box_xywh is not None:
-            gt = torch.tensor([[(cx - x0) / (x1 - x0), (cy - y0) / (y1 - y0), bw / (x1 - x0), bh / (y1 - y0)]])
+            gt = torch.tensor(
+                [[(cx - x0) / (x1 - x0), (cy - y0) / (y1 - y0), bw / (x1 - x0), bh / (y1 - y0)]]
+            )
             chosen = query_per_box(layers[-1]["pred_boxes"], scores, gt).tolist()
         else:
             chosen = scores.topk(min(objects, len(scores))).indices.tolist()
         for q in chosen:
-            candidates.append({
-                "window": win, "query": q, "score": float(scores[q]), "label": int(labels[q]),
-                "pred_xyxy": to_pixels(layers[-1]["pred_boxes"][q]),
-                "ref_xyxy": torch.stack([to_pixels(layer["ref_boxes"][q]) for layer in layers]),
-                "sampling_locations": torch.stack([layer["sampling_locations"][q] for layer in layers]),
-                "attention_weights": torch.stack([layer["attention_weights"][q] for layer in layers])})
+            candidates.append(
+                {
+                    "window": win,
+                    "query": q,
+                    "score": float(scores[q]),
+                    "label": int(labels[q]),
+                    "pred_xyxy": to_pixels(layers[-1]["pred_boxes"][q]),
+                    "ref_xyxy": torch.stack([to_pixels(layer["ref_boxes"][q]) for layer in layers]),
+                    "sampling_locations": torch.stack([layer["sampling_locations"][q] for layer in layers]),
+                    "attention_weights": torch.stack([layer["attention_weights"][q] for layer in layers]),
+                }
+            )
     candidates.sort(key=lambda c: -c["score"])
     return candidates[:1] if box_xywh is not None else candidates[:objects]
 
 
-def object_density(obj: dict, layer: int, strides: tuple[int, ...], image_size: int,
-                   size_hw: tuple[int, int]) -> Tensor:
+def object_density(
+    obj: dict, layer: int, strides: tuple[int, ...], image_size: int, size_hw: tuple[int, int]
+) -> Tensor:
     """:func:`attention_density` of one :func:`object_attention` entry's ``layer`` on the full image grid
     ``size_hw`` (zero outside its window), as a share of the query's attention (total over all heads = 1)."""
     x0, y0, x1, y1 = obj["window"]
@@ -226,19 +276,32 @@ def object_density(obj: dict, layer: int, strides: tuple[int, ...], image_size: 
     weights = obj["attention_weights"][layer]
     heads = weights.shape[0]
     density = torch.zeros(size_hw)
-    density[y0:y1, x0:x1] = attention_density(obj["sampling_locations"][layer], weights / heads,
-                                              [s * scale for s in strides], (y1 - y0, x1 - x0))
+    density[y0:y1, x0:x1] = attention_density(
+        obj["sampling_locations"][layer], weights / heads, [s * scale for s in strides], (y1 - y0, x1 - x0)
+    )
     return density
 
 
-def figure_rows(found: list[dict], model_cfg, image_size: int, size_hw: tuple[int, int], layers: list[int],
-                labels: list[str]) -> list[dict]:
+def figure_rows(
+    found: list[dict],
+    model_cfg,
+    image_size: int,
+    size_hw: tuple[int, int],
+    layers: list[int],
+    labels: list[str],
+) -> list[dict]:
     """:func:`object_attention` entries as the rows :func:`sodlib.inference.heatmaps.plot_object_attention` draws: the density
     of each of ``layers`` on the image grid ``size_hw``, the boxes, and the row label."""
     strides = level_strides(model_cfg)
-    return [{"densities": [object_density(o, lv, strides, image_size, size_hw).numpy() for lv in layers],
-             "ref_xyxy": o["ref_xyxy"].numpy(), "pred_xyxy": o["pred_xyxy"].numpy(), "label": label}
-            for o, label in zip(found, labels)]
+    return [
+        {
+            "densities": [object_density(o, lv, strides, image_size, size_hw).numpy() for lv in layers],
+            "ref_xyxy": o["ref_xyxy"].numpy(),
+            "pred_xyxy": o["pred_xyxy"].numpy(),
+            "label": label,
+        }
+        for o, label in zip(found, labels)
+    ]
 
 
 def parse_box(text: str) -> tuple[float, float, float, float]:
@@ -252,13 +315,20 @@ def parse_box(text: str) -> tuple[float, float, float, float]:
     return x, y, w, h
 
 
-def heatmap_files(checkpoint: str, images: list[str], out_dir: str, layer: str = "all", objects: int = 3,
-                  box: str | None = None, slice_size: int | None = None, overlap: float = 0.2) -> list:
+def heatmap_files(
+    checkpoint: str,
+    images: list[str],
+    out_dir: str,
+    layer: str = "all",
+    objects: int = 3,
+    box: str | None = None,
+    slice_size: int | None = None,
+    overlap: float = 0.2,
+) -> list:
     """``sodlib heatmap``: one figure per image, ``<out_dir>/<stem>_heatmap.png`` (a suffix keeps equal stems
     apart). Everything is checked before the first figure is written: the checkpoint, ``layer`` ("all" or
     1..L), ``objects``, every image's decoding, ``box`` inside every image. Returns the written paths."""
     from pathlib import Path
-
 
     if objects < 1:
         raise ValueError(f"--objects must be at least 1, got {objects}")
@@ -283,18 +353,32 @@ def heatmap_files(checkpoint: str, images: list[str], out_dir: str, layer: str =
     written = []
     for path, img, name in zip(images, decoded, output_names(images, "_heatmap.png")):
         found = object_attention(model, img, cfg.data.image_size, objects, box_xywh, slice_size, overlap)
-        rows = figure_rows(found, cfg.model, cfg.data.image_size, tuple(img.shape[1:]), layers,
-                           [f"{names[o['label']]} {o['score']:.2f}" for o in found])
+        rows = figure_rows(
+            found,
+            cfg.model,
+            cfg.data.image_size,
+            tuple(img.shape[1:]),
+            layers,
+            [f"{names[o['label']]} {o['score']:.2f}" for o in found],
+        )
         trained_on = {"synthsod": "SynthSOD"}.get(cfg.data.dataset, cfg.data.dataset)
-        title = (f"{Path(path).name} · model {Path(checkpoint).parent.parent.name or Path(checkpoint).name}, "
-                 f"trained on {trained_on} {cfg.data.root or ''}".rstrip())
+        title = (
+            f"{Path(path).name} · model {Path(checkpoint).parent.parent.name or Path(checkpoint).name}, "
+            f"trained on {trained_on} {cfg.data.root or ''}".rstrip()
+        )
         fig = plot_object_attention(img.permute(1, 2, 0).numpy(), rows, layers, title=title)
         written.append(save_figure(fig, out / name))
     return written
 
 
-def plot_object_attention(image_hwc, rows: Sequence[Mapping], layers: Sequence[int], title: str = "",
-                          context: float = 3.0, min_window_px: float = 96.0):
+def plot_object_attention(
+    image_hwc,
+    rows: Sequence[Mapping],
+    layers: Sequence[int],
+    title: str = "",
+    context: float = 3.0,
+    min_window_px: float = 96.0,
+):
     """Each chosen object's attention, one row per object and one panel per decoder layer.
 
     ``rows[i]``: ``densities`` (one [H, W] map per entry of ``layers``, on the image's own pixel grid: a share of
@@ -319,8 +403,13 @@ def plot_object_attention(image_hwc, rows: Sequence[Mapping], layers: Sequence[i
 
     cmap = plt.get_cmap("inferno")
     n_rows, n_cols = len(rows), len(layers)
-    fig, axes = plt.subplots(n_rows, n_cols, figsize=(2.9 * n_cols + 0.8, 2.9 * n_rows + (0.5 if title else 0.2)),
-                             squeeze=False, layout="constrained")
+    fig, axes = plt.subplots(
+        n_rows,
+        n_cols,
+        figsize=(2.9 * n_cols + 0.8, 2.9 * n_rows + (0.5 if title else 0.2)),
+        squeeze=False,
+        layout="constrained",
+    )
     for ax_row, row in zip(axes, rows):
         image = row.get("image_hwc", image_hwc)
         h, w = image.shape[:2]
@@ -346,12 +435,20 @@ def plot_object_attention(image_hwc, rows: Sequence[Mapping], layers: Sequence[i
         bar = fig.colorbar(ScalarMappable(Normalize(0, vmax), cmap), ax=list(ax_row), shrink=0.9, pad=0.01)
         bar.set_label("attention per px (10⁻³)", fontsize=7)
         bar.ax.tick_params(labelsize=6)
-    handles = [Line2D([], [], color="white", ls="--", label="reference box (sampled around)"),
-               Line2D([], [], color="red", label="predicted box")]
+    handles = [
+        Line2D([], [], color="white", ls="--", label="reference box (sampled around)"),
+        Line2D([], [], color="red", label="predicted box"),
+    ]
     if any(row.get("gt_xyxy") is not None for row in rows):
         handles.append(Line2D([], [], color="cyan", label="ground truth"))
-    fig.legend(handles=handles, loc="outside lower center", ncol=len(handles), fontsize=7, facecolor="0.35",
-               labelcolor="white")
+    fig.legend(
+        handles=handles,
+        loc="outside lower center",
+        ncol=len(handles),
+        fontsize=7,
+        facecolor="0.35",
+        labelcolor="white",
+    )
     if title:
         fig.suptitle(title, fontsize=9)
     return fig

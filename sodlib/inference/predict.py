@@ -29,8 +29,9 @@ def post_nms_iou(model: nn.Module) -> float:
 
 
 @torch.no_grad()
-def predict_dataset(model: nn.Module, dataset, device="cpu", batch_size: int = 8, num_top: int = 100,
-                    progress: bool = False) -> list[dict]:
+def predict_dataset(
+    model: nn.Module, dataset, device="cpu", batch_size: int = 8, num_top: int = 100, progress: bool = False
+) -> list[dict]:
     """COCO results (pixels of the source images) for every image of ``dataset``."""
 
     loader = torch.utils.data.DataLoader(dataset, batch_size=batch_size, shuffle=False, collate_fn=collate_fn)
@@ -44,8 +45,14 @@ def predict_dataset(model: nn.Module, dataset, device="cpu", batch_size: int = 8
     return results
 
 
-def evaluate_model(model: nn.Module, dataset, protocol: str = "coco", device="cpu", batch_size: int = 8,
-                   num_top: int | None = None):
+def evaluate_model(
+    model: nn.Module,
+    dataset,
+    protocol: str = "coco",
+    device="cpu",
+    batch_size: int = 8,
+    num_top: int | None = None,
+):
     """(metrics, detections) of ``model`` on ``dataset`` under an evaluation protocol.
 
     ``num_top``: (query, class) pairs kept per image; None = the protocol's default (coco 100, sodad 300,
@@ -74,10 +81,14 @@ def load_model(checkpoint: str | Path, device="cpu", use_ema: bool = True, with_
     except FileNotFoundError:
         raise
     except Exception as exc:  # a truncated file, a foreign pickle, a state dict without config, other shapes
-        raise ValueError(f"{checkpoint}: not a sodlib checkpoint ({type(exc).__name__}: "
-                         f"{(str(exc).splitlines() or [''])[0]})") from exc
+        raise ValueError(
+            f"{checkpoint}: not a sodlib checkpoint ({type(exc).__name__}: "
+            f"{(str(exc).splitlines() or [''])[0]})"
+        ) from exc
     if with_categories:
-        cats = state.get("categories") or [{"id": i + 1, "name": str(i + 1)} for i in range(cfg.model.num_classes)]
+        cats = state.get("categories") or [
+            {"id": i + 1, "name": str(i + 1)} for i in range(cfg.model.num_classes)
+        ]
         return model.eval(), cfg, cats
     return model.eval(), cfg
 
@@ -126,8 +137,16 @@ def read_image_rgb(path: str | Path) -> torch.Tensor:
 
 
 @torch.no_grad()
-def predict_image(model: nn.Module, image_uint8: torch.Tensor, image_size: int, slice_size: int | None = None,
-                  overlap: float = 0.2, num_top: int = 100, nms_iou: float = 0.5, batch_size: int = 8) -> dict:
+def predict_image(
+    model: nn.Module,
+    image_uint8: torch.Tensor,
+    image_size: int,
+    slice_size: int | None = None,
+    overlap: float = 0.2,
+    num_top: int = 100,
+    nms_iou: float = 0.5,
+    batch_size: int = 8,
+) -> dict:
     """Detections (``boxes_xyxy`` in pixels, ``scores``, ``labels``) for one image.
 
     With ``slice_size`` the image is cut into overlapping windows (``overlap`` × slice), each window is
@@ -136,12 +155,13 @@ def predict_image(model: nn.Module, image_uint8: torch.Tensor, image_size: int, 
     """
     from torchvision.ops import batched_nms
 
-
     device = next(model.parameters()).device
     _, h, w = image_uint8.shape
     if slice_size and slice_size < MIN_SLICE_PX:
-        raise ValueError(f"--slice {slice_size}: a window must be at least {MIN_SLICE_PX} px (one cell of the "
-                         f"coarsest feature level); windows are resized to {image_size} px")
+        raise ValueError(
+            f"--slice {slice_size}: a window must be at least {MIN_SLICE_PX} px (one cell of the "
+            f"coarsest feature level); windows are resized to {image_size} px"
+        )
     if slice_size and (h > slice_size or w > slice_size):
         windows = tile_windows(w, h, slice_size, round(overlap * slice_size))
     else:
@@ -150,9 +170,16 @@ def predict_image(model: nn.Module, image_uint8: torch.Tensor, image_size: int, 
     boxes, scores, labels = [], [], []
     starts = range(0, len(windows), batch_size)
     for i in tqdm(starts, desc="windows", disable=len(starts) < 8, leave=False, dynamic_ncols=True):
-        chunk = windows[i:i + batch_size]
-        crops = [nn.functional.interpolate(image[None, :, y0:y1, x0:x1], size=(image_size, image_size),
-                                           mode="bilinear", align_corners=False) for x0, y0, x1, y1 in chunk]
+        chunk = windows[i : i + batch_size]
+        crops = [
+            nn.functional.interpolate(
+                image[None, :, y0:y1, x0:x1],
+                size=(image_size, image_size),
+                mode="bilinear",
+                align_corners=False,
+            )
+            for x0, y0, x1, y1 in chunk
+        ]
         sizes = torch.tensor([[y1 - y0, x1 - x0] for x0, y0, x1, y1 in chunk], device=device)
         processed = postprocess(model(torch.cat(crops)), sizes, num_top=num_top, nms_iou=post_nms_iou(model))
         for (x0, y0, _, _), det in zip(chunk, processed):
@@ -167,12 +194,18 @@ def predict_image(model: nn.Module, image_uint8: torch.Tensor, image_size: int, 
     return {"boxes_xyxy": boxes.cpu(), "scores": scores.cpu(), "labels": labels.cpu()}
 
 
-def predict_files(checkpoint: str | Path, images: list[str | Path], out_dir: str | Path, device="cpu",
-                  slice_size: int | None = None, overlap: float = 0.2, score_thr: float = 0.3) -> Path:
+def predict_files(
+    checkpoint: str | Path,
+    images: list[str | Path],
+    out_dir: str | Path,
+    device="cpu",
+    slice_size: int | None = None,
+    overlap: float = 0.2,
+    score_thr: float = 0.3,
+) -> Path:
     """Predict on image files; write ``predictions.json`` (COCO results + an image list) and drawn PNGs."""
     from torchvision.io import encode_png
     from torchvision.utils import draw_bounding_boxes
-
 
     model, cfg, categories = load_model(checkpoint, device, with_categories=True)
     out_dir = Path(out_dir)
@@ -183,14 +216,28 @@ def predict_files(checkpoint: str | Path, images: list[str | Path], out_dir: str
         read_image_rgb(path)
     for image_id, path in enumerate(tqdm(images, desc="predict", dynamic_ncols=True), start=1):
         img = read_image_rgb(path)
-        det = predict_image(model, img, cfg.data.image_size, slice_size, overlap,
-                            num_top=500 if slice_size else 100)
-        image_records.append({"id": image_id, "file_name": str(path), "height": img.shape[1], "width": img.shape[2]})
+        det = predict_image(
+            model, img, cfg.data.image_size, slice_size, overlap, num_top=500 if slice_size else 100
+        )
+        image_records.append(
+            {"id": image_id, "file_name": str(path), "height": img.shape[1], "width": img.shape[2]}
+        )
         for b, s, lab in zip(det["boxes_xyxy"].tolist(), det["scores"].tolist(), det["labels"].tolist()):
-            results.append({"image_id": image_id, "category_id": categories[lab]["id"],
-                            "bbox": [b[0], b[1], b[2] - b[0], b[3] - b[1]], "score": s})
+            results.append(
+                {
+                    "image_id": image_id,
+                    "category_id": categories[lab]["id"],
+                    "bbox": [b[0], b[1], b[2] - b[0], b[3] - b[1]],
+                    "score": s,
+                }
+            )
         keep = det["scores"] >= score_thr
-        drawn = draw_bounding_boxes(img, det["boxes_xyxy"][keep], labels=[names[i] for i in det["labels"][keep]],
-                                    colors="red", width=1)
+        drawn = draw_bounding_boxes(
+            img,
+            det["boxes_xyxy"][keep],
+            labels=[names[i] for i in det["labels"][keep]],
+            colors="red",
+            width=1,
+        )
         atomic_write_bytes(out_dir / drawn_names[image_id - 1], encode_png(drawn).numpy().tobytes())
     return atomic_write_json(out_dir / "predictions.json", {"images": image_records, "detections": results})

@@ -58,10 +58,13 @@ class SodlibDetectionModel(DetectionModel):
 
     def set_model(self, model, **kwargs) -> None:
         if self.image_size is None:
-            raise ValueError("SodlibDetectionModel(model=...) needs image_size= (the detector's working size)")
+            raise ValueError(
+                "SodlibDetectionModel(model=...) needs image_size= (the detector's working size)"
+            )
         config = getattr(model, "config", None)
         categories = kwargs.get("categories") or [
-            {"id": i + 1, "name": str(i + 1)} for i in range(config.num_classes if config else 0)]
+            {"id": i + 1, "name": str(i + 1)} for i in range(config.num_classes if config else 0)
+        ]
         self._set(model, categories)
 
     def _set(self, model, categories) -> None:
@@ -87,16 +90,23 @@ class SodlibDetectionModel(DetectionModel):
 
         h, w = image.shape[:2]
         x = torch.from_numpy(np.ascontiguousarray(image[..., :3])).permute(2, 0, 1).float().div_(255)
-        x = torch.nn.functional.interpolate(x[None].to(self.device), size=(self.image_size, self.image_size),
-                                            mode="bilinear", align_corners=False)
+        x = torch.nn.functional.interpolate(
+            x[None].to(self.device),
+            size=(self.image_size, self.image_size),
+            mode="bilinear",
+            align_corners=False,
+        )
         config = getattr(self.model, "config", None)
-        det = postprocess(self.model(x), [[h, w]], num_top=self.num_top,
-                          nms_iou=float(getattr(config, "post_nms", 0.0)))[0]
+        det = postprocess(
+            self.model(x), [[h, w]], num_top=self.num_top, nms_iou=float(getattr(config, "post_nms", 0.0))
+        )[0]
         self._original_predictions = {k: v.cpu() for k, v in det.items()}
 
-    def _create_object_prediction_list_from_original_predictions(self, shift_amount_list=((0, 0),),
-                                                                 full_shape_list=None) -> None:
+    def _create_object_prediction_list_from_original_predictions(
+        self, shift_amount_list=((0, 0),), full_shape_list=None
+    ) -> None:
         det = self._original_predictions
+
         def first(pairs):  # SAHI passes [[a, b], ...] or, for one image, [a, b]
             if not pairs:
                 return None
@@ -105,17 +115,32 @@ class SodlibDetectionModel(DetectionModel):
         shift, full = first(shift_amount_list) or [0, 0], first(full_shape_list)
         keep = det["scores"] > self.confidence_threshold
         predictions = []
-        for box, score, label in zip(det["boxes_xyxy"][keep].tolist(), det["scores"][keep].tolist(),
-                                     det["labels"][keep].tolist()):
-            predictions.append(ObjectPrediction(
-                bbox=box, category_id=int(label), category_name=(self.category_mapping or {}).get(str(label), ""),
-                score=score, shift_amount=shift, full_shape=full))
+        for box, score, label in zip(
+            det["boxes_xyxy"][keep].tolist(), det["scores"][keep].tolist(), det["labels"][keep].tolist()
+        ):
+            predictions.append(
+                ObjectPrediction(
+                    bbox=box,
+                    category_id=int(label),
+                    category_name=(self.category_mapping or {}).get(str(label), ""),
+                    score=score,
+                    shift_amount=shift,
+                    full_shape=full,
+                )
+            )
         self._object_prediction_list_per_image = [predictions]
 
 
-def compare_sliced(checkpoint: str | Path, images: Sequence[str | Path], gt: dict | str | Path, slice_size: int,
-                   overlap: float = 0.2, score_thr: float = 0.05, protocol: str = "visdrone",
-                   max_det: int = 500) -> list[dict]:
+def compare_sliced(
+    checkpoint: str | Path,
+    images: Sequence[str | Path],
+    gt: dict | str | Path,
+    slice_size: int,
+    overlap: float = 0.2,
+    score_thr: float = 0.05,
+    protocol: str = "visdrone",
+    max_det: int = 500,
+) -> list[dict]:
     """``sodlib predict --slice`` and SAHI's ``get_sliced_prediction`` (NMS on IoU 0.5 per class, no full-image
     pass: sodlib's merge; and SAHI's defaults: greedy NMM on IoS 0.5 plus a full-image pass) on ``images`` with
     the same checkpoint, slice and overlap (``slice_size`` 0 = the checkpoint's working size). ``gt``: COCO dict or json path whose ``file_name`` s end in the
@@ -129,28 +154,42 @@ def compare_sliced(checkpoint: str | Path, images: Sequence[str | Path], gt: dic
     if not isinstance(gt, dict):
         gt = json.loads(Path(gt).read_text())
     by_name = {Path(im["file_name"]).name: im["id"] for im in gt["images"]}
-    sahi_model = SodlibDetectionModel(model=model, image_size=cfg.data.image_size, confidence_threshold=score_thr,
-                                      load_at_init=True)
+    sahi_model = SodlibDetectionModel(
+        model=model, image_size=cfg.data.image_size, confidence_threshold=score_thr, load_at_init=True
+    )
     sahi_model.category_ids = label_to_id
     sahi_model.num_top = max_det  # per slice, as predict_image keeps per window
     pipelines = {
         "sodlib predict --slice": None,
-        "SAHI, sodlib's merge (NMS IoU 0.5, slices only)": {"perform_standard_pred": False,
-                                                            "postprocess_type": "NMS",
-                                                            "postprocess_match_metric": "IOU",
-                                                            "postprocess_match_threshold": 0.5},
+        "SAHI, sodlib's merge (NMS IoU 0.5, slices only)": {
+            "perform_standard_pred": False,
+            "postprocess_type": "NMS",
+            "postprocess_match_metric": "IOU",
+            "postprocess_match_threshold": 0.5,
+        },
         "SAHI defaults (greedy NMM IoS 0.5, + full image)": {"force_postprocess_type": True},
     }
     rows, reference = [], []
+
     def run(path, kwargs):
         if kwargs is None:
-            det = predict_image(model, read_image_rgb(path), cfg.data.image_size, slice_size, overlap,
-                                num_top=max_det)
+            det = predict_image(
+                model, read_image_rgb(path), cfg.data.image_size, slice_size, overlap, num_top=max_det
+            )
             keep = det["scores"] > score_thr
-            return zip(det["boxes_xyxy"][keep].tolist(), det["scores"][keep].tolist(), det["labels"][keep].tolist())
-        result = get_sliced_prediction(str(path), sahi_model, slice_height=slice_size, slice_width=slice_size,
-                                       overlap_height_ratio=overlap, overlap_width_ratio=overlap, verbose=0,
-                                       **kwargs)
+            return zip(
+                det["boxes_xyxy"][keep].tolist(), det["scores"][keep].tolist(), det["labels"][keep].tolist()
+            )
+        result = get_sliced_prediction(
+            str(path),
+            sahi_model,
+            slice_height=slice_size,
+            slice_width=slice_size,
+            overlap_height_ratio=overlap,
+            overlap_width_ratio=overlap,
+            verbose=0,
+            **kwargs,
+        )
         return [(p.bbox.to_xyxy(), p.score.value, p.category.id) for p in result.object_prediction_list]
 
     for name, kwargs in pipelines.items():
@@ -159,13 +198,29 @@ def compare_sliced(checkpoint: str | Path, images: Sequence[str | Path], gt: dic
         for path in images:
             image_id = by_name[Path(path).name]
             ranked = sorted(run(path, kwargs), key=lambda t: -t[1])[:max_det]
-            dets += [{"image_id": image_id, "category_id": label_to_id[int(lab)],
-                      "bbox": [b[0], b[1], b[2] - b[0], b[3] - b[1]], "score": float(s)} for b, s, lab in ranked]
+            dets += [
+                {
+                    "image_id": image_id,
+                    "category_id": label_to_id[int(lab)],
+                    "bbox": [b[0], b[1], b[2] - b[0], b[3] - b[1]],
+                    "score": float(s),
+                }
+                for b, s, lab in ranked
+            ]
         seconds = time.perf_counter() - t0
         metrics = evaluate(gt, dets, protocol=protocol) if dets else {"AP": 0.0, "AP50": 0.0}
         reference = reference if rows else dets
-        rows.append({"pipeline": name, "slice_size": slice_size, "detections": len(dets), "AP": metrics["AP"], "AP50": metrics["AP50"],
-                     "seconds": seconds, "agreement": _agreement(reference, dets)})
+        rows.append(
+            {
+                "pipeline": name,
+                "slice_size": slice_size,
+                "detections": len(dets),
+                "AP": metrics["AP"],
+                "AP50": metrics["AP50"],
+                "seconds": seconds,
+                "agreement": _agreement(reference, dets),
+            }
+        )
     return rows
 
 
@@ -184,5 +239,7 @@ def _agreement(reference: list[dict], other: list[dict], iou: float = 0.9) -> fl
         return {k: torch.tensor(v) for k, v in out.items()}
 
     ref, oth = group(reference), group(other)
-    matched = sum(int((box_iou(boxes, oth[k]).max(1).values >= iou).sum()) for k, boxes in ref.items() if k in oth)
+    matched = sum(
+        int((box_iou(boxes, oth[k]).max(1).values >= iou).sum()) for k, boxes in ref.items() if k in oth
+    )
     return matched / len(reference)

@@ -21,6 +21,16 @@ from sodlib.losses.formulas import (
     varifocal_loss,
 )
 
-__all__ = ["giou_box_loss", "l1_box_loss", "quality_focal_loss", "reweight_factor", "scale_aligned_quality",
-           "scale_aligned_target", "spr_attention_loss", "spr_offset_loss", "task_aligned_loss",
-           "task_aligned_target", "varifocal_loss"]
+__all__ = [
+    "giou_box_loss",
+    "l1_box_loss",
+    "quality_focal_loss",
+    "reweight_factor",
+    "scale_aligned_quality",
+    "scale_aligned_target",
+    "spr_attention_loss",
+    "spr_offset_loss",
+    "task_aligned_loss",
+    "task_aligned_target",
+    "varifocal_loss",
+]

@@ -35,8 +35,16 @@ from sodlib.losses import formulas as L
 from sodlib.losses.matcher import Indices
 
 _LAYER_SUFFIX = re.compile(r"(_(aux|enc|o2m|dn))?_\d+$")
-_NESTED_OUTPUTS = ("aux_outputs", "enc_outputs", "enc_dense_outputs", "dn_outputs", "dn_meta",
-                   "iah_outputs", "aux_query_outputs", "aux_query_indices")  # the last three: MRQM
+_NESTED_OUTPUTS = (
+    "aux_outputs",
+    "enc_outputs",
+    "enc_dense_outputs",
+    "dn_outputs",
+    "dn_meta",
+    "iah_outputs",
+    "aux_query_outputs",
+    "aux_query_indices",
+)  # the last three: MRQM
 
 
 def base_loss_name(key: str) -> str:
@@ -87,9 +95,18 @@ class SetCriterion(nn.Module):
     needs_sampling: bool = False
     needs_hidden: bool = False
 
-    def __init__(self, matcher: nn.Module, num_classes: int, weight_dict: Mapping[str, float],
-                 losses: tuple[str, ...] = ("vfl", "boxes"), alpha: float = 0.75, gamma: float = 2.0,
-                 tal_a: float = 1.0, tal_b: float = 6.0, enc_o2m: int = 0):
+    def __init__(
+        self,
+        matcher: nn.Module,
+        num_classes: int,
+        weight_dict: Mapping[str, float],
+        losses: tuple[str, ...] = ("vfl", "boxes"),
+        alpha: float = 0.75,
+        gamma: float = 2.0,
+        tal_a: float = 1.0,
+        tal_b: float = 6.0,
+        enc_o2m: int = 0,
+    ):
         super().__init__()
         self.enc_o2m = enc_o2m
         self.matcher = matcher
@@ -112,8 +129,15 @@ class SetCriterion(nn.Module):
         """Name -> loss function ``f(outputs, targets, indices, num_boxes, layer) -> {loss_*: Tensor}``."""
         return {"vfl": self.loss_vfl, "qfl": self.loss_qfl, "tal": self.loss_tal, "boxes": self.loss_boxes}
 
-    def get_loss(self, name: str, outputs: dict, targets: list[dict], indices: Indices, num_boxes: float,
-                 layer: LayerInfo) -> dict[str, Tensor]:
+    def get_loss(
+        self,
+        name: str,
+        outputs: dict,
+        targets: list[dict],
+        indices: Indices,
+        num_boxes: float,
+        layer: LayerInfo,
+    ) -> dict[str, Tensor]:
         return self.loss_map()[name](outputs, targets, indices, num_boxes, layer)
 
     def match_layers(self, outputs: dict, targets: list[dict]) -> list[tuple[LayerInfo, dict, Indices]]:
@@ -137,7 +161,9 @@ class SetCriterion(nn.Module):
             dn_indices = denoising_indices(outputs["dn_meta"], targets, outputs["pred_logits"].device)
             num_group = int(outputs["dn_meta"]["dn_num_group"])  # RT-DETR: dn positives = N x groups
             for i, out in enumerate(outputs["dn_outputs"]):
-                layers.append((LayerInfo(f"dn_{i}", i, denoising=True, matches_per_target=num_group), out, dn_indices))
+                layers.append(
+                    (LayerInfo(f"dn_{i}", i, denoising=True, matches_per_target=num_group), out, dn_indices)
+                )
         return layers
 
     def forward(self, outputs: dict, targets: list[dict], return_indices: bool = False):
@@ -177,8 +203,10 @@ class SetCriterion(nn.Module):
                 continue
             base = base_loss_name(key)
             if base not in self.weight_dict:
-                raise KeyError(f"SetCriterion: no weight for {key!r} (looked up {base!r}); "
-                               f"weight_dict has {sorted(self.weight_dict)}")
+                raise KeyError(
+                    f"SetCriterion: no weight for {key!r} (looked up {base!r}); "
+                    f"weight_dict has {sorted(self.weight_dict)}"
+                )
             out[key] = value * self.weight_dict[base]
         return out
 
@@ -195,8 +223,9 @@ class SetCriterion(nn.Module):
         """Classification target score of each matched query [M]; baseline: the detached IoU."""
         return matched.iou
 
-    def sample_weights(self, outputs: dict, matched: Matched, target: Tensor | None, layer: LayerInfo,
-                       task: str) -> Tensor | None:
+    def sample_weights(
+        self, outputs: dict, matched: Matched, target: Tensor | None, layer: LayerInfo, task: str
+    ) -> Tensor | None:
         """Per-positive weight [M] replacing the positive-term weight (``task`` ``"cls"`` or ``"reg"``).
 
         Baseline: None (VFL weights positives by their target, boxes are unweighted). SR returns r (Eq. 20).
@@ -258,15 +287,17 @@ class SetCriterion(nn.Module):
     def loss_vfl(self, outputs, targets, indices, num_boxes, layer) -> dict[str, Tensor]:
         """Varifocal loss (Eq. 3), target = IoU of the matched pair at its gt class, summed / num_boxes."""
         logits, _, target, onehot, pos_weight = self._classification_inputs(outputs, targets, indices, layer)
-        loss = L.varifocal_loss(logits, target, self.alpha, self.gamma, pos_weight=pos_weight,
-                                positive_mask=onehot)
+        loss = L.varifocal_loss(
+            logits, target, self.alpha, self.gamma, pos_weight=pos_weight, positive_mask=onehot
+        )
         return {"loss_vfl": loss.sum() / num_boxes}
 
     def loss_qfl(self, outputs, targets, indices, num_boxes, layer) -> dict[str, Tensor]:
         """GFL's quality focal loss with beta = gamma, target as VFL's, summed / num_boxes."""
         logits, _, target, onehot, pos_weight = self._classification_inputs(outputs, targets, indices, layer)
-        loss = L.quality_focal_loss(logits, target, beta=self.gamma, pos_weight=pos_weight,
-                                    positive_mask=onehot)
+        loss = L.quality_focal_loss(
+            logits, target, beta=self.gamma, pos_weight=pos_weight, positive_mask=onehot
+        )
         return {"loss_qfl": loss.sum() / num_boxes}
 
     def loss_tal(self, outputs, targets, indices, num_boxes, layer) -> dict[str, Tensor]:
@@ -278,8 +309,16 @@ class SetCriterion(nn.Module):
         logits, m, target, onehot, pos_weight = self._classification_inputs(outputs, targets, indices, layer)
         instance_ids = torch.full(logits.shape[:2], -1, dtype=torch.long, device=logits.device)
         instance_ids[m.batch_idx, m.query_idx] = m.instance_ids
-        loss = L.task_aligned_loss(logits, target, onehot, a=self.tal_a, b=self.tal_b, pos_weight=pos_weight,
-                                   gamma=self.gamma, instance_ids=instance_ids)
+        loss = L.task_aligned_loss(
+            logits,
+            target,
+            onehot,
+            a=self.tal_a,
+            b=self.tal_b,
+            pos_weight=pos_weight,
+            gamma=self.gamma,
+            instance_ids=instance_ids,
+        )
         return {"loss_tal": loss.sum() / num_boxes}
 
     def loss_boxes(self, outputs, targets, indices, num_boxes, layer) -> dict[str, Tensor]:
@@ -304,15 +343,18 @@ def denoising_indices(dn_meta: Mapping, targets: list[dict], device: torch.devic
     """Fixed matching of the positive denoising queries: index j of each group -> gt j mod N."""
     positive_idx, num_group = dn_meta["dn_positive_idx"], int(dn_meta["dn_num_group"])
     if len(positive_idx) != len(targets):
-        raise ValueError(f"dn_meta['dn_positive_idx'] has {len(positive_idx)} entries for "
-                         f"{len(targets)} images")
+        raise ValueError(
+            f"dn_meta['dn_positive_idx'] has {len(positive_idx)} entries for {len(targets)} images"
+        )
     indices = []
     for i, (pos, t) in enumerate(zip(positive_idx, targets)):
         n = len(t["labels"])
         pos = torch.as_tensor(pos, dtype=torch.int64, device=device).reshape(-1)
         if len(pos) != n * num_group:
-            raise ValueError(f"dn_meta: image {i} has {len(pos)} positive denoising queries, expected "
-                             f"{n} targets x {num_group} groups = {n * num_group}")
+            raise ValueError(
+                f"dn_meta: image {i} has {len(pos)} positive denoising queries, expected "
+                f"{n} targets x {num_group} groups = {n * num_group}"
+            )
         indices.append((pos, torch.arange(n, dtype=torch.int64, device=device).repeat(num_group)))
     return indices
 
@@ -324,5 +366,3 @@ def positive_mask(indices: Indices, num_queries: int) -> Tensor:
     for i, (src, _) in enumerate(indices):
         mask[i, src] = True
     return mask
-
-

@@ -49,9 +49,15 @@ def _positive_mask(target: Tensor, positive_mask: Tensor | None) -> Tensor:
 # ---------------------------------------------------------------- classification
 
 
-def varifocal_loss(logits: Tensor, target: Tensor, alpha: float = 0.75, gamma: float = 2.0,
-                   pos_weight: Tensor | None = None, reduction: str = "none",
-                   positive_mask: Tensor | None = None) -> Tensor:
+def varifocal_loss(
+    logits: Tensor,
+    target: Tensor,
+    alpha: float = 0.75,
+    gamma: float = 2.0,
+    pos_weight: Tensor | None = None,
+    reduction: str = "none",
+    positive_mask: Tensor | None = None,
+) -> Tensor:
     """Varifocal loss as in RT-DETR (paper A, Eq. 3; Zhang et al. 2021).
 
     ``weight = alpha * p^gamma * (1 - onehot) + q * onehot`` with p = sigmoid(logits) detached and
@@ -69,8 +75,14 @@ def varifocal_loss(logits: Tensor, target: Tensor, alpha: float = 0.75, gamma: f
     return _reduce(loss, reduction)
 
 
-def quality_focal_loss(logits: Tensor, target: Tensor, beta: float = 2.0, pos_weight: Tensor | None = None,
-                       reduction: str = "none", positive_mask: Tensor | None = None) -> Tensor:
+def quality_focal_loss(
+    logits: Tensor,
+    target: Tensor,
+    beta: float = 2.0,
+    pos_weight: Tensor | None = None,
+    reduction: str = "none",
+    positive_mask: Tensor | None = None,
+) -> Tensor:
     """Quality focal loss of GFL (Li et al. 2020, QFL): ``BCE(sigma, y) * |y - sigma|^beta``.
 
     y = ``target`` (IoU at the matched class, 0 elsewhere), so negatives get ``BCE(sigma, 0) * sigma^beta``.
@@ -86,8 +98,14 @@ def quality_focal_loss(logits: Tensor, target: Tensor, beta: float = 2.0, pos_we
     return _reduce(bce * modulation, reduction)
 
 
-def task_aligned_target(logits: Tensor, target_iou: Tensor, labels_onehot: Tensor, a: float = 1.0,
-                        b: float = 6.0, instance_ids: Tensor | None = None) -> Tensor:
+def task_aligned_target(
+    logits: Tensor,
+    target_iou: Tensor,
+    labels_onehot: Tensor,
+    a: float = 1.0,
+    b: float = 6.0,
+    instance_ids: Tensor | None = None,
+) -> Tensor:
     """TOOD's normalised alignment target t_hat [..., K] (Feng et al. 2021, §3.2), detached.
 
     t = s^a * u^b at the matched class, s = sigmoid(logits) and u = IoU with the matched ground truth.
@@ -119,9 +137,17 @@ def task_aligned_target(logits: Tensor, target_iou: Tensor, labels_onehot: Tenso
         return t_hat_q.reshape(t.shape[:-1])[..., None] * positive
 
 
-def task_aligned_loss(logits: Tensor, target_iou: Tensor, labels_onehot: Tensor, a: float = 1.0,
-                      b: float = 6.0, pos_weight: Tensor | None = None, gamma: float = 2.0,
-                      instance_ids: Tensor | None = None, reduction: str = "none") -> Tensor:
+def task_aligned_loss(
+    logits: Tensor,
+    target_iou: Tensor,
+    labels_onehot: Tensor,
+    a: float = 1.0,
+    b: float = 6.0,
+    pos_weight: Tensor | None = None,
+    gamma: float = 2.0,
+    instance_ids: Tensor | None = None,
+    reduction: str = "none",
+) -> Tensor:
     """TOOD's classification loss (Feng et al. 2021, §3.2) on DETR queries.
 
     L = sum_pos |t_hat - s|^gamma * BCE(s, t_hat) + sum_neg s^gamma * BCE(s, 0), i.e. the quality
@@ -131,8 +157,9 @@ def task_aligned_loss(logits: Tensor, target_iou: Tensor, labels_onehot: Tensor,
     ``pos_weight`` = r replaces |t_hat - s|^gamma on the positives (Eq. 20 transferred to TOOD).
     """
     t_hat = task_aligned_target(logits, target_iou, labels_onehot, a, b, instance_ids)
-    return quality_focal_loss(logits, t_hat, beta=gamma, pos_weight=pos_weight, reduction=reduction,
-                              positive_mask=labels_onehot)
+    return quality_focal_loss(
+        logits, t_hat, beta=gamma, pos_weight=pos_weight, reduction=reduction, positive_mask=labels_onehot
+    )
 
 
 # ---------------------------------------------------------------- boxes
@@ -151,8 +178,14 @@ def giou_box_loss(pred_cxcywh: Tensor, target_cxcywh: Tensor) -> Tensor:
 # ---------------------------------------------------------------- paper A: scale-aligned target (ST)
 
 
-def scale_aligned_quality(iou: Tensor, pred_area: Tensor, gt_area: Tensor, beta: float = 0.73,
-                          theta: float = 6.0, eps: float = 1e-12) -> Tensor:
+def scale_aligned_quality(
+    iou: Tensor,
+    pred_area: Tensor,
+    gt_area: Tensor,
+    beta: float = 0.73,
+    theta: float = 6.0,
+    eps: float = 1e-12,
+) -> Tensor:
     """Paper A's quality c of a matched prediction (Eqs. 7-14), element-wise, same shape as ``iou``.
 
     ``iou`` = u (Eq. 7), ``pred_area`` / ``gt_area`` = A(B) / A(B_hat) in any common unit (only their
@@ -165,8 +198,15 @@ def scale_aligned_quality(iou: Tensor, pred_area: Tensor, gt_area: Tensor, beta:
     return iou.clamp(min=0).pow(beta) * v.pow(1 - beta)  # Eq. 14: c = u^β · v^(1-β)
 
 
-def scale_aligned_target(iou: Tensor, pred_area: Tensor, gt_area: Tensor, score: Tensor | None = None,
-                         beta: float = 0.73, theta: float = 6.0, mode: str = "label") -> Tensor:
+def scale_aligned_target(
+    iou: Tensor,
+    pred_area: Tensor,
+    gt_area: Tensor,
+    score: Tensor | None = None,
+    beta: float = 0.73,
+    theta: float = 6.0,
+    mode: str = "label",
+) -> Tensor:
     """Classification target t = c · s of a matched prediction (Eq. 15).
 
     ``mode="label"``: s is the class target, ``score`` the one-hot (or any class-target tensor that
@@ -201,15 +241,29 @@ def reweight_factor(w: Tensor, t: Tensor, s: Tensor) -> Tensor:
 # ---------------------------------------------------------------- paper A: sample points refinement (SPR)
 
 
-def _check_spr_shapes(fn: str, sampling_locations: Tensor, ref_boxes: Tensor, positive_mask: Tensor,
-                      attention_weights: Tensor | None = None) -> None:
+def _check_spr_shapes(
+    fn: str,
+    sampling_locations: Tensor,
+    ref_boxes: Tensor,
+    positive_mask: Tensor,
+    attention_weights: Tensor | None = None,
+) -> None:
     """ValueError naming every shape unless they follow the SPR contract."""
-    shapes = {"sampling_locations": tuple(sampling_locations.shape), "ref_boxes": tuple(ref_boxes.shape),
-              "positive_mask": tuple(positive_mask.shape)}
-    expected = "sampling_locations [B, Q, heads, levels, points, 2], ref_boxes [B, Q, 4], positive_mask [B, Q]"
+    shapes = {
+        "sampling_locations": tuple(sampling_locations.shape),
+        "ref_boxes": tuple(ref_boxes.shape),
+        "positive_mask": tuple(positive_mask.shape),
+    }
+    expected = (
+        "sampling_locations [B, Q, heads, levels, points, 2], ref_boxes [B, Q, 4], positive_mask [B, Q]"
+    )
     loc = shapes["sampling_locations"]
-    ok = len(loc) == 6 and loc[-1] == 2 and shapes["ref_boxes"] == (*loc[:2], 4) \
+    ok = (
+        len(loc) == 6
+        and loc[-1] == 2
+        and shapes["ref_boxes"] == (*loc[:2], 4)
         and shapes["positive_mask"] == loc[:2]
+    )
     if attention_weights is not None:
         shapes["attention_weights"] = tuple(attention_weights.shape)
         expected += ", attention_weights [B, Q, heads, levels, points]"
@@ -219,8 +273,9 @@ def _check_spr_shapes(fn: str, sampling_locations: Tensor, ref_boxes: Tensor, po
         raise ValueError(f"{fn}: expected {expected}; got {got}")
 
 
-def _offsets_in_box_units(sampling_locations: Tensor, ref_boxes: Tensor, positive_mask: Tensor,
-                          eps: float) -> Tensor:
+def _offsets_in_box_units(
+    sampling_locations: Tensor, ref_boxes: Tensor, positive_mask: Tensor, eps: float
+) -> Tensor:
     """Δp / wh of the positive queries' points: [N, heads, levels, points, 2]."""
     mask = positive_mask.bool()
     loc = sampling_locations[mask]  # [N, heads, levels, points, 2]
@@ -232,8 +287,9 @@ def _mean_over_positives(per_query: Tensor, positive_mask: Tensor) -> Tensor:
     return per_query.sum() / positive_mask.sum().clamp(min=1).to(per_query.dtype)
 
 
-def spr_offset_loss(sampling_locations: Tensor, ref_boxes: Tensor, eta: float, positive_mask: Tensor,
-                    eps: float = 1e-4) -> Tensor:
+def spr_offset_loss(
+    sampling_locations: Tensor, ref_boxes: Tensor, eta: float, positive_mask: Tensor, eps: float = 1e-4
+) -> Tensor:
     """SPR's offset loss L_offset (Eq. 5) of one decoder layer, averaged over the positive queries.
 
     Args:
@@ -257,8 +313,13 @@ def spr_offset_loss(sampling_locations: Tensor, ref_boxes: Tensor, eta: float, p
     return _mean_over_positives(per_point, positive_mask)
 
 
-def spr_attention_loss(sampling_locations: Tensor, attention_weights: Tensor, ref_boxes: Tensor,
-                       positive_mask: Tensor, eps: float = 1e-4) -> Tensor:
+def spr_attention_loss(
+    sampling_locations: Tensor,
+    attention_weights: Tensor,
+    ref_boxes: Tensor,
+    positive_mask: Tensor,
+    eps: float = 1e-4,
+) -> Tensor:
     """SPR's attention loss L_atten of one decoder layer, averaged over the positive queries.
 
     ``attention_weights`` [B, Q, heads, levels, points] (softmax over levels × points per head); other

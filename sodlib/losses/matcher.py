@@ -21,8 +21,14 @@ class HungarianMatcher(nn.Module):
     C_L1 is the L1 distance of normalised cxcywh boxes, C_giou = -GIoU.
     """
 
-    def __init__(self, cost_class: float = 2.0, cost_bbox: float = 5.0, cost_giou: float = 2.0,
-                 alpha: float = 0.25, gamma: float = 2.0):
+    def __init__(
+        self,
+        cost_class: float = 2.0,
+        cost_bbox: float = 5.0,
+        cost_giou: float = 2.0,
+        alpha: float = 0.25,
+        gamma: float = 2.0,
+    ):
         super().__init__()
         costs = {"cost_class": cost_class, "cost_bbox": cost_bbox, "cost_giou": cost_giou}
         for name, value in costs.items():
@@ -34,8 +40,10 @@ class HungarianMatcher(nn.Module):
         self.alpha, self.gamma = alpha, gamma
 
     def extra_repr(self) -> str:
-        return (f"cost_class={self.cost_class}, cost_bbox={self.cost_bbox}, cost_giou={self.cost_giou}, "
-                f"alpha={self.alpha}, gamma={self.gamma}")
+        return (
+            f"cost_class={self.cost_class}, cost_bbox={self.cost_bbox}, cost_giou={self.cost_giou}, "
+            f"alpha={self.alpha}, gamma={self.gamma}"
+        )
 
     def cost_matrix(self, logits: Tensor, boxes: Tensor, tgt_labels: Tensor, tgt_boxes: Tensor) -> Tensor:
         """Matching cost [Q, N] of one image: logits [Q, K], boxes [Q, 4] and tgt_boxes [N, 4] cxcywh."""
@@ -66,14 +74,17 @@ class HungarianMatcher(nn.Module):
         if sum(sizes):
             labels = torch.cat([t["labels"].reshape(-1) for t in targets])
             if bool(((labels < 0) | (labels >= num_classes)).any()):
-                raise ValueError(f"HungarianMatcher: target labels must lie in [0, {num_classes}), got "
-                                 f"{sorted(set(labels.tolist()))}")
+                raise ValueError(
+                    f"HungarianMatcher: target labels must lie in [0, {num_classes}), got "
+                    f"{sorted(set(labels.tolist()))}"
+                )
         costs = []
         for i, (t, n) in enumerate(zip(targets, sizes)):
             if n == 0:
                 continue
-            costs.append(self.cost_matrix(logits[i], boxes[i], t["labels"].to(device),
-                                          t["boxes"].to(device)).flatten())
+            costs.append(
+                self.cost_matrix(logits[i], boxes[i], t["labels"].to(device), t["boxes"].to(device)).flatten()
+            )
         flat = torch.cat(costs).cpu() if costs else torch.zeros(0)  # one device->host copy for the batch
         if not torch.isfinite(flat).all():
             raise ValueError("HungarianMatcher: the matching cost is not finite (NaN/inf in the predictions)")
@@ -85,6 +96,10 @@ class HungarianMatcher(nn.Module):
                 indices.append((empty, empty.clone()))
                 continue
             rows, cols = linear_sum_assignment(next(chunks).view(num_queries, n).numpy())
-            indices.append((torch.as_tensor(rows, dtype=torch.int64, device=device),
-                            torch.as_tensor(cols, dtype=torch.int64, device=device)))
+            indices.append(
+                (
+                    torch.as_tensor(rows, dtype=torch.int64, device=device),
+                    torch.as_tensor(cols, dtype=torch.int64, device=device),
+                )
+            )
         return indices

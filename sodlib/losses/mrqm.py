@@ -23,8 +23,13 @@ from sodlib.losses.sampling import BetterSamplingCriterion
 
 __all__ = ["MRQMCriterion"]
 
-_IAH_NAMES = {"loss_vfl": "loss_iah_cls", "loss_qfl": "loss_iah_cls", "loss_tal": "loss_iah_cls",
-              "loss_bbox": "loss_iah_bbox", "loss_giou": "loss_iah_giou"}
+_IAH_NAMES = {
+    "loss_vfl": "loss_iah_cls",
+    "loss_qfl": "loss_iah_cls",
+    "loss_tal": "loss_iah_cls",
+    "loss_bbox": "loss_iah_bbox",
+    "loss_giou": "loss_iah_giou",
+}
 
 
 def _count(indices: Indices) -> float:
@@ -47,7 +52,9 @@ class MRQMCriterion(BetterSamplingCriterion):
         aux = outputs.get("aux_query_outputs") or []
         if aux:
             indices = outputs["aux_query_indices"]
-            layers += [(LayerInfo(f"auxq_{i}", i), out, indices, _count(indices)) for i, out in enumerate(aux)]
+            layers += [
+                (LayerInfo(f"auxq_{i}", i), out, indices, _count(indices)) for i, out in enumerate(aux)
+            ]
         return layers
 
     @staticmethod
@@ -71,4 +78,3 @@ class MRQMCriterion(BetterSamplingCriterion):
 
     def extra_repr(self) -> str:
         return f"{super().extra_repr()}, mrqm=iah+aux queries"
-

@@ -26,8 +26,16 @@ class FewSampleBatchNorm1d(nn.BatchNorm1d):
 
     def forward(self, x: Tensor) -> Tensor:
         if self.training and x.shape[0] <= 1:
-            return F.batch_norm(x, self.running_mean, self.running_var, self.weight, self.bias,
-                                training=False, momentum=0.0, eps=self.eps)
+            return F.batch_norm(
+                x,
+                self.running_mean,
+                self.running_var,
+                self.weight,
+                self.bias,
+                training=False,
+                momentum=0.0,
+                eps=self.eps,
+            )
         return super().forward(x)
 
 
@@ -62,8 +70,10 @@ class SampleWeightGenerator(nn.Module):
 
     def logits(self, h_cls: Tensor, h_reg: Tensor) -> tuple[Tensor, Tensor]:
         if h_cls.dim() != 2 or h_cls.shape != h_reg.shape or h_cls.shape[-1] != self.dim:
-            raise ValueError(f"SampleWeightGenerator: expected h_cls and h_reg [M, {self.dim}], got "
-                             f"{tuple(h_cls.shape)} and {tuple(h_reg.shape)}")
+            raise ValueError(
+                f"SampleWeightGenerator: expected h_cls and h_reg [M, {self.dim}], got "
+                f"{tuple(h_cls.shape)} and {tuple(h_reg.shape)}"
+            )
         a = torch.sigmoid(F.relu(self.norm1(self.conv1(torch.cat([h_reg, h_cls], -1)))))  # Eq. 16: A
         return self.cls(h_cls, a), self.reg(h_reg, a)  # Eqs. 17, 18 before σ
 

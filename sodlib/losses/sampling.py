@@ -51,11 +51,25 @@ class BetterSamplingCriterion(SetCriterion):
     (SR with ``sr_grad="difficulty"``; decoder layers only), each with the usual layer suffixes.
     """
 
-    def __init__(self, matcher, num_classes: int, weight_dict: Mapping[str, float],
-                 losses: tuple[str, ...] = ("vfl", "boxes"), *, st: bool = False, st_mode: str = "label",
-                 beta: float = 0.73, theta: float = 6.0, sr: bool = False, sr_grad: str = "difficulty",
-                 hidden_dim: int | None = None, spr: bool = False, eta_per_layer: tuple[float, ...] = (),
-                 spr_denoising: bool = False, **kwargs):
+    def __init__(
+        self,
+        matcher,
+        num_classes: int,
+        weight_dict: Mapping[str, float],
+        losses: tuple[str, ...] = ("vfl", "boxes"),
+        *,
+        st: bool = False,
+        st_mode: str = "label",
+        beta: float = 0.73,
+        theta: float = 6.0,
+        sr: bool = False,
+        sr_grad: str = "difficulty",
+        hidden_dim: int | None = None,
+        spr: bool = False,
+        eta_per_layer: tuple[float, ...] = (),
+        spr_denoising: bool = False,
+        **kwargs,
+    ):
         if st_mode not in ("label", "pred"):
             raise ValueError(f"st_mode must be 'label' or 'pred', got {st_mode!r}")
         if sr_grad not in ("difficulty", "end_to_end"):
@@ -74,9 +88,11 @@ class BetterSamplingCriterion(SetCriterion):
         self.needs_hidden = sr  # ... and return_hidden=needs_hidden
 
     def extra_repr(self) -> str:
-        return (f"{super().extra_repr()}, st={self.st} ({self.st_mode}, beta={self.beta}, theta={self.theta}), "
-                f"sr={self.sr} ({self.sr_grad}), spr={self.spr} (eta={self.eta_per_layer}, "
-                f"denoising={self.spr_denoising})")
+        return (
+            f"{super().extra_repr()}, st={self.st} ({self.st_mode}, beta={self.beta}, theta={self.theta}), "
+            f"sr={self.sr} ({self.sr_grad}), spr={self.spr} (eta={self.eta_per_layer}, "
+            f"denoising={self.spr_denoising})"
+        )
 
     def loss_map(self):
         return {**super().loss_map(), "sr_gen": self.loss_sr_gen, "spr": self.loss_spr}
@@ -91,8 +107,10 @@ class BetterSamplingCriterion(SetCriterion):
     def _generator_logits(self, outputs: dict, m: Matched, layer: LayerInfo) -> tuple[Tensor, Tensor]:
         missing = [k for k in _HIDDEN_KEYS if k not in outputs]
         if missing:
-            raise ValueError(f"loss.sr: layer {layer.name!r} has no {missing}; call the detector with "
-                             f"return_hidden=True (criterion.needs_hidden)")
+            raise ValueError(
+                f"loss.sr: layer {layer.name!r} has no {missing}; call the detector with "
+                f"return_hidden=True (criterion.needs_hidden)"
+            )
         h_cls = outputs["hidden_cls"][m.batch_idx, m.query_idx].float()  # [M, C]
         h_reg = outputs["hidden_reg"][m.batch_idx, m.query_idx].float()  # [M, C]
         if self.sr_grad == "difficulty":  # the generator's own BCE must not train the detector features
@@ -112,11 +130,13 @@ class BetterSamplingCriterion(SetCriterion):
         pred_wh = matched.pred_boxes.detach()[:, 2:]
         gt_wh = matched.gt_boxes[:, 2:]
         score = self._matched_score(outputs, matched) if self.st_mode == "pred" else None
-        return L.scale_aligned_target(matched.iou, pred_wh.prod(-1), gt_wh.prod(-1), score,
-                                      self.beta, self.theta, self.st_mode).detach()
+        return L.scale_aligned_target(
+            matched.iou, pred_wh.prod(-1), gt_wh.prod(-1), score, self.beta, self.theta, self.st_mode
+        ).detach()
 
-    def sample_weights(self, outputs: dict, matched: Matched, target: Tensor | None, layer: LayerInfo,
-                       task: str) -> Tensor | None:
+    def sample_weights(
+        self, outputs: dict, matched: Matched, target: Tensor | None, layer: LayerInfo, task: str
+    ) -> Tensor | None:
         """SR: r^cls / r^reg = w^(1-|t-s|) (Eq. 19), mean-normalised over the positives of this output."""
         if not self._sr_applies(matched, layer):
             return None
@@ -144,8 +164,9 @@ class BetterSamplingCriterion(SetCriterion):
             return {"loss_sr_gen": sum(p.sum() for p in self.generator.parameters()) * 0.0}
         difficulty = 1 - self.positive_target(outputs, m, layer)  # [M] in [0, 1]
         logit_cls, logit_reg = self._generator_logits(outputs, m, layer)
-        bce = (F.binary_cross_entropy_with_logits(logit_cls, difficulty, reduction="sum")
-               + F.binary_cross_entropy_with_logits(logit_reg, difficulty, reduction="sum"))
+        bce = F.binary_cross_entropy_with_logits(
+            logit_cls, difficulty, reduction="sum"
+        ) + F.binary_cross_entropy_with_logits(logit_reg, difficulty, reduction="sum")
         return {"loss_sr_gen": bce / num_boxes}
 
     def loss_spr(self, outputs, targets, indices, num_boxes, layer) -> dict[str, Tensor]:
@@ -159,13 +180,19 @@ class BetterSamplingCriterion(SetCriterion):
             return {}
         missing = [k for k in _SAMPLING_KEYS if k not in outputs]
         if missing:
-            raise ValueError(f"loss.spr: layer {layer.name!r} has no {missing}; call the detector with "
-                             f"return_sampling=True (criterion.needs_sampling)")
+            raise ValueError(
+                f"loss.spr: layer {layer.name!r} has no {missing}; call the detector with "
+                f"return_sampling=True (criterion.needs_sampling)"
+            )
         if layer.decoder_layer >= len(self.eta_per_layer):
-            raise ValueError(f"loss.spr: decoder layer {layer.decoder_layer} but eta_per_layer has "
-                             f"{len(self.eta_per_layer)} values")
+            raise ValueError(
+                f"loss.spr: decoder layer {layer.decoder_layer} but eta_per_layer has "
+                f"{len(self.eta_per_layer)} values"
+            )
         locations, attention, ref_boxes = (outputs[k] for k in _SAMPLING_KEYS)
         mask = positive_mask(indices, locations.shape[1]).to(locations.device)  # [B, Q]
         eta = self.eta_per_layer[layer.decoder_layer]
-        return {"loss_offset": L.spr_offset_loss(locations, ref_boxes, eta, mask),  # Eq. 5
-                "loss_atten": L.spr_attention_loss(locations, attention, ref_boxes, mask)}  # L_atten
+        return {
+            "loss_offset": L.spr_offset_loss(locations, ref_boxes, eta, mask),  # Eq. 5
+            "loss_atten": L.spr_attention_loss(locations, attention, ref_boxes, mask),
+        }  # L_atten

@@ -46,16 +46,21 @@ def load_state_dict_file(module: nn.Module, path: str | Path, drop_prefixes: tup
         state = state["state_dict"]
     if not isinstance(state, dict):
         raise TypeError(f"{path} does not hold a state_dict (got {type(state).__name__})")
-    state = {k.removeprefix("module."): v for k, v in state.items()
-             if not any(k.startswith(p) for p in drop_prefixes)}
+    state = {
+        k.removeprefix("module."): v
+        for k, v in state.items()
+        if not any(k.startswith(p) for p in drop_prefixes)
+    }
     # FrozenBatchNorm2d has no num_batches_tracked; torchvision checkpoints do (its loader drops them)
     expected = {k for k in module.state_dict() if not any(k.startswith(p) for p in drop_prefixes)}
     extra = sorted(k for k in set(state) - expected if not k.endswith("num_batches_tracked"))
     missing = sorted(k for k in expected - set(state) if not k.endswith("num_batches_tracked"))
     if missing or extra:
-        raise ValueError(f"{path}: keys do not match the {type(module).__name__} "
-                         f"(missing {missing[:5]}{'...' if len(missing) > 5 else ''}, "
-                         f"unexpected {extra[:5]}{'...' if len(extra) > 5 else ''})")
+        raise ValueError(
+            f"{path}: keys do not match the {type(module).__name__} "
+            f"(missing {missing[:5]}{'...' if len(missing) > 5 else ''}, "
+            f"unexpected {extra[:5]}{'...' if len(extra) > 5 else ''})"
+        )
     try:
         module.load_state_dict(state, strict=False)
     except RuntimeError as err:  # shape mismatches
@@ -83,8 +88,14 @@ class ResNetBackbone(nn.Module):
         pretrained_path: local torchvision ``state_dict`` file ("" = random initialisation).
     """
 
-    def __init__(self, depth: int = 50, return_levels: tuple[int, ...] = (3, 4, 5), freeze_norm: bool = True,
-                 freeze_at: int = -1, pretrained_path: str = ""):
+    def __init__(
+        self,
+        depth: int = 50,
+        return_levels: tuple[int, ...] = (3, 4, 5),
+        freeze_norm: bool = True,
+        freeze_at: int = -1,
+        pretrained_path: str = "",
+    ):
         super().__init__()
         if depth not in _RESNETS:
             raise ValueError(f"ResNet depth must be one of {sorted(_RESNETS)}, got {depth}")
@@ -97,7 +108,7 @@ class ResNetBackbone(nn.Module):
         self.stages = nn.ModuleList([net.layer1, net.layer2, net.layer3, net.layer4])
         expansion = 4 if depth == 50 else 1
         self.out_channels = tuple(64 * 2 ** (lv - 2) * expansion for lv in self.return_levels)
-        self.out_strides = tuple(2 ** lv for lv in self.return_levels)
+        self.out_strides = tuple(2**lv for lv in self.return_levels)
         _freeze(self.stem, self.stages, freeze_at)
 
     def forward(self, images: Tensor) -> list[Tensor]:
@@ -111,8 +122,13 @@ def _freeze(stem: nn.Module, stages, freeze_at: int) -> None:
             module.requires_grad_(False)
 
 
-def _conv_bn(c_in: int, c_out: int, stride: int = 1, act: bool = True,
-             norm_layer: Callable[[int], nn.Module] = nn.BatchNorm2d) -> nn.Sequential:
+def _conv_bn(
+    c_in: int,
+    c_out: int,
+    stride: int = 1,
+    act: bool = True,
+    norm_layer: Callable[[int], nn.Module] = nn.BatchNorm2d,
+) -> nn.Sequential:
     layers = [nn.Conv2d(c_in, c_out, 3, stride, 1, bias=False), norm_layer(c_out)]
     if act:
         layers.append(nn.ReLU(inplace=True))
@@ -134,7 +150,9 @@ class _BasicBlock(nn.Module):
         return self.act(self.conv2(self.conv1(x)) + self.shortcut(x))
 
 
-def _run_stages(stem: Callable[[Tensor], Tensor], stages, return_levels: tuple[int, ...], images: Tensor) -> list[Tensor]:
+def _run_stages(
+    stem: Callable[[Tensor], Tensor], stages, return_levels: tuple[int, ...], images: Tensor
+) -> list[Tensor]:
     """Stem, then stages C2..C5; collect the requested levels and stop after the last one."""
     x = stem(images)
     outs = []
@@ -155,15 +173,21 @@ class TinyBackbone(nn.Module):
     trainable BatchNorm. width=32 costs ~0.45 GMAC per 320×320 image.
     """
 
-    def __init__(self, width: int = 32, return_levels: tuple[int, ...] = (3, 4, 5),
-                 depths: tuple[int, ...] = (1, 1, 1, 1), norm_layer: Callable[[int], nn.Module] = nn.BatchNorm2d):
+    def __init__(
+        self,
+        width: int = 32,
+        return_levels: tuple[int, ...] = (3, 4, 5),
+        depths: tuple[int, ...] = (1, 1, 1, 1),
+        norm_layer: Callable[[int], nn.Module] = nn.BatchNorm2d,
+    ):
         super().__init__()
         if len(depths) != 4 or min(depths) < 1:
             raise ValueError(f"depths must be 4 positive block counts, got {depths}")
         self.return_levels = _check_levels(return_levels)
         stem_w = max(width // 2, 8)
-        self.stem = nn.Sequential(_conv_bn(3, stem_w, 2, norm_layer=norm_layer),
-                                  _conv_bn(stem_w, width, 2, norm_layer=norm_layer))
+        self.stem = nn.Sequential(
+            _conv_bn(3, stem_w, 2, norm_layer=norm_layer), _conv_bn(stem_w, width, 2, norm_layer=norm_layer)
+        )
         widths = (width, 2 * width, 4 * width, 8 * width)
         stages, c_in = [], width
         for i, (c_out, n) in enumerate(zip(widths, depths)):
@@ -180,7 +204,7 @@ class TinyBackbone(nn.Module):
             c_in = c_out
         self.stages = nn.ModuleList(stages)
         self.out_channels = tuple(widths[lv - 2] for lv in self.return_levels)
-        self.out_strides = tuple(2 ** lv for lv in self.return_levels)
+        self.out_strides = tuple(2**lv for lv in self.return_levels)
         for m in self.modules():
             if isinstance(m, nn.Conv2d):
                 nn.init.kaiming_normal_(m.weight, mode="fan_out", nonlinearity="relu")
@@ -197,8 +221,15 @@ PRESNET_DEPTHS = {18: (2, 2, 2, 2), 34: (3, 4, 6, 3), 50: (3, 4, 6, 3), 101: (3,
 class _ConvNorm(nn.Module):
     """conv (no bias, "same" padding) → norm → optional ReLU; submodules ``conv`` and ``norm`` (PResNet's names)."""
 
-    def __init__(self, c_in: int, c_out: int, kernel: int, stride: int, norm_layer: Callable[[int], nn.Module],
-                 act: bool):
+    def __init__(
+        self,
+        c_in: int,
+        c_out: int,
+        kernel: int,
+        stride: int,
+        norm_layer: Callable[[int], nn.Module],
+        act: bool,
+    ):
         super().__init__()
         self.conv = nn.Conv2d(c_in, c_out, kernel, stride, (kernel - 1) // 2, bias=False)
         self.norm = norm_layer(c_out)
@@ -218,8 +249,15 @@ class _VdBlock(nn.Module):
     skipped. The other blocks add their input unchanged.
     """
 
-    def __init__(self, c_in: int, width: int, stride: int, project: bool, bottleneck: bool,
-                 norm_layer: Callable[[int], nn.Module]):
+    def __init__(
+        self,
+        c_in: int,
+        width: int,
+        stride: int,
+        project: bool,
+        bottleneck: bool,
+        norm_layer: Callable[[int], nn.Module],
+    ):
         super().__init__()
         c_out = width * (4 if bottleneck else 1)
         if bottleneck:
@@ -287,30 +325,48 @@ class PResNet(nn.Module):
         pretrained_path: local state_dict file in PResNet's layout ("" = random initialisation).
     """
 
-    def __init__(self, depth: int = 50, return_levels: tuple[int, ...] = (3, 4, 5), freeze_norm: bool = True,
-                 freeze_at: int = -1, pretrained_path: str = ""):
+    def __init__(
+        self,
+        depth: int = 50,
+        return_levels: tuple[int, ...] = (3, 4, 5),
+        freeze_norm: bool = True,
+        freeze_at: int = -1,
+        pretrained_path: str = "",
+    ):
         super().__init__()
         if depth not in PRESNET_DEPTHS:
             raise ValueError(f"PResNet depth must be one of {sorted(PRESNET_DEPTHS)}, got {depth}")
         self.return_levels = _check_levels(return_levels)
         norm = FrozenBatchNorm2d if freeze_norm else nn.BatchNorm2d
-        self.conv1 = nn.Sequential(OrderedDict(
-            conv1_1=_ConvNorm(3, c_out=32, kernel=3, stride=2, norm_layer=norm, act=True),
-            conv1_2=_ConvNorm(32, c_out=32, kernel=3, stride=1, norm_layer=norm, act=True),
-            conv1_3=_ConvNorm(32, c_out=64, kernel=3, stride=1, norm_layer=norm, act=True)))
+        self.conv1 = nn.Sequential(
+            OrderedDict(
+                conv1_1=_ConvNorm(3, c_out=32, kernel=3, stride=2, norm_layer=norm, act=True),
+                conv1_2=_ConvNorm(32, c_out=32, kernel=3, stride=1, norm_layer=norm, act=True),
+                conv1_3=_ConvNorm(32, c_out=64, kernel=3, stride=1, norm_layer=norm, act=True),
+            )
+        )
         bottleneck = depth >= 50
         expansion = 4 if bottleneck else 1
         widths = (64, 128, 256, 512)
         stages, c_in = [], 64
         for i, (width, count) in enumerate(zip(widths, PRESNET_DEPTHS[depth])):
             stride = 1 if i == 0 else 2
-            blocks = [_VdBlock(c_in if j == 0 else width * expansion, width, stride if j == 0 else 1,
-                               project=j == 0, bottleneck=bottleneck, norm_layer=norm) for j in range(count)]
+            blocks = [
+                _VdBlock(
+                    c_in if j == 0 else width * expansion,
+                    width,
+                    stride if j == 0 else 1,
+                    project=j == 0,
+                    bottleneck=bottleneck,
+                    norm_layer=norm,
+                )
+                for j in range(count)
+            ]
             stages.append(_VdStage(blocks))
             c_in = width * expansion
         self.res_layers = nn.ModuleList(stages)
         self.out_channels = tuple(widths[lv - 2] * expansion for lv in self.return_levels)
-        self.out_strides = tuple(2 ** lv for lv in self.return_levels)
+        self.out_strides = tuple(2**lv for lv in self.return_levels)
         if pretrained_path:
             load_state_dict_file(self, pretrained_path)
         _freeze(self.conv1, self.res_layers, freeze_at)

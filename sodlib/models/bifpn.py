@@ -29,16 +29,29 @@ from torch import Tensor, nn
 from sodlib.models.deform_attn import MSDeformableAttention
 from sodlib.models.encoder import sincos_position_embedding_2d
 
-__all__ = ["BiFPN", "BiFPNLayer", "BiFPNSAEEncoder", "DeformableEncoderLayer", "NaiveDeformableEncoder",
-           "ScaleAwareEncoder", "SeparableConvBlock", "flatten_levels", "unflatten_levels"]
+__all__ = [
+    "BiFPN",
+    "BiFPNLayer",
+    "BiFPNSAEEncoder",
+    "DeformableEncoderLayer",
+    "NaiveDeformableEncoder",
+    "ScaleAwareEncoder",
+    "SeparableConvBlock",
+    "flatten_levels",
+    "unflatten_levels",
+]
 
 
 class SeparableConvBlock(nn.Sequential):
     """Depthwise 3×3 conv → pointwise 1×1 conv → BN → activation (EfficientDet's fusion conv)."""
 
     def __init__(self, channels: int, act: Callable[[], nn.Module] = nn.SiLU):
-        super().__init__(nn.Conv2d(channels, channels, 3, 1, 1, groups=channels, bias=False),
-                         nn.Conv2d(channels, channels, 1, bias=False), nn.BatchNorm2d(channels), act())
+        super().__init__(
+            nn.Conv2d(channels, channels, 3, 1, 1, groups=channels, bias=False),
+            nn.Conv2d(channels, channels, 1, bias=False),
+            nn.BatchNorm2d(channels),
+            act(),
+        )
 
 
 class _FastFusion(nn.Module):
@@ -94,11 +107,18 @@ class BiFPNLayer(nn.Module):
 class BiFPN(nn.Module):
     """Lateral 1×1 conv + BN projections to ``channels``, then ``repeats`` :class:`BiFPNLayer`."""
 
-    def __init__(self, in_channels: tuple[int, ...], channels: int, repeats: int = 2,
-                 act: Callable[[], nn.Module] = nn.SiLU):
+    def __init__(
+        self,
+        in_channels: tuple[int, ...],
+        channels: int,
+        repeats: int = 2,
+        act: Callable[[], nn.Module] = nn.SiLU,
+    ):
         super().__init__()
         self.lateral = nn.ModuleList(
-            nn.Sequential(nn.Conv2d(c, channels, 1, bias=False), nn.BatchNorm2d(channels)) for c in in_channels)
+            nn.Sequential(nn.Conv2d(c, channels, 1, bias=False), nn.BatchNorm2d(channels))
+            for c in in_channels
+        )
         self.layers = nn.ModuleList(BiFPNLayer(channels, len(in_channels), act) for _ in range(repeats))
 
     def forward(self, feats: list[Tensor]) -> list[Tensor]:
@@ -127,8 +147,11 @@ def _token_centres(shapes: list[tuple[int, int]], device, dtype) -> Tensor:
     """Normalised (x, y) centre of every token [ΣHW, 2]."""
     out = []
     for h, w in shapes:
-        ys, xs = torch.meshgrid(torch.arange(h, device=device, dtype=torch.float32),
-                                torch.arange(w, device=device, dtype=torch.float32), indexing="ij")
+        ys, xs = torch.meshgrid(
+            torch.arange(h, device=device, dtype=torch.float32),
+            torch.arange(w, device=device, dtype=torch.float32),
+            indexing="ij",
+        )
         out.append(torch.stack([(xs + 0.5) / w, (ys + 0.5) / h], -1).reshape(-1, 2))
     return torch.cat(out).to(dtype)
 
@@ -141,15 +164,24 @@ class DeformableEncoderLayer(nn.Module):
     the whole pyramid (levels in ``value_shapes`` order).
     """
 
-    def __init__(self, dim: int, num_heads: int, num_levels: int, num_points: int, dim_feedforward: int,
-                 dropout: float = 0.0, act: Callable[[], nn.Module] = nn.ReLU):
+    def __init__(
+        self,
+        dim: int,
+        num_heads: int,
+        num_levels: int,
+        num_points: int,
+        dim_feedforward: int,
+        dropout: float = 0.0,
+        act: Callable[[], nn.Module] = nn.ReLU,
+    ):
         super().__init__()
         self.attn = MSDeformableAttention(
             dim, num_heads=num_heads, num_levels=num_levels, num_points=num_points
         )
         self.norm1 = nn.LayerNorm(dim)
-        self.ffn = nn.Sequential(nn.Linear(dim, dim_feedforward), act(), nn.Dropout(dropout),
-                                 nn.Linear(dim_feedforward, dim))
+        self.ffn = nn.Sequential(
+            nn.Linear(dim, dim_feedforward), act(), nn.Dropout(dropout), nn.Linear(dim_feedforward, dim)
+        )
         self.norm2 = nn.LayerNorm(dim)
         self.dropout1, self.dropout2 = nn.Dropout(dropout), nn.Dropout(dropout)
 
@@ -171,8 +203,14 @@ class _PyramidEncoder(nn.Module):
 
     def embed(self, shapes: list[tuple[int, int]], device, dtype) -> tuple[Tensor, Tensor]:
         """Position embedding [1, ΣHW, C] (2-D sin-cos + level embedding) and centres [1, ΣHW, 2]."""
-        pos = torch.cat([sincos_position_embedding_2d(h, w, self.dim, self.pe_temperature, device, dtype)
-                         + self.level_embed[lvl].to(dtype) for lvl, (h, w) in enumerate(shapes)], 1)
+        pos = torch.cat(
+            [
+                sincos_position_embedding_2d(h, w, self.dim, self.pe_temperature, device, dtype)
+                + self.level_embed[lvl].to(dtype)
+                for lvl, (h, w) in enumerate(shapes)
+            ],
+            1,
+        )
         return pos, _token_centres(shapes, device, dtype).unsqueeze(0)
 
     @staticmethod
@@ -200,8 +238,16 @@ class ScaleAwareEncoder(_PyramidEncoder):
     Input / output: ``num_levels`` maps [B, C, H_l, W_l], finest (F2) first.
     """
 
-    def __init__(self, dim: int = 256, num_heads: int = 8, num_levels: int = 4, num_points: int = 4,
-                 dim_feedforward: int = 1024, high_updates: int = 2, dropout: float = 0.0):
+    def __init__(
+        self,
+        dim: int = 256,
+        num_heads: int = 8,
+        num_levels: int = 4,
+        num_points: int = 4,
+        dim_feedforward: int = 1024,
+        high_updates: int = 2,
+        dropout: float = 0.0,
+    ):
         super().__init__(dim, num_levels)
         spec = (dim, num_heads, num_levels, num_points, dim_feedforward, dropout)
         self.high_layers = self._layers(high_updates, *spec)
@@ -223,10 +269,20 @@ class ScaleAwareEncoder(_PyramidEncoder):
 class NaiveDeformableEncoder(_PyramidEncoder):
     """Cost baseline: ``num_layers`` deformable encoder layers, each updating every token of every level."""
 
-    def __init__(self, dim: int = 256, num_heads: int = 8, num_levels: int = 4, num_points: int = 4,
-                 dim_feedforward: int = 1024, num_layers: int = 3, dropout: float = 0.0):
+    def __init__(
+        self,
+        dim: int = 256,
+        num_heads: int = 8,
+        num_levels: int = 4,
+        num_points: int = 4,
+        dim_feedforward: int = 1024,
+        num_layers: int = 3,
+        dropout: float = 0.0,
+    ):
         super().__init__(dim, num_levels)
-        self.layers = self._layers(num_layers, dim, num_heads, num_levels, num_points, dim_feedforward, dropout)
+        self.layers = self._layers(
+            num_layers, dim, num_heads, num_levels, num_points, dim_feedforward, dropout
+        )
 
     def forward(self, maps: list[Tensor]) -> list[Tensor]:
         self._check(maps)
@@ -251,18 +307,38 @@ class BiFPNSAEEncoder(nn.Module):
     Forward: 4 maps [B, C_in_l, H_l, W_l] → 4 maps [B, hidden_dim, H_l, W_l]; ``out_channels`` as HybridEncoder.
     """
 
-    def __init__(self, in_channels: tuple[int, ...], *, hidden_dim: int = 256, num_heads: int = 8,
-                 num_points: int = 4, dim_feedforward: int = 1024, dropout: float = 0.0, bifpn_repeats: int = 2,
-                 sae_high_updates: int = 2, pyramid: nn.Module | None = None):
+    def __init__(
+        self,
+        in_channels: tuple[int, ...],
+        *,
+        hidden_dim: int = 256,
+        num_heads: int = 8,
+        num_points: int = 4,
+        dim_feedforward: int = 1024,
+        dropout: float = 0.0,
+        bifpn_repeats: int = 2,
+        sae_high_updates: int = 2,
+        pyramid: nn.Module | None = None,
+    ):
         super().__init__()
         if len(in_channels) != 4:
             raise ValueError(f"BiFPNSAEEncoder needs the 4 backbone levels C2..C5, got {len(in_channels)}")
         self.in_channels = tuple(in_channels)
         self.out_channels = (hidden_dim,) * len(in_channels)
         self.bifpn = BiFPN(self.in_channels, hidden_dim, bifpn_repeats)
-        self.sae = pyramid if pyramid is not None else ScaleAwareEncoder(
-            hidden_dim, num_heads=num_heads, num_levels=4, num_points=num_points, dim_feedforward=dim_feedforward,
-            high_updates=sae_high_updates, dropout=dropout)
+        self.sae = (
+            pyramid
+            if pyramid is not None
+            else ScaleAwareEncoder(
+                hidden_dim,
+                num_heads=num_heads,
+                num_levels=4,
+                num_points=num_points,
+                dim_feedforward=dim_feedforward,
+                high_updates=sae_high_updates,
+                dropout=dropout,
+            )
+        )
 
     def forward(self, feats: list[Tensor]) -> list[Tensor]:
         if len(feats) != len(self.in_channels):

@@ -55,8 +55,17 @@ class MLP(nn.Module):
 class DecoderLayer(nn.Module):
     """Post-norm decoder layer: self-attention, deformable cross-attention, FFN."""
 
-    def __init__(self, dim: int = 256, num_heads: int = 8, dim_feedforward: int = 1024, dropout: float = 0.0,
-                 num_levels: int = 3, num_points: int = 4, fp32_geometry: bool = False, bf16_geometry: bool = False):
+    def __init__(
+        self,
+        dim: int = 256,
+        num_heads: int = 8,
+        dim_feedforward: int = 1024,
+        dropout: float = 0.0,
+        num_levels: int = 3,
+        num_points: int = 4,
+        fp32_geometry: bool = False,
+        bf16_geometry: bool = False,
+    ):
         super().__init__()
         self.self_attn = nn.MultiheadAttention(dim, num_heads, dropout=dropout, batch_first=True)
         self.norm1 = nn.LayerNorm(dim)
@@ -75,8 +84,15 @@ class DecoderLayer(nn.Module):
         self.dropout1, self.dropout2 = nn.Dropout(dropout), nn.Dropout(dropout)
         self.dropout3, self.dropout4 = nn.Dropout(dropout), nn.Dropout(dropout)
 
-    def forward(self, tgt: Tensor, ref_boxes: Tensor, memory: Tensor, spatial_shapes: list[tuple[int, int]],
-                attn_mask: Tensor | None, query_pos: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+    def forward(
+        self,
+        tgt: Tensor,
+        ref_boxes: Tensor,
+        memory: Tensor,
+        spatial_shapes: list[tuple[int, int]],
+        attn_mask: Tensor | None,
+        query_pos: Tensor,
+    ) -> tuple[Tensor, Tensor, Tensor]:
         """tgt [B, Q, C], ref_boxes [B, Q, 4] cxcywh → (tgt, sampling_locations, attention_weights)."""
         q = k = tgt + query_pos
         tgt2 = self.self_attn(q, k, tgt, attn_mask=attn_mask, need_weights=False)[0]
@@ -115,12 +131,27 @@ def distinct_topk(scores: Tensor, boxes_unact: Tensor, k: int, iou_threshold: fl
 class RTDETRDecoder(nn.Module):
     """Query selection + deformable transformer decoder + heads (RT-DETR's ``RTDETRTransformer``)."""
 
-    def __init__(self, num_classes: int, in_channels: tuple[int, ...] = (256, 256, 256),
-                 hidden_dim: int = 256, num_queries: int = 300, num_levels: int = 3, num_points: int = 4,
-                 num_heads: int = 8, num_layers: int = 6, dim_feedforward: int = 1024, dropout: float = 0.0,
-                 num_denoising: int = 100, label_noise_ratio: float = 0.5, box_noise_scale: float = 1.0,
-                 eps: float = 1e-2, query_nms: float = 0.0, select_from_level: int = 0,
-                 fp32_geometry: bool = False, bf16_geometry: bool = False):
+    def __init__(
+        self,
+        num_classes: int,
+        in_channels: tuple[int, ...] = (256, 256, 256),
+        hidden_dim: int = 256,
+        num_queries: int = 300,
+        num_levels: int = 3,
+        num_points: int = 4,
+        num_heads: int = 8,
+        num_layers: int = 6,
+        dim_feedforward: int = 1024,
+        dropout: float = 0.0,
+        num_denoising: int = 100,
+        label_noise_ratio: float = 0.5,
+        box_noise_scale: float = 1.0,
+        eps: float = 1e-2,
+        query_nms: float = 0.0,
+        select_from_level: int = 0,
+        fp32_geometry: bool = False,
+        bf16_geometry: bool = False,
+    ):
         super().__init__()
         if len(in_channels) > num_levels:
             raise ValueError(f"{len(in_channels)} input maps but num_levels={num_levels}")
@@ -131,14 +162,20 @@ class RTDETRDecoder(nn.Module):
         self.bf16_geometry = bf16_geometry
         self.select_from_level = select_from_level
         self.num_denoising, self.label_noise_ratio, self.box_noise_scale = (
-            num_denoising, label_noise_ratio, box_noise_scale)
+            num_denoising,
+            label_noise_ratio,
+            box_noise_scale,
+        )
 
         self.input_proj = nn.ModuleList(
-            nn.Sequential(nn.Conv2d(c, hidden_dim, 1, bias=False), nn.BatchNorm2d(hidden_dim)) for c in in_channels)
+            nn.Sequential(nn.Conv2d(c, hidden_dim, 1, bias=False), nn.BatchNorm2d(hidden_dim))
+            for c in in_channels
+        )
         c_in = in_channels[-1]
         for _ in range(num_levels - len(in_channels)):  # extra coarser levels from the last map
-            self.input_proj.append(nn.Sequential(nn.Conv2d(c_in, hidden_dim, 3, 2, 1, bias=False),
-                                                 nn.BatchNorm2d(hidden_dim)))
+            self.input_proj.append(
+                nn.Sequential(nn.Conv2d(c_in, hidden_dim, 3, 2, 1, bias=False), nn.BatchNorm2d(hidden_dim))
+            )
             c_in = hidden_dim
 
         self.layers = nn.ModuleList(
@@ -154,8 +191,9 @@ class RTDETRDecoder(nn.Module):
             )
             for _ in range(num_layers)
         )
-        self.denoising_class_embed = (nn.Embedding(num_classes + 1, hidden_dim, padding_idx=num_classes)
-                                      if num_denoising > 0 else None)
+        self.denoising_class_embed = (
+            nn.Embedding(num_classes + 1, hidden_dim, padding_idx=num_classes) if num_denoising > 0 else None
+        )
         self.query_pos_head = MLP(4, hidden_dim=2 * hidden_dim, out_dim=hidden_dim, num_layers=2)
         self.enc_output = nn.Sequential(nn.Linear(hidden_dim, hidden_dim), nn.LayerNorm(hidden_dim))
         self.enc_score_head = nn.Linear(hidden_dim, num_classes)
@@ -183,21 +221,25 @@ class RTDETRDecoder(nn.Module):
     def memory(self, feats: list[Tensor]) -> tuple[Tensor, list[tuple[int, int]]]:
         """Encoder maps → projected, flattened memory [B, ΣHW, C] (levels finest first) and their (H, W)."""
         proj = [p(f) for p, f in zip(self.input_proj, feats)]
-        for p in self.input_proj[len(feats):]:
+        for p in self.input_proj[len(feats) :]:
             proj.append(p(feats[-1] if len(proj) == len(feats) else proj[-1]))
         shapes = [(int(x.shape[2]), int(x.shape[3])) for x in proj]
         memory = torch.cat([x.flatten(2).transpose(1, 2) for x in proj], dim=1)  # [B, ΣHW, C]
         return memory, shapes
 
-    def anchors(self, shapes: list[tuple[int, int]], device=None, dtype=torch.float32,
-                grid_size: float = 0.05) -> tuple[Tensor, Tensor]:
+    def anchors(
+        self, shapes: list[tuple[int, int]], device=None, dtype=torch.float32, grid_size: float = 0.05
+    ) -> tuple[Tensor, Tensor]:
         """Logit-space anchors [1, ΣHW, 4] (cxcywh; ``inf`` where invalid) and valid mask [1, ΣHW, 1]."""
         out = []
         for lvl, (h, w) in enumerate(shapes):
-            ys, xs = torch.meshgrid(torch.arange(h, dtype=torch.float32, device=device),
-                                    torch.arange(w, dtype=torch.float32, device=device), indexing="ij")
+            ys, xs = torch.meshgrid(
+                torch.arange(h, dtype=torch.float32, device=device),
+                torch.arange(w, dtype=torch.float32, device=device),
+                indexing="ij",
+            )
             centres = torch.stack([(xs + 0.5) / w, (ys + 0.5) / h], -1).reshape(-1, 2)
-            out.append(torch.cat([centres, torch.full_like(centres, grid_size * 2.0 ** lvl)], -1))
+            out.append(torch.cat([centres, torch.full_like(centres, grid_size * 2.0**lvl)], -1))
         anchors = torch.cat(out).unsqueeze(0)
         valid = ((anchors > self.eps) & (anchors < 1 - self.eps)).all(-1, keepdim=True)
         logits = torch.log(anchors / (1 - anchors))
@@ -216,16 +258,21 @@ class RTDETRDecoder(nn.Module):
 
     def _select_queries(self, memory: Tensor, shapes):
         skip = self.select_from_level  # the finest levels that are only sampled, never selected
-        memory, shapes = memory[:, sum(h * w for h, w in shapes[:skip]):], shapes[skip:]
+        memory, shapes = memory[:, sum(h * w for h, w in shapes[:skip]) :], shapes[skip:]
         anchors, valid = self.anchors(shapes, memory.device, self.geometry_dtype(memory))
         out_memory = self.enc_output(memory * valid.to(memory.dtype))
         enc_logits = self.enc_score_head(out_memory)  # [B, ΣHW, K]
-        enc_coords = self.round_geometry(self.enc_bbox_head(out_memory).to(anchors.dtype) + anchors)  # logit cxcywh
+        enc_coords = self.round_geometry(
+            self.enc_bbox_head(out_memory).to(anchors.dtype) + anchors
+        )  # logit cxcywh
         k = min(self.num_queries, memory.shape[1])
         if k < self.num_queries and not getattr(self, "_warned_queries", False):
             self._warned_queries = True  # once per model: said, not silently used
-            warnings.warn(f"model.num_queries={self.num_queries} exceeds the {memory.shape[1]} selectable encoder "
-                          f"tokens at this image size; {k} queries are used", stacklevel=2)
+            warnings.warn(
+                f"model.num_queries={self.num_queries} exceeds the {memory.shape[1]} selectable encoder "
+                f"tokens at this image size; {k} queries are used",
+                stacklevel=2,
+            )
         scores = enc_logits.max(-1).values  # [B, ΣHW]
         if self.query_nms > 0:
             topk = distinct_topk(scores, enc_coords, k, self.query_nms)
@@ -242,8 +289,13 @@ class RTDETRDecoder(nn.Module):
 
     # ------------------------------------------------------------------ forward
 
-    def forward(self, feats: list[Tensor], targets: list[dict[str, Tensor]] | None = None,
-                return_sampling: bool = False, return_hidden: bool = False) -> dict:
+    def forward(
+        self,
+        feats: list[Tensor],
+        targets: list[dict[str, Tensor]] | None = None,
+        return_sampling: bool = False,
+        return_hidden: bool = False,
+    ) -> dict:
         """
         Args:
             feats: encoder maps [B, C_l, H_l, W_l], finest first.
@@ -263,21 +315,34 @@ class RTDETRDecoder(nn.Module):
         """
         return self.forward_memory(*self.memory(feats), targets, return_sampling, return_hidden)
 
-    def forward_memory(self, memory: Tensor, shapes: list[tuple[int, int]],
-                       targets: list[dict[str, Tensor]] | None = None, return_sampling: bool = False,
-                       return_hidden: bool = False) -> dict:
+    def forward_memory(
+        self,
+        memory: Tensor,
+        shapes: list[tuple[int, int]],
+        targets: list[dict[str, Tensor]] | None = None,
+        return_sampling: bool = False,
+        return_hidden: bool = False,
+    ) -> dict:
         """:meth:`forward` from an already projected memory (see :meth:`memory`); same output dict."""
         dn_embed = dn_boxes = attn_mask = dn_meta = None
         target, ref_unact, enc_out, dense_out = self._select_queries(memory, shapes)
         if self.training and targets is not None and self.denoising_class_embed is not None:
             dn_embed, dn_boxes, attn_mask, dn_meta = get_contrastive_denoising_training_group(
-                targets, self.num_classes, target.shape[1], self.denoising_class_embed, self.num_denoising,
-                self.label_noise_ratio, self.box_noise_scale)
+                targets,
+                self.num_classes,
+                target.shape[1],
+                self.denoising_class_embed,
+                self.num_denoising,
+                self.label_noise_ratio,
+                self.box_noise_scale,
+            )
         if dn_meta is not None:
             target = torch.cat([dn_embed.to(target.dtype), target], 1)
             ref_unact = torch.cat([dn_boxes.to(ref_unact.dtype), ref_unact], 1)
 
-        layers = self.decode_queries(target, ref_unact, memory, shapes, attn_mask, return_sampling, return_hidden)
+        layers = self.decode_queries(
+            target, ref_unact, memory, shapes, attn_mask, return_sampling, return_hidden
+        )
 
         if dn_meta is not None:
             split = dn_meta["dn_num_split"]
@@ -296,8 +361,16 @@ class RTDETRDecoder(nn.Module):
             out["layers"] = layers
         return out
 
-    def decode_queries(self, target: Tensor, ref_unact: Tensor, memory: Tensor, shapes, attn_mask: Tensor | None,
-                       return_sampling: bool = False, return_hidden: bool = False) -> list[dict[str, Tensor]]:
+    def decode_queries(
+        self,
+        target: Tensor,
+        ref_unact: Tensor,
+        memory: Tensor,
+        shapes,
+        attn_mask: Tensor | None,
+        return_sampling: bool = False,
+        return_hidden: bool = False,
+    ) -> list[dict[str, Tensor]]:
         """Run content queries ``target`` [B, Q, C] with logit-space reference boxes ``ref_unact`` [B, Q, 4]
         through all decoder layers; one dict per layer (``pred_logits``, ``pred_boxes`` and extras).
         ``attn_mask``: None, [Q, Q] (every image) or [B, Q, Q] (per image) bool, True = may not attend."""
@@ -314,7 +387,11 @@ class RTDETRDecoder(nn.Module):
             delta = delta.to(ref.dtype)  # fp32_geometry: the refined box is added up in float32
             box = self.round_geometry(torch.sigmoid(delta + inverse_sigmoid(ref)))
             # the reported box adds this layer's delta to the undetached previous box (same value as `box`)
-            reported = box if prev_box is None else self.round_geometry(torch.sigmoid(delta + inverse_sigmoid(prev_box)))
+            reported = (
+                box
+                if prev_box is None
+                else self.round_geometry(torch.sigmoid(delta + inverse_sigmoid(prev_box)))
+            )
             entry = {"pred_logits": self.dec_score_head[i](output), "pred_boxes": reported}
             if return_sampling:
                 entry.update(sampling_locations=locations, attention_weights=weights, ref_boxes=ref)

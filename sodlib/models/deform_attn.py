@@ -32,8 +32,13 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-__all__ = ["MSDeformableAttention", "benchmark_core", "bf16_round", "ms_deform_attn_core",
-           "ms_deform_attn_core_reference"]
+__all__ = [
+    "MSDeformableAttention",
+    "benchmark_core",
+    "bf16_round",
+    "ms_deform_attn_core",
+    "ms_deform_attn_core_reference",
+]
 
 
 def _shapes_list(spatial_shapes) -> list[tuple[int, int]]:
@@ -42,8 +47,12 @@ def _shapes_list(spatial_shapes) -> list[tuple[int, int]]:
     return [(int(h), int(w)) for h, w in spatial_shapes]
 
 
-def ms_deform_attn_core_reference(value: Tensor, spatial_shapes: Sequence[tuple[int, int]],
-                                  sampling_locations: Tensor, attention_weights: Tensor) -> Tensor:
+def ms_deform_attn_core_reference(
+    value: Tensor,
+    spatial_shapes: Sequence[tuple[int, int]],
+    sampling_locations: Tensor,
+    attention_weights: Tensor,
+) -> Tensor:
     """Per-level ``grid_sample`` loop (RT-DETR's semantics); the ground truth for the fast version.
 
     Shapes as in :func:`ms_deform_attn_core`.
@@ -63,8 +72,13 @@ def ms_deform_attn_core_reference(value: Tensor, spatial_shapes: Sequence[tuple[
     return out.reshape(bs, heads * dim, num_q).transpose(1, 2)
 
 
-def ms_deform_attn_core(value: Tensor, spatial_shapes: Sequence[tuple[int, int]],
-                        sampling_locations: Tensor, attention_weights: Tensor, impl: str = "auto") -> Tensor:
+def ms_deform_attn_core(
+    value: Tensor,
+    spatial_shapes: Sequence[tuple[int, int]],
+    sampling_locations: Tensor,
+    attention_weights: Tensor,
+    impl: str = "auto",
+) -> Tensor:
     """Bilinear multi-scale deformable sampling, weighted by attention.
 
     Args:
@@ -83,7 +97,8 @@ def ms_deform_attn_core(value: Tensor, spatial_shapes: Sequence[tuple[int, int]]
     """
     if impl == "auto":
         needs_grad = torch.is_grad_enabled() and (
-            value.requires_grad or sampling_locations.requires_grad or attention_weights.requires_grad)
+            value.requires_grad or sampling_locations.requires_grad or attention_weights.requires_grad
+        )
         # ONNX export: GridSample is a standard operator (opset 16) where embedding_bag is not
         impl = "grid_sample" if needs_grad or torch.onnx.is_in_onnx_export() else "gather"
     if impl == "gather":
@@ -93,8 +108,9 @@ def ms_deform_attn_core(value: Tensor, spatial_shapes: Sequence[tuple[int, int]]
     raise ValueError(f"impl must be 'auto', 'gather' or 'grid_sample', got {impl!r}")
 
 
-def _core_grid_sample(value: Tensor, spatial_shapes, sampling_locations: Tensor,
-                      attention_weights: Tensor) -> Tensor:
+def _core_grid_sample(
+    value: Tensor, spatial_shapes, sampling_locations: Tensor, attention_weights: Tensor
+) -> Tensor:
     """Per-level grid_sample, attention-weighted and summed level by level (no [.., L·P] stack)."""
     shapes = _shapes_list(spatial_shapes)
     bs, _, heads, dim = value.shape
@@ -112,8 +128,9 @@ def _core_grid_sample(value: Tensor, spatial_shapes, sampling_locations: Tensor,
     return out.view(bs, heads * dim, num_q).transpose(1, 2)
 
 
-def _core_gather(value: Tensor, spatial_shapes, sampling_locations: Tensor,
-                 attention_weights: Tensor) -> Tensor:
+def _core_gather(
+    value: Tensor, spatial_shapes, sampling_locations: Tensor, attention_weights: Tensor
+) -> Tensor:
     """All levels at once: the 2×2 pixel cell of every point, one weighted ``embedding_bag``.
 
     The cell's top-left pixel c is clamped into the map (c ∈ [0, W-2]) and each of its two columns
@@ -151,8 +168,12 @@ def _core_gather(value: Tensor, spatial_shapes, sampling_locations: Tensor,
     steps = torch.stack([torch.zeros_like(width), torch.ones_like(width), width, width + 1], -1) * heads
     rows = rows.unsqueeze(-1) + steps.view(levels, 1, 4)  # [B, Q, heads, L, P, 4]
     table = value.reshape(bs * len_v * heads, dim)
-    out = F.embedding_bag(rows.view(bs * num_q * heads, levels * points * 4), table, mode="sum",
-                          per_sample_weights=corner_w.view(bs * num_q * heads, -1).to(table.dtype))
+    out = F.embedding_bag(
+        rows.view(bs * num_q * heads, levels * points * 4),
+        table,
+        mode="sum",
+        per_sample_weights=corner_w.view(bs * num_q * heads, -1).to(table.dtype),
+    )
     return out.view(bs, num_q, heads * dim)
 
 
@@ -175,8 +196,15 @@ class MSDeformableAttention(nn.Module):
     leaves them, while everything is computed in float32.
     """
 
-    def __init__(self, embed_dim: int = 256, num_heads: int = 8, num_levels: int = 3, num_points: int = 4,
-                 sample_fp32: bool = False, bf16_geometry: bool = False):
+    def __init__(
+        self,
+        embed_dim: int = 256,
+        num_heads: int = 8,
+        num_levels: int = 3,
+        num_points: int = 4,
+        sample_fp32: bool = False,
+        bf16_geometry: bool = False,
+    ):
         super().__init__()
         self.sample_fp32, self.bf16_geometry = sample_fp32, bf16_geometry
         if embed_dim % num_heads:
@@ -213,8 +241,14 @@ class MSDeformableAttention(nn.Module):
             v = v * value_mask.unsqueeze(-1).to(v.dtype)
         return v.view(v.shape[0], v.shape[1], self.num_heads, self.head_dim)
 
-    def forward(self, query: Tensor, reference: Tensor, value: Tensor, spatial_shapes,
-                value_mask: Tensor | None = None) -> tuple[Tensor, Tensor, Tensor]:
+    def forward(
+        self,
+        query: Tensor,
+        reference: Tensor,
+        value: Tensor,
+        spatial_shapes,
+        value_mask: Tensor | None = None,
+    ) -> tuple[Tensor, Tensor, Tensor]:
         """
         Args:
             query: [B, Q, C]
@@ -252,9 +286,16 @@ class MSDeformableAttention(nn.Module):
         return self.output_proj(out), locations, attn
 
 
-def benchmark_core(batch: int = 4, queries: int = 300, heads: int = 8, head_dim: int = 16,
-                   spatial_shapes: tuple[tuple[int, int], ...] = ((40, 40), (20, 20), (10, 10)),
-                   points: int = 4, repeats: int = 10, seed: int = 0) -> dict[str, dict[str, float]]:
+def benchmark_core(
+    batch: int = 4,
+    queries: int = 300,
+    heads: int = 8,
+    head_dim: int = 16,
+    spatial_shapes: tuple[tuple[int, int], ...] = ((40, 40), (20, 20), (10, 10)),
+    points: int = 4,
+    repeats: int = 10,
+    seed: int = 0,
+) -> dict[str, dict[str, float]]:
     """Best-of-``repeats`` wall times (ms) of each implementation, forward without autograd and
     forward + backward. Defaults: the ``cpu`` profile's decoder (320 px; 200 matching queries plus
     2 × (most objects in an image) denoising queries, 250–370 on SynthSOD batches).
@@ -265,10 +306,14 @@ def benchmark_core(batch: int = 4, queries: int = 300, heads: int = 8, head_dim:
     loc = (torch.rand(batch, queries, heads, levels, points, 2, generator=g) * 1.2 - 0.1).requires_grad_()
     attn = torch.rand(batch, queries, heads, levels, points, generator=g).softmax(-1).requires_grad_()
     grad = torch.randn(batch, queries, heads * head_dim, generator=g)
-    impls = {"reference": ms_deform_attn_core_reference,
-             "gather": lambda *a: ms_deform_attn_core(*a, impl="gather"),
-             "grid_sample": lambda *a: ms_deform_attn_core(*a, impl="grid_sample")}
-    times: dict[str, dict[str, list[float]]] = {k: {"forward_ms": [], "forward_backward_ms": []} for k in impls}
+    impls = {
+        "reference": ms_deform_attn_core_reference,
+        "gather": lambda *a: ms_deform_attn_core(*a, impl="gather"),
+        "grid_sample": lambda *a: ms_deform_attn_core(*a, impl="grid_sample"),
+    }
+    times: dict[str, dict[str, list[float]]] = {
+        k: {"forward_ms": [], "forward_backward_ms": []} for k in impls
+    }
     for _ in range(repeats + 1):  # interleaved, the first round is warm-up
         for name, fn in impls.items():
             with torch.no_grad():

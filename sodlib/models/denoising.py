@@ -23,8 +23,13 @@ def inverse_sigmoid(x: Tensor, eps: float = 1e-5) -> Tensor:
 
 
 def get_contrastive_denoising_training_group(
-    targets: list[dict[str, Tensor]], num_classes: int, num_queries: int, class_embed: nn.Module,
-    num_denoising: int = 100, label_noise_ratio: float = 0.5, box_noise_scale: float = 1.0,
+    targets: list[dict[str, Tensor]],
+    num_classes: int,
+    num_queries: int,
+    class_embed: nn.Module,
+    num_denoising: int = 100,
+    label_noise_ratio: float = 0.5,
+    box_noise_scale: float = 1.0,
 ) -> tuple[Tensor | None, Tensor | None, Tensor | None, dict | None]:
     """Build the denoising queries that go in front of the ``num_queries`` matching queries.
 
@@ -92,6 +97,9 @@ def get_contrastive_denoising_training_group(
     group = torch.arange(num_dn, device=device) // (2 * max_gt)
     attn_mask[:num_dn, :num_dn] = group[:, None] != group[None, :]  # groups cannot see each other
 
-    dn_meta = {"dn_positive_idx": dn_positive_idx, "dn_num_group": num_group,
-               "dn_num_split": [num_dn, num_queries]}
+    dn_meta = {
+        "dn_positive_idx": dn_positive_idx,
+        "dn_num_group": num_group,
+        "dn_num_split": [num_dn, num_queries],
+    }
     return embed, boxes_unact, attn_mask, dn_meta

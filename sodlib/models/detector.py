@@ -43,32 +43,66 @@ class RTDETR(nn.Module):
     parameters, build with ``model.iah=false`` and load the state dict without the ``aux_head.`` keys.
     """
 
-    def __init__(self, backbone: nn.Module, encoder: nn.Module, decoder: nn.Module,
-                 aux_head: nn.Module | None = None, config: ModelConfig | None = None):
+    def __init__(
+        self,
+        backbone: nn.Module,
+        encoder: nn.Module,
+        decoder: nn.Module,
+        aux_head: nn.Module | None = None,
+        config: ModelConfig | None = None,
+    ):
         super().__init__()
         self.backbone, self.encoder, self.decoder = backbone, encoder, decoder
         self.aux_head = aux_head
         self.config = config  # the ModelConfig it was built from (None when assembled by hand)
 
-    def forward(self, images: Tensor, targets: list[dict[str, Tensor]] | None = None,
-                return_sampling: bool = False, return_hidden: bool = False) -> dict:
+    def forward(
+        self,
+        images: Tensor,
+        targets: list[dict[str, Tensor]] | None = None,
+        return_sampling: bool = False,
+        return_hidden: bool = False,
+    ) -> dict:
         feats = self.encoder(self.backbone(images))
         if not (self.training and targets is not None and self.aux_head is not None):
-            return self.decoder(feats, targets if self.training else None,
-                                return_sampling=return_sampling, return_hidden=return_hidden)
+            return self.decoder(
+                feats,
+                targets if self.training else None,
+                return_sampling=return_sampling,
+                return_hidden=return_hidden,
+            )
         memory, shapes = self.decoder.memory(feats)
         out = self.decoder.forward_memory(memory, shapes, targets, return_sampling, return_hidden)
-        out.update(self.aux_head_outputs(memory, shapes, targets, tuple(images.shape[-2:]), return_sampling,
-                                         return_hidden))
+        out.update(
+            self.aux_head_outputs(
+                memory, shapes, targets, tuple(images.shape[-2:]), return_sampling, return_hidden
+            )
+        )
         return out
 
-    def aux_head_outputs(self, memory: Tensor, shapes: list[tuple[int, int]], targets: list[dict[str, Tensor]],
-                         image_hw: tuple[int, int], return_sampling: bool = False, return_hidden: bool = False) -> dict:
+    def aux_head_outputs(
+        self,
+        memory: Tensor,
+        shapes: list[tuple[int, int]],
+        targets: list[dict[str, Tensor]],
+        image_hw: tuple[int, int],
+        return_sampling: bool = False,
+        return_hidden: bool = False,
+    ) -> dict:
         """The auxiliary head on the decoder memory: it gets the decoder's token anchors (fp32) and its
         ``decode_queries`` explicitly, nothing else of the decoder."""
         anchors, valid = self.decoder.anchors(shapes, memory.device, torch.float32)
-        return self.aux_head(memory, shapes, targets, anchors=anchors, valid=valid, decode=self.decoder.decode_queries,
-                             image_hw=image_hw, return_sampling=return_sampling, return_hidden=return_hidden)
+        return self.aux_head(
+            memory,
+            shapes,
+            targets,
+            anchors=anchors,
+            valid=valid,
+            decode=self.decoder.decode_queries,
+            image_hw=image_hw,
+            return_sampling=return_sampling,
+            return_hidden=return_hidden,
+        )
 
 
 @contextmanager
@@ -86,8 +120,9 @@ def eval_mode(*modules: nn.Module) -> Iterator[None]:
 
 
 @torch.no_grad()
-def postprocess(outputs: dict, orig_sizes_hw: Tensor | Sequence[Sequence[int]], num_top: int = 100,
-                nms_iou: float = 0.0) -> list[dict]:
+def postprocess(
+    outputs: dict, orig_sizes_hw: Tensor | Sequence[Sequence[int]], num_top: int = 100, nms_iou: float = 0.0
+) -> list[dict]:
     """Top-``num_top`` (query, class) pairs per image by sigmoid score, as RT-DETR's post-processor.
 
     Args:
@@ -112,8 +147,10 @@ def postprocess(outputs: dict, orig_sizes_hw: Tensor | Sequence[Sequence[int]], 
         query, labels = pair // num_classes, pair % num_classes
         # batched_nms returns the survivors in decreasing score order
         kept = [batched_nms(b[query], s, labels, nms_iou)[:num_top] for s, b in zip(scores, xyxy)]
-        return [{"scores": s[i], "labels": labels[i], "boxes_xyxy": b[query[i]]}
-                for s, b, i in zip(scores, xyxy, kept)]
+        return [
+            {"scores": s[i], "labels": labels[i], "boxes_xyxy": b[query[i]]}
+            for s, b, i in zip(scores, xyxy, kept)
+        ]
     k = min(num_top, scores.shape[1])
     scores, index = scores.topk(k, dim=1)
     labels = index % num_classes
@@ -122,8 +159,11 @@ def postprocess(outputs: dict, orig_sizes_hw: Tensor | Sequence[Sequence[int]], 
     return [{"scores": s, "labels": lab, "boxes_xyxy": b} for s, lab, b in zip(scores, labels, picked)]
 
 
-def to_coco_results(processed: list[dict], image_ids: Sequence[int],
-                    label_to_category: Mapping[int, int] | Sequence[int] | None = None) -> list[dict]:
+def to_coco_results(
+    processed: list[dict],
+    image_ids: Sequence[int],
+    label_to_category: Mapping[int, int] | Sequence[int] | None = None,
+) -> list[dict]:
     """Post-processed detections → COCO results (``image_id``, ``category_id``, ``bbox`` xywh, ``score``).
 
     ``label_to_category`` maps the 0-based label to the dataset's category id (dict or sequence);
@@ -137,6 +177,12 @@ def to_coco_results(processed: list[dict], image_ids: Sequence[int],
         xywh = box_convert(boxes, "xyxy", "xywh").tolist()
         for label, score, box in zip(det["labels"].tolist(), det["scores"].tolist(), xywh):
             category = label + 1 if label_to_category is None else label_to_category[label]
-            results.append({"image_id": int(image_id), "category_id": int(category),
-                            "bbox": [round(float(v), 3) for v in box], "score": float(score)})
+            results.append(
+                {
+                    "image_id": int(image_id),
+                    "category_id": int(category),
+                    "bbox": [round(float(v), 3) for v in box],
+                    "score": float(score),
+                }
+            )
     return results

@@ -24,8 +24,15 @@ __all__ = [
 ]
 
 
-def sincos_position_embedding_2d(h: int, w: int, dim: int, temperature: float = 10000.0,
-                                 device=None, dtype=torch.float32, layout: str = "xy") -> Tensor:
+def sincos_position_embedding_2d(
+    h: int,
+    w: int,
+    dim: int,
+    temperature: float = 10000.0,
+    device=None,
+    dtype=torch.float32,
+    layout: str = "xy",
+) -> Tensor:
     """Fixed 2-D sin-cos embedding [1, h·w, dim] for a row-major flattened h×w map.
 
     ``layout="xy"``: token (y, x) gets [sin(x·ω), cos(x·ω), sin(y·ω), cos(y·ω)] with
@@ -58,10 +65,19 @@ def sincos_position_embedding_2d(h: int, w: int, dim: int, temperature: float = 
 class ConvNormLayer(nn.Sequential):
     """Conv (no bias) + BatchNorm + activation (``nn.Identity`` for none)."""
 
-    def __init__(self, c_in: int, c_out: int, kernel: int, stride: int = 1,
-                 act: Callable[[], nn.Module] | None = nn.SiLU):
-        super().__init__(nn.Conv2d(c_in, c_out, kernel, stride, (kernel - 1) // 2, bias=False),
-                         nn.BatchNorm2d(c_out), act() if act is not None else nn.Identity())
+    def __init__(
+        self,
+        c_in: int,
+        c_out: int,
+        kernel: int,
+        stride: int = 1,
+        act: Callable[[], nn.Module] | None = nn.SiLU,
+    ):
+        super().__init__(
+            nn.Conv2d(c_in, c_out, kernel, stride, (kernel - 1) // 2, bias=False),
+            nn.BatchNorm2d(c_out),
+            act() if act is not None else nn.Identity(),
+        )
 
 
 class RepVggBlock(nn.Module):
@@ -80,8 +96,14 @@ class RepVggBlock(nn.Module):
 class CSPRepLayer(nn.Module):
     """CSP layer: conv1 → RepVGG blocks, plus conv2 shortcut branch, summed, then conv3 (if widths differ)."""
 
-    def __init__(self, c_in: int, c_out: int, num_blocks: int = 3, expansion: float = 1.0,
-                 act: Callable[[], nn.Module] = nn.SiLU):
+    def __init__(
+        self,
+        c_in: int,
+        c_out: int,
+        num_blocks: int = 3,
+        expansion: float = 1.0,
+        act: Callable[[], nn.Module] = nn.SiLU,
+    ):
         super().__init__()
         hidden = max(int(c_out * expansion), 1)
         self.conv1 = ConvNormLayer(c_in, hidden, 1, act=act)
@@ -96,13 +118,20 @@ class CSPRepLayer(nn.Module):
 class AIFILayer(nn.Module):
     """Post-norm transformer encoder layer; the position embedding is added to queries and keys."""
 
-    def __init__(self, dim: int, num_heads: int, dim_feedforward: int, dropout: float = 0.0,
-                 act: Callable[[], nn.Module] = nn.GELU):
+    def __init__(
+        self,
+        dim: int,
+        num_heads: int,
+        dim_feedforward: int,
+        dropout: float = 0.0,
+        act: Callable[[], nn.Module] = nn.GELU,
+    ):
         super().__init__()
         self.self_attn = nn.MultiheadAttention(dim, num_heads, dropout=dropout, batch_first=True)
         self.norm1 = nn.LayerNorm(dim)
-        self.ffn = nn.Sequential(nn.Linear(dim, dim_feedforward), act(), nn.Dropout(dropout),
-                                 nn.Linear(dim_feedforward, dim))
+        self.ffn = nn.Sequential(
+            nn.Linear(dim, dim_feedforward), act(), nn.Dropout(dropout), nn.Linear(dim_feedforward, dim)
+        )
         self.norm2 = nn.LayerNorm(dim)
         self.dropout1 = nn.Dropout(dropout)
         self.dropout2 = nn.Dropout(dropout)
@@ -133,12 +162,23 @@ class HybridEncoder(nn.Module):
     Forward: list of maps [B, C_in_l, H_l, W_l] → list of maps [B, hidden_dim, H_l, W_l].
     """
 
-    def __init__(self, in_channels: tuple[int, ...] = (512, 1024, 2048), hidden_dim: int = 256,
-                 num_heads: int = 8, dim_feedforward: int = 1024, dropout: float = 0.0,
-                 num_encoder_layers: int = 1, use_encoder_idx: tuple[int, ...] = (-1,), csp_blocks: int = 3,
-                 expansion: float = 1.0, pe_temperature: float = 10000.0,
-                 act: Callable[[], nn.Module] = nn.SiLU, enc_act: Callable[[], nn.Module] = nn.GELU,
-                 light_levels: int = 0, pos_embed: str = "xy"):
+    def __init__(
+        self,
+        in_channels: tuple[int, ...] = (512, 1024, 2048),
+        hidden_dim: int = 256,
+        num_heads: int = 8,
+        dim_feedforward: int = 1024,
+        dropout: float = 0.0,
+        num_encoder_layers: int = 1,
+        use_encoder_idx: tuple[int, ...] = (-1,),
+        csp_blocks: int = 3,
+        expansion: float = 1.0,
+        pe_temperature: float = 10000.0,
+        act: Callable[[], nn.Module] = nn.SiLU,
+        enc_act: Callable[[], nn.Module] = nn.GELU,
+        light_levels: int = 0,
+        pos_embed: str = "xy",
+    ):
         super().__init__()
         sincos_position_embedding_2d(1, 1, hidden_dim, layout=pos_embed)  # validates dim and layout now
         self.pos_embed = pos_embed
@@ -149,7 +189,8 @@ class HybridEncoder(nn.Module):
         # the finest `light_levels` maps skip AIFI/CCFM: 1×1 projection + the upsampled next-coarser output
         self.light_proj = nn.ModuleList(
             nn.Sequential(nn.Conv2d(c, hidden_dim, 1, bias=False), nn.BatchNorm2d(hidden_dim))
-            for c in in_channels[:light_levels])
+            for c in in_channels[:light_levels]
+        )
         in_channels = in_channels[light_levels:]
         n = len(in_channels)
         self.hidden_dim = hidden_dim
@@ -157,7 +198,9 @@ class HybridEncoder(nn.Module):
         self.use_encoder_idx = tuple(i % n for i in use_encoder_idx)
         self.out_channels = (hidden_dim,) * len(self.in_channels)
         self.input_proj = nn.ModuleList(
-            nn.Sequential(nn.Conv2d(c, hidden_dim, 1, bias=False), nn.BatchNorm2d(hidden_dim)) for c in in_channels)
+            nn.Sequential(nn.Conv2d(c, hidden_dim, 1, bias=False), nn.BatchNorm2d(hidden_dim))
+            for c in in_channels
+        )
         self.encoder = nn.ModuleList(
             nn.ModuleList(
                 AIFILayer(
@@ -172,14 +215,17 @@ class HybridEncoder(nn.Module):
             for _ in self.use_encoder_idx
         )
         # top-down: lateral_convs[i] / fpn_blocks[i] fuse level n-1-i into level n-2-i
-        self.lateral_convs = nn.ModuleList(ConvNormLayer(hidden_dim, hidden_dim, 1, act=act) for _ in range(n - 1))
+        self.lateral_convs = nn.ModuleList(
+            ConvNormLayer(hidden_dim, hidden_dim, 1, act=act) for _ in range(n - 1)
+        )
         self.fpn_blocks = nn.ModuleList(
             CSPRepLayer(2 * hidden_dim, c_out=hidden_dim, num_blocks=csp_blocks, expansion=expansion, act=act)
             for _ in range(n - 1)
         )
         # bottom-up: downsample_convs[i] / pan_blocks[i] fuse level i into level i+1
         self.downsample_convs = nn.ModuleList(
-            ConvNormLayer(hidden_dim, c_out=hidden_dim, kernel=3, stride=2, act=act) for _ in range(n - 1))
+            ConvNormLayer(hidden_dim, c_out=hidden_dim, kernel=3, stride=2, act=act) for _ in range(n - 1)
+        )
         self.pan_blocks = nn.ModuleList(
             CSPRepLayer(2 * hidden_dim, c_out=hidden_dim, num_blocks=csp_blocks, expansion=expansion, act=act)
             for _ in range(n - 1)
@@ -188,7 +234,7 @@ class HybridEncoder(nn.Module):
     def forward(self, feats: list[Tensor]) -> list[Tensor]:
         if len(feats) != len(self.in_channels):
             raise ValueError(f"expected {len(self.in_channels)} feature maps, got {len(feats)}")
-        light, feats = feats[:self.light_levels], feats[self.light_levels:]
+        light, feats = feats[: self.light_levels], feats[self.light_levels :]
         outs = self._fuse(feats)
         for p, f in zip(reversed(self.light_proj), reversed(light)):  # FPN-style top-down, no conv block
             outs.insert(0, p(f) + F.interpolate(outs[0], size=f.shape[-2:], mode="nearest"))
@@ -200,7 +246,9 @@ class HybridEncoder(nn.Module):
         for layers, idx in zip(self.encoder, self.use_encoder_idx):
             b, c, h, w = proj[idx].shape
             src = proj[idx].flatten(2).transpose(1, 2)  # [B, H*W, C]
-            pos = sincos_position_embedding_2d(h, w, c, self.pe_temperature, src.device, src.dtype, self.pos_embed)
+            pos = sincos_position_embedding_2d(
+                h, w, c, self.pe_temperature, src.device, src.dtype, self.pos_embed
+            )
             for layer in layers:
                 src = layer(src, pos)
             proj[idx] = src.transpose(1, 2).reshape(b, c, h, w)

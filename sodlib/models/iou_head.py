@@ -51,8 +51,14 @@ from sodlib.box_ops import box_cxcywh_to_xyxy, box_iou
 from sodlib.models.decoder import MLP
 from sodlib.models.denoising import inverse_sigmoid
 
-__all__ = ["READINGS", "IoUAwareHead", "assign_one_to_many", "box_sine_embedding", "dynamic_iou_threshold",
-           "size_ratio"]
+__all__ = [
+    "READINGS",
+    "IoUAwareHead",
+    "assign_one_to_many",
+    "box_sine_embedding",
+    "dynamic_iou_threshold",
+    "size_ratio",
+]
 
 # model.iah_reading → (unit of sqrt(w·h), unit of A_s); see the module docstring
 READINGS = {"norm_px2": ("fraction of the image side", "px²"), "px_px2": ("px", "px²"), "px_px": ("px", "px")}
@@ -63,8 +69,9 @@ def _check_reading(reading: str) -> None:
         raise ValueError(f"unknown T_I reading {reading!r}; choose one of {sorted(READINGS)}")
 
 
-def size_ratio(size_px: Tensor, as_px: float, reading: str = "norm_px2",
-               image_hw: tuple[int, int] | None = None) -> Tensor:
+def size_ratio(
+    size_px: Tensor, as_px: float, reading: str = "norm_px2", image_hw: tuple[int, int] | None = None
+) -> Tensor:
     """sqrt(w·h)/A_s of T_I under ``reading`` (:data:`READINGS`).
 
     ``size_px``: sqrt(w·h) of the gt boxes in pixels of the network input; ``as_px``: A_s as the LENGTH
@@ -78,13 +85,22 @@ def size_ratio(size_px: Tensor, as_px: float, reading: str = "norm_px2",
         return size / as_px
     if reading == "norm_px2":
         if image_hw is None:
-            raise ValueError("the 'norm_px2' reading of T_I needs image_hw (sqrt(w·h) is normalised by the image)")
+            raise ValueError(
+                "the 'norm_px2' reading of T_I needs image_hw (sqrt(w·h) is normalised by the image)"
+            )
         size = size / math.sqrt(image_hw[0] * image_hw[1])
     return size / as_px**2
 
 
-def dynamic_iou_threshold(size_px: Tensor, as_px: float, tb: float = 0.55, k: float = 0.15, p: float = 0.2,
-                          reading: str = "norm_px2", image_hw: tuple[int, int] | None = None) -> Tensor:
+def dynamic_iou_threshold(
+    size_px: Tensor,
+    as_px: float,
+    tb: float = 0.55,
+    k: float = 0.15,
+    p: float = 0.2,
+    reading: str = "norm_px2",
+    image_hw: tuple[int, int] | None = None,
+) -> Tensor:
     """T_I = max(T_b, T_b + k·(sqrt(w·h)/A_s)^p) with the ratio of :func:`size_ratio` (same arguments)."""
     return torch.clamp(tb + k * size_ratio(size_px, as_px, reading, image_hw).pow(p), min=tb)
 
@@ -101,8 +117,13 @@ def box_sine_embedding(boxes: Tensor, dim: int, temperature: float = 10000.0) ->
 
 
 @torch.no_grad()
-def assign_one_to_many(pred_boxes: Tensor, gt_boxes: Tensor, thresholds: Tensor | float,
-                       valid: Tensor | None = None, force_best: bool = True) -> tuple[Tensor, Tensor, Tensor]:
+def assign_one_to_many(
+    pred_boxes: Tensor,
+    gt_boxes: Tensor,
+    thresholds: Tensor | float,
+    valid: Tensor | None = None,
+    force_best: bool = True,
+) -> tuple[Tensor, Tensor, Tensor]:
     """One-to-many IoU assignment of one image (see the module docstring for the rule).
 
     Args:
@@ -163,8 +184,17 @@ class IoUAwareHead(nn.Module):
       Both are absent when no image has a gt.
     """
 
-    def __init__(self, hidden_dim: int, num_classes: int, tb: float = 0.55, k: float = 0.15, p: float = 0.2,
-                 as_px: float = 0.0, max_queries: int = 300, reading: str = "norm_px2"):
+    def __init__(
+        self,
+        hidden_dim: int,
+        num_classes: int,
+        tb: float = 0.55,
+        k: float = 0.15,
+        p: float = 0.2,
+        as_px: float = 0.0,
+        max_queries: int = 300,
+        reading: str = "norm_px2",
+    ):
         super().__init__()
         _check_reading(reading)
         self.hidden_dim, self.num_classes = hidden_dim, num_classes
@@ -180,8 +210,10 @@ class IoUAwareHead(nn.Module):
         nn.init.zeros_(self.bbox_head.layers[-1].bias)
 
     def extra_repr(self) -> str:
-        return (f"T_b={self.tb}, k={self.k}, p={self.p}, A_s={float(self.as_px):.3g}px, reading={self.reading}, "
-                f"max_queries={self.max_queries}")
+        return (
+            f"T_b={self.tb}, k={self.k}, p={self.p}, A_s={float(self.as_px):.3g}px, reading={self.reading}, "
+            f"max_queries={self.max_queries}"
+        )
 
     def set_min_instance_size(self, as_px: float) -> None:
         """Set A_s (pixels, a length: sqrt of the smallest gt area)."""
@@ -193,9 +225,11 @@ class IoUAwareHead(nn.Module):
         """T_I [G] of normalised cxcywh gt boxes in an image of ``image_hw`` pixels."""
         as_px = float(self.as_px)
         if as_px <= 0:
-            raise ValueError("IoUAwareHead: A_s is not set (model.iah_as_px=0 means 'measure the training set', "
-                             "which sodlib.training.engine.train does); set model.iah_as_px or call "
-                             "set_min_instance_size(sodlib.data.datastats.min_instance_size_px(dataset, size))")
+            raise ValueError(
+                "IoUAwareHead: A_s is not set (model.iah_as_px=0 means 'measure the training set', "
+                "which sodlib.training.engine.train does); set model.iah_as_px or call "
+                "set_min_instance_size(sodlib.data.datastats.min_instance_size_px(dataset, size))"
+            )
         h, w = image_hw
         size_px = (gt_boxes[:, 2].float() * w * gt_boxes[:, 3].float() * h).clamp(min=0).sqrt()
         return dynamic_iou_threshold(size_px, as_px, self.tb, self.k, self.p, self.reading, image_hw)
@@ -203,12 +237,24 @@ class IoUAwareHead(nn.Module):
     def predict(self, memory: Tensor, anchors: Tensor, valid: Tensor) -> tuple[Tensor, Tensor]:
         """Dense class logits [B, N, K] and boxes [B, N, 4] (normalised cxcywh) from the memory tokens."""
         feat = self.enc_output(memory * valid.to(memory.dtype))
-        anchors = torch.where(valid, anchors, torch.zeros_like(anchors))  # invalid tokens: finite, never positive
+        anchors = torch.where(
+            valid, anchors, torch.zeros_like(anchors)
+        )  # invalid tokens: finite, never positive
         return self.score_head(feat), torch.sigmoid(self.bbox_head(feat) + anchors)
 
-    def forward(self, memory: Tensor, shapes: list[tuple[int, int]], targets: list[dict[str, Tensor]], *,
-                anchors: Tensor, valid: Tensor, decode: Callable, image_hw: tuple[int, int],
-                return_sampling: bool = False, return_hidden: bool = False) -> dict:
+    def forward(
+        self,
+        memory: Tensor,
+        shapes: list[tuple[int, int]],
+        targets: list[dict[str, Tensor]],
+        *,
+        anchors: Tensor,
+        valid: Tensor,
+        decode: Callable,
+        image_hw: tuple[int, int],
+        return_sampling: bool = False,
+        return_hidden: bool = False,
+    ) -> dict:
         with torch.autocast(memory.device.type, enabled=False):  # the head, its boxes and assignment in fp32
             logits, boxes = self.predict(memory.float(), anchors.float(), valid)
         gt_idx, ious, indices, thresholds, queries = [], [], [], [], []
@@ -220,15 +266,25 @@ class IoUAwareHead(nn.Module):
             keep = pos[priority.argsort(descending=True)[: self.max_queries]]
             gt_idx.append(assigned), ious.append(iou), thresholds.append(thr)
             indices.append((pos, assigned[pos])), queries.append(keep)
-        iah = {"pred_logits": logits, "pred_boxes": boxes, "gt_idx": torch.stack(gt_idx), "iou": torch.stack(ious),
-               "indices": indices, "thresholds": thresholds, "aux_token_idx": queries}
+        iah = {
+            "pred_logits": logits,
+            "pred_boxes": boxes,
+            "gt_idx": torch.stack(gt_idx),
+            "iou": torch.stack(ious),
+            "indices": indices,
+            "thresholds": thresholds,
+            "aux_token_idx": queries,
+        }
         out = {"iah_outputs": iah}
         if max(len(q) for q in queries) == 0:
             return out
         target, ref_unact, blocked = self._aux_queries(memory, boxes.detach(), queries)
-        out["aux_query_outputs"] = decode(target, ref_unact, memory, shapes, blocked, return_sampling, return_hidden)
-        out["aux_query_indices"] = [(torch.arange(len(q), device=memory.device), gt[q])
-                                    for q, gt in zip(queries, gt_idx)]
+        out["aux_query_outputs"] = decode(
+            target, ref_unact, memory, shapes, blocked, return_sampling, return_hidden
+        )
+        out["aux_query_indices"] = [
+            (torch.arange(len(q), device=memory.device), gt[q]) for q, gt in zip(queries, gt_idx)
+        ]
         return out
 
     def _aux_queries(self, memory: Tensor, boxes: Tensor, queries: list[Tensor]):
@@ -240,7 +296,9 @@ class IoUAwareHead(nn.Module):
         for b, q in enumerate(queries):
             feats[b, : len(q)] = memory[b, q]
             ref[b, : len(q)] = boxes[b, q]
-            blocked[b, :, len(q):] = True
+            blocked[b, :, len(q) :] = True
         blocked[:, torch.arange(m), torch.arange(m)] = False  # padded queries attend to themselves only
-        target = self.pos_proj(box_sine_embedding(ref, c)) + self.feat_proj(feats)  # Q_a = Lin(PE(C)) + Lin(F'')
+        target = self.pos_proj(box_sine_embedding(ref, c)) + self.feat_proj(
+            feats
+        )  # Q_a = Lin(PE(C)) + Lin(F'')
         return target, inverse_sigmoid(ref), blocked

@@ -47,11 +47,15 @@ def bench_data(repeats: int = 3, num_synth: int = 32, num_loader: int = 64) -> p
     rows = []
     size = get_profile("cpu").data.image_size
     with tempfile.TemporaryDirectory() as tmp:
-        t = _median_time(lambda: synth.write_split(tmp, "train", num_synth, size, seed=0, progress=False), repeats)
+        t = _median_time(
+            lambda: synth.write_split(tmp, "train", num_synth, size, seed=0, progress=False), repeats
+        )
         rows.append(("synthsod_generation", f"{size}px", num_synth / t, "images/s"))
         ann = Path(tmp) / "annotations" / "instances_train.json"
         for train, name in ((True, "train_augment"), (False, "eval_resize")):
-            ds = CocoDetection(Path(tmp) / "images" / "train", ann, transforms=build_transforms(size, train=train))
+            ds = CocoDetection(
+                Path(tmp) / "images" / "train", ann, transforms=build_transforms(size, train=train)
+            )
             n = min(num_loader, len(ds))
 
             def load(ds=ds, n=n):
@@ -91,8 +95,9 @@ def _synthetic_batch(batch: int, size: int, num_classes: int, objects: int = 20,
     for _ in range(batch):
         wh = torch.rand(objects, 2, generator=g) * 0.08 + 0.02
         cxcy = torch.rand(objects, 2, generator=g) * 0.9 + 0.05
-        targets.append({"boxes": torch.cat([cxcy, wh], 1),
-                        "labels": torch.randint(num_classes, (objects,), generator=g)})
+        targets.append(
+            {"boxes": torch.cat([cxcy, wh], 1), "labels": torch.randint(num_classes, (objects,), generator=g)}
+        )
     return images, targets
 
 
@@ -112,8 +117,12 @@ def make_train_step(cfg, images, targets):
 
     def step():
         with torch.autocast("cpu", dtype=torch.bfloat16, enabled=cfg.train.amp):
-            out = model(images, targets, return_sampling=criterion.needs_sampling,
-                        return_hidden=criterion.needs_hidden)
+            out = model(
+                images,
+                targets,
+                return_sampling=criterion.needs_sampling,
+                return_hidden=criterion.needs_hidden,
+            )
         loss = criterion.weighted_total(criterion(_to_float32(out), targets))
         opt.zero_grad(set_to_none=True)
         loss.backward()
@@ -126,7 +135,6 @@ def time_train_step(cfg, batch: int, steps: int = 20, warmup: int = 3) -> float:
     """Median seconds of one optimiser step (forward, loss, backward, AdamW) on a synthetic batch,
     with the config's ``train.amp`` (bf16 autocast) and ``train.channels_last`` settings."""
     import torch
-
 
     images, targets = _synthetic_batch(batch, cfg.data.image_size, cfg.model.num_classes)
     if cfg.train.channels_last:
@@ -142,6 +150,7 @@ def time_inference(cfg, batch: int, steps: int = 20, warmup: int = 3, model=None
     import torch
 
     from sodlib.build import build_detector
+
     torch.manual_seed(0)
     model = (model or build_detector(cfg.model)).eval()
     images, _ = _synthetic_batch(batch, cfg.data.image_size, cfg.model.num_classes)
@@ -183,6 +192,7 @@ def count_gflops(cfg) -> float:
     from torch.utils.flop_counter import FlopCounterMode
 
     from sodlib.build import build_detector
+
     model = build_detector(cfg.model).eval()
     with torch.no_grad(), FlopCounterMode(display=False) as counter:
         model(torch.rand(1, 3, cfg.data.image_size, cfg.data.image_size))
@@ -203,10 +213,23 @@ def bench_model(steps: int = 20, threads: int = 2) -> pd.DataFrame:
     cpu = get_profile("cpu")
     paper = get_profile("paper")
     variants = {  # (profile, train batch, [(tag, overrides)]) — fp32 rows compare with RT-DETR's CPU anchor
-        "cpu": (cpu, cpu.train.batch_size, [("fp32", ("train.amp=false",)), ("bf16", ("train.amp=true",)),
-                                            ("bf16_channels_last", ("train.amp=true", "train.channels_last=true"))]),
-        "paper": (paper, 2, [("fp32", ("train.amp=false",)),
-                             ("fp32_channels_last", ("train.amp=false", "train.channels_last=true"))]),
+        "cpu": (
+            cpu,
+            cpu.train.batch_size,
+            [
+                ("fp32", ("train.amp=false",)),
+                ("bf16", ("train.amp=true",)),
+                ("bf16_channels_last", ("train.amp=true", "train.channels_last=true")),
+            ],
+        ),
+        "paper": (
+            paper,
+            2,
+            [
+                ("fp32", ("train.amp=false",)),
+                ("fp32_channels_last", ("train.amp=false", "train.channels_last=true")),
+            ],
+        ),
     }
     for name, (cfg, train_batch, tags) in variants.items():
         n_params = sum(p.numel() for p in build_detector(cfg.model).parameters())
@@ -222,19 +245,33 @@ def bench_model(steps: int = 20, threads: int = 2) -> pd.DataFrame:
                 rows.append((name, f"inference_batch1@{cfg.data.image_size}px_{tag}", t * 1e3, "ms/image"))
             if tag == "fp32":  # the exported graph beside PyTorch, same batch, same threads
                 t_ort = time_onnxruntime(c, 1, steps=n, threads=threads)
-                rows.append((name, f"inference_batch1@{cfg.data.image_size}px_onnxruntime_fp32", t_ort * 1e3,
-                             "ms/image"))
+                rows.append(
+                    (
+                        name,
+                        f"inference_batch1@{cfg.data.image_size}px_onnxruntime_fp32",
+                        t_ort * 1e3,
+                        "ms/image",
+                    )
+                )
                 rows.append((name, "onnxruntime_speedup_vs_pytorch_fp32", t / t_ort, "x"))
-    for label, kwargs in (("cpu_decoder", {}),
-                          ("paper_decoder", {"batch": 2, "queries": 500, "head_dim": 32,
-                                             "spatial_shapes": ((80, 80), (40, 40), (20, 20))})):
+    for label, kwargs in (
+        ("cpu_decoder", {}),
+        (
+            "paper_decoder",
+            {"batch": 2, "queries": 500, "head_dim": 32, "spatial_shapes": ((80, 80), (40, 40), (20, 20))},
+        ),
+    ):
         res = benchmark_core(repeats=steps // 2, **kwargs)
         for impl, d in res.items():
             for k, v in d.items():
                 rows.append(("ms_deform_attn_core", f"{label}/{impl}/{k}", v, "ms"))
         for k in ("forward_ms", "forward_backward_ms"):
-            best = min(res["gather"][k], res["grid_sample"][k]) if k == "forward_ms" else res["grid_sample"][k]
-            rows.append(("ms_deform_attn_core", f"{label}/speedup_vs_loop/{k}", res["reference"][k] / best, "x"))
+            best = (
+                min(res["gather"][k], res["grid_sample"][k]) if k == "forward_ms" else res["grid_sample"][k]
+            )
+            rows.append(
+                ("ms_deform_attn_core", f"{label}/speedup_vs_loop/{k}", res["reference"][k] / best, "x")
+            )
     return pd.DataFrame(rows, columns=["benchmark", "variant", "value", "unit"])
 
 
@@ -253,8 +290,13 @@ def bench_methods(steps: int = 24, warmup: int = 3, threads: int = 2) -> pd.Data
 
     torch.set_num_threads(threads)
     base = get_profile("cpu")
-    variants = {"baseline": (), "st": ("loss.st=true",), "sr": ("loss.sr=true",), "spr": ("loss.spr=true",),
-                "st_sr_spr": ("loss.st=true", "loss.sr=true", "loss.spr=true")}
+    variants = {
+        "baseline": (),
+        "st": ("loss.st=true",),
+        "sr": ("loss.sr=true",),
+        "spr": ("loss.spr=true",),
+        "st_sr_spr": ("loss.st=true", "loss.sr=true", "loss.spr=true"),
+    }
     images, targets = _synthetic_batch(base.train.batch_size, base.data.image_size, base.model.num_classes)
     runners, models = {}, {}
     for name, sets in variants.items():
@@ -284,7 +326,7 @@ def bench_methods(steps: int = 24, warmup: int = 3, threads: int = 2) -> pd.Data
     inf_med = {k: statistics.median(v) for k, v in inf.items()}
     rows += [(f"inference_ms_{k}", v * 1e3) for k, v in inf_med.items()]
     rows.append(("inference_ratio", inf_med["st_sr_spr"] / inf_med["baseline"]))
-    same = (list(models["baseline"].state_dict()) == list(models["st_sr_spr"].state_dict()))
+    same = list(models["baseline"].state_dict()) == list(models["st_sr_spr"].state_dict())
     rows.append(("same_detector_parameters", float(same)))
     return pd.DataFrame(rows, columns=["metric", "value"])
 
@@ -319,17 +361,27 @@ def visdrone_run(results_dir: str | Path = "results", patch: int = 320, verbose:
     from sodlib.training.runs import run_dir
 
     root = visdrone_patches(patch=patch)
-    cfg = ablation_config("ablation", "data.dataset=coco", f"data.root={root.name}", "data.val_split=test",
-                          "data.num_classes=10", "model.num_classes=10", f"data.image_size={patch}",
-                          f"train.max_iters={VISDRONE_ITERS}")
-    train_configs([cfg], results_dir, data_root=str(root), labels=["visdrone_mini"], workers=1,
-                  verbose=verbose)
+    cfg = ablation_config(
+        "ablation",
+        "data.dataset=coco",
+        f"data.root={root.name}",
+        "data.val_split=test",
+        "data.num_classes=10",
+        "model.num_classes=10",
+        f"data.image_size={patch}",
+        f"train.max_iters={VISDRONE_ITERS}",
+    )
+    train_configs(
+        [cfg], results_dir, data_root=str(root), labels=["visdrone_mini"], workers=1, verbose=verbose
+    )
     d = run_dir(cfg, results_dir)
     train(cfg, d, data_root=str(root), progress=False, need_checkpoint=True)
     return cfg, d, root
 
 
-def bench_sahi(checkpoint: str = "", slice_size: int = 0, overlap: float = 0.2, threads: int = 2) -> pd.DataFrame:
+def bench_sahi(
+    checkpoint: str = "", slice_size: int = 0, overlap: float = 0.2, threads: int = 2
+) -> pd.DataFrame:
     """SAHI's sliced prediction against ``sodlib predict --slice`` on ../shared/data/visdrone_mini (8 images):
     detections, agreement with predict --slice, seconds (after one warm-up image), AP/AP50 (visdrone protocol).
 
@@ -345,7 +397,9 @@ def bench_sahi(checkpoint: str = "", slice_size: int = 0, overlap: float = 0.2, 
 
     root = find_visdrone_mini()
     if root is None:
-        raise FileNotFoundError("../shared/data/visdrone_mini: the VisDrone sample is not beside the repository")
+        raise FileNotFoundError(
+            "../shared/data/visdrone_mini: the VisDrone sample is not beside the repository"
+        )
     if not checkpoint:
         _, run, _ = visdrone_run(verbose=False)
         checkpoint = str(run / "checkpoints" / "last.pt")
@@ -353,22 +407,42 @@ def bench_sahi(checkpoint: str = "", slice_size: int = 0, overlap: float = 0.2, 
     else:
         name = Path(checkpoint).parent.parent.name
     torch.set_num_threads(threads)
-    rows = compare_sliced(checkpoint, sorted((root / "images").glob("*.jpg")), visdrone_to_coco(root), slice_size,
-                          overlap)
+    rows = compare_sliced(
+        checkpoint, sorted((root / "images").glob("*.jpg")), visdrone_to_coco(root), slice_size, overlap
+    )
     slice_size = rows[0]["slice_size"]
     out = []
     for r in rows:
-        for key, unit in (("detections", "count"), ("agreement", "fraction"), ("seconds", "s"), ("AP", "fraction"),
-                          ("AP50", "fraction")):
-            out.append((f"sliced_{slice_size}_overlap{overlap:g}/{name}", f"{r['pipeline']}/{key}", r[key], unit))
+        for key, unit in (
+            ("detections", "count"),
+            ("agreement", "fraction"),
+            ("seconds", "s"),
+            ("AP", "fraction"),
+            ("AP50", "fraction"),
+        ):
+            out.append(
+                (f"sliced_{slice_size}_overlap{overlap:g}/{name}", f"{r['pipeline']}/{key}", r[key], unit)
+            )
     base = rows[0]["seconds"]
     for r in rows[1:]:
-        out.append((f"sliced_{slice_size}_overlap{overlap:g}/{name}", f"{r['pipeline']}/time_vs_predict_slice",
-                    r["seconds"] / base, "x"))
+        out.append(
+            (
+                f"sliced_{slice_size}_overlap{overlap:g}/{name}",
+                f"{r['pipeline']}/time_vs_predict_slice",
+                r["seconds"] / base,
+                "x",
+            )
+        )
     return pd.DataFrame(out, columns=["benchmark", "variant", "value", "unit"])
 
 
-BENCHES = {"data": bench_data, "model": bench_model, "methods": bench_methods, "mrqm": bench_mrqm, "sahi": bench_sahi}
+BENCHES = {
+    "data": bench_data,
+    "model": bench_model,
+    "methods": bench_methods,
+    "mrqm": bench_mrqm,
+    "sahi": bench_sahi,
+}
 
 
 def run(what: str, out_dir: str | Path) -> Path:
@@ -404,8 +478,9 @@ def _sampling_gflops(cfg: ModelConfig, queries_per_layer: list[int], batch: int)
     return batch * sum(queries_per_layer) * per_query / 1e9
 
 
-def encoder_cost(cfg: RunConfig | ModelConfig, image_size: int = 640, batch: int = 1, repeats: int = 3,
-                 seed: int = 0) -> list[dict]:
+def encoder_cost(
+    cfg: RunConfig | ModelConfig, image_size: int = 640, batch: int = 1, repeats: int = 3, seed: int = 0
+) -> list[dict]:
     """GFLOPs and latency of the encoders on the backbone maps of a random ``image_size`` image.
 
     Rows (``encoder``): ``hybrid`` (RT-DETR, C3..C5), ``bifpn`` (BiFPN alone, C2..C5), ``bifpn_sae``
@@ -426,32 +501,65 @@ def encoder_cost(cfg: RunConfig | ModelConfig, image_size: int = 640, batch: int
     backbone = build_backbone(m, (2, 3, 4, 5)).eval()
     with torch.no_grad():
         feats = backbone(torch.rand(batch, 3, image_size, image_size))
-    hybrid = HybridEncoder(tuple(backbone.out_channels[1:]), hidden_dim=m.hidden_dim, num_heads=m.num_heads,
-                           dim_feedforward=m.encoder_ffn, dropout=m.dropout, csp_blocks=m.csp_blocks,
-                           expansion=m.expansion).eval()
-    layer_args = {"num_heads": m.num_heads, "num_points": m.num_points, "dim_feedforward": m.encoder_ffn,
-                  "dropout": m.dropout}
-    sae = BiFPNSAEEncoder(tuple(backbone.out_channels), hidden_dim=m.hidden_dim, bifpn_repeats=m.bifpn_repeats,
-                          sae_high_updates=m.sae_high_updates, **layer_args).eval()
-    naive_pyramid = NaiveDeformableEncoder(m.hidden_dim, num_levels=4, num_layers=m.sae_high_updates + 1, **layer_args)
-    naive = BiFPNSAEEncoder(tuple(backbone.out_channels), hidden_dim=m.hidden_dim, bifpn_repeats=m.bifpn_repeats,
-                            pyramid=naive_pyramid, **layer_args).eval()
+    hybrid = HybridEncoder(
+        tuple(backbone.out_channels[1:]),
+        hidden_dim=m.hidden_dim,
+        num_heads=m.num_heads,
+        dim_feedforward=m.encoder_ffn,
+        dropout=m.dropout,
+        csp_blocks=m.csp_blocks,
+        expansion=m.expansion,
+    ).eval()
+    layer_args = {
+        "num_heads": m.num_heads,
+        "num_points": m.num_points,
+        "dim_feedforward": m.encoder_ffn,
+        "dropout": m.dropout,
+    }
+    sae = BiFPNSAEEncoder(
+        tuple(backbone.out_channels),
+        hidden_dim=m.hidden_dim,
+        bifpn_repeats=m.bifpn_repeats,
+        sae_high_updates=m.sae_high_updates,
+        **layer_args,
+    ).eval()
+    naive_pyramid = NaiveDeformableEncoder(
+        m.hidden_dim, num_levels=4, num_layers=m.sae_high_updates + 1, **layer_args
+    )
+    naive = BiFPNSAEEncoder(
+        tuple(backbone.out_channels),
+        hidden_dim=m.hidden_dim,
+        bifpn_repeats=m.bifpn_repeats,
+        pyramid=naive_pyramid,
+        **layer_args,
+    ).eval()
     with torch.no_grad():
         pyramid = sae.bifpn(feats)
     n = [x.shape[2] * x.shape[3] for x in pyramid]
     sae_queries = [sum(n[1:])] * m.sae_high_updates + [n[0]]
     naive_queries = [sum(n)] * (m.sae_high_updates + 1)
-    cases = [("hybrid", hybrid, feats[1:], [], n[-1]), ("bifpn", sae.bifpn, feats, [], 0),
-             ("bifpn_sae", sae, feats, sae_queries, sum(sae_queries)),
-             ("bifpn_naive", naive, feats, naive_queries, sum(naive_queries)),
-             ("sae", sae.sae, pyramid, sae_queries, sum(sae_queries)),
-             ("naive", naive.sae, pyramid, naive_queries, sum(naive_queries))]
+    cases = [
+        ("hybrid", hybrid, feats[1:], [], n[-1]),
+        ("bifpn", sae.bifpn, feats, [], 0),
+        ("bifpn_sae", sae, feats, sae_queries, sum(sae_queries)),
+        ("bifpn_naive", naive, feats, naive_queries, sum(naive_queries)),
+        ("sae", sae.sae, pyramid, sae_queries, sum(sae_queries)),
+        ("naive", naive.sae, pyramid, naive_queries, sum(naive_queries)),
+    ]
     rows = []
     for name, module, inputs, queries, tokens in cases:
         gflops, ms = _flops_and_latency(module, inputs, repeats)
-        rows.append({"encoder": name, "image_size": image_size, "gflops": gflops,
-                     "sampling_gflops": _sampling_gflops(m, queries, batch), "latency_ms": ms,
-                     "params_m": sum(p.numel() for p in module.parameters()) / 1e6, "tokens": int(tokens)})
+        rows.append(
+            {
+                "encoder": name,
+                "image_size": image_size,
+                "gflops": gflops,
+                "sampling_gflops": _sampling_gflops(m, queries, batch),
+                "latency_ms": ms,
+                "params_m": sum(p.numel() for p in module.parameters()) / 1e6,
+                "tokens": int(tokens),
+            }
+        )
     return rows
 
 
@@ -466,9 +574,11 @@ def encoder_cost_summary(df: pd.DataFrame) -> str:
         return f"{x:.0f}" if abs(x) >= 100 else f"{x:.3g}"
 
     size = int(t["image_size"].iloc[0])
-    return (f"Encoder cost at {size} px: BiFPN+SAE {_num(total['bifpn_sae'])} GFLOPs, "
-            f"{total['bifpn_sae'] / total['bifpn_naive']:.0%} of BiFPN + naive encoder ({_num(total['bifpn_naive'])}) "
-            f"and {total['bifpn_sae'] / total['hybrid']:.1f}× RT-DETR's hybrid encoder ({_num(total['hybrid'])}); "
-            f"latency {_num(ms['bifpn_sae'])} ms vs {_num(ms['bifpn_naive'])} ms (naive) and {_num(ms['hybrid'])} ms "
-            f"(hybrid). The pyramid encoders alone: SAE {_num(total['sae'])} vs naive {_num(total['naive'])} GFLOPs "
-            f"({t.loc['sae', 'tokens']} vs {t.loc['naive', 'tokens']} token updates).")
+    return (
+        f"Encoder cost at {size} px: BiFPN+SAE {_num(total['bifpn_sae'])} GFLOPs, "
+        f"{total['bifpn_sae'] / total['bifpn_naive']:.0%} of BiFPN + naive encoder ({_num(total['bifpn_naive'])}) "
+        f"and {total['bifpn_sae'] / total['hybrid']:.1f}× RT-DETR's hybrid encoder ({_num(total['hybrid'])}); "
+        f"latency {_num(ms['bifpn_sae'])} ms vs {_num(ms['bifpn_naive'])} ms (naive) and {_num(ms['hybrid'])} ms "
+        f"(hybrid). The pyramid encoders alone: SAE {_num(total['sae'])} vs naive {_num(total['naive'])} GFLOPs "
+        f"({t.loc['sae', 'tokens']} vs {t.loc['naive', 'tokens']} token updates)."
+    )

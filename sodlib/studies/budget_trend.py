@@ -25,14 +25,24 @@ SEEDS = 3
 ROWS = ("baseline", "ST+SR+SPR")
 
 
-def trend_configs(profile: str = "ablation", budgets: Sequence[int] = BUDGETS,
-                  seeds: int = SEEDS) -> list[tuple[str, int, int, RunConfig]]:
+def trend_configs(
+    profile: str = "ablation", budgets: Sequence[int] = BUDGETS, seeds: int = SEEDS
+) -> list[tuple[str, int, int, RunConfig]]:
     """``(row, budget, seed, config)`` of every run: Table 3's baseline and full rows with ``train.max_iters``."""
     from sodlib.studies.ablations import ABLATION_TABLES, ablation_config
 
     rows = {r.label: r for r in ABLATION_TABLES[0].rows}
-    return [(label, n, s, ablation_config(profile, *rows[label].overrides(profile), f"train.max_iters={n}", seed=s))
-            for n in budgets for s in range(seeds) for label in ROWS]
+    return [
+        (
+            label,
+            n,
+            s,
+            ablation_config(profile, *rows[label].overrides(profile), f"train.max_iters={n}", seed=s),
+        )
+        for n in budgets
+        for s in range(seeds)
+        for label in ROWS
+    ]
 
 
 def trend_frame(metrics: Sequence[tuple[str, int, int, dict | None]]) -> pd.DataFrame:
@@ -44,10 +54,14 @@ def trend_frame(metrics: Sequence[tuple[str, int, int, dict | None]]) -> pd.Data
         line = {"iterations": n, "seeds": len(seeds)}
         for row in ROWS:
             for k in ("AP", "APS"):
-                line[f"{row} {k}"] = 100 * float(np.mean([by[(row, n, s)][k] for s in seeds])) if seeds else math.nan
+                line[f"{row} {k}"] = (
+                    100 * float(np.mean([by[(row, n, s)][k] for s in seeds])) if seeds else math.nan
+                )
         if seeds:
-            d = paired_difference([100 * by[(ROWS[1], n, s)]["AP"] for s in seeds],
-                                  [100 * by[(ROWS[0], n, s)]["AP"] for s in seeds])
+            d = paired_difference(
+                [100 * by[(ROWS[1], n, s)]["AP"] for s in seeds],
+                [100 * by[(ROWS[0], n, s)]["AP"] for s in seeds],
+            )
             line.update({"dAP": d["diff"], "ci95_low": d["ci_low"], "ci95_high": d["ci_high"], "p": d["p"]})
         out.append(line)
     frame = pd.DataFrame(out)
@@ -76,7 +90,11 @@ def trend_verdict(frame: pd.DataFrame, metrics: Sequence[tuple[str, int, int, di
         return "Budget trend: no budget has both rows trained yet."
     parts = []
     for r in done.itertuples():
-        ci = f"[{r.ci95_low:+.2f}, {r.ci95_high:+.2f}]" if np.isfinite(r.ci95_low) else "(one seed: no interval)"
+        ci = (
+            f"[{r.ci95_low:+.2f}, {r.ci95_high:+.2f}]"
+            if np.isfinite(r.ci95_low)
+            else "(one seed: no interval)"
+        )
         parts.append(f"{r.iterations} iterations: dAP {r.dAP:+.2f} {ci} over {r.seeds} seeds")
     text = f"Budget trend (ST+SR+SPR − baseline, AP points): {'; '.join(parts)}."
     first, last = int(done["iterations"].min()), int(done["iterations"].max())
@@ -85,7 +103,10 @@ def trend_verdict(frame: pd.DataFrame, metrics: Sequence[tuple[str, int, int, di
     a, b = _per_seed_gap(metrics, first), _per_seed_gap(metrics, last)
     common = sorted(set(a) & set(b))
     if len(common) < 2:
-        return text + f" {first} and {last} iterations share {len(common)} seed(s): the trend has no interval yet."
+        return (
+            text
+            + f" {first} and {last} iterations share {len(common)} seed(s): the trend has no interval yet."
+        )
     move = paired_difference([b[s] for s in common], [a[s] for s in common])
     ci = f"[{move['ci_low']:+.2f}, {move['ci_high']:+.2f}]"
     if move["ci_low"] > 0:
@@ -94,12 +115,15 @@ def trend_verdict(frame: pd.DataFrame, metrics: Sequence[tuple[str, int, int, di
         word = "moves toward the baseline"
     else:
         word = "holds (the interval includes no change)"
-    return text + (f" From {first} to {last} iterations dAP changes by {move['diff']:+.2f} {ci} over {len(common)} "
-                   f"paired seeds: the gap {word}.")
+    return text + (
+        f" From {first} to {last} iterations dAP changes by {move['diff']:+.2f} {ci} over {len(common)} "
+        f"paired seeds: the gap {word}."
+    )
 
 
-def write_trend(metrics: Sequence[tuple[str, int, int, dict | None]], tables_dir: str | Path,
-                stem: str = "budget_trend") -> tuple[pd.DataFrame, str]:
+def write_trend(
+    metrics: Sequence[tuple[str, int, int, dict | None]], tables_dir: str | Path, stem: str = "budget_trend"
+) -> tuple[pd.DataFrame, str]:
     """``tables_dir/<stem>.{csv,md}`` and the verdict beside it as ``<stem>_verdict.md``."""
     from sodlib.io import atomic_write_text
 

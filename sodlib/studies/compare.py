@@ -40,7 +40,9 @@ from sodlib.training.runs import seed_spread
 
 # wall-clock columns of run logs and run tables, and keys of metrics.json: they change with the machine's load
 TIMING = ("train_seconds", "images_per_s", "wall_seconds")
-PROVENANCE = ("code",)  # the tables' column of the commits that trained their runs: a retrained run has a new one
+PROVENANCE = (
+    "code",
+)  # the tables' column of the commits that trained their runs: a retrained run has a new one
 FAIL = ("differs", "deleted")
 
 
@@ -85,8 +87,10 @@ def _changed_files(repo: Path, rel: str, rev: str) -> list[tuple[str, str]]:
 
 
 def _compare_csv(old: bytes, new: bytes) -> tuple[str, str]:
-    a, b = pd.read_csv(io.BytesIO(old), dtype=str, keep_default_na=False), pd.read_csv(
-        io.BytesIO(new), dtype=str, keep_default_na=False)
+    a, b = (
+        pd.read_csv(io.BytesIO(old), dtype=str, keep_default_na=False),
+        pd.read_csv(io.BytesIO(new), dtype=str, keep_default_na=False),
+    )
     missing = [c for c in a.columns if c not in b.columns]
     if missing:
         return "differs", f"column(s) {', '.join(missing)} gone"
@@ -99,8 +103,10 @@ def _compare_csv(old: bytes, new: bytes) -> tuple[str, str]:
     if cells.values.any():
         row, col = np.argwhere(cells.values)[0]
         name = cells.columns[col]
-        return "differs", (f"{int(cells.values.sum())} cell(s), first: row {row} {name} "
-                           f"{a[name].iloc[row]} -> {b[name].iloc[row]}")
+        return "differs", (
+            f"{int(cells.values.sum())} cell(s), first: row {row} {name} "
+            f"{a[name].iloc[row]} -> {b[name].iloc[row]}"
+        )
     moved = [c for c in timing if (a[c] != b[c]).any()]
     detail = [f"only {', '.join(moved)} changed"] if moved else []
     detail += [f"new column(s) {', '.join(added)}"] if added else []
@@ -128,7 +134,11 @@ def _compare_config(old: bytes, new: bytes) -> tuple[str, str]:
         h_old, h_new = (config_hash(RunConfig.from_dict(json.loads(x))) for x in (old, new))
     except (ValueError, TypeError) as exc:
         return "differs", f"unreadable config: {exc}"
-    return ("same config", f"both hash to {h_new}") if h_old == h_new else ("differs", f"hash {h_old} -> {h_new}")
+    return (
+        ("same config", f"both hash to {h_new}")
+        if h_old == h_new
+        else ("differs", f"hash {h_old} -> {h_new}")
+    )
 
 
 def _compare_png(old: bytes, new: bytes) -> tuple[str, str]:
@@ -145,9 +155,17 @@ def _compare_png(old: bytes, new: bytes) -> tuple[str, str]:
 
 def _notebook_outputs(data: bytes) -> list[str]:
     cells = json.loads(data)["cells"]
-    return [json.dumps([{k: v for k, v in o.items() if k not in ("execution_count", "metadata")}
-                        for o in c.get("outputs", [])], sort_keys=True)
-            for c in cells if c["cell_type"] == "code"]
+    return [
+        json.dumps(
+            [
+                {k: v for k, v in o.items() if k not in ("execution_count", "metadata")}
+                for o in c.get("outputs", [])
+            ],
+            sort_keys=True,
+        )
+        for c in cells
+        if c["cell_type"] == "code"
+    ]
 
 
 def _compare_notebook(old: bytes, new: bytes) -> tuple[str, str]:
@@ -182,7 +200,12 @@ def compare_bytes(path: str, old: bytes, new: bytes) -> tuple[str, str]:
     return "differs", f"{len(old)} -> {len(new)} bytes"
 
 
-RUN_NUMBERS = ("log.csv", "eval.csv", "metrics.json", "mechanisms.json")  # what a retrained run's machine moves
+RUN_NUMBERS = (
+    "log.csv",
+    "eval.csv",
+    "metrics.json",
+    "mechanisms.json",
+)  # what a retrained run's machine moves
 
 
 def _short_kind(kind: str | None) -> str:
@@ -195,8 +218,10 @@ def _machine_verdicts(repo: Path, rev: str, rows: dict[str, tuple[str, str]]) ->
         if verdict != "provenance" or Path(prov_path).parent.parent.name != "runs":
             continue
         folder = Path(prov_path).parent
-        old, new = (json.loads(x).get("machine_kind") for x in (_git(repo, "show", f"{rev}:{prov_path}"),
-                                                                  (repo / prov_path).read_bytes()))
+        old, new = (
+            json.loads(x).get("machine_kind")
+            for x in (_git(repo, "show", f"{rev}:{prov_path}"), (repo / prov_path).read_bytes())
+        )
         if new is None or old == new:
             continue
         try:
@@ -241,4 +266,3 @@ def report(table: pd.DataFrame) -> int:
     counts = table["verdict"].value_counts()
     print("; ".join(f"{n} {v}" for v, n in counts.items()) or "identical")
     return int(bool(table["verdict"].isin(FAIL).any()))
-

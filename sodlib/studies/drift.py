@@ -66,9 +66,18 @@ COMMITTED_RUNS = {
     "mrqm_st_sr_spr": "7129b7c09e81",  # MRQM + ST+SR+SPR, seed 1
 }
 # the ablation profile's code paths at smoke size
-_GUARD = ("model.num_decoder_layers=3", "loss.eta_per_layer=[1.5,1.2,1.0]", "model.fp32_geometry=true",
-          "train.amp=false", "train.threads=1", "train.epochs=10", f"train.max_iters={ITERATIONS}", "train.log_every=1",
-          "train.checkpoint_every=1000", "train.eval_every=0")
+_GUARD = (
+    "model.num_decoder_layers=3",
+    "loss.eta_per_layer=[1.5,1.2,1.0]",
+    "model.fp32_geometry=true",
+    "train.amp=false",
+    "train.threads=1",
+    "train.epochs=10",
+    f"train.max_iters={ITERATIONS}",
+    "train.log_every=1",
+    "train.checkpoint_every=1000",
+    "train.eval_every=0",
+)
 
 
 def guard_config(path: str) -> RunConfig:
@@ -103,7 +112,9 @@ def _log_rows(log_csv: Path, iterations: int | None = None, columns=loss_columns
     return [[float(r[c]) for c in names] for r in rows]
 
 
-def _retrain(cfg: RunConfig, iterations: int, data_root: str | None = None, columns=loss_columns) -> list[list[float]]:
+def _retrain(
+    cfg: RunConfig, iterations: int, data_root: str | None = None, columns=loss_columns
+) -> list[list[float]]:
     from sodlib.training.engine import train
 
     with tempfile.TemporaryDirectory(prefix="sodlib-drift-") as tmp:
@@ -138,7 +149,9 @@ def committed_losses(path: str, results_dir: Path | None = None) -> tuple[list[l
     return _log_rows(folder / "log.csv", COMMITTED_ITERATIONS, log_columns), kind
 
 
-def retrain_committed(path: str, results_dir: Path | None = None, data_root: str | None = None) -> list[list[float]]:
+def retrain_committed(
+    path: str, results_dir: Path | None = None, data_root: str | None = None
+) -> list[list[float]]:
     """The committed run of ``path`` retrained :data:`COMMITTED_ITERATIONS` steps with the code here, in the
     committed log's columns."""
     folder = committed_run(path, results_dir)
@@ -168,8 +181,13 @@ def largest_difference(recorded: list[list[float]], current: list[list[float]]) 
     return max(pairs, key=lambda p: p[1], default=(0.0, 0.0))
 
 
-def check(reference: list[list[float]], reference_kind: str, recorded: dict[str, list[list[float]]],
-          current: list[list[float]], kind: str) -> tuple[list[str], str]:
+def check(
+    reference: list[list[float]],
+    reference_kind: str,
+    recorded: dict[str, list[list[float]]],
+    current: list[list[float]],
+    kind: str,
+) -> tuple[list[str], str]:
     """``(problems, note)`` for losses ``current`` retrained on machine kind ``kind``.
 
     ``reference`` is what machine kind ``reference_kind`` logged (the committed run's log, or a record);
@@ -179,12 +197,17 @@ def check(reference: list[list[float]], reference_kind: str, recorded: dict[str,
     if kind == reference_kind:
         return mismatches(reference, current), ""
     it, size = largest_difference(reference, current)
-    away = (f"retrained on {kind}, the reference on {reference_kind}: the total loss differs by {size:.1e} "
-            f"(relative) at iteration {it:g}")
+    away = (
+        f"retrained on {kind}, the reference on {reference_kind}: the total loss differs by {size:.1e} "
+        f"(relative) at iteration {it:g}"
+    )
     if kind in recorded:
         return mismatches(recorded[kind], current), away
     problems = mismatches(reference[:1], current[:1], FIRST_STEP_RTOL)
-    return problems, f"kind of machine not recorded; {away} (record it with `python -m sodlib.studies.drift --record`)"
+    return (
+        problems,
+        f"kind of machine not recorded; {away} (record it with `python -m sodlib.studies.drift --record`)",
+    )
 
 
 def _merge_record(path: Path, key: str, values: dict, extra: dict, keep: bool = False) -> dict:
@@ -214,8 +237,13 @@ def record(results_dir: Path | None = None, committed: Sequence[str] | None = No
         if kind != machine_kind():
             runs[p] = retrain_committed(p, results_dir)
     path = results_dir / "drift_committed.json"
-    doc = _merge_record(path, "runs", runs, {"iterations": COMMITTED_ITERATIONS, "run_of": COMMITTED_RUNS},
-                        keep=committed is not None)
+    doc = _merge_record(
+        path,
+        "runs",
+        runs,
+        {"iterations": COMMITTED_ITERATIONS, "run_of": COMMITTED_RUNS},
+        keep=committed is not None,
+    )
     return paths, atomic_write_json(path, doc)
 
 
@@ -258,25 +286,62 @@ def machine_table(results_dir: Path | None = None):
         committed = results_dir / "runs" / folder.name
         if not (folder / "metrics.json").exists() or not (committed / "metrics.json").exists():
             continue
-        kinds = [json.loads((f / "provenance.json").read_text()).get("machine_kind", UNRECORDED)
-                 for f in (committed, folder)]
+        kinds = [
+            json.loads((f / "provenance.json").read_text()).get("machine_kind", UNRECORDED)
+            for f in (committed, folder)
+        ]
         ap = [json.loads((f / "metrics.json").read_text())["AP"] for f in (committed, folder)]
         std, n = seed_spread(results_dir / "runs", folder.name)
-        rows.append({"run": folder.name, "committed_on": kinds[0], "retrained_on": kinds[1], "AP_committed": ap[0],
-                     "AP_retrained": ap[1], "dAP": ap[1] - ap[0], "seed_std_AP": std, "seeds": n})
-    return pd.DataFrame(rows, columns=["run", "committed_on", "retrained_on", "AP_committed", "AP_retrained", "dAP",
-                                       "seed_std_AP", "seeds"])
+        rows.append(
+            {
+                "run": folder.name,
+                "committed_on": kinds[0],
+                "retrained_on": kinds[1],
+                "AP_committed": ap[0],
+                "AP_retrained": ap[1],
+                "dAP": ap[1] - ap[0],
+                "seed_std_AP": std,
+                "seeds": n,
+            }
+        )
+    return pd.DataFrame(
+        rows,
+        columns=[
+            "run",
+            "committed_on",
+            "retrained_on",
+            "AP_committed",
+            "AP_retrained",
+            "dAP",
+            "seed_std_AP",
+            "seeds",
+        ],
+    )
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m sodlib.studies.drift", description=__doc__.splitlines()[0])
-    parser.add_argument("--record", action="store_true",
-                        help="record this kind of machine's losses in results/drift.json and drift_committed.json")
-    parser.add_argument("--paths", default="", help="with --record: only these committed-run paths, comma-separated")
-    parser.add_argument("--retrain", metavar="RUN", default="",
-                        help="retrain committed run RUN whole into results/machines/<this kind>/runs/RUN")
-    parser.add_argument("--machine-table", action="store_true",
-                        help="write results/tables/machine_retrain.{csv,md} from results/machines/")
+    parser = argparse.ArgumentParser(
+        prog="python -m sodlib.studies.drift", description=__doc__.splitlines()[0]
+    )
+    parser.add_argument(
+        "--record",
+        action="store_true",
+        help="record this kind of machine's losses in results/drift.json and drift_committed.json",
+    )
+    parser.add_argument(
+        "--paths", default="", help="with --record: only these committed-run paths, comma-separated"
+    )
+    parser.add_argument(
+        "--retrain",
+        metavar="RUN",
+        default="",
+        help="retrain committed run RUN whole into results/machines/<this kind>/runs/RUN",
+    )
+    parser.add_argument(
+        "--machine-table",
+        action="store_true",
+        help="write results/tables/machine_retrain.{csv,md} from results/machines/",
+    )
     args = parser.parse_args(argv)
     if args.retrain:
         print(retrain_whole(args.retrain))

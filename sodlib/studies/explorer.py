@@ -19,15 +19,18 @@ __all__ = ["AttentionFigures", "attention_explorer"]
 class AttentionFigures:
     """Cached :func:`~sodlib.inference.heatmaps.object_attention` per (model, image) and the figure of any choice."""
 
-    def __init__(self, models: Mapping[str, tuple], images: Sequence, objects: int = 5,
-                 slice_size: int | None = None):
+    def __init__(
+        self, models: Mapping[str, tuple], images: Sequence, objects: int = 5, slice_size: int | None = None
+    ):
         from sodlib.inference.predict import read_image_rgb
 
         if not models or not images:
             raise ValueError("the explorer needs at least one model and one image")
         self.models = dict(models)
         self.images = [read_image_rgb(im) if isinstance(im, (str, Path)) else im for im in images]
-        self.names = [Path(im).name if isinstance(im, (str, Path)) else f"image {i}" for i, im in enumerate(images)]
+        self.names = [
+            Path(im).name if isinstance(im, (str, Path)) else f"image {i}" for i, im in enumerate(images)
+        ]
         self.objects, self.slice_size = objects, slice_size
         self._cache: dict[tuple[str, int], list] = {}
 
@@ -37,8 +40,9 @@ class AttentionFigures:
         key = (model, image)
         if key not in self._cache:
             detector, cfg = self.models[model]
-            self._cache[key] = object_attention(detector, self.images[image], cfg.data.image_size, self.objects,
-                                                slice_size=self.slice_size)
+            self._cache[key] = object_attention(
+                detector, self.images[image], cfg.data.image_size, self.objects, slice_size=self.slice_size
+            )
         return self._cache[key]
 
     def figure(self, model: str, image: int, obj: int, layer: int | str = "all"):
@@ -50,14 +54,26 @@ class AttentionFigures:
             raise ValueError(f"object {obj} out of range: {len(found)} detections on {self.names[image]}")
         o, img = found[obj], self.images[image]
         layers = list(range(cfg.model.num_decoder_layers)) if layer == "all" else [int(layer)]
-        rows = figure_rows([o], cfg.model, cfg.data.image_size, tuple(img.shape[1:]), layers,
-                           [f"object {obj + 1}, class {o['label']}, score {o['score']:.2f}"])
-        return plot_object_attention(img.permute(1, 2, 0).numpy(), rows, layers,
-                                     title=f"{model} · {self.names[image]}")
+        rows = figure_rows(
+            [o],
+            cfg.model,
+            cfg.data.image_size,
+            tuple(img.shape[1:]),
+            layers,
+            [f"object {obj + 1}, class {o['label']}, score {o['score']:.2f}"],
+        )
+        return plot_object_attention(
+            img.permute(1, 2, 0).numpy(), rows, layers, title=f"{model} · {self.names[image]}"
+        )
 
 
-def attention_explorer(models: Mapping[str, tuple], images: Sequence, objects: int = 5, interactive: bool = True,
-                       slice_size: int | None = None):
+def attention_explorer(
+    models: Mapping[str, tuple],
+    images: Sequence,
+    objects: int = 5,
+    interactive: bool = True,
+    slice_size: int | None = None,
+):
     """``models``: label → (detector, RunConfig) (e.g. :func:`sodlib.inference.predict.load_model` results);
     ``images``: paths or uint8 [3, H, W] tensors. Returns the widget, or with ``interactive=False`` the Figure
     of the first model, image and object, all layers."""

@@ -39,8 +39,16 @@ from sodlib.studies.stats import paired_difference
 from sodlib.training.engine import train
 from sodlib.training.runs import run_dir
 
-__all__ = ["MODELS", "SHARE_FILE", "figure5_configs", "in_box_summary",
-           "object_rows", "plot_in_box_share", "run_in_box_share", "top_query_panels"]
+__all__ = [
+    "MODELS",
+    "SHARE_FILE",
+    "figure5_configs",
+    "in_box_summary",
+    "object_rows",
+    "plot_in_box_share",
+    "run_in_box_share",
+    "top_query_panels",
+]
 
 MODELS = ("baseline", "ST+SR+SPR")
 SHARE_FILE = "attention_in_box.json"
@@ -52,11 +60,15 @@ def figure5_configs(profile: str, seeds: int, device: str = "") -> dict[str, lis
     if seeds < 1:
         raise ValueError(f"SEEDS must be at least 1, got {seeds}")
     rows = {"baseline": (), "ST+SR+SPR": FULL}
-    return {label: [comparison_config(profile, *sets, seed=s, device=device) for s in range(seeds)]
-            for label, sets in rows.items()}
+    return {
+        label: [comparison_config(profile, *sets, seed=s, device=device) for s in range(seeds)]
+        for label, sets in rows.items()
+    }
 
 
-def run_in_box_share(cfg: RunConfig, results_dir: str | Path, num_images: int, data_root: str | None = None) -> Tensor:
+def run_in_box_share(
+    cfg: RunConfig, results_dir: str | Path, num_images: int, data_root: str | None = None
+) -> Tensor:
     """In-box attention share [decoder layers, objects] of the run of ``cfg`` over the first ``num_images``
     validation images: read from the run's ``attention_in_box.json`` when it was measured on the same images,
     else measured from the checkpoint (the run is trained first when its weights are missing) and stored."""
@@ -67,7 +79,9 @@ def run_in_box_share(cfg: RunConfig, results_dir: str | Path, num_images: int, d
         try:
             stored = json.loads(stored_path.read_text())
         except json.JSONDecodeError as err:
-            raise ValueError(f"{stored_path}: not JSON ({err.msg}, line {err.lineno}); delete it to measure again") from None
+            raise ValueError(
+                f"{stored_path}: not JSON ({err.msg}, line {err.lineno}); delete it to measure again"
+            ) from None
         if {k: stored.get(k) for k in key} == key:
             return torch.tensor(stored["share"], dtype=torch.float32)
     train(cfg, d, data_root=data_root, progress=False, need_checkpoint=True)
@@ -90,13 +104,22 @@ def in_box_summary(shares: Mapping[str, Sequence[Tensor]]) -> pd.DataFrame:
     for m in labels:
         values = per_seed[m]
         for layer in range(values.shape[1]):
-            row = {"model": m, "layer": layer + 1, "seeds": values.shape[0], "objects": shares[m][0].shape[1],
-                   "mean": float(values[:, layer].mean()),
-                   "std": float(values[:, layer].std()) if values.shape[0] > 1 else float("nan")}
+            row = {
+                "model": m,
+                "layer": layer + 1,
+                "seeds": values.shape[0],
+                "objects": shares[m][0].shape[1],
+                "mean": float(values[:, layer].mean()),
+                "std": float(values[:, layer].std()) if values.shape[0] > 1 else float("nan"),
+            }
             if m != ref:
                 diff = paired_difference(values[:, layer].tolist(), per_seed[ref][:, layer].tolist())
-                row |= {f"d_vs_{ref}": diff["diff"], "ci95_low": diff["ci_low"], "ci95_high": diff["ci_high"],
-                        "p": diff["p"]}
+                row |= {
+                    f"d_vs_{ref}": diff["diff"],
+                    "ci95_low": diff["ci_low"],
+                    "ci95_high": diff["ci_high"],
+                    "p": diff["p"],
+                }
             rows.append(row)
     return pd.DataFrame(rows)
 
@@ -107,10 +130,20 @@ def plot_in_box_share(summary: pd.DataFrame, title: str = ""):
 
     fig, ax = plt.subplots(figsize=(4.2, 3.0), layout="constrained")
     for k, (model, part) in enumerate(summary.groupby("model", sort=False)):
-        ax.errorbar(part["layer"] + 0.04 * (k - 0.5), part["mean"], yerr=part["std"].fillna(0), marker="o",
-                    capsize=3, label=f"{model} ({int(part['seeds'].iloc[0])} seeds)")
-    ax.set(xlabel="decoder layer", ylabel="attention share inside the GT box", xticks=sorted(summary["layer"].unique()),
-           ylim=(0, None))
+        ax.errorbar(
+            part["layer"] + 0.04 * (k - 0.5),
+            part["mean"],
+            yerr=part["std"].fillna(0),
+            marker="o",
+            capsize=3,
+            label=f"{model} ({int(part['seeds'].iloc[0])} seeds)",
+        )
+    ax.set(
+        xlabel="decoder layer",
+        ylabel="attention share inside the GT box",
+        xticks=sorted(summary["layer"].unique()),
+        ylim=(0, None),
+    )
     ax.legend(fontsize=8)
     if title:
         ax.set_title(title, fontsize=9)
@@ -133,16 +166,31 @@ def object_rows(models: Mapping[str, tuple], image_chw: Tensor, gt_cxcywh: Tenso
         found = object_attention(model, image_uint8, cfg.data.image_size, box_xywh=(x0, y0, x1 - x0, y1 - y0))
         layers = list(range(cfg.model.num_decoder_layers))
         o = found[0]
-        share = attention_mass_in_boxes(o["sampling_locations"], o["attention_weights"],
-                                        gt_cxcywh.float()[None].expand(len(layers), 4))
-        row = figure_rows(found, cfg.model, cfg.data.image_size, (h, w), layers,
-                          [f"{label} · {tag}\nscore {o['score']:.2f}"])[0]
-        rows.append(row | {"gt_xyxy": gt_xyxy.numpy(), "image_hwc": image_chw.permute(1, 2, 0).numpy(),
-                           "notes": [f"{float(s):.0%} in GT box" for s in share]})
+        share = attention_mass_in_boxes(
+            o["sampling_locations"], o["attention_weights"], gt_cxcywh.float()[None].expand(len(layers), 4)
+        )
+        row = figure_rows(
+            found,
+            cfg.model,
+            cfg.data.image_size,
+            (h, w),
+            layers,
+            [f"{label} · {tag}\nscore {o['score']:.2f}"],
+        )[0]
+        rows.append(
+            row
+            | {
+                "gt_xyxy": gt_xyxy.numpy(),
+                "image_hwc": image_chw.permute(1, 2, 0).numpy(),
+                "notes": [f"{float(s):.0%} in GT box" for s in share],
+            }
+        )
     return rows
 
 
-def top_query_panels(models: Mapping[str, tuple], dataset, num_images: int, top_queries: int) -> list[list[dict]]:
+def top_query_panels(
+    models: Mapping[str, tuple], dataset, num_images: int, top_queries: int
+) -> list[list[dict]]:
     """Panels of :func:`sodlib.studies.viz.plot_heatmap_grid` for whole images (no GT to follow, e.g. another
     data set): one row per image and model, one panel per decoder layer, the summed attention of the
     ``top_queries`` highest-scoring queries splatted at their sampling points, the GT boxes drawn thin."""
@@ -154,10 +202,27 @@ def top_query_panels(models: Mapping[str, tuple], dataset, num_images: int, top_
         for label, (model, cfg) in models.items():
             with torch.no_grad(), eval_mode(model):
                 out = model(image[None].to(cfg.train.device), return_sampling=True)
-            top = out["pred_logits"][0].sigmoid().amax(-1).topk(min(top_queries, out["pred_logits"].shape[1])).indices
-            panels.append([{"image_hwc": image.permute(1, 2, 0).numpy(), "box_xyxy": None, "boxes_xyxy": boxes,
-                            "heat": splat_attention(layer["sampling_locations"][0, top].float().cpu(),
-                                                    layer["attention_weights"][0, top].float().cpu(), size_hw).numpy(),
-                            "title": f"{label}, {Path(dataset.image_path(j)).stem[:15]}, layer {k + 1}"}
-                           for k, layer in enumerate(out["layers"])])
+            top = (
+                out["pred_logits"][0]
+                .sigmoid()
+                .amax(-1)
+                .topk(min(top_queries, out["pred_logits"].shape[1]))
+                .indices
+            )
+            panels.append(
+                [
+                    {
+                        "image_hwc": image.permute(1, 2, 0).numpy(),
+                        "box_xyxy": None,
+                        "boxes_xyxy": boxes,
+                        "heat": splat_attention(
+                            layer["sampling_locations"][0, top].float().cpu(),
+                            layer["attention_weights"][0, top].float().cpu(),
+                            size_hw,
+                        ).numpy(),
+                        "title": f"{label}, {Path(dataset.image_path(j)).stem[:15]}, layer {k + 1}",
+                    }
+                    for k, layer in enumerate(out["layers"])
+                ]
+            )
     return panels

@@ -15,8 +15,12 @@ from pathlib import Path
 __all__ = ["lab_command", "main"]
 
 
-def lab_command(notebook_dir: str | Path = "notebooks", headless: bool = False, port: int | None = None,
-                token: str | None = None) -> list[str]:
+def lab_command(
+    notebook_dir: str | Path = "notebooks",
+    headless: bool = False,
+    port: int | None = None,
+    token: str | None = None,
+) -> list[str]:
     """The ``jupyter lab`` command line for ``notebook_dir``: ``--allow-root`` when running as root;
     ``headless`` adds ``--no-browser``; ``port`` / ``token`` fix the server's port and access token."""
     cmd = [sys.executable, "-m", "jupyter", "lab", str(notebook_dir)]

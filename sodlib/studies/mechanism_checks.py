@@ -27,7 +27,14 @@ import pandas as pd
 
 from sodlib.studies.stats import paired_difference
 
-__all__ = ["COLUMNS", "mechanism_checks", "mechanism_verdict", "mechanisms_long", "read_mechanisms", "table_checks"]
+__all__ = [
+    "COLUMNS",
+    "mechanism_checks",
+    "mechanism_verdict",
+    "mechanisms_long",
+    "read_mechanisms",
+    "table_checks",
+]
 
 COLUMNS = ("table", "row", "mechanism", "measure", "seeds", "mean", "ci95_low", "ci95_high", "acts")
 ST_BUCKETS = ("st_gap_eS", "st_gap_rS", "st_gap_gS", "st_gap_N")
@@ -63,8 +70,11 @@ def _judge(values: Sequence[float], acts_when: str) -> dict:
     return {**out, "acts": "yes" if acts else "no"}
 
 
-def mechanism_checks(table: str, rows: Sequence[tuple[str, Mapping[str, bool], Mapping[int, Mapping[str, float]]]],
-                     baseline: Mapping[int, Mapping[str, float]]) -> pd.DataFrame:
+def mechanism_checks(
+    table: str,
+    rows: Sequence[tuple[str, Mapping[str, bool], Mapping[int, Mapping[str, float]]]],
+    baseline: Mapping[int, Mapping[str, float]],
+) -> pd.DataFrame:
     """One line per (row, mechanism it switches on) of table ``table`` (see the module docstring).
 
     ``rows``: ``(label, switches, {seed: mechanisms})`` with ``switches`` the row's ``{"spr": bool, "sr": bool,
@@ -73,15 +83,37 @@ def mechanism_checks(table: str, rows: Sequence[tuple[str, Mapping[str, bool], M
     for label, switches, by_seed in rows:
         seeds = sorted(by_seed)
         if switches.get("spr"):
-            diffs = [_last_outside_share(by_seed[s]) - _last_outside_share(baseline[s]) for s in seeds if s in baseline]
-            out.append({"row": label, "mechanism": "SPR", "measure": "last-layer outside share - baseline's",
-                        **_judge(diffs, "below")})
+            diffs = [
+                _last_outside_share(by_seed[s]) - _last_outside_share(baseline[s])
+                for s in seeds
+                if s in baseline
+            ]
+            out.append(
+                {
+                    "row": label,
+                    "mechanism": "SPR",
+                    "measure": "last-layer outside share - baseline's",
+                    **_judge(diffs, "below"),
+                }
+            )
         if switches.get("sr"):
-            out.append({"row": label, "mechanism": "SR", "measure": "sr_difficulty_spearman",
-                        **_judge([by_seed[s].get("sr_difficulty_spearman", math.nan) for s in seeds], "above")})
+            out.append(
+                {
+                    "row": label,
+                    "mechanism": "SR",
+                    "measure": "sr_difficulty_spearman",
+                    **_judge([by_seed[s].get("sr_difficulty_spearman", math.nan) for s in seeds], "above"),
+                }
+            )
         if switches.get("st"):
-            out.append({"row": label, "mechanism": "ST", "measure": "mean st_gap over size buckets",
-                        **_judge([_st_gap(by_seed[s]) for s in seeds], "nonzero")})
+            out.append(
+                {
+                    "row": label,
+                    "mechanism": "ST",
+                    "measure": "mean st_gap over size buckets",
+                    **_judge([_st_gap(by_seed[s]) for s in seeds], "nonzero"),
+                }
+            )
     frame = pd.DataFrame(out, columns=[c for c in COLUMNS if c != "table"])
     frame.insert(0, "table", table)
     return frame
@@ -115,12 +147,18 @@ def table_checks(table, runs: pd.DataFrame, profile: str, results_dir: str | Pat
     for row in table.rows:
         loss = ablation_config(profile, *row.overrides(profile)).loss
         done = runs[(runs["row"] == row.label) & (runs["run"] != "")]
-        by_seed = {int(r.seed): m for r in done.itertuples()
-                   if (m := read_mechanisms(Path(results_dir) / "runs" / r.run)) is not None}
+        by_seed = {
+            int(r.seed): m
+            for r in done.itertuples()
+            if (m := read_mechanisms(Path(results_dir) / "runs" / r.run)) is not None
+        }
         rows.append((row.label, {"spr": loss.spr, "sr": loss.sr, "st": loss.st}, by_seed))
     seeds = sorted({s for _, _, by_seed in rows for s in by_seed})
-    baseline = {s: m for s in seeds
-                if (m := read_mechanisms(run_dir(ablation_config(profile, seed=s), results_dir))) is not None}
+    baseline = {
+        s: m
+        for s in seeds
+        if (m := read_mechanisms(run_dir(ablation_config(profile, seed=s), results_dir))) is not None
+    }
     return mechanism_checks(table.name, rows, baseline)
 
 
@@ -130,6 +168,8 @@ def mechanisms_long(tables, runs: Mapping[str, pd.DataFrame], results_dir: str |
     for table in tables:
         for r in runs[table.name].itertuples():
             m = read_mechanisms(Path(results_dir) / "runs" / r.run) if r.run else None
-            out += [{"table": table.name, "metric": k, "row": r.row, "seed": r.seed, "value": v}
-                    for k, v in (m or {}).items()]
+            out += [
+                {"table": table.name, "metric": k, "row": r.row, "seed": r.seed, "value": v}
+                for k, v in (m or {}).items()
+            ]
     return pd.DataFrame(out, columns=["table", "metric", "row", "seed", "value"])

@@ -37,18 +37,41 @@ from sodlib.config import RunConfig
 from sodlib.models.detector import eval_mode
 from sodlib.models.iou_head import READINGS, assign_one_to_many, dynamic_iou_threshold
 
-__all__ = ["LOSS_GROUPS", "POSITIVE_RULES", "SODAD_BUCKETS_PX2", "atss_thresholds", "decoder_loss_curve",
-           "encoder_gradient_share", "gradient_share_table",
-           "iah_dense_predictions", "mined_queries", "positives_long", "positives_per_gt",
-           "positives_table", "positives_verdict", "threshold_readings", "trained_positives_per_gt"]
+__all__ = [
+    "LOSS_GROUPS",
+    "POSITIVE_RULES",
+    "SODAD_BUCKETS_PX2",
+    "atss_thresholds",
+    "decoder_loss_curve",
+    "encoder_gradient_share",
+    "gradient_share_table",
+    "iah_dense_predictions",
+    "mined_queries",
+    "positives_long",
+    "positives_per_gt",
+    "positives_table",
+    "positives_verdict",
+    "threshold_readings",
+    "trained_positives_per_gt",
+]
 
 SODAD_BUCKETS_PX2 = {"eS": (0.0, 144.0), "rS": (144.0, 400.0), "gS": (400.0, 1024.0), "N": (1024.0, 2000.0)}
 
 
-def positives_per_gt(gt_boxes_list: Sequence[Tensor], pred_boxes: Tensor, thresholds: str | float = "dynamic",
-                     image_hw: tuple[int, int] = (640, 640), as_px: float = 2.0, tb: float = 0.55,
-                     k: float = 0.15, p: float = 0.2, valid: Tensor | None = None,
-                     force_best: bool = True, reading: str = "norm_px2", level: Tensor | None = None) -> dict:
+def positives_per_gt(
+    gt_boxes_list: Sequence[Tensor],
+    pred_boxes: Tensor,
+    thresholds: str | float = "dynamic",
+    image_hw: tuple[int, int] = (640, 640),
+    as_px: float = 2.0,
+    tb: float = 0.55,
+    k: float = 0.15,
+    p: float = 0.2,
+    valid: Tensor | None = None,
+    force_best: bool = True,
+    reading: str = "norm_px2",
+    level: Tensor | None = None,
+) -> dict:
     """Positive tokens per gt under :func:`~sodlib.models.iou_head.assign_one_to_many`.
 
     Args:
@@ -87,12 +110,18 @@ def positives_per_gt(gt_boxes_list: Sequence[Tensor], pred_boxes: Tensor, thresh
         sel = (area_px2 > lo) & (area_px2 <= hi)
         num_gt[name] = int(sel.sum())
         buckets[name] = float(per_gt[sel].mean()) if sel.any() else float("nan")
-    return {"per_gt": per_gt, "area_px2": area_px2, "threshold": torch.cat(thrs), "buckets": buckets,
-            "num_gt": num_gt}
+    return {
+        "per_gt": per_gt,
+        "area_px2": area_px2,
+        "threshold": torch.cat(thrs),
+        "buckets": buckets,
+        "num_gt": num_gt,
+    }
 
 
-def atss_thresholds(boxes: Tensor, gt_boxes: Tensor, valid: Tensor | None = None, level: Tensor | None = None,
-                    topk: int = 9) -> Tensor:
+def atss_thresholds(
+    boxes: Tensor, gt_boxes: Tensor, valid: Tensor | None = None, level: Tensor | None = None, topk: int = 9
+) -> Tensor:
     """ATSS's adaptive IoU threshold of every gt (Zhang et al. 2020): mean + std of the IoUs of its candidates,
     the ``topk`` tokens nearest to the gt centre on each level (``level`` [N]; all tokens one level if None).
 
@@ -119,8 +148,14 @@ def atss_thresholds(boxes: Tensor, gt_boxes: Tensor, valid: Tensor | None = None
     return (mean + std).nan_to_num(1.0)
 
 
-def threshold_readings(sides_px: Sequence[float] = (4, 8, 16, 32, 64, 128), as_px: float = 5.36,
-                       image_size: int = 320, tb: float = 0.55, k: float = 0.15, p: float = 0.2) -> pd.DataFrame:
+def threshold_readings(
+    sides_px: Sequence[float] = (4, 8, 16, 32, 64, 128),
+    as_px: float = 5.36,
+    image_size: int = 320,
+    tb: float = 0.55,
+    k: float = 0.15,
+    p: float = 0.2,
+) -> pd.DataFrame:
     """T_I of square gts of ``sides_px`` under every reading of :data:`~sodlib.models.iou_head.READINGS`, for A_s
     = ``as_px`` (the length sqrt(smallest area)) at a square input of ``image_size`` px: one row per side."""
     sides = torch.as_tensor(list(sides_px), dtype=torch.float32)
@@ -139,18 +174,28 @@ def decoder_loss_curve(run: str | os.PathLike, window: int = 10) -> pd.DataFrame
     log = pd.read_csv(folder / "log.csv")
     loss = json.loads((folder / "config.json").read_text())["loss"]
     cls = next(c for c in ("loss_vfl", "loss_qfl", "loss_tal") if c in log.columns)
-    total = (loss["weight_vfl"] * log[cls] + loss["weight_bbox"] * log["loss_bbox"]
-             + loss["weight_giou"] * log["loss_giou"])
-    return pd.DataFrame({"iteration": log["iteration"], "decoder_loss": total.rolling(window, min_periods=1).mean()})
+    total = (
+        loss["weight_vfl"] * log[cls]
+        + loss["weight_bbox"] * log["loss_bbox"]
+        + loss["weight_giou"] * log["loss_giou"]
+    )
+    return pd.DataFrame(
+        {"iteration": log["iteration"], "decoder_loss": total.rolling(window, min_periods=1).mean()}
+    )
 
 
 # ---------------------------------------------------------------- positives of a trained IoU-aware head
 
 # column of positives_table → (threshold, best-token rule, T_I reading): "dynamic" = the head's T_I (in the
 # head's own reading when None), "fixed" = its T_b, "atss" = ATSS's mean + std of the candidates' IoUs
-POSITIVE_RULES = {"IoU > T_I": ("dynamic", False, None), "IoU > T_b": ("fixed", False, None),
-                  "IoU > ATSS": ("atss", False, None), "IoU > T_I (px_px)": ("dynamic", False, "px_px"),
-                  "T_I + best token": ("dynamic", True, None), "T_b + best token": ("fixed", True, None)}
+POSITIVE_RULES = {
+    "IoU > T_I": ("dynamic", False, None),
+    "IoU > T_b": ("fixed", False, None),
+    "IoU > ATSS": ("atss", False, None),
+    "IoU > T_I (px_px)": ("dynamic", False, "px_px"),
+    "T_I + best token": ("dynamic", True, None),
+    "T_b + best token": ("fixed", True, None),
+}
 
 
 def _head(model: nn.Module) -> nn.Module:
@@ -158,8 +203,10 @@ def _head(model: nn.Module) -> nn.Module:
     if head is None:
         raise ValueError("the detector has no IoU-aware head: build it with model.iah=true")
     if not float(head.as_px) > 0:
-        raise ValueError("the IoU-aware head's A_s is not set: load a trained checkpoint (the engine measures "
-                         "it) or call aux_head.set_min_instance_size(...)")
+        raise ValueError(
+            "the IoU-aware head's A_s is not set: load a trained checkpoint (the engine measures "
+            "it) or call aux_head.set_min_instance_size(...)"
+        )
     return head
 
 
@@ -178,8 +225,14 @@ def iah_dense_predictions(model: nn.Module, images: Tensor) -> dict:
         anchors, valid = model.decoder.anchors(shapes, memory.device, memory.dtype)
         logits, boxes = head.predict(memory, anchors, valid)
     level = torch.cat([torch.full((h * w,), i, dtype=torch.long) for i, (h, w) in enumerate(shapes)])
-    return {"memory": memory, "shapes": shapes, "pred_logits": logits, "pred_boxes": boxes,
-            "valid": valid[0, :, 0], "level": level.to(memory.device)}
+    return {
+        "memory": memory,
+        "shapes": shapes,
+        "pred_logits": logits,
+        "pred_boxes": boxes,
+        "valid": valid[0, :, 0],
+        "level": level.to(memory.device),
+    }
 
 
 def positives_table(per_gt: Mapping[str, Tensor], area_px2: Tensor, threshold: Tensor) -> pd.DataFrame:
@@ -196,8 +249,12 @@ def positives_table(per_gt: Mapping[str, Tensor], area_px2: Tensor, threshold: T
     for name, (lo, hi) in ranges.items():
         sel = (area > lo) & (area <= hi)
         n = int(sel.sum())
-        row = {"bucket": name, "area px²": "any" if name == "all" else f"({lo:g}, {hi:g}]", "gts": n,
-               "mean T_I": float(thr[sel].mean()) if n else float("nan")}
+        row = {
+            "bucket": name,
+            "area px²": "any" if name == "all" else f"({lo:g}, {hi:g}]",
+            "gts": n,
+            "mean T_I": float(thr[sel].mean()) if n else float("nan"),
+        }
         row.update({k: float(v[sel].mean()) if n else float("nan") for k, v in counts.items()})
         if "IoU > T_I" in row and "IoU > T_b" in row:
             fixed = row["IoU > T_b"]
@@ -206,8 +263,9 @@ def positives_table(per_gt: Mapping[str, Tensor], area_px2: Tensor, threshold: T
     return pd.DataFrame(rows)
 
 
-def trained_positives_per_gt(model: nn.Module, dataset, num_images: int | None = None, device="cpu",
-                             batch_size: int = 8) -> pd.DataFrame:
+def trained_positives_per_gt(
+    model: nn.Module, dataset, num_images: int | None = None, device="cpu", batch_size: int = 8
+) -> pd.DataFrame:
     """Positives per gt of a trained IoU-aware head on the first ``num_images`` of ``dataset`` (all: None).
 
     The head's predicted boxes (:func:`iah_dense_predictions`) and its own T_b, k, p and A_s go through
@@ -228,24 +286,35 @@ def trained_positives_per_gt(model: nn.Module, dataset, num_images: int | None =
         dense = iah_dense_predictions(model, images)
         boxes, valid, level = dense["pred_boxes"].float().cpu(), dense["valid"].cpu(), dense["level"].cpu()
         for name, (rule, force, reading) in POSITIVE_RULES.items():
-            r = positives_per_gt(gts, boxes, params["tb"] if rule == "fixed" else rule, tuple(images.shape[-2:]),
-                                 valid=valid, force_best=force, reading=reading or head.reading, level=level,
-                                 **params)
+            r = positives_per_gt(
+                gts,
+                boxes,
+                params["tb"] if rule == "fixed" else rule,
+                tuple(images.shape[-2:]),
+                valid=valid,
+                force_best=force,
+                reading=reading or head.reading,
+                level=level,
+                **params,
+            )
             counts[name].append(r["per_gt"])
             if name == "IoU > T_I":
                 areas.append(r["area_px2"])
                 thresholds.append(r["threshold"])
     if not areas:
         raise ValueError("trained_positives_per_gt: no image to measure (empty dataset or num_images=0)")
-    return positives_table({k: torch.cat(v) for k, v in counts.items()}, torch.cat(areas), torch.cat(thresholds))
+    return positives_table(
+        {k: torch.cat(v) for k, v in counts.items()}, torch.cat(areas), torch.cat(thresholds)
+    )
 
 
 def positives_long(table: pd.DataFrame) -> pd.DataFrame:
     """:func:`positives_table` in long form, columns ``rule, bucket, positives_per_gt`` (SODA-D buckets and
     ``all``; the rules are the table's :data:`POSITIVE_RULES` columns)."""
     rules = [c for c in table.columns if c in POSITIVE_RULES]
-    return table.melt(id_vars="bucket", value_vars=rules, var_name="rule",
-                      value_name="positives_per_gt")[["rule", "bucket", "positives_per_gt"]]
+    return table.melt(id_vars="bucket", value_vars=rules, var_name="rule", value_name="positives_per_gt")[
+        ["rule", "bucket", "positives_per_gt"]
+    ]
 
 
 def positives_verdict(table: pd.DataFrame, label: str = "") -> str:
@@ -266,30 +335,40 @@ def positives_verdict(table: pd.DataFrame, label: str = "") -> str:
     elif all(d == 0 for d in diff):
         word = "as many positives as the fixed one for every small bucket: the claim is not supported"
     elif all(d <= 0 for d in diff):
-        word = "FEWER (or as many) positives than the fixed one for every small bucket: the claim does not hold"
+        word = (
+            "FEWER (or as many) positives than the fixed one for every small bucket: the claim does not hold"
+        )
     else:
         word = "more positives for some small buckets and fewer for others: the claim holds only in part"
     ratios = {b: t.loc[b, "dynamic / fixed"] for b in present if t.loc[b, "IoU > T_b"] > 0}
     if ratios:
         hi, lo = max(ratios, key=ratios.get), min(ratios, key=ratios.get)
-        share = (f"; relative to the fixed threshold, {hi} keeps the largest share of its positives "
-                 f"({ratios[hi]:.0%}) and {lo} the smallest ({ratios[lo]:.0%})")
+        share = (
+            f"; relative to the fixed threshold, {hi} keeps the largest share of its positives "
+            f"({ratios[hi]:.0%}) and {lo} the smallest ({ratios[lo]:.0%})"
+        )
     else:
         share = "; no box reaches T_b, so only the best-token rule gives positives"
-    return (f"{label + ': ' if label else ''}positives per GT above the IoU threshold, dynamic T_I vs fixed T_b: "
-            f"{pairs}; the dynamic threshold gives {word}{share}.")
+    return (
+        f"{label + ': ' if label else ''}positives per GT above the IoU threshold, dynamic T_I vs fixed T_b: "
+        f"{pairs}; the dynamic threshold gives {word}{share}."
+    )
 
 
-LOSS_GROUPS = {"decoder": "everything else (matching, denoising, encoder top-K, paper A's terms)",
-               "iah": "loss_iah_*", "auxq": "loss_auxq_*"}
+LOSS_GROUPS = {
+    "decoder": "everything else (matching, denoising, encoder top-K, paper A's terms)",
+    "iah": "loss_iah_*",
+    "auxq": "loss_auxq_*",
+}
 
 
 def _loss_group(key: str) -> str:
     return "iah" if key.startswith("loss_iah_") else "auxq" if key.startswith("loss_auxq_") else "decoder"
 
 
-def encoder_gradient_share(model: nn.Module, criterion: nn.Module, images: Tensor,
-                           targets: list[dict[str, Tensor]]) -> dict[str, float]:
+def encoder_gradient_share(
+    model: nn.Module, criterion: nn.Module, images: Tensor, targets: list[dict[str, Tensor]]
+) -> dict[str, float]:
     """How hard each part of the objective pulls on the encoder: the L2 norm of the gradient that the
     weighted terms of each :data:`LOSS_GROUPS` group send to the encoder's output maps, on one batch.
 
@@ -302,8 +381,9 @@ def encoder_gradient_share(model: nn.Module, criterion: nn.Module, images: Tenso
     was_training = model.training
     model.train()
     try:
-        outputs = model(images, targets, return_sampling=criterion.needs_sampling,
-                        return_hidden=criterion.needs_hidden)
+        outputs = model(
+            images, targets, return_sampling=criterion.needs_sampling, return_hidden=criterion.needs_hidden
+        )
     finally:
         hook.remove()
         model.train(was_training)
@@ -321,8 +401,12 @@ def encoder_gradient_share(model: nn.Module, criterion: nn.Module, images: Tenso
     return out
 
 
-def gradient_share_table(entries: Mapping[str, RunConfig | tuple[nn.Module, RunConfig]], images: Tensor,
-                         targets: list[dict[str, Tensor]], seed: int = 0) -> pd.DataFrame:
+def gradient_share_table(
+    entries: Mapping[str, RunConfig | tuple[nn.Module, RunConfig]],
+    images: Tensor,
+    targets: list[dict[str, Tensor]],
+    seed: int = 0,
+) -> pd.DataFrame:
     """:func:`encoder_gradient_share` on one batch for every ``label → config`` (a freshly initialised
     detector, seeded alike) or ``label → (detector, config)`` (e.g. a trained one, whose criterion the config
     builds): one row per label with each group's gradient norm, its ratio to the decoder's, and its weighted loss."""
@@ -361,15 +445,24 @@ def mined_queries(model: nn.Module, image: Tensor, target: Mapping[str, Tensor],
     dense = iah_dense_predictions(model, image[None].to(device))
     targets = [{"boxes": target["boxes"].to(device), "labels": target["labels"].to(device)}]
     with eval_mode(model):
-        iah = model.aux_head_outputs(dense["memory"], dense["shapes"], targets, tuple(image.shape[-2:]))["iah_outputs"]
+        iah = model.aux_head_outputs(dense["memory"], dense["shapes"], targets, tuple(image.shape[-2:]))[
+            "iah_outputs"
+        ]
     token, gt_idx, thr = iah["aux_token_idx"][0], iah["gt_idx"][0], iah["thresholds"][0]
     gt, iou = gt_idx[token], iah["iou"][0, token]
-    return {k: v.cpu() for k, v in {
-        "token": token, "gt": gt, "iou": iou, "forced": iou <= thr[gt], "box": iah["pred_boxes"][0, token],
-        "level": dense["level"][token], "thresholds": thr,
-        "num_positive": torch.bincount(gt_idx[gt_idx >= 0], minlength=len(thr))}.items()}
+    return {
+        k: v.cpu()
+        for k, v in {
+            "token": token,
+            "gt": gt,
+            "iou": iou,
+            "forced": iou <= thr[gt],
+            "box": iah["pred_boxes"][0, token],
+            "level": dense["level"][token],
+            "thresholds": thr,
+            "num_positive": torch.bincount(gt_idx[gt_idx >= 0], minlength=len(thr)),
+        }.items()
+    }
 
 
 # ---------------------------------------------------------------- encoder cost
-
-

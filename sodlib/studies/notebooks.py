@@ -28,7 +28,9 @@ PARAMETER_NAMES = ("PROFILE", "SEEDS", "DATA", "DEVICE", "OUT_DIR")
 class NotebookError(RuntimeError):
     """A notebook failed; ``str()`` is one line naming the notebook (and the cell when known)."""
 
-    def __init__(self, notebook: str, message: str, cell: int | None = None, executed_copy: Path | None = None):
+    def __init__(
+        self, notebook: str, message: str, cell: int | None = None, executed_copy: Path | None = None
+    ):
         self.notebook, self.cell, self.executed_copy = notebook, cell, executed_copy
         where = f"{notebook} cell {cell}" if cell is not None else notebook
         copy = f" (executed copy up to the failure: {executed_copy})" if executed_copy else ""
@@ -43,8 +45,16 @@ def discover(notebooks_dir: str | os.PathLike) -> list[Path]:
     return sorted(p for p in d.iterdir() if p.is_file() and NOTEBOOK_NAME.match(p.name))
 
 
-def notebook_parameters(profile: str, out_dir: str | os.PathLike, seeds: int | None = None, data: str = "",
-                        device: str = "", train_missing: bool = False, tables: str = "", rows: str = "") -> dict:
+def notebook_parameters(
+    profile: str,
+    out_dir: str | os.PathLike,
+    seeds: int | None = None,
+    data: str = "",
+    device: str = "",
+    train_missing: bool = False,
+    tables: str = "",
+    rows: str = "",
+) -> dict:
     """The parameters every notebook takes; ``seeds=None`` leaves the notebook's own default.
     ``train_missing`` adds ``TRAIN_MISSING=True`` (notebook 04: train the ablation runs the cache lacks), ``tables``
     and ``rows`` ``TRAIN_TABLES`` / ``TRAIN_ROWS`` (which of them)."""
@@ -86,8 +96,14 @@ def _source_cell_number(executed: Path, cell_index: int) -> int:
     return cell_index - shift + 1
 
 
-def run_notebook(src: str | os.PathLike, dst: str | os.PathLike, parameters: Mapping, cwd: str | os.PathLike | None = None,
-                 progress: bool = True, kernel_name: str | None = None) -> Path:
+def run_notebook(
+    src: str | os.PathLike,
+    dst: str | os.PathLike,
+    parameters: Mapping,
+    cwd: str | os.PathLike | None = None,
+    progress: bool = True,
+    kernel_name: str | None = None,
+) -> Path:
     """Execute ``src`` with papermill into ``dst`` (atomic) and return ``dst``.
 
     The kernel runs in ``cwd`` (default: the notebook's folder, as in Jupyter). On a failing cell raises
@@ -108,8 +124,14 @@ def run_notebook(src: str | os.PathLike, dst: str | os.PathLike, parameters: Map
     tmp = Path(tmp)
     failed = dst.with_suffix(".failed.ipynb")
     try:
-        papermill.execute_notebook(str(src), str(tmp), parameters=dict(parameters), cwd=str(cwd or src.parent),
-                                   progress_bar=progress, kernel_name=kernel_name)
+        papermill.execute_notebook(
+            str(src),
+            str(tmp),
+            parameters=dict(parameters),
+            cwd=str(cwd or src.parent),
+            progress_bar=progress,
+            kernel_name=kernel_name,
+        )
     except PapermillExecutionError as exc:
         cell = _source_cell_number(tmp, exc.cell_index)
         os.replace(tmp, failed)
@@ -138,8 +160,11 @@ def parameters_cells(nb) -> list:
 
 def unstripped_cells(nb) -> list[int]:
     """1-based numbers of the code cells that carry outputs or an execution count."""
-    return [i + 1 for i, c in enumerate(nb.cells)
-            if c.cell_type == "code" and (c.get("outputs") or c.get("execution_count") is not None)]
+    return [
+        i + 1
+        for i, c in enumerate(nb.cells)
+        if c.cell_type == "code" and (c.get("outputs") or c.get("execution_count") is not None)
+    ]
 
 
 def strip_outputs(path: str | os.PathLike) -> bool:

@@ -28,8 +28,11 @@ __all__ = ["first_difference", "record", "step_checksums"]
 
 
 def _digest(value) -> str | None:
-    tensors = [value] if isinstance(value, torch.Tensor) else (
-        [v for v in value if isinstance(v, torch.Tensor)] if isinstance(value, (tuple, list)) else [])
+    tensors = (
+        [value]
+        if isinstance(value, torch.Tensor)
+        else ([v for v in value if isinstance(v, torch.Tensor)] if isinstance(value, (tuple, list)) else [])
+    )
     if not tensors:
         return None
     h = hashlib.sha256()
@@ -51,7 +54,9 @@ def step_checksums(cfg: RunConfig, data_root: str | None = None) -> dict[str, di
     random.seed(cfg.train.seed)
     data = build_dataset(cfg.data, cfg.data.train_split, train=True, data_root=data_root)
     model, criterion = build_detector(cfg.model), build_criterion(cfg.loss, cfg.model)
-    if cfg.model.iah and cfg.model.iah_as_px == 0:  # MRQM's A_s, measured on the training set as training does
+    if (
+        cfg.model.iah and cfg.model.iah_as_px == 0
+    ):  # MRQM's A_s, measured on the training set as training does
         model.aux_head.set_min_instance_size(min_instance_size_px(data, cfg.data.image_size))
     forward: dict[str, str] = {}
 
@@ -60,6 +65,7 @@ def step_checksums(cfg: RunConfig, data_root: str | None = None) -> dict[str, di
             digest = _digest(output)
             if digest is not None:
                 forward[f"{len(forward):04d} {name}"] = digest
+
         return record_output
 
     handles = [m.register_forward_hook(hook(n or "model")) for n, m in model.named_modules()]
@@ -68,26 +74,40 @@ def step_checksums(cfg: RunConfig, data_root: str | None = None) -> dict[str, di
     model.train()
     criterion.train()
     try:
-        outputs = model(images, targets, return_sampling=criterion.needs_sampling, return_hidden=criterion.needs_hidden)
+        outputs = model(
+            images, targets, return_sampling=criterion.needs_sampling, return_hidden=criterion.needs_hidden
+        )
         terms = criterion(_to_float32(outputs), targets)
         criterion.weighted_total(terms).backward()
     finally:
         for h in handles:
             h.remove()
-    grads = {n: _digest(p.grad) or "none" for n, p in [*model.named_parameters(), *criterion.named_parameters()]}
-    return {"forward": forward, "grad": grads, "loss": {k: repr(float(v.detach())) for k, v in sorted(terms.items())}}
+    grads = {
+        n: _digest(p.grad) or "none" for n, p in [*model.named_parameters(), *criterion.named_parameters()]
+    }
+    return {
+        "forward": forward,
+        "grad": grads,
+        "loss": {k: repr(float(v.detach())) for k, v in sorted(terms.items())},
+    }
 
 
 def first_difference(a: Mapping[str, Mapping[str, str]], b: Mapping[str, Mapping[str, str]]) -> str:
     """One line: the first module (call order) whose output differs between two checksum records, and how many
     forward outputs, gradients and loss terms differ; ``identical`` when none does."""
-    counts = {k: sum(a[k].get(n) != b[k].get(n) for n in set(a[k]) | set(b[k])) for k in ("forward", "grad", "loss")}
+    counts = {
+        k: sum(a[k].get(n) != b[k].get(n) for n in set(a[k]) | set(b[k])) for k in ("forward", "grad", "loss")
+    }
     if not any(counts.values()):
         return "identical"
-    first = next((n.split(" ", 1)[1] for n in sorted(a["forward"]) if a["forward"][n] != b["forward"].get(n)), None)
+    first = next(
+        (n.split(" ", 1)[1] for n in sorted(a["forward"]) if a["forward"][n] != b["forward"].get(n)), None
+    )
     where = f"first differing module output: {first}" if first else "every module output agrees"
-    return (f"{where}; {counts['forward']} of {len(a['forward'])} module outputs, {counts['grad']} of "
-            f"{len(a['grad'])} gradients and {counts['loss']} of {len(a['loss'])} loss terms differ")
+    return (
+        f"{where}; {counts['forward']} of {len(a['forward'])} module outputs, {counts['grad']} of "
+        f"{len(a['grad'])} gradients and {counts['loss']} of {len(a['loss'])} loss terms differ"
+    )
 
 
 def record(results_dir: Path | None = None) -> Path:
@@ -95,8 +115,13 @@ def record(results_dir: Path | None = None) -> Path:
     from sodlib.studies.drift import PATHS, guard_config
 
     results_dir = Path(results_dir or default_results_dir())
-    doc = {"machine_kind": machine_kind(), "cpu": cpu_features(), "code": git_sha(),
-           "torch": torch.__version__, "paths": {p: step_checksums(guard_config(p)) for p in PATHS}}
+    doc = {
+        "machine_kind": machine_kind(),
+        "cpu": cpu_features(),
+        "code": git_sha(),
+        "torch": torch.__version__,
+        "paths": {p: step_checksums(guard_config(p)) for p in PATHS},
+    }
     return atomic_write_json(results_dir / "numerics" / f"{machine_slug()}.json", doc)
 
 
@@ -116,9 +141,15 @@ def compare(results_dir: Path | None = None) -> list[str]:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m sodlib.studies.numerics", description=__doc__.splitlines()[0])
-    parser.add_argument("--record", action="store_true", help="write results/numerics/<this kind of machine>.json")
-    parser.add_argument("--compare", action="store_true", help="compare this machine with every recorded kind")
+    parser = argparse.ArgumentParser(
+        prog="python -m sodlib.studies.numerics", description=__doc__.splitlines()[0]
+    )
+    parser.add_argument(
+        "--record", action="store_true", help="write results/numerics/<this kind of machine>.json"
+    )
+    parser.add_argument(
+        "--compare", action="store_true", help="compare this machine with every recorded kind"
+    )
     args = parser.parse_args(argv)
     if args.record:
         print(record())

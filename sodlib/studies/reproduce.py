@@ -55,8 +55,14 @@ def perturbed_detections(gt: dict, kind: str, seed: int = 0) -> list[dict]:
             score = rng.uniform(0.0, 1.0)
         elif kind not in ("perfect", "half_missed"):
             raise ValueError(f"unknown detection kind {kind!r}")
-        out.append({"image_id": a["image_id"], "category_id": a["category_id"],
-                    "bbox": [float(x), float(y), float(w), float(h)], "score": float(score)})
+        out.append(
+            {
+                "image_id": a["image_id"],
+                "category_id": a["category_id"],
+                "bbox": [float(x), float(y), float(w), float(h)],
+                "score": float(score),
+            }
+        )
     return out
 
 
@@ -68,8 +74,10 @@ def step_data(profile: str, results_dir: Path) -> dict:
 
     cfg = get_profile(profile).data
     root = synthsod_root(cfg)
-    jsons = [synth.ensure_split(root, "train", cfg.synth_train_images, cfg.image_size, cfg.synth_seed),
-             synth.ensure_split(root, "val", cfg.synth_val_images, cfg.image_size, cfg.synth_seed)]
+    jsons = [
+        synth.ensure_split(root, "train", cfg.synth_train_images, cfg.image_size, cfg.synth_seed),
+        synth.ensure_split(root, "val", cfg.synth_val_images, cfg.image_size, cfg.synth_seed),
+    ]
     summary = datastats.plot_stats(jsons, results_dir / "figures" / "synthsod_stats.png")
     print(datastats.format_stats(summary))
     stats = pd.DataFrame([{"metric": k, "value": v} for k, v in summary.items() if not isinstance(v, dict)])
@@ -80,8 +88,13 @@ def step_data(profile: str, results_dir: Path) -> dict:
     if visdrone.is_dir():
         from sodlib.data.formats import visdrone_to_coco
 
-        sets.append(("VisDrone val (548 real annotation files)",
-                     visdrone_to_coco(visdrone, annotations_only=True), ("visdrone",)))
+        sets.append(
+            (
+                "VisDrone val (548 real annotation files)",
+                visdrone_to_coco(visdrone, annotations_only=True),
+                ("visdrone",),
+            )
+        )
     else:
         log.warning("%s absent: the VisDrone rows of the sanity table are skipped", visdrone)
     rows = []
@@ -90,10 +103,21 @@ def step_data(profile: str, results_dir: Path) -> dict:
             dets = perturbed_detections(gt, kind, seed=0)
             for protocol in protocols:
                 # the VisDrone toolkit's own AP computation has one implementation, not two backends
-                for backend in (("toolkit",) if protocol == "visdrone" else ("pycocotools", "faster")):
-                    m = evaluate(gt, dets, protocol=protocol, backend="auto" if backend == "toolkit" else backend)
-                    rows.append({"data": name, "detections": kind, "protocol": protocol, "backend": backend,
-                                 "AP": m["AP"], "AP50": m["AP50"], "AP75": m["AP75"]})
+                for backend in ("toolkit",) if protocol == "visdrone" else ("pycocotools", "faster"):
+                    m = evaluate(
+                        gt, dets, protocol=protocol, backend="auto" if backend == "toolkit" else backend
+                    )
+                    rows.append(
+                        {
+                            "data": name,
+                            "detections": kind,
+                            "protocol": protocol,
+                            "backend": backend,
+                            "AP": m["AP"],
+                            "AP50": m["AP50"],
+                            "AP75": m["AP75"],
+                        }
+                    )
     write_table(pd.DataFrame(rows), results_dir / "tables" / "eval_sanity")
     return summary
 
@@ -127,24 +151,45 @@ def step_baseline(profile: str, results_dir: Path) -> dict:
     if not post_path.exists():
         model, _ = load_model(out / "checkpoints" / "last.pt", device=cfg.train.device)
         model.config = dataclasses.replace(model.config, post_nms=POST_NMS_IOU)
-        scores, _ = evaluate_model(model, build_dataset(cfg.data, cfg.data.val_split, train=False),
-                                   protocol="coco", device=cfg.train.device)
+        scores, _ = evaluate_model(
+            model,
+            build_dataset(cfg.data, cfg.data.val_split, train=False),
+            protocol="coco",
+            device=cfg.train.device,
+        )
         atomic_write_json(post_path, {"post_nms": POST_NMS_IOU, **{k: scores[k] for k in BASELINE_METRICS}})
     summary = {k: metrics[k] for k in BASELINE_KEYS}
-    summary.update(profile=profile, config_hash=config_hash(cfg), run_dir=str(out.relative_to(results_dir)),
-                   with_post_nms=json.loads(post_path.read_text()),
-                   provenance=json.loads((out / "provenance.json").read_text()))
+    summary.update(
+        profile=profile,
+        config_hash=config_hash(cfg),
+        run_dir=str(out.relative_to(results_dir)),
+        with_post_nms=json.loads(post_path.read_text()),
+        provenance=json.loads((out / "provenance.json").read_text()),
+    )
     atomic_write_json(results_dir / "baseline" / "metrics.json", summary)
-    plot_learning_curve({f"RT-DETR {profile} baseline": out}, results_dir / "figures" / f"baseline_{profile}_curve.png",
-                        title=f"RT-DETR baseline, {profile} profile, SynthSOD val (coco protocol)")
+    plot_learning_curve(
+        {f"RT-DETR {profile} baseline": out},
+        results_dir / "figures" / f"baseline_{profile}_curve.png",
+        title=f"RT-DETR baseline, {profile} profile, SynthSOD val (coco protocol)",
+    )
     print(json.dumps({k: summary[k] for k in (*BASELINE_KEYS, "with_post_nms")}, indent=1))
     return summary
 
 
 SR_GRAD_VARIANTS = {
     "baseline": (),
-    "ST+SR+SPR, sr_grad=difficulty": ("loss.st=true", "loss.sr=true", "loss.spr=true", "loss.sr_grad=difficulty"),
-    "ST+SR+SPR, sr_grad=end_to_end": ("loss.st=true", "loss.sr=true", "loss.spr=true", "loss.sr_grad=end_to_end"),
+    "ST+SR+SPR, sr_grad=difficulty": (
+        "loss.st=true",
+        "loss.sr=true",
+        "loss.spr=true",
+        "loss.sr_grad=difficulty",
+    ),
+    "ST+SR+SPR, sr_grad=end_to_end": (
+        "loss.st=true",
+        "loss.sr=true",
+        "loss.spr=true",
+        "loss.sr_grad=end_to_end",
+    ),
 }
 
 
@@ -160,7 +205,9 @@ def step_sr_grad(profile: str, results_dir: Path, seeds: int = 2) -> pd.DataFram
         for seed in range(seeds):
             cfg = override(get_profile(profile), *sets, f"train.seed={seed}")
             m = train(cfg, run_dir(cfg, results_dir), protocol="coco")
-            rows.append({"variant": label, "seed": seed, **{k: m[k] for k in ("AP", "AP50", "AP75", "APS", "APM")}})
+            rows.append(
+                {"variant": label, "seed": seed, **{k: m[k] for k in ("AP", "AP50", "AP75", "APS", "APM")}}
+            )
     runs = pd.DataFrame(rows)
     summary = runs.groupby("variant", sort=False)[["AP", "AP50", "APS"]].agg(["mean", "std"])
     summary.columns = [f"{a}_{b}" for a, b in summary.columns]
@@ -209,8 +256,14 @@ def step_budget(profile: str, results_dir: Path) -> pd.DataFrame:
         iters = max(1, round(base.train.max_iters * fraction))
         cfg = override(base, *sets, f"train.max_iters={iters}")
         m = train(cfg, run_dir(cfg, results_dir), protocol="coco")
-        rows.append({"variant": label, "iterations": m["iterations"], "train_seconds": round(m["train_seconds"], 1),
-                     **{k: m[k] for k in ("AP", "AP50", "AP75", "APS", "APM")}})
+        rows.append(
+            {
+                "variant": label,
+                "iterations": m["iterations"],
+                "train_seconds": round(m["train_seconds"], 1),
+                **{k: m[k] for k in ("AP", "AP50", "AP75", "APS", "APM")},
+            }
+        )
     table = pd.DataFrame(rows)
     write_table(table, results_dir / "tables" / "baseline_budget")
     print(table.to_string(index=False))
@@ -223,11 +276,23 @@ PLATEAU_ITERS = (1000, 2000, 4000)  # full cosine schedules of N and 2N iteratio
 def plateau_frame(runs: list[tuple[int, int, dict, str]]) -> pd.DataFrame:
     """One line per (iterations, seed) run with ``gain_2x``: the AP points the same seed gains with a full
     schedule twice as long (NaN where that run is missing). ``runs``: (iterations, seed, metrics, run name)."""
-    df = pd.DataFrame([{"iterations": n, "seed": s, **{k: round(100 * m[k], 2) for k in ("AP", "AP50", "APS")},
-                        "train_seconds": round(m["train_seconds"]), "run": name} for n, s, m, name in runs])
+    df = pd.DataFrame(
+        [
+            {
+                "iterations": n,
+                "seed": s,
+                **{k: round(100 * m[k], 2) for k in ("AP", "AP50", "APS")},
+                "train_seconds": round(m["train_seconds"]),
+                "run": name,
+            }
+            for n, s, m, name in runs
+        ]
+    )
     ap = df.set_index(["iterations", "seed"])["AP"]
-    df["gain_2x"] = [round(ap.get((n * 2, s), float("nan")) - a, 2) for n, s, a in
-                     zip(df["iterations"], df["seed"], df["AP"])]
+    df["gain_2x"] = [
+        round(ap.get((n * 2, s), float("nan")) - a, 2)
+        for n, s, a in zip(df["iterations"], df["seed"], df["AP"])
+    ]
     return df
 
 
@@ -246,10 +311,14 @@ def step_plateau(results_dir: Path, seeds: int = 2, train: bool = True) -> pd.Da
     from sodlib.studies.ablations import ablation_config, train_configs
     from sodlib.training.runs import run_dir
 
-    plan = [(n, s, ablation_config("ablation", f"train.max_iters={n}", seed=s)) for n in PLATEAU_ITERS
-            for s in range(seeds)]
-    metrics = train_configs([c for _, _, c in plan], results_dir, labels=[f"{n} it s{s}" for n, s, _ in plan],
-                            train=train)
+    plan = [
+        (n, s, ablation_config("ablation", f"train.max_iters={n}", seed=s))
+        for n in PLATEAU_ITERS
+        for s in range(seeds)
+    ]
+    metrics = train_configs(
+        [c for _, _, c in plan], results_dir, labels=[f"{n} it s{s}" for n, s, _ in plan], train=train
+    )
     df = plateau_frame([(n, s, m, run_dir(c, results_dir).name) for (n, s, c), m in zip(plan, metrics) if m])
     write_table(df, results_dir / "tables" / "ablation_plateau")
     print(df.to_string(index=False))
@@ -271,41 +340,68 @@ def step_budget_trend(profile: str, results_dir: Path, train: bool = False) -> p
         n = get_profile("smoke").train.max_iters
         budgets, seeds, train = (n, 2 * n), 2, True
     plan = bt.trend_configs(prof, budgets, seeds)
-    metrics = train_configs([c for *_, c in plan], results_dir, labels=[f"{r} {n} it s{s}" for r, n, s, _ in plan],
-                            train=train)
+    metrics = train_configs(
+        [c for *_, c in plan], results_dir, labels=[f"{r} {n} it s{s}" for r, n, s, _ in plan], train=train
+    )
     stem = "budget_trend" if prof == "ablation" else f"budget_trend_{prof}"
-    frame, verdict = bt.write_trend([(r, n, s, m) for (r, n, s, _), m in zip(plan, metrics)],
-                                    results_dir / "tables", stem)
+    frame, verdict = bt.write_trend(
+        [(r, n, s, m) for (r, n, s, _), m in zip(plan, metrics)], results_dir / "tables", stem
+    )
     print(frame.to_string(index=False), verdict, sep="\n")
     return frame
 
 
 GEOMETRY_VARIANTS = {  # profile: {label: overrides}; the first is the reference
     "ablation": {"float32 geometry": (), "bf16-rounded geometry": ("model.bf16_geometry=true",)},
-    "cpu": {"bf16 geometry (autocast)": ("train.amp=true",),
-            "float32 geometry": ("train.amp=true", "model.fp32_geometry=true")},
+    "cpu": {
+        "bf16 geometry (autocast)": ("train.amp=true",),
+        "float32 geometry": ("train.amp=true", "model.fp32_geometry=true"),
+    },
 }
 
 
-def step_geometry(results_dir: Path, profile: str = "ablation", iters: int = 1000, seeds: int = 2) -> pd.DataFrame:
+def step_geometry(
+    results_dir: Path, profile: str = "ablation", iters: int = 1000, seeds: int = 2
+) -> pd.DataFrame:
     """What float32 geometry does at equal iterations: paired seeds of the baseline with boxes,
     references and sampling locations in float32 against bfloat16 precision: results/tables/geometry_<profile>."""
     from sodlib.studies.ablations import ablation_config, train_configs
     from sodlib.studies.stats import paired_difference
 
     variants = GEOMETRY_VARIANTS[profile]
-    plan = [(label, s, ablation_config(profile, *sets, f"train.max_iters={iters}", seed=s))
-            for label, sets in variants.items() for s in range(seeds)]
-    metrics = train_configs([c for _, _, c in plan], results_dir, labels=[f"{lbl} s{s}" for lbl, s, _ in plan])
-    runs = pd.DataFrame([{"variant": lbl, "seed": s, **{k: 100 * m[k] for k in ("AP", "AP50", "APS")}}
-                         for (lbl, s, _), m in zip(plan, metrics)])
+    plan = [
+        (label, s, ablation_config(profile, *sets, f"train.max_iters={iters}", seed=s))
+        for label, sets in variants.items()
+        for s in range(seeds)
+    ]
+    metrics = train_configs(
+        [c for _, _, c in plan], results_dir, labels=[f"{lbl} s{s}" for lbl, s, _ in plan]
+    )
+    runs = pd.DataFrame(
+        [
+            {"variant": lbl, "seed": s, **{k: 100 * m[k] for k in ("AP", "AP50", "APS")}}
+            for (lbl, s, _), m in zip(plan, metrics)
+        ]
+    )
     ref, *others = variants
     rows = []
     for label in others:
         for k in ("AP", "AP50", "APS"):
-            d = paired_difference(runs[runs.variant == label][k].to_numpy(), runs[runs.variant == ref][k].to_numpy())
-            rows.append({"variant": label, "vs": ref, "metric": k, "pairs": d["n"], "diff": d["diff"],
-                         "ci95_low": d["ci_low"], "ci95_high": d["ci_high"], "p": d["p"]})
+            d = paired_difference(
+                runs[runs.variant == label][k].to_numpy(), runs[runs.variant == ref][k].to_numpy()
+            )
+            rows.append(
+                {
+                    "variant": label,
+                    "vs": ref,
+                    "metric": k,
+                    "pairs": d["n"],
+                    "diff": d["diff"],
+                    "ci95_low": d["ci_low"],
+                    "ci95_high": d["ci_high"],
+                    "p": d["p"],
+                }
+            )
     table = pd.DataFrame(rows)
     write_table(runs, results_dir / "tables" / f"geometry_{profile}_runs", float_format="%.2f")
     write_table(table, results_dir / "tables" / f"geometry_{profile}", float_format="%.3f")
@@ -313,10 +409,19 @@ def step_geometry(results_dir: Path, profile: str = "ablation", iters: int = 100
     return table
 
 
-def main(profile: str = "cpu", only: str | None = None, seeds: int | None = None,
-         results_dir: str | Path = "results", data: str = "", device: str = "",
-         notebooks_dir: str | Path | None = None, progress: bool = True, train_missing: bool = False,
-         tables: str = "", rows: str = "") -> int:
+def main(
+    profile: str = "cpu",
+    only: str | None = None,
+    seeds: int | None = None,
+    results_dir: str | Path = "results",
+    data: str = "",
+    device: str = "",
+    notebooks_dir: str | Path | None = None,
+    progress: bool = True,
+    train_missing: bool = False,
+    tables: str = "",
+    rows: str = "",
+) -> int:
     """Run the steps whose name starts with ``only`` (when None: every default step) for ``profile``.
 
     ``seeds``, ``data`` and ``device`` reach the notebooks as ``SEEDS`` (None: the notebook's default),
@@ -334,20 +439,37 @@ def main(profile: str = "cpu", only: str | None = None, seeds: int | None = None
     # their evaluations) is opt-in: notebook 04's Table 3 re-measures the same choice at the ablation
     # schedule over 3 seeds; 00_budget (nine more runs, eight of the baseline's length and one twice as
     # long, ~35 min) is opt-in too: it backs the baseline's write-up.
-    steps = [("00_data", lambda: step_data(profile, results_dir), True),
-             ("00_baseline", lambda: step_baseline(profile, results_dir), True),
-             ("00_sr_grad", lambda: step_sr_grad(profile, results_dir), False),
-             ("00_budget", lambda: step_budget(profile, results_dir), False),
-             ("00_plateau", lambda: step_plateau(results_dir), False),
-             ("00_trend", lambda: step_budget_trend(profile, results_dir, train_missing), True),
-             ("00_geometry", lambda: step_geometry(results_dir), False)]
+    steps = [
+        ("00_data", lambda: step_data(profile, results_dir), True),
+        ("00_baseline", lambda: step_baseline(profile, results_dir), True),
+        ("00_sr_grad", lambda: step_sr_grad(profile, results_dir), False),
+        ("00_budget", lambda: step_budget(profile, results_dir), False),
+        ("00_plateau", lambda: step_plateau(results_dir), False),
+        ("00_trend", lambda: step_budget_trend(profile, results_dir, train_missing), True),
+        ("00_geometry", lambda: step_geometry(results_dir), False),
+    ]
     nb_dir = Path(notebooks_dir) if notebooks_dir is not None else NOTEBOOKS_DIR
     if nb_dir.is_dir():
-        params = notebooks.notebook_parameters(profile, results_dir, seeds=seeds, data=data, device=device,
-                                               train_missing=train_missing, tables=tables, rows=rows)
+        params = notebooks.notebook_parameters(
+            profile,
+            results_dir,
+            seeds=seeds,
+            data=data,
+            device=device,
+            train_missing=train_missing,
+            tables=tables,
+            rows=rows,
+        )
         for nb in notebooks.discover(nb_dir):
-            steps.append((nb.stem, lambda nb=nb: notebooks.run_notebook(
-                nb, results_dir / "notebooks" / nb.name, params, progress=progress), True))
+            steps.append(
+                (
+                    nb.stem,
+                    lambda nb=nb: notebooks.run_notebook(
+                        nb, results_dir / "notebooks" / nb.name, params, progress=progress
+                    ),
+                    True,
+                )
+            )
     else:
         log.warning("%s absent (sodlib installed without its repository): notebook steps skipped", nb_dir)
     selected = [(name, fn) for name, fn, default in steps if (name.startswith(only) if only else default)]
@@ -364,5 +486,7 @@ def main(profile: str = "cpu", only: str | None = None, seeds: int | None = None
         except Exception as exc:
             raise ReproductionError(f"reproduction step {name} failed: {type(exc).__name__}: {exc}") from exc
         print(f"[reproduce] {name} done in {time.perf_counter() - t0:.1f} s", flush=True)
-    print(f"[reproduce] {len(selected)} step(s) done in {time.perf_counter() - t_all:.1f} s; results in {results_dir}")
+    print(
+        f"[reproduce] {len(selected)} step(s) done in {time.perf_counter() - t_all:.1f} s; results in {results_dir}"
+    )
     return 0

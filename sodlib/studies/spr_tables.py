@@ -27,8 +27,13 @@ def _only(num_queries: int, queries: Sequence[int]) -> Tensor:
     return mask
 
 
-def spr_per_query(layers: Sequence[dict], eta_per_layer: Sequence[float], chosen: Sequence[tuple[int, int]],
-                  gt_boxes_cxcywh: Tensor, scores: Tensor) -> tuple[list[dict], list[list[dict]]]:
+def spr_per_query(
+    layers: Sequence[dict],
+    eta_per_layer: Sequence[float],
+    chosen: Sequence[tuple[int, int]],
+    gt_boxes_cxcywh: Tensor,
+    scores: Tensor,
+) -> tuple[list[dict], list[list[dict]]]:
     """Rows (query, layer, eta, score, points, in box, outside expanded box, L_offset, L_atten) and one list of
     panels per chosen (query, object) pair, a panel per layer."""
     rows, panels = [], []
@@ -40,14 +45,30 @@ def spr_per_query(layers: Sequence[dict], eta_per_layer: Sequence[float], chosen
             offset = float(spr_offset_loss(loc, ref, eta, only_q))  # Eq. 5
             atten = float(spr_attention_loss(loc, attn, ref, only_q))  # L_atten
             geo = spr_point_geometry(loc[0, q], ref[0, q], eta)
-            rows.append({"query": q, "layer": layer_idx, "eta": eta, "score": float(scores[q]),
-                         "points": geo["inside_box"].numel(), "in box": int(geo["inside_box"].sum()),
-                         "outside expanded box": int((~geo["inside_expanded"]).sum()), "L_offset": offset,
-                         "L_atten": atten})
-            panels[-1].append({"ref_box_cxcywh": ref[0, q], "eta": eta, "sampling_locations": loc[0, q],
-                               "attention_weights": attn[0, q], "gt_box_cxcywh": gt_boxes_cxcywh[obj],
-                               "title": f"query {q} (score {float(scores[q]):.2f}), layer {layer_idx}, η = {eta:g}\n"
-                                        f"L_offset = {offset:.3f}   L_atten = {atten:.4f}"})
+            rows.append(
+                {
+                    "query": q,
+                    "layer": layer_idx,
+                    "eta": eta,
+                    "score": float(scores[q]),
+                    "points": geo["inside_box"].numel(),
+                    "in box": int(geo["inside_box"].sum()),
+                    "outside expanded box": int((~geo["inside_expanded"]).sum()),
+                    "L_offset": offset,
+                    "L_atten": atten,
+                }
+            )
+            panels[-1].append(
+                {
+                    "ref_box_cxcywh": ref[0, q],
+                    "eta": eta,
+                    "sampling_locations": loc[0, q],
+                    "attention_weights": attn[0, q],
+                    "gt_box_cxcywh": gt_boxes_cxcywh[obj],
+                    "title": f"query {q} (score {float(scores[q]):.2f}), layer {layer_idx}, η = {eta:g}\n"
+                    f"L_offset = {offset:.3f}   L_atten = {atten:.4f}",
+                }
+            )
     return rows, panels
 
 
@@ -59,12 +80,21 @@ def spr_per_layer(layers: Sequence[dict], eta_per_layer: Sequence[float], query_
     summary = []
     for layer_idx, (layer, eta) in enumerate(zip(layers, eta_per_layer)):
         loc, attn, ref = layer["sampling_locations"], layer["attention_weights"], layer["ref_boxes"]
-        per_query = torch.stack([spr_offset_loss(loc, ref, eta, _only(num_queries, [q])) for q in query_idx.tolist()])
+        per_query = torch.stack(
+            [spr_offset_loss(loc, ref, eta, _only(num_queries, [q])) for q in query_idx.tolist()]
+        )
         batch = spr_offset_loss(loc, ref, eta, positive)
         torch.testing.assert_close(per_query.mean(), batch)  # "averaged over positive queries"
         geo = spr_point_geometry(loc[0, query_idx], ref[0, query_idx], eta)
-        summary.append({"layer": layer_idx, "eta": eta, "matched queries": len(query_idx),
-                        "points outside box (%)": 100 * float((~geo["inside_box"]).float().mean()),
-                        "points outside expanded box (%)": 100 * float((~geo["inside_expanded"]).float().mean()),
-                        "L_offset": float(batch), "L_atten": float(spr_attention_loss(loc, attn, ref, positive))})
+        summary.append(
+            {
+                "layer": layer_idx,
+                "eta": eta,
+                "matched queries": len(query_idx),
+                "points outside box (%)": 100 * float((~geo["inside_box"]).float().mean()),
+                "points outside expanded box (%)": 100 * float((~geo["inside_expanded"]).float().mean()),
+                "L_offset": float(batch),
+                "L_atten": float(spr_attention_loss(loc, attn, ref, positive)),
+            }
+        )
     return summary

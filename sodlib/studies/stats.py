@@ -17,11 +17,18 @@ from collections.abc import Sequence
 
 import numpy as np
 
-__all__ = ["detectable_difference", "holm", "holm_resolvable_difference", "paired_difference",
-           "resolvable_difference"]
+__all__ = [
+    "detectable_difference",
+    "holm",
+    "holm_resolvable_difference",
+    "paired_difference",
+    "resolvable_difference",
+]
 
 
-def paired_difference(row: Sequence[float], ref: Sequence[float], confidence: float = 0.95) -> dict[str, float]:
+def paired_difference(
+    row: Sequence[float], ref: Sequence[float], confidence: float = 0.95
+) -> dict[str, float]:
     """Mean of ``row - ref`` (paired by position), its t-interval and two-sided p-value.
 
     Returns ``n``, ``diff``, ``sd`` (of the differences), ``ci_low``, ``ci_high``, ``p``. With one pair
@@ -32,7 +39,9 @@ def paired_difference(row: Sequence[float], ref: Sequence[float], confidence: fl
 
     d = np.asarray(row, dtype=float) - np.asarray(ref, dtype=float)
     if d.ndim != 1 or len(d) == 0:
-        raise ValueError(f"paired_difference needs two equal-length, non-empty sequences, got {len(row)} and {len(ref)}")
+        raise ValueError(
+            f"paired_difference needs two equal-length, non-empty sequences, got {len(row)} and {len(ref)}"
+        )
     n, mean = len(d), float(d.mean())
     if n < 2:
         return {"n": n, "diff": mean, "sd": math.nan, "ci_low": math.nan, "ci_high": math.nan, "p": math.nan}

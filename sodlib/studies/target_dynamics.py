@@ -15,8 +15,17 @@ import torch.nn.functional as F
 from sodlib.losses.formulas import scale_aligned_target, varifocal_loss
 
 
-def score_trajectory(u: float, rho: float, mode: str, s0: float, loss: str = "BCE", steps: int = 3000,
-                     lr: float = 2.0, beta: float = 0.73, theta: float = 6.0) -> np.ndarray:
+def score_trajectory(
+    u: float,
+    rho: float,
+    mode: str,
+    s0: float,
+    loss: str = "BCE",
+    steps: int = 3000,
+    lr: float = 2.0,
+    beta: float = 0.73,
+    theta: float = 6.0,
+) -> np.ndarray:
     """Scores σ(x) after each of ``steps`` gradient steps (learning rate ``lr``) on one logit x, starting at
     σ(x) = ``s0``, for a prediction of IoU ``u`` and area ratio ``rho`` with the ground truth.
 
@@ -30,10 +39,14 @@ def score_trajectory(u: float, rho: float, mode: str, s0: float, loss: str = "BC
     scores = []
     for _ in range(steps):
         s = x.sigmoid()
-        t = scale_aligned_target(u_t, rho_t, one, score=s if mode == "pred" else None, beta=beta, theta=theta,
-                                 mode=mode)
-        value = (F.binary_cross_entropy_with_logits(x, t) if loss == "BCE"
-                 else varifocal_loss(x, t, positive_mask=torch.tensor(True)))
+        t = scale_aligned_target(
+            u_t, rho_t, one, score=s if mode == "pred" else None, beta=beta, theta=theta, mode=mode
+        )
+        value = (
+            F.binary_cross_entropy_with_logits(x, t)
+            if loss == "BCE"
+            else varifocal_loss(x, t, positive_mask=torch.tensor(True))
+        )
         x.data -= lr * torch.autograd.grad(value, x)[0]
         scores.append(float(s.detach()))
     return np.array(scores)

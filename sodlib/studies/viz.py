@@ -22,8 +22,9 @@ from matplotlib.patches import Rectangle
 from torchvision.ops import box_convert
 
 
-def plot_learning_curve(run_dirs: dict[str, str | Path], out_png: str | Path, smooth: int = 10,
-                        title: str = "") -> Path:
+def plot_learning_curve(
+    run_dirs: dict[str, str | Path], out_png: str | Path, smooth: int = 10, title: str = ""
+) -> Path:
     """Training loss (left, smoothed) and validation AP50 / AP (right) against the iteration.
 
     ``run_dirs`` maps a legend label to a run folder holding ``log.csv`` and ``eval.csv``. The x axis is the
@@ -34,11 +35,15 @@ def plot_learning_curve(run_dirs: dict[str, str | Path], out_png: str | Path, sm
     for label, d in run_dirs.items():
         d = Path(d)
         log = pd.read_csv(d / "log.csv")
-        line, = ax_loss.plot(log["iteration"], log["loss"].rolling(smooth, min_periods=1).mean(), label=label)
+        (line,) = ax_loss.plot(
+            log["iteration"], log["loss"].rolling(smooth, min_periods=1).mean(), label=label
+        )
         if (d / "eval.csv").exists():
             ev = pd.read_csv(d / "eval.csv")
             ax_ap.plot(ev["iteration"], ev["AP50"], "o-", color=line.get_color(), label=f"{label} AP50")
-            ax_ap.plot(ev["iteration"], ev["AP"], "s--", color=line.get_color(), alpha=0.6, label=f"{label} AP")
+            ax_ap.plot(
+                ev["iteration"], ev["AP"], "s--", color=line.get_color(), alpha=0.6, label=f"{label} AP"
+            )
     ax_loss.set(xlabel="iteration", ylabel=f"weighted loss (mean of {smooth} logs)", yscale="log")
     ax_ap.set(xlabel="iteration", ylabel="validation AP", ylim=(0, 1))
     ax_ap.grid(alpha=0.3)
@@ -53,10 +58,19 @@ def plot_learning_curve(run_dirs: dict[str, str | Path], out_png: str | Path, sm
 # ---------------------------------------------------------------- generic curves and contours
 
 
-def plot_lines(curves: Mapping[str, tuple], xlabel: str, ylabel: str, title: str = "", ax=None,
-               points: Mapping[str, tuple] | None = None, hlines: Mapping[str, float] | None = None,
-               xscale: str = "linear", yscale: str = "linear", legend_title: str | None = None,
-               legend_loc: str = "best"):
+def plot_lines(
+    curves: Mapping[str, tuple],
+    xlabel: str,
+    ylabel: str,
+    title: str = "",
+    ax=None,
+    points: Mapping[str, tuple] | None = None,
+    hlines: Mapping[str, float] | None = None,
+    xscale: str = "linear",
+    yscale: str = "linear",
+    legend_title: str | None = None,
+    legend_loc: str = "best",
+):
     """Labelled curves ``{label: (x, y)}`` (plus optional scatter ``points`` and dashed ``hlines``).
 
     Draws into ``ax`` when given, else into a new figure; returns the Figure (save it with
@@ -73,14 +87,26 @@ def plot_lines(curves: Mapping[str, tuple], xlabel: str, ylabel: str, title: str
         ax.axhline(float(y), color="0.3", ls="--", lw=1, label=label)
     ax.set(xlabel=xlabel, ylabel=ylabel, title=title, xscale=xscale, yscale=yscale)
     ax.grid(alpha=0.3)
-    outside = {"loc": "upper left", "bbox_to_anchor": (1.02, 1.0)} if legend_loc == "outside" else {"loc": legend_loc}
+    outside = (
+        {"loc": "upper left", "bbox_to_anchor": (1.02, 1.0)}
+        if legend_loc == "outside"
+        else {"loc": legend_loc}
+    )
     ax.legend(fontsize=8, title=legend_title, title_fontsize=8, **outside)
     return ax.figure
 
 
-def plot_contour_panels(x, y, panels: Mapping[str, np.ndarray], xlabel: str, ylabel: str,
-                        levels=(0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9), yscale: str = "linear",
-                        suptitle: str = "", nan_label: str = "undefined"):
+def plot_contour_panels(
+    x,
+    y,
+    panels: Mapping[str, np.ndarray],
+    xlabel: str,
+    ylabel: str,
+    levels=(0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9),
+    yscale: str = "linear",
+    suptitle: str = "",
+    nan_label: str = "undefined",
+):
     """One filled-contour panel per entry of ``panels`` ({title: Z [len(y), len(x)]}), shared colour scale
     [0, 1]; NaN cells are hatched grey and named ``nan_label`` (e.g. an infeasible region). Returns the Figure.
     """
@@ -120,8 +146,11 @@ def plot_box_pairs(gt_xyxy, preds: Mapping[str, Sequence[float]], unit: str = "p
         ix0, iy0 = max(gt_xyxy[0], b[0]), max(gt_xyxy[1], b[1])
         ix1, iy1 = min(gt_xyxy[2], b[2]), min(gt_xyxy[3], b[3])
         if ix1 > ix0 and iy1 > iy0:
-            ax.add_patch(Rectangle((ix0, iy0), ix1 - ix0, iy1 - iy0, color="tab:purple", alpha=0.25,
-                                   label="intersection"))
+            ax.add_patch(
+                Rectangle(
+                    (ix0, iy0), ix1 - ix0, iy1 - iy0, color="tab:purple", alpha=0.25, label="intersection"
+                )
+            )
         ax.add_patch(_box_patch(gt_xyxy, ec="tab:green", lw=2, label="ground truth"))
         ax.add_patch(_box_patch(b, ec="tab:red", lw=2, ls="--", label="prediction"))
         ax.set(xlim=(lo, hi), ylim=(hi, lo), aspect="equal", title=title, xlabel=unit)
@@ -134,8 +163,9 @@ def plot_box_pairs(gt_xyxy, preds: Mapping[str, Sequence[float]], unit: str = "p
 # ---------------------------------------------------------------- SPR sampling-point geometry
 
 
-def spr_point_geometry(sampling_locations: torch.Tensor, ref_boxes_cxcywh: torch.Tensor, eta: float,
-                       eps: float = 1e-4) -> dict[str, torch.Tensor]:
+def spr_point_geometry(
+    sampling_locations: torch.Tensor, ref_boxes_cxcywh: torch.Tensor, eta: float, eps: float = 1e-4
+) -> dict[str, torch.Tensor]:
     """Where sampling points lie relative to their query's box, as SPR sees them (Eq. 5, L_atten).
 
     ``ref_boxes_cxcywh`` [*Q, 4] normalised (the boxes the layer sampled around; ``*Q`` any leading
@@ -150,15 +180,28 @@ def spr_point_geometry(sampling_locations: torch.Tensor, ref_boxes_cxcywh: torch
     centre, wh = box[..., :2], box[..., 2:].clamp(min=eps)
     offsets = (sampling_locations - centre) / wh  # Δp in units of the box size
     clamped = offsets.clamp(-eta / 2, eta / 2)  # Eq. 5: nearest point of the η-expanded box
-    return {"offsets": offsets, "inside_box": (offsets.abs() <= 0.5).all(-1),
-            "inside_expanded": (offsets == clamped).all(-1), "targets": centre + clamped * wh}
+    return {
+        "offsets": offsets,
+        "inside_box": (offsets.abs() <= 0.5).all(-1),
+        "inside_expanded": (offsets == clamped).all(-1),
+        "targets": centre + clamped * wh,
+    }
 
 
 _LEVEL_MARKERS = ("o", "s", "^", "D", "v", "P")
 
 
-def draw_spr_panel(ax, image_hwc: np.ndarray, ref_box_cxcywh, eta: float, sampling_locations, attention_weights,
-                   gt_box_cxcywh=None, title: str = "", margin: float = 0.25) -> None:
+def draw_spr_panel(
+    ax,
+    image_hwc: np.ndarray,
+    ref_box_cxcywh,
+    eta: float,
+    sampling_locations,
+    attention_weights,
+    gt_box_cxcywh=None,
+    title: str = "",
+    margin: float = 0.25,
+) -> None:
     """One query, one decoder layer: image crop, reference box (yellow), η-expanded box (dashed), ground
     truth (cyan), sampling points (marker = feature level, size ∝ attention weight; green inside the box,
     orange between box and expanded box, red outside with an arrow to Eq. 5's clamped target).
@@ -185,20 +228,39 @@ def draw_spr_panel(ax, image_hwc: np.ndarray, ref_box_cxcywh, eta: float, sampli
     ax.imshow(image_hwc, extent=(0, w, h, 0), interpolation="nearest")
     ax.set(xlim=(cx - half, cx + half), ylim=(cy + half, cy - half))
     if gt_box_cxcywh is not None:
-        ax.add_patch(_box_patch(_cxcywh_corners(torch.as_tensor(gt_box_cxcywh)).ravel() * np.tile(scale, 2),
-                                ec="cyan", lw=1.2, ls=":"))
+        ax.add_patch(
+            _box_patch(
+                _cxcywh_corners(torch.as_tensor(gt_box_cxcywh)).ravel() * np.tile(scale, 2),
+                ec="cyan",
+                lw=1.2,
+                ls=":",
+            )
+        )
     ax.add_patch(_box_patch(_cxcywh_corners(ref).ravel() * np.tile(scale, 2), ec="yellow", lw=1.5))
     ax.add_patch(_box_patch(_cxcywh_corners(exp_box).ravel() * np.tile(scale, 2), ec="yellow", lw=1, ls="--"))
-    colour = np.where(geo["inside_box"].numpy(), "lime", np.where(geo["inside_expanded"].numpy(), "orange", "red"))
+    colour = np.where(
+        geo["inside_box"].numpy(), "lime", np.where(geo["inside_expanded"].numpy(), "orange", "red")
+    )
     size = 6 + 90 * attn / max(float(attn.max()), 1e-12)
     for lvl in range(loc.shape[1]):
-        ax.scatter(pts[:, lvl, :, 0].ravel(), pts[:, lvl, :, 1].ravel(), s=size[:, lvl].ravel(),
-                   c=colour[:, lvl].ravel(), marker=_LEVEL_MARKERS[lvl % len(_LEVEL_MARKERS)],
-                   edgecolors="black", linewidths=0.4, zorder=3)
+        ax.scatter(
+            pts[:, lvl, :, 0].ravel(),
+            pts[:, lvl, :, 1].ravel(),
+            s=size[:, lvl].ravel(),
+            c=colour[:, lvl].ravel(),
+            marker=_LEVEL_MARKERS[lvl % len(_LEVEL_MARKERS)],
+            edgecolors="black",
+            linewidths=0.4,
+            zorder=3,
+        )
     outside = ~geo["inside_expanded"].numpy()
     for (px, py), (tx, ty) in zip(pts[outside], tgt[outside]):
-        ax.annotate("", xy=(tx, ty), xytext=(px, py),
-                    arrowprops={"arrowstyle": "->", "color": "red", "lw": 0.7, "alpha": 0.8})
+        ax.annotate(
+            "",
+            xy=(tx, ty),
+            xytext=(px, py),
+            arrowprops={"arrowstyle": "->", "color": "red", "lw": 0.7, "alpha": 0.8},
+        )
     ax.set_title(title, fontsize=8)
     ax.set_xticks([])
     ax.set_yticks([])
@@ -220,14 +282,18 @@ def plot_spr_geometry(image_hwc: np.ndarray, panels: Sequence[Sequence[Mapping]]
     for ax_row, row in zip(axes, panels):
         for ax, kw in zip(ax_row, row):
             draw_spr_panel(ax, image_hwc, **kw)
-    handles = [Line2D([], [], color="yellow", lw=1.5, label="reference box"),
-               Line2D([], [], color="yellow", lw=1, ls="--", label="η-expanded box"),
-               Line2D([], [], color="cyan", lw=1.2, ls=":", label="matched ground truth"),
-               Line2D([], [], ls="", marker="o", mfc="lime", mec="black", label="point inside box"),
-               Line2D([], [], ls="", marker="o", mfc="orange", mec="black", label="inside expanded box only"),
-               Line2D([], [], ls="", marker="o", mfc="red", mec="black", label="outside: arrow to Eq. 5 target")]
-    handles += [Line2D([], [], ls="", marker=_LEVEL_MARKERS[i], mfc="white", mec="black", label=f"level {i}")
-                for i in range(np.asarray(panels[0][0]["attention_weights"]).shape[1])]
+    handles = [
+        Line2D([], [], color="yellow", lw=1.5, label="reference box"),
+        Line2D([], [], color="yellow", lw=1, ls="--", label="η-expanded box"),
+        Line2D([], [], color="cyan", lw=1.2, ls=":", label="matched ground truth"),
+        Line2D([], [], ls="", marker="o", mfc="lime", mec="black", label="point inside box"),
+        Line2D([], [], ls="", marker="o", mfc="orange", mec="black", label="inside expanded box only"),
+        Line2D([], [], ls="", marker="o", mfc="red", mec="black", label="outside: arrow to Eq. 5 target"),
+    ]
+    handles += [
+        Line2D([], [], ls="", marker=_LEVEL_MARKERS[i], mfc="white", mec="black", label=f"level {i}")
+        for i in range(np.asarray(panels[0][0]["attention_weights"]).shape[1])
+    ]
     fig.legend(handles=handles, loc="lower center", ncol=5, fontsize=7, frameon=False)
     if suptitle:
         fig.suptitle(suptitle, fontsize=10)
@@ -238,8 +304,14 @@ def plot_spr_geometry(image_hwc: np.ndarray, panels: Sequence[Sequence[Mapping]]
 # ---------------------------------------------------------------- predictions and attention heatmaps
 
 
-def predictions_figure(models: Mapping[str, torch.nn.Module], samples: Sequence[tuple], device="cpu",
-                       score_threshold: float = 0.3, suptitle: str = "", num_top: int = 100):
+def predictions_figure(
+    models: Mapping[str, torch.nn.Module],
+    samples: Sequence[tuple],
+    device="cpu",
+    score_threshold: float = 0.3,
+    suptitle: str = "",
+    num_top: int = 100,
+):
     """:func:`plot_predictions_grid` for dataset ``samples`` (``(image [3, S, S], target)`` pairs of one square
     size): each eval-mode model's top-``num_top`` detections per image next to the ground truth. Returns the
     Figure."""
@@ -250,14 +322,26 @@ def predictions_figure(models: Mapping[str, torch.nn.Module], samples: Sequence[
     with torch.no_grad():
         for label, model in models.items():
             with eval_mode(model):
-                out = postprocess(model(images.to(device)), [tuple(images.shape[-2:])] * len(samples), num_top=num_top)
+                out = postprocess(
+                    model(images.to(device)), [tuple(images.shape[-2:])] * len(samples), num_top=num_top
+                )
             predictions[label] = [{k: v.cpu() for k, v in p.items()} for p in out]
-    return plot_predictions_grid([image.permute(1, 2, 0).numpy() for image in images], gts, predictions,
-                                 score_threshold=score_threshold, suptitle=suptitle)
+    return plot_predictions_grid(
+        [image.permute(1, 2, 0).numpy() for image in images],
+        gts,
+        predictions,
+        score_threshold=score_threshold,
+        suptitle=suptitle,
+    )
 
 
-def plot_predictions_grid(images_hwc: Sequence[np.ndarray], gt_boxes_xyxy: Sequence, predictions: Mapping[str, Sequence],
-                          score_threshold: float = 0.3, suptitle: str = ""):
+def plot_predictions_grid(
+    images_hwc: Sequence[np.ndarray],
+    gt_boxes_xyxy: Sequence,
+    predictions: Mapping[str, Sequence],
+    score_threshold: float = 0.3,
+    suptitle: str = "",
+):
     """One row per image, one column per model: the image, its ground truth (green) and the model's
     predictions scoring at least ``score_threshold`` (red, with the score).
 
@@ -277,12 +361,21 @@ def plot_predictions_grid(images_hwc: Sequence[np.ndarray], gt_boxes_xyxy: Seque
             for box, score in zip(boxes[kept], scores[kept]):
                 ax.add_patch(_box_patch(box, ec="red", lw=1.0, ls="--"))
                 ax.text(box[0], box[1] - 1, f"{score:.2f}", color="red", fontsize=5)
-            ax.set_title(f"{label}: {int(kept.sum())} predictions ≥ {score_threshold:g}, {len(gt)} objects", fontsize=8)
+            ax.set_title(
+                f"{label}: {int(kept.sum())} predictions ≥ {score_threshold:g}, {len(gt)} objects", fontsize=8
+            )
             ax.set_xticks([])
             ax.set_yticks([])
-    fig.legend(handles=[Line2D([], [], color="lime", label="ground truth"),
-                        Line2D([], [], color="red", ls="--", label="prediction")], loc="lower center", ncol=2,
-               fontsize=8, frameon=False)
+    fig.legend(
+        handles=[
+            Line2D([], [], color="lime", label="ground truth"),
+            Line2D([], [], color="red", ls="--", label="prediction"),
+        ],
+        loc="lower center",
+        ncol=2,
+        fontsize=8,
+        frameon=False,
+    )
     if suptitle:
         fig.suptitle(suptitle, fontsize=10)
     fig.tight_layout(rect=(0, 0.03, 1, 1))
@@ -302,8 +395,13 @@ def crop_to_box(ax, box_xyxy, margin: float, min_window_px: float, title: str = 
     ax.set_yticks([])
 
 
-def plot_heatmap_grid(panels: Sequence[Sequence[Mapping]], suptitle: str = "", margin: float = 1.5,
-                      min_window_px: float = 24.0, dilate_px: int = 0):
+def plot_heatmap_grid(
+    panels: Sequence[Sequence[Mapping]],
+    suptitle: str = "",
+    margin: float = 1.5,
+    min_window_px: float = 24.0,
+    dilate_px: int = 0,
+):
     """A grid of attention heatmaps over images, cropped around a box.
 
     ``panels[row][col]``: ``image_hwc`` [H, W, 3], ``heat`` [H, W] (e.g. :func:`sodlib.inference.heatmaps.splat_attention`),
@@ -316,19 +414,27 @@ def plot_heatmap_grid(panels: Sequence[Sequence[Mapping]], suptitle: str = "", m
     rows, cols = len(panels), max(len(r) for r in panels)
     fig, axes = plt.subplots(rows, cols, figsize=(2.6 * cols, 2.7 * rows), squeeze=False)
     for ax_row, row in zip(axes, panels):
-        for ax in ax_row[len(row):]:
+        for ax in ax_row[len(row) :]:
             ax.axis("off")
         for ax, p in zip(ax_row, row):
             image, heat = np.asarray(p["image_hwc"]), np.asarray(p["heat"], dtype=float)
             if dilate_px > 0:
-                heat = torch.nn.functional.max_pool2d(torch.as_tensor(heat)[None, None], 2 * dilate_px + 1,
-                                                      stride=1, padding=dilate_px)[0, 0].numpy()
+                heat = torch.nn.functional.max_pool2d(
+                    torch.as_tensor(heat)[None, None], 2 * dilate_px + 1, stride=1, padding=dilate_px
+                )[0, 0].numpy()
             h, w = heat.shape
             ax.set_facecolor("0.5")
             ax.imshow(image, extent=(0, w, h, 0), interpolation="nearest")
             shown = np.ma.masked_where(heat <= 0, heat)
-            ax.imshow(shown, extent=(0, w, h, 0), cmap="turbo", alpha=0.8, interpolation="nearest",
-                      vmin=0, vmax=max(float(heat.max()), 1e-12))
+            ax.imshow(
+                shown,
+                extent=(0, w, h, 0),
+                cmap="turbo",
+                alpha=0.8,
+                interpolation="nearest",
+                vmin=0,
+                vmax=max(float(heat.max()), 1e-12),
+            )
             for box in np.asarray(p.get("boxes_xyxy", np.zeros((0, 4))), dtype=float).reshape(-1, 4):
                 ax.add_patch(_box_patch(box, ec="cyan", lw=0.5))
             if p.get("box_xyxy") is not None:
@@ -343,7 +449,9 @@ def plot_heatmap_grid(panels: Sequence[Sequence[Mapping]], suptitle: str = "", m
 # ---------------------------------------------------------------- ablation tables
 
 
-def plot_ablation_deltas(summaries: Mapping[str, pd.DataFrame], noise: float, suptitle: str = "", ncols: int = 3):
+def plot_ablation_deltas(
+    summaries: Mapping[str, pd.DataFrame], noise: float, suptitle: str = "", ncols: int = 3
+):
     """One panel per table: each row's ΔAP against the row it is compared with (``vs``), ours beside the
     paper's, in AP points. Our bars carry ±2 standard errors of a difference (``noise``: per-seed AP std as
     a fraction; ``{k} std`` columns tell how many seeds a row has: n = 3 when present, else 1).
@@ -355,9 +463,16 @@ def plot_ablation_deltas(summaries: Mapping[str, pd.DataFrame], noise: float, su
     frames = {}
     for title, df in summaries.items():
         err = 2 * 100 * noise * np.sqrt(2 / (3 if "AP std" in df.columns else 1))
-        frames[title] = pd.DataFrame({"row": df["row"], "vs": df["vs"], "dAP": df["ΔAP ours"],
-                                      "ci95_low": df["ΔAP ours"] - err, "ci95_high": df["ΔAP ours"] + err,
-                                      "dAP paper": df["ΔAP paper"]})
+        frames[title] = pd.DataFrame(
+            {
+                "row": df["row"],
+                "vs": df["vs"],
+                "dAP": df["ΔAP ours"],
+                "ci95_low": df["ΔAP ours"] - err,
+                "ci95_high": df["ΔAP ours"] + err,
+                "dAP paper": df["ΔAP paper"],
+            }
+        )
     return plot_paired_deltas(frames, suptitle, ncols, label="ours (±2 SE)")
 
 

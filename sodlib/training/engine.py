@@ -106,11 +106,13 @@ def _to_tuple(x):
 # ---------------------------------------------------------------- data order
 
 
-def epoch_batches(n: int, batch_size: int, seed: int, epoch: int, rank: int = 0, world: int = 1) -> list[list[int]]:
+def epoch_batches(
+    n: int, batch_size: int, seed: int, epoch: int, rank: int = 0, world: int = 1
+) -> list[list[int]]:
     """The batches of one epoch: a permutation drawn from (seed, epoch), split across ranks, drop_last."""
     g = torch.Generator().manual_seed(seed * 100_003 + epoch)
     order = torch.randperm(n, generator=g).tolist()[rank::world]
-    return [order[i:i + batch_size] for i in range(0, len(order) - batch_size + 1, batch_size)]
+    return [order[i : i + batch_size] for i in range(0, len(order) - batch_size + 1, batch_size)]
 
 
 def _to_float32(x):
@@ -142,15 +144,24 @@ def check_train_split(dataset, cfg: RunConfig) -> None:
     where = getattr(dataset, "ann_file", None) or f"the {cfg.data.train_split} split"
     n = len(dataset.category_ids)
     if n != cfg.model.num_classes:
-        raise ValueError(f"{where}: {n} categories, but model.num_classes={cfg.model.num_classes}; set "
-                         f"--set model.num_classes={n} --set data.num_classes={n}")
+        raise ValueError(
+            f"{where}: {n} categories, but model.num_classes={cfg.model.num_classes}; set "
+            f"--set model.num_classes={n} --set data.num_classes={n}"
+        )
     if not any(not a.get("iscrowd", 0) and not a.get("ignore", 0) for a in dataset.coco["annotations"]):
         raise ValueError(f"{where}: no annotation to learn from (every image is empty or every box ignored)")
 
 
-def train(cfg: RunConfig, out_dir: str | os.PathLike, data_root: str | None = None, resume: bool = True,
-          progress: bool = True, protocol: str = "coco", stop_after: int | None = None,
-          need_checkpoint: bool = False) -> dict:
+def train(
+    cfg: RunConfig,
+    out_dir: str | os.PathLike,
+    data_root: str | None = None,
+    resume: bool = True,
+    progress: bool = True,
+    protocol: str = "coco",
+    stop_after: int | None = None,
+    need_checkpoint: bool = False,
+) -> dict:
     """Train ``cfg`` into ``out_dir`` and return the final validation metrics (plus timing).
 
     A finished run (``metrics.json`` present) is not trained again: its stored metrics are returned,
@@ -159,23 +170,38 @@ def train(cfg: RunConfig, out_dir: str | os.PathLike, data_root: str | None = No
     ``stop_after`` interrupts the run after that many iterations (tests use it to check resume).
     A run folder trains in one process at a time: a second process is refused (``LockedError``) naming the holder.
     """
-    check_amp(cfg.train.amp, cfg.train.device)  # before any work: bf16 autocast where it cannot run, or runs emulated
+    check_amp(
+        cfg.train.amp, cfg.train.device
+    )  # before any work: bf16 autocast where it cannot run, or runs emulated
     # rank 0 holds the run folder's lock for all ranks of a distributed run (torchrun sets RANK)
-    lock = (file_lock(Path(out_dir) / LOCK_FILE, wait=False, what=f"run folder {out_dir}")
-            if int(os.environ.get("RANK", "0")) == 0 else contextlib.nullcontext())
+    lock = (
+        file_lock(Path(out_dir) / LOCK_FILE, wait=False, what=f"run folder {out_dir}")
+        if int(os.environ.get("RANK", "0")) == 0
+        else contextlib.nullcontext()
+    )
     with lock:
         return _train(cfg, out_dir, data_root, resume, progress, protocol, stop_after, need_checkpoint)
 
 
-def _train(cfg: RunConfig, out_dir: str | os.PathLike, data_root: str | None, resume: bool, progress: bool,
-           protocol: str, stop_after: int | None, need_checkpoint: bool) -> dict:
+def _train(
+    cfg: RunConfig,
+    out_dir: str | os.PathLike,
+    data_root: str | None,
+    resume: bool,
+    progress: bool,
+    protocol: str,
+    stop_after: int | None,
+    need_checkpoint: bool,
+) -> dict:
     """:func:`train` while this process holds the run folder's lock."""
     import json
 
     out_dir = Path(out_dir)
     stored_metrics = read_metrics(out_dir) if resume else None  # a corrupt metrics.json is moved aside
     if stored_metrics is not None:
-        stored = json.loads((out_dir / "config.json").read_text()) if (out_dir / "config.json").exists() else None
+        stored = (
+            json.loads((out_dir / "config.json").read_text()) if (out_dir / "config.json").exists() else None
+        )
         if stored is not None and RunConfig.from_dict(stored).canonical() != cfg.canonical():
             raise ValueError(f"{out_dir} holds a run of a different config; choose another folder")
         if not need_checkpoint or (out_dir / "checkpoints" / "last.pt").exists():
@@ -200,30 +226,37 @@ def _train(cfg: RunConfig, out_dir: str | os.PathLike, data_root: str | None, re
 
     model = build_detector(cfg.model)
     if tc.init_from and not (resume and (out_dir / "checkpoints" / "last.pt").exists()):
-
         report = init_from(model, tc.init_from)
         if main_process:
             print(report, flush=True)
     model = model.to(device)
     if cfg.model.iah and cfg.model.iah_as_px == 0:  # MRQM's A_s: sqrt of the smallest training gt area (px)
-
         model.aux_head.set_min_instance_size(min_instance_size_px(train_ds, cfg.data.image_size))
     if tc.channels_last:
         model = model.to(memory_format=torch.channels_last)
     criterion = build_criterion(cfg.loss, cfg.model).to(device)
-    ddp_model = nn.parallel.DistributedDataParallel(model, find_unused_parameters=True) if world > 1 else model
+    ddp_model = (
+        nn.parallel.DistributedDataParallel(model, find_unused_parameters=True) if world > 1 else model
+    )
     optimizer = build_optimizer(model, tc, extra=criterion)
     ema = ModelEMA(model, tc.ema_decay, tc.ema_warmups) if tc.ema_decay > 0 else None
 
     batches_per_epoch = len(epoch_batches(len(train_ds), tc.batch_size, tc.seed, 0, rank, world))
     if batches_per_epoch == 0:
-        raise ValueError(f"train split has {len(train_ds)} images, fewer than train.batch_size={tc.batch_size}")
+        raise ValueError(
+            f"train split has {len(train_ds)} images, fewer than train.batch_size={tc.batch_size}"
+        )
     total_iters = tc.epochs * batches_per_epoch
     if tc.max_iters:
         if tc.max_iters > total_iters and main_process:
-            log.warning("train.max_iters=%d is more than train.epochs=%d allow (%d batches per epoch): training "
-                        "stops at %d iterations; raise train.epochs to train longer", tc.max_iters, tc.epochs,
-                        batches_per_epoch, total_iters)
+            log.warning(
+                "train.max_iters=%d is more than train.epochs=%d allow (%d batches per epoch): training "
+                "stops at %d iterations; raise train.epochs to train longer",
+                tc.max_iters,
+                tc.epochs,
+                batches_per_epoch,
+                total_iters,
+            )
         total_iters = min(total_iters, tc.max_iters)
 
     ckpt_path = out_dir / "checkpoints" / "last.pt"
@@ -234,9 +267,11 @@ def _train(cfg: RunConfig, out_dir: str | os.PathLike, data_root: str | None, re
         # through RunConfig, so that fields added since the checkpoint was written take their defaults
         changed = config_differences(RunConfig.from_dict(state.get("config") or {}).to_dict(), cfg.to_dict())
         if changed:
-            raise ValueError(f"{ckpt_path} holds an interrupted run of another config ({'; '.join(changed[:4])}"
-                             f"{'; ...' if len(changed) > 4 else ''}); resume it with the same settings, or start "
-                             f"over with --no-resume or another --out")
+            raise ValueError(
+                f"{ckpt_path} holds an interrupted run of another config ({'; '.join(changed[:4])}"
+                f"{'; ...' if len(changed) > 4 else ''}); resume it with the same settings, or start "
+                f"over with --no-resume or another --out"
+            )
         model.load_state_dict(state["model"])
         criterion.load_state_dict(state["criterion"])
         optimizer.load_state_dict(state["optimizer"])
@@ -251,24 +286,42 @@ def _train(cfg: RunConfig, out_dir: str | os.PathLike, data_root: str | None, re
 
     def checkpoint():
         # a finite loss can still leave exploding weights: never replace the last good checkpoint with those
-        bad = next((name for name, p in model.state_dict().items()
-                    if p.is_floating_point() and not bool(torch.isfinite(p).all())), None)
+        bad = next(
+            (
+                name
+                for name, p in model.state_dict().items()
+                if p.is_floating_point() and not bool(torch.isfinite(p).all())
+            ),
+            None,
+        )
         if _any_rank(bad is not None, device):
             raise NonFiniteLossError(
                 f"non-finite weights at iteration {it} ({bad or 'on another rank'}); the last checkpoint with "
-                f"finite weights is {ckpt_path if ckpt_path.exists() else 'none yet'}")
+                f"finite weights is {ckpt_path if ckpt_path.exists() else 'none yet'}"
+            )
         rngs = [None] * world
         if world > 1:
             dist.all_gather_object(rngs, _rng_state())
         else:
             rngs = [_rng_state()]
         if main_process:
-            save_checkpoint(ckpt_path, model=model.state_dict(), criterion=criterion.state_dict(),
-                            optimizer=optimizer.state_dict(), ema=ema.state_dict() if ema else None,
-                            iteration=it, epoch=epoch, batch_in_epoch=batch_in_epoch,
-                            train_seconds=train_seconds, rng=rngs, config=cfg.to_dict(),
-                            categories=[{"id": int(c["id"]), "name": str(c["name"])}
-                                        for c in sorted(train_ds.coco["categories"], key=lambda c: c["id"])])
+            save_checkpoint(
+                ckpt_path,
+                model=model.state_dict(),
+                criterion=criterion.state_dict(),
+                optimizer=optimizer.state_dict(),
+                ema=ema.state_dict() if ema else None,
+                iteration=it,
+                epoch=epoch,
+                batch_in_epoch=batch_in_epoch,
+                train_seconds=train_seconds,
+                rng=rngs,
+                config=cfg.to_dict(),
+                categories=[
+                    {"id": int(c["id"]), "name": str(c["name"])}
+                    for c in sorted(train_ds.coco["categories"], key=lambda c: c["id"])
+                ],
+            )
 
     _val = []
 
@@ -280,8 +333,7 @@ def _train(cfg: RunConfig, out_dir: str | os.PathLike, data_root: str | None, re
     if main_process:
         _truncate_log(out_dir / "eval.csv", it)
     show = None if (progress and main_process) else True  # None: tqdm turns itself off when not on a TTY
-    bar = tqdm(total=total_iters, initial=it, desc=f"train {cfg.name}", disable=show,
-               dynamic_ncols=True)
+    bar = tqdm(total=total_iters, initial=it, desc=f"train {cfg.name}", disable=show, dynamic_ncols=True)
     writer = _LogWriter(log_path) if main_process else None
     board = _Board(out_dir, it, main_process and tc.tensorboard)
     clip_params = [*model.parameters(), *criterion.parameters()]  # built once, not every step
@@ -291,10 +343,14 @@ def _train(cfg: RunConfig, out_dir: str | os.PathLike, data_root: str | None, re
     while not stop and epoch < tc.epochs:
         batches = epoch_batches(len(train_ds), tc.batch_size, tc.seed, epoch, rank, world)[batch_in_epoch:]
         # the loader's own generator keeps worker seeding off the global RNG (exact resume)
-        loader = torch.utils.data.DataLoader(train_ds, batch_sampler=batches, collate_fn=collate_fn,
-                                             num_workers=cfg.data.num_workers,
-                                             pin_memory=device.type == "cuda",
-                                             generator=torch.Generator().manual_seed(tc.seed * 100_003 + epoch))
+        loader = torch.utils.data.DataLoader(
+            train_ds,
+            batch_sampler=batches,
+            collate_fn=collate_fn,
+            num_workers=cfg.data.num_workers,
+            pin_memory=device.type == "cuda",
+            generator=torch.Generator().manual_seed(tc.seed * 100_003 + epoch),
+        )
         t_last = time.perf_counter()
         for images, targets in loader:
             images, targets = _to_device(images, targets, device)
@@ -302,19 +358,26 @@ def _train(cfg: RunConfig, out_dir: str | os.PathLike, data_root: str | None, re
                 images = images.contiguous(memory_format=torch.channels_last)
             if tc.multiscale:
                 size = tc.multiscale[int(torch.randint(len(tc.multiscale), (1,)))]
-                images = nn.functional.interpolate(images, size=(size, size), mode="bilinear", align_corners=False)
+                images = nn.functional.interpolate(
+                    images, size=(size, size), mode="bilinear", align_corners=False
+                )
             lr = set_lr(optimizer, lr_factor(it, tc, total_iters))
             # bf16 autocast on CUDA and on CPUs with bf16 units; the loss is computed in float32
             with torch.autocast(device.type, dtype=torch.bfloat16, enabled=tc.amp):
-                outputs = ddp_model(images, targets, return_sampling=criterion.needs_sampling,
-                                    return_hidden=criterion.needs_hidden)
+                outputs = ddp_model(
+                    images,
+                    targets,
+                    return_sampling=criterion.needs_sampling,
+                    return_hidden=criterion.needs_hidden,
+                )
             loss_dict = criterion(_to_float32(outputs), targets)
             loss = criterion.weighted_total(loss_dict)
             if _any_rank(not bool(torch.isfinite(loss)), device):
                 bad = sorted(k for k, v in loss_dict.items() if not torch.isfinite(v).all())
                 raise NonFiniteLossError(
                     f"non-finite loss at iteration {it} (terms: {', '.join(bad) or 'total'}); "
-                    f"the last good checkpoint is {ckpt_path if ckpt_path.exists() else 'none yet'}")
+                    f"the last good checkpoint is {ckpt_path if ckpt_path.exists() else 'none yet'}"
+                )
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
             if tc.clip_max_norm > 0:
@@ -328,8 +391,15 @@ def _train(cfg: RunConfig, out_dir: str | os.PathLike, data_root: str | None, re
             step_s, t_last = now - t_last, now
             train_seconds += step_s
             if writer is not None and (it % tc.log_every == 0 or it == 1):
-                row = writer.write(it, epoch, lr, loss, criterion.weighted(loss_dict),
-                                   tc.batch_size * world / step_s, train_seconds)
+                row = writer.write(
+                    it,
+                    epoch,
+                    lr,
+                    loss,
+                    criterion.weighted(loss_dict),
+                    tc.batch_size * world / step_s,
+                    train_seconds,
+                )
                 board.scalars(it, row, "train")
             bar.update(1)
             bar.set_postfix(loss=f"{loss.item():.3f}", lr=f"{lr:.1e}")
@@ -338,8 +408,17 @@ def _train(cfg: RunConfig, out_dir: str | os.PathLike, data_root: str | None, re
             if it >= total_iters or (stop_after is not None and it >= stop_after):
                 stop = True
             if main_process and tc.eval_every and it % tc.eval_every == 0 and not stop:
-                _log_eval(out_dir / "eval.csv", it, train_seconds, val_ds(), ema.module if ema else model,
-                          protocol, device, board, cfg)  # evaluation gives the model back in training mode
+                _log_eval(
+                    out_dir / "eval.csv",
+                    it,
+                    train_seconds,
+                    val_ds(),
+                    ema.module if ema else model,
+                    protocol,
+                    device,
+                    board,
+                    cfg,
+                )  # evaluation gives the model back in training mode
             if stop or it % tc.checkpoint_every == 0:
                 checkpoint()
             t_last = time.perf_counter()  # checkpoint and evaluation time is not training time
@@ -350,23 +429,30 @@ def _train(cfg: RunConfig, out_dir: str | os.PathLike, data_root: str | None, re
     bar.close()
     if writer is not None:
         writer.close()
-    if stop_after is not None and it < total_iters and not (tc.time_budget_s and train_seconds >= tc.time_budget_s):
+    if (
+        stop_after is not None
+        and it < total_iters
+        and not (tc.time_budget_s and train_seconds >= tc.time_budget_s)
+    ):
         board.close()
         return {"iterations": it, "train_seconds": train_seconds, "interrupted": True}
 
     metrics = {"iterations": it, "train_seconds": round(train_seconds, 2)}
     if main_process:
-
         eval_model = ema.module if ema is not None else model
         scores, dets = evaluate_model(eval_model, val_ds(), protocol=protocol, device=device)
-        _append_csv(out_dir / "eval.csv", {"iteration": it, "train_seconds": round(train_seconds, 2), **scores})
+        _append_csv(
+            out_dir / "eval.csv", {"iteration": it, "train_seconds": round(train_seconds, 2), **scores}
+        )
         board.scalars(it, scores, "val")
         board.attention(it, eval_model, val_ds(), cfg)
         metrics = {**scores, **metrics}
         atomic_write_json(out_dir / "detections_val.json", dets, indent=None)
 
-        atomic_write_json(out_dir / "mechanisms.json",
-                          measure(eval_model, criterion, val_ds(), cfg.loss.eta_per_layer, log_path, device))
+        atomic_write_json(
+            out_dir / "mechanisms.json",
+            measure(eval_model, criterion, val_ds(), cfg.loss.eta_per_layer, log_path, device),
+        )
         write_run(out_dir, cfg, metrics, seed=tc.seed, wall_seconds=train_seconds, device=str(device))
     board.close()
     _barrier()
@@ -374,8 +460,14 @@ def _train(cfg: RunConfig, out_dir: str | os.PathLike, data_root: str | None, re
 
 
 # settings a resumed run may change: they change bookkeeping or speed, not what is computed
-RESUME_MAY_CHANGE = ("train.threads", "data.num_workers", "train.log_every", "train.checkpoint_every",
-                     "train.eval_every", "train.tensorboard")
+RESUME_MAY_CHANGE = (
+    "train.threads",
+    "data.num_workers",
+    "train.log_every",
+    "train.checkpoint_every",
+    "train.eval_every",
+    "train.tensorboard",
+)
 
 
 def config_differences(stored: dict, requested: dict, prefix: str = "") -> list[str]:
@@ -387,14 +479,26 @@ def config_differences(stored: dict, requested: dict, prefix: str = "") -> list[
         a, b = stored.get(key), requested.get(key)
         if isinstance(a, dict) and isinstance(b, dict):
             out += config_differences(a, b, f"{name}.")
-        elif a != b and not (isinstance(a, (list, tuple)) and isinstance(b, (list, tuple)) and list(a) == list(b)) \
-                and name not in RESUME_MAY_CHANGE:
+        elif (
+            a != b
+            and not (isinstance(a, (list, tuple)) and isinstance(b, (list, tuple)) and list(a) == list(b))
+            and name not in RESUME_MAY_CHANGE
+        ):
             out.append(f"{name}: {a!r} → {b!r}")
     return out
 
 
-def _log_eval(path: Path, it: int, train_seconds: float, dataset, model, protocol: str, device, board: _Board,
-              cfg: RunConfig) -> None:
+def _log_eval(
+    path: Path,
+    it: int,
+    train_seconds: float,
+    dataset,
+    model,
+    protocol: str,
+    device,
+    board: _Board,
+    cfg: RunConfig,
+) -> None:
 
     scores, _ = evaluate_model(model, dataset, protocol=protocol, device=device)
     _append_csv(path, {"iteration": it, "train_seconds": round(train_seconds, 2), **scores})
@@ -442,9 +546,17 @@ class _LogWriter:
         self.file = open(path, "a", newline="")  # noqa: SIM115 (kept open for the whole run)
 
     def write(self, it, epoch, lr, loss, weighted: dict, images_per_s: float, train_seconds: float):
-        row = {"iteration": it, "epoch": epoch, "lr": f"{lr:.6g}", "loss": f"{loss.item():.6g}",
-               "images_per_s": f"{images_per_s:.3f}", "train_seconds": f"{train_seconds:.2f}"}
-        row.update({k: f"{v.item():.6g}" for k, v in weighted.items() if "_aux_" not in k and "_dn_" not in k})
+        row = {
+            "iteration": it,
+            "epoch": epoch,
+            "lr": f"{lr:.6g}",
+            "loss": f"{loss.item():.6g}",
+            "images_per_s": f"{images_per_s:.3f}",
+            "train_seconds": f"{train_seconds:.2f}",
+        }
+        row.update(
+            {k: f"{v.item():.6g}" for k, v in weighted.items() if "_aux_" not in k and "_dn_" not in k}
+        )
         totals: dict[str, torch.Tensor] = {}  # each term summed over every layer (aux, encoder, denoising)
         for k, v in weighted.items():
             totals[base_loss_name(k)] = totals.get(base_loss_name(k), 0.0) + v.detach()
@@ -473,8 +585,9 @@ class _Board:
             from torch.utils.tensorboard import SummaryWriter
 
             # events after the checkpoint's iteration are dropped, as _truncate_log drops those rows
-            self.writer = SummaryWriter(str(out_dir / "tensorboard"),
-                                        purge_step=start_iteration + 1 if start_iteration else None)
+            self.writer = SummaryWriter(
+                str(out_dir / "tensorboard"), purge_step=start_iteration + 1 if start_iteration else None
+            )
 
     def scalars(self, it: int, row: dict, prefix: str) -> None:
         if self.writer is None:
@@ -495,8 +608,14 @@ class _Board:
         size = cfg.data.image_size
         found = object_attention(model, image, size, objects=1)
         layers = list(range(cfg.model.num_decoder_layers))
-        rows = figure_rows(found, cfg.model, size, tuple(image.shape[1:]), layers,
-                           [f"class {o['label']} {o['score']:.2f}" for o in found])
+        rows = figure_rows(
+            found,
+            cfg.model,
+            size,
+            tuple(image.shape[1:]),
+            layers,
+            [f"class {o['label']} {o['score']:.2f}" for o in found],
+        )
         fig = plot_object_attention(image.permute(1, 2, 0).numpy(), rows, layers, title=f"iteration {it}")
         self.writer.add_figure("attention/val_image_0", fig, it, close=True)
 

@@ -35,17 +35,21 @@ from sodlib.losses.criterion import LayerInfo, positive_mask
 from sodlib.models.detector import eval_mode
 
 # SODA-D's size buckets on the object's area in pixels (sodlib.evaluation.protocols.SODAD_AREAS), Normal left open
-SIZE_BUCKETS = (("eS", 0, 12 ** 2), ("rS", 12 ** 2, 20 ** 2), ("gS", 20 ** 2, 32 ** 2), ("N", 32 ** 2, math.inf))
+SIZE_BUCKETS = (("eS", 0, 12**2), ("rS", 12**2, 20**2), ("gS", 20**2, 32**2), ("N", 32**2, math.inf))
 
 
-def outside_expanded_box(sampling_locations: Tensor, ref_boxes: Tensor, eta: float, mask: Tensor) -> tuple[int, int]:
+def outside_expanded_box(
+    sampling_locations: Tensor, ref_boxes: Tensor, eta: float, mask: Tensor
+) -> tuple[int, int]:
     """(points outside the η-expanded box, all points) of the queries in ``mask``.
 
     ``sampling_locations`` [B, Q, heads, levels, points, 2] normalised (x, y), ``ref_boxes`` [B, Q, 4]
     cxcywh (the box the layer sampled around), ``mask`` [B, Q] bool. A point is outside when
     |Δp| > η/2 in box units along x or y (the points Eq. 5 gives a non-zero loss).
     """
-    dp = L._offsets_in_box_units(sampling_locations.float(), ref_boxes.float(), mask, eps=1e-6)  # as Eq. 5 sees it
+    dp = L._offsets_in_box_units(
+        sampling_locations.float(), ref_boxes.float(), mask, eps=1e-6
+    )  # as Eq. 5 sees it
     outside = (dp.abs() > eta / 2).any(-1)
     return int(outside.sum()), int(outside.numel())
 
@@ -59,7 +63,9 @@ def spearman(x: Tensor, y: Tensor) -> float:
     return float(spearmanr(x.cpu().numpy(), y.cpu().numpy()).statistic)
 
 
-def measure_model(model, criterion, dataset, eta_per_layer, device="cpu", batch_size: int = 8) -> dict[str, float]:
+def measure_model(
+    model, criterion, dataset, eta_per_layer, device="cpu", batch_size: int = 8
+) -> dict[str, float]:
     """``spr_outside_share_l{l}``, ``st_gap_*`` and (with SR) ``sr_difficulty_spearman`` on ``dataset``
     (model and criterion in eval mode meanwhile; their modes are given back)."""
     with eval_mode(model, criterion):
@@ -81,9 +87,12 @@ def _measure(model, criterion, dataset, eta_per_layer, device, batch_size) -> di
         for i, layer_out in enumerate(layers):
             layer_out = {k: v.float() for k, v in layer_out.items()}
             indices = criterion.matcher(layer_out, targets)
-            mask = positive_mask(indices, layer_out["pred_logits"].shape[1]).to(layer_out["pred_logits"].device)
-            o, n = outside_expanded_box(layer_out["sampling_locations"], layer_out["ref_boxes"],
-                                        eta_per_layer[i], mask)
+            mask = positive_mask(indices, layer_out["pred_logits"].shape[1]).to(
+                layer_out["pred_logits"].device
+            )
+            o, n = outside_expanded_box(
+                layer_out["sampling_locations"], layer_out["ref_boxes"], eta_per_layer[i], mask
+            )
             outside[i] += o
             total[i] += n
             if i < len(layers) - 1:
@@ -100,12 +109,18 @@ def _measure(model, criterion, dataset, eta_per_layer, device, batch_size) -> di
                 gaps[name] += (t - m.iou)[sel].tolist()
             if needs_hidden:
                 logit_cls, _ = criterion._generator_logits(layer_out, m, info)
-                r = L.reweight_factor(logit_cls.sigmoid(), t, criterion._matched_score(layer_out, m))  # Eq. 19
+                r = L.reweight_factor(
+                    logit_cls.sigmoid(), t, criterion._matched_score(layer_out, m)
+                )  # Eq. 19
                 r_all.append(r)
                 difficulty.append(1 - m.iou)
     result = {f"spr_outside_share_l{i}": outside[i] / max(total[i], 1) for i in sorted(total)}
-    result.update({f"st_gap_{name}": (sum(v) / len(v) if v else float("nan"))
-                   for name, v in ((n, gaps[n]) for n, _, _ in SIZE_BUCKETS)})
+    result.update(
+        {
+            f"st_gap_{name}": (sum(v) / len(v) if v else float("nan"))
+            for name, v in ((n, gaps[n]) for n, _, _ in SIZE_BUCKETS)
+        }
+    )
     if needs_hidden and r_all:
         result["sr_difficulty_spearman"] = spearman(torch.cat(r_all), torch.cat(difficulty))
     return result
@@ -143,7 +158,10 @@ def measure_run(folder: str | Path, data_root: str | None = None, device="cpu") 
 
 def measure(model, criterion, dataset, eta_per_layer, log_csv: str | Path, device="cpu") -> dict[str, float]:
     """Every metric of this module: :func:`measure_model` on ``dataset`` and :func:`spr_loss_share` of the log."""
-    return {**measure_model(model, criterion, dataset, eta_per_layer, device), "spr_loss_share": spr_loss_share(log_csv)}
+    return {
+        **measure_model(model, criterion, dataset, eta_per_layer, device),
+        "spr_loss_share": spr_loss_share(log_csv),
+    }
 
 
 def mechanisms_frame(entries) -> pd.DataFrame:  # noqa: F821 - pandas imported lazily

@@ -42,18 +42,32 @@ def config_hash(config: dict | Any, length: int = 12) -> str:
     existing runs, and their cached results, valid. Changing a default changes what a run means:
     do that deliberately and rerun.
     """
-    if hasattr(config, "canonical"):  # a RunConfig: options that cannot act do not count (RunConfig.canonical)
+    if hasattr(
+        config, "canonical"
+    ):  # a RunConfig: options that cannot act do not count (RunConfig.canonical)
         config = config.canonical()
-    d = _non_default(config) if dataclasses.is_dataclass(config) else (
-        config.to_dict() if hasattr(config, "to_dict") else config)
+    d = (
+        _non_default(config)
+        if dataclasses.is_dataclass(config)
+        else (config.to_dict() if hasattr(config, "to_dict") else config)
+    )
     blob = json.dumps(d, sort_keys=True, default=json_default).encode()
     return hashlib.sha256(blob).hexdigest()[:length]
 
 
 # ---------------------------------------------------------------- provenance and run folders
 
-_PACKAGES = ("torch", "torchvision", "numpy", "scipy", "pandas", "pycocotools", "faster-coco-eval",
-             "matplotlib", "papermill")
+_PACKAGES = (
+    "torch",
+    "torchvision",
+    "numpy",
+    "scipy",
+    "pandas",
+    "pycocotools",
+    "faster-coco-eval",
+    "matplotlib",
+    "papermill",
+)
 
 
 def git_sha(repo: str | os.PathLike | None = None) -> str:
@@ -63,10 +77,17 @@ def git_sha(repo: str | os.PathLike | None = None) -> str:
 
     cwd = Path(repo) if repo else SOURCE_ROOT
     try:
-        sha = subprocess.run(["git", "rev-parse", "HEAD"], cwd=cwd, capture_output=True, text=True,
-                             check=True, timeout=10).stdout.strip()
-        dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no", "--", ".", ":!results"], cwd=cwd,
-                               capture_output=True, text=True, check=True, timeout=10).stdout.strip()
+        sha = subprocess.run(
+            ["git", "rev-parse", "HEAD"], cwd=cwd, capture_output=True, text=True, check=True, timeout=10
+        ).stdout.strip()
+        dirty = subprocess.run(
+            ["git", "status", "--porcelain", "--untracked-files=no", "--", ".", ":!results"],
+            cwd=cwd,
+            capture_output=True,
+            text=True,
+            check=True,
+            timeout=10,
+        ).stdout.strip()
     except (OSError, subprocess.SubprocessError):
         return "unknown"
     return sha + ("-dirty" if dirty else "")
@@ -156,11 +177,16 @@ def rehash_runs(results_dir=None, config_cls=None) -> dict[str, str]:
         if new != d.name:
             wanted[d.name] = new
     if len(set(wanted.values())) < len(wanted):
-        raise FileExistsError(f"two runs in {root / 'runs'} would take the same name: {sorted(wanted.items())}")
+        raise FileExistsError(
+            f"two runs in {root / 'runs'} would take the same name: {sorted(wanted.items())}"
+        )
     order, pending = [], dict(wanted)
     while pending:
-        free = [old for old, new in pending.items()
-                if new not in pending and (new in order or not (root / "runs" / new).exists())]
+        free = [
+            old
+            for old, new in pending.items()
+            if new not in pending and (new in order or not (root / "runs" / new).exists())
+        ]
         if not free:
             raise FileExistsError(f"cannot rename runs in {root / 'runs'}: targets held or cyclic: {pending}")
         for old in sorted(free):
@@ -188,8 +214,12 @@ def read_metrics(d: str | os.PathLike) -> dict | None:
         numeric_ap = isinstance(metrics, dict) and isinstance(metrics.get("AP"), (int, float))
         problem = "" if numeric_ap else "no numeric 'AP'"
     if problem:
-        log.warning("%s is corrupt (%s); moved to %s, the run will be trained again", path, problem,
-                    path.with_name("metrics.json.corrupt"))
+        log.warning(
+            "%s is corrupt (%s); moved to %s, the run will be trained again",
+            path,
+            problem,
+            path.with_name("metrics.json.corrupt"),
+        )
         os.replace(path, path.with_name("metrics.json.corrupt"))
         return None
     return metrics
@@ -205,14 +235,26 @@ def load_finished_run(config, results_dir=None) -> dict | None:
     return read_metrics(run_dir(config, results_dir))
 
 
-def save_run(config, metrics: dict, results_dir=None, seed: int | None = None,
-             wall_seconds: float | None = None, device: str | None = None) -> Path:
+def save_run(
+    config,
+    metrics: dict,
+    results_dir=None,
+    seed: int | None = None,
+    wall_seconds: float | None = None,
+    device: str | None = None,
+) -> Path:
     """Store a finished run under ``results/runs/<config hash>/`` (see :func:`write_run`)."""
     return write_run(run_dir(config, results_dir), config, metrics, seed, wall_seconds, device)
 
 
-def write_run(d: str | os.PathLike, config, metrics: dict, seed: int | None = None,
-              wall_seconds: float | None = None, device: str | None = None) -> Path:
+def write_run(
+    d: str | os.PathLike,
+    config,
+    metrics: dict,
+    seed: int | None = None,
+    wall_seconds: float | None = None,
+    device: str | None = None,
+) -> Path:
     """Write config.json, provenance.json and (last, marking the run finished) metrics.json into ``d``."""
     d = Path(d)
     cfg = config.to_dict() if hasattr(config, "to_dict") else config
@@ -222,17 +264,19 @@ def write_run(d: str | os.PathLike, config, metrics: dict, seed: int | None = No
     return d
 
 
-
-
 def main(argv=None) -> int:
     """``python -m sodlib.training.runs --rehash [--results DIR]``: :func:`rehash_runs`, printing each move."""
     import argparse
 
-    parser = argparse.ArgumentParser(prog="python -m sodlib.training.runs",
-                                     description="Move every run folder whose stored config now hashes to another "
-                                                 "name (after a default changed) to that name.")
+    parser = argparse.ArgumentParser(
+        prog="python -m sodlib.training.runs",
+        description="Move every run folder whose stored config now hashes to another "
+        "name (after a default changed) to that name.",
+    )
     parser.add_argument("--rehash", action="store_true", required=True, help="move the folders")
-    parser.add_argument("--results", default=None, help="results folder (default: $SODLIB_RESULTS or results/)")
+    parser.add_argument(
+        "--results", default=None, help="results folder (default: $SODLIB_RESULTS or results/)"
+    )
     args = parser.parse_args(argv)
     try:
         moved = rehash_runs(args.results)
@@ -257,8 +301,9 @@ def seed_spread(runs_dir: Path, run: str) -> tuple[float, int]:
     from sodlib.config import override
 
     def key(folder: Path) -> str:  # the run's name with seed 0: equal for every seed of one configuration
-        return config_hash(override(RunConfig.from_dict(json.loads((folder / "config.json").read_text())),
-                                    "train.seed=0"))
+        return config_hash(
+            override(RunConfig.from_dict(json.loads((folder / "config.json").read_text())), "train.seed=0")
+        )
 
     try:
         mine = key(runs_dir / run)
