@@ -17,10 +17,12 @@ from __future__ import annotations
 import contextlib
 import csv
 import io
+import json
 import logging
 import os
 import random
 import time
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
@@ -138,9 +140,9 @@ LOCK_FILE = ".train.lock"  # in the run folder while a process trains there (git
 
 
 def check_train_split(dataset, cfg: RunConfig) -> None:
-    """Refuse, before any training, a train split the run cannot learn from or evaluate: no annotation at all, or
-    a category count other than ``model.num_classes`` (labels beyond it cannot be trained, classes beyond the
-    data's cannot be named at evaluation)."""
+    """Refuse, before any training, a train split the run cannot learn from or evaluate: no annotation at
+    all, or a category count other than ``model.num_classes`` (labels beyond it cannot be trained, classes
+    beyond the data's cannot be named at evaluation)."""
     where = getattr(dataset, "ann_file", None) or f"the {cfg.data.train_split} split"
     n = len(dataset.category_ids)
     if n != cfg.model.num_classes:
@@ -168,11 +170,11 @@ def train(
     also in a fresh clone where only the committed metrics exist; ``need_checkpoint=True`` retrains
     when the (uncommitted) checkpoint is missing, for callers that need the weights.
     ``stop_after`` interrupts the run after that many iterations (tests use it to check resume).
-    A run folder trains in one process at a time: a second process is refused (``LockedError``) naming the holder.
+    A run folder trains in one process at a time: a second process is refused (``LockedError``) naming the
+    holder.
     """
-    check_amp(
-        cfg.train.amp, cfg.train.device
-    )  # before any work: bf16 autocast where it cannot run, or runs emulated
+    # before any work: bf16 autocast where it cannot run, or where it runs emulated
+    check_amp(cfg.train.amp, cfg.train.device)
     # rank 0 holds the run folder's lock for all ranks of a distributed run (torchrun sets RANK)
     lock = (
         file_lock(Path(out_dir) / LOCK_FILE, wait=False, what=f"run folder {out_dir}")
@@ -194,22 +196,107 @@ def _train(
     need_checkpoint: bool,
 ) -> dict:
     """:func:`train` while this process holds the run folder's lock."""
-    import json
-
     out_dir = Path(out_dir)
-    stored_metrics = read_metrics(out_dir) if resume else None  # a corrupt metrics.json is moved aside
+    stored_metrics = _finished_metrics(cfg, out_dir, resume, need_checkpoint)
     if stored_metrics is not None:
-        stored = (
-            json.loads((out_dir / "config.json").read_text()) if (out_dir / "config.json").exists() else None
-        )
-        if stored is not None and RunConfig.from_dict(stored).canonical() != cfg.canonical():
-            raise ValueError(f"{out_dir} holds a run of a different config; choose another folder")
-        if not need_checkpoint or (out_dir / "checkpoints" / "last.pt").exists():
-            log.info("%s already finished; returning its stored metrics", out_dir)
-            return stored_metrics
+        return stored_metrics
 
-    tc = cfg.train
     code_sha()  # provenance names the code this process loaded, not the commit the tree reached at the end
+    run = _setup(cfg, out_dir, data_root, resume, protocol)
+    if resume and run.ckpt_path.exists():
+        _resume(run)
+    if run.main_process:
+        _truncate_log(run.log_path, run.it)
+        _truncate_log(out_dir / "eval.csv", run.it)
+
+    board = _train_loop(run, progress, stop_after)
+    if stop_after is not None and run.it < run.total_iters and not run.budget_spent():
+        board.close()
+        return {"iterations": run.it, "train_seconds": run.train_seconds, "interrupted": True}
+
+    metrics = _finish(run, board)
+    board.close()
+    _barrier()
+    return metrics
+
+
+@dataclass
+class _Run:
+    """What one training process holds: the parts :func:`_setup` builds and the position that
+    :func:`_train_loop` advances and a checkpoint stores."""
+
+    cfg: RunConfig
+    out_dir: Path
+    data_root: str | None
+    protocol: str
+    rank: int
+    world: int
+    device: torch.device
+    train_ds: object
+    model: nn.Module
+    criterion: nn.Module
+    ddp_model: nn.Module
+    optimizer: torch.optim.Optimizer
+    ema: ModelEMA | None
+    total_iters: int
+    it: int = 0
+    epoch: int = 0
+    batch_in_epoch: int = 0
+    train_seconds: float = 0.0
+    _val_ds: object = field(default=None, repr=False)
+
+    @property
+    def main_process(self) -> bool:
+        return self.rank == 0
+
+    @property
+    def ckpt_path(self) -> Path:
+        return self.out_dir / "checkpoints" / "last.pt"
+
+    @property
+    def log_path(self) -> Path:
+        return self.out_dir / "log.csv"
+
+    @property
+    def eval_model(self) -> nn.Module:
+        """The model that is evaluated: the EMA weights, or the raw ones without EMA."""
+        return self.ema.module if self.ema is not None else self.model
+
+    def val_ds(self):
+        """The validation split, built on first use."""
+        if self._val_ds is None:
+            data = self.cfg.data
+            self._val_ds = build_dataset(data, data.val_split, train=False, data_root=self.data_root)
+        return self._val_ds
+
+    def budget_spent(self) -> bool:
+        """Whether ``train.time_budget_s`` (when set) is used up."""
+        budget = self.cfg.train.time_budget_s
+        return bool(budget and self.train_seconds >= budget)
+
+
+# ---------------------------------------------------------------- set-up and resume
+
+
+def _finished_metrics(cfg: RunConfig, out_dir: Path, resume: bool, need_checkpoint: bool) -> dict | None:
+    """The stored metrics of a finished run of ``cfg`` in ``out_dir``, or None when it must (re)train.
+    A finished run of another config is refused."""
+    stored_metrics = read_metrics(out_dir) if resume else None  # a corrupt metrics.json is moved aside
+    if stored_metrics is None:
+        return None
+    stored = json.loads((out_dir / "config.json").read_text()) if (out_dir / "config.json").exists() else None
+    if stored is not None and RunConfig.from_dict(stored).canonical() != cfg.canonical():
+        raise ValueError(f"{out_dir} holds a run of a different config; choose another folder")
+    if not need_checkpoint or (out_dir / "checkpoints" / "last.pt").exists():
+        log.info("%s already finished; returning its stored metrics", out_dir)
+        return stored_metrics
+    return None
+
+
+def _setup(cfg: RunConfig, out_dir: Path, data_root: str | None, resume: bool, protocol: str) -> _Run:
+    """Process group, seeds, training split, detector, criterion, optimizer and EMA of a run at iteration
+    0."""
+    tc = cfg.train
     rank, world, device = init_distributed(tc.device)
     main_process = rank == 0
     if tc.threads:
@@ -240,15 +327,32 @@ def _train(
     )
     optimizer = build_optimizer(model, tc, extra=criterion)
     ema = ModelEMA(model, tc.ema_decay, tc.ema_warmups) if tc.ema_decay > 0 else None
+    return _Run(
+        cfg=cfg,
+        out_dir=out_dir,
+        data_root=data_root,
+        protocol=protocol,
+        rank=rank,
+        world=world,
+        device=device,
+        train_ds=train_ds,
+        model=model,
+        criterion=criterion,
+        ddp_model=ddp_model,
+        optimizer=optimizer,
+        ema=ema,
+        total_iters=_total_iters(tc, len(train_ds), rank, world),
+    )
 
-    batches_per_epoch = len(epoch_batches(len(train_ds), tc.batch_size, tc.seed, 0, rank, world))
+
+def _total_iters(tc, n_images: int, rank: int, world: int) -> int:
+    """``train.epochs`` worth of batches, capped by ``train.max_iters``."""
+    batches_per_epoch = len(epoch_batches(n_images, tc.batch_size, tc.seed, 0, rank, world))
     if batches_per_epoch == 0:
-        raise ValueError(
-            f"train split has {len(train_ds)} images, fewer than train.batch_size={tc.batch_size}"
-        )
+        raise ValueError(f"train split has {n_images} images, fewer than train.batch_size={tc.batch_size}")
     total_iters = tc.epochs * batches_per_epoch
     if tc.max_iters:
-        if tc.max_iters > total_iters and main_process:
+        if tc.max_iters > total_iters and rank == 0:
             log.warning(
                 "train.max_iters=%d is more than train.epochs=%d allow (%d batches per epoch): training "
                 "stops at %d iterations; raise train.epochs to train longer",
@@ -258,204 +362,215 @@ def _train(
                 total_iters,
             )
         total_iters = min(total_iters, tc.max_iters)
+    return total_iters
 
-    ckpt_path = out_dir / "checkpoints" / "last.pt"
-    log_path = out_dir / "log.csv"
-    it, epoch, batch_in_epoch, train_seconds = 0, 0, 0, 0.0
-    if resume and ckpt_path.exists():
-        state = load_checkpoint(ckpt_path, map_location=device)
-        # through RunConfig, so that fields added since the checkpoint was written take their defaults
-        changed = config_differences(RunConfig.from_dict(state.get("config") or {}).to_dict(), cfg.to_dict())
-        if changed:
-            raise ValueError(
-                f"{ckpt_path} holds an interrupted run of another config ({'; '.join(changed[:4])}"
-                f"{'; ...' if len(changed) > 4 else ''}); resume it with the same settings, or start "
-                f"over with --no-resume or another --out"
-            )
-        model.load_state_dict(state["model"])
-        criterion.load_state_dict(state["criterion"])
-        optimizer.load_state_dict(state["optimizer"])
-        if ema is not None:
-            ema.load_state_dict(state["ema"])
-        it, epoch, batch_in_epoch = state["iteration"], state["epoch"], state["batch_in_epoch"]
-        train_seconds = float(state["train_seconds"])
-        _set_rng_state(state["rng"][rank] if isinstance(state["rng"], list) else state["rng"])
-        log.info("resumed from %s at iteration %d", ckpt_path, it)
-    if main_process:
-        _truncate_log(log_path, it)
 
-    def checkpoint():
-        # a finite loss can still leave exploding weights: never replace the last good checkpoint with those
-        bad = next(
-            (
-                name
-                for name, p in model.state_dict().items()
-                if p.is_floating_point() and not bool(torch.isfinite(p).all())
-            ),
-            None,
+def _resume(run: _Run) -> None:
+    """Load weights, optimizer, EMA, position and RNG states from the run's checkpoint."""
+    state = load_checkpoint(run.ckpt_path, map_location=run.device)
+    # through RunConfig, so that fields added since the checkpoint was written take their defaults
+    changed = config_differences(RunConfig.from_dict(state.get("config") or {}).to_dict(), run.cfg.to_dict())
+    if changed:
+        raise ValueError(
+            f"{run.ckpt_path} holds an interrupted run of another config ({'; '.join(changed[:4])}"
+            f"{'; ...' if len(changed) > 4 else ''}); resume it with the same settings, or start "
+            f"over with --no-resume or another --out"
         )
-        if _any_rank(bad is not None, device):
-            raise NonFiniteLossError(
-                f"non-finite weights at iteration {it} ({bad or 'on another rank'}); the last checkpoint with "
-                f"finite weights is {ckpt_path if ckpt_path.exists() else 'none yet'}"
-            )
-        rngs = [None] * world
-        if world > 1:
-            dist.all_gather_object(rngs, _rng_state())
-        else:
-            rngs = [_rng_state()]
-        if main_process:
-            save_checkpoint(
-                ckpt_path,
-                model=model.state_dict(),
-                criterion=criterion.state_dict(),
-                optimizer=optimizer.state_dict(),
-                ema=ema.state_dict() if ema else None,
-                iteration=it,
-                epoch=epoch,
-                batch_in_epoch=batch_in_epoch,
-                train_seconds=train_seconds,
-                rng=rngs,
-                config=cfg.to_dict(),
-                categories=[
-                    {"id": int(c["id"]), "name": str(c["name"])}
-                    for c in sorted(train_ds.coco["categories"], key=lambda c: c["id"])
-                ],
-            )
+    run.model.load_state_dict(state["model"])
+    run.criterion.load_state_dict(state["criterion"])
+    run.optimizer.load_state_dict(state["optimizer"])
+    if run.ema is not None:
+        run.ema.load_state_dict(state["ema"])
+    run.it, run.epoch, run.batch_in_epoch = state["iteration"], state["epoch"], state["batch_in_epoch"]
+    run.train_seconds = float(state["train_seconds"])
+    _set_rng_state(state["rng"][run.rank] if isinstance(state["rng"], list) else state["rng"])
+    log.info("resumed from %s at iteration %d", run.ckpt_path, run.it)
 
-    _val = []
 
-    def val_ds():
-        if not _val:
-            _val.append(build_dataset(cfg.data, cfg.data.val_split, train=False, data_root=data_root))
-        return _val[0]
+# ---------------------------------------------------------------- steps, checkpoints, evaluation
 
-    if main_process:
-        _truncate_log(out_dir / "eval.csv", it)
-    show = None if (progress and main_process) else True  # None: tqdm turns itself off when not on a TTY
-    bar = tqdm(total=total_iters, initial=it, desc=f"train {cfg.name}", disable=show, dynamic_ncols=True)
-    writer = _LogWriter(log_path) if main_process else None
-    board = _Board(out_dir, it, main_process and tc.tensorboard)
-    clip_params = [*model.parameters(), *criterion.parameters()]  # built once, not every step
-    ddp_model.train()
-    criterion.train()
-    stop = it >= total_iters
-    while not stop and epoch < tc.epochs:
-        batches = epoch_batches(len(train_ds), tc.batch_size, tc.seed, epoch, rank, world)[batch_in_epoch:]
-        # the loader's own generator keeps worker seeding off the global RNG (exact resume)
-        loader = torch.utils.data.DataLoader(
-            train_ds,
-            batch_sampler=batches,
-            collate_fn=collate_fn,
-            num_workers=cfg.data.num_workers,
-            pin_memory=device.type == "cuda",
-            generator=torch.Generator().manual_seed(tc.seed * 100_003 + epoch),
-        )
+
+def _train_loop(run: _Run, progress: bool, stop_after: int | None) -> _Board:
+    """Train from the run's position to its end, to ``stop_after`` or to ``train.time_budget_s``, logging,
+    evaluating and checkpointing on the way; returns the open TensorBoard writer."""
+    tc = run.cfg.train
+    show = None if (progress and run.main_process) else True  # None: tqdm turns itself off when not on a TTY
+    bar = tqdm(
+        total=run.total_iters, initial=run.it, desc=f"train {run.cfg.name}", disable=show, dynamic_ncols=True
+    )
+    writer = _LogWriter(run.log_path) if run.main_process else None
+    board = _Board(run.out_dir, run.it, run.main_process and tc.tensorboard)
+    clip_params = [*run.model.parameters(), *run.criterion.parameters()]  # built once, not every step
+    run.ddp_model.train()
+    run.criterion.train()
+    stop = run.it >= run.total_iters
+    while not stop and run.epoch < tc.epochs:
         t_last = time.perf_counter()
-        for images, targets in loader:
-            images, targets = _to_device(images, targets, device)
-            if tc.channels_last:
-                images = images.contiguous(memory_format=torch.channels_last)
-            if tc.multiscale:
-                size = tc.multiscale[int(torch.randint(len(tc.multiscale), (1,)))]
-                images = nn.functional.interpolate(
-                    images, size=(size, size), mode="bilinear", align_corners=False
-                )
-            lr = set_lr(optimizer, lr_factor(it, tc, total_iters))
-            # bf16 autocast on CUDA and on CPUs with bf16 units; the loss is computed in float32
-            with torch.autocast(device.type, dtype=torch.bfloat16, enabled=tc.amp):
-                outputs = ddp_model(
-                    images,
-                    targets,
-                    return_sampling=criterion.needs_sampling,
-                    return_hidden=criterion.needs_hidden,
-                )
-            loss_dict = criterion(_to_float32(outputs), targets)
-            loss = criterion.weighted_total(loss_dict)
-            if _any_rank(not bool(torch.isfinite(loss)), device):
-                bad = sorted(k for k, v in loss_dict.items() if not torch.isfinite(v).all())
-                raise NonFiniteLossError(
-                    f"non-finite loss at iteration {it} (terms: {', '.join(bad) or 'total'}); "
-                    f"the last good checkpoint is {ckpt_path if ckpt_path.exists() else 'none yet'}"
-                )
-            optimizer.zero_grad(set_to_none=True)
-            loss.backward()
-            if tc.clip_max_norm > 0:
-                nn.utils.clip_grad_norm_(clip_params, tc.clip_max_norm)
-            optimizer.step()
-            if ema is not None:
-                ema.update(model)
-            it += 1
-            batch_in_epoch += 1
+        for images, targets in _epoch_loader(run):
+            loss, loss_dict, lr = _step(run, images, targets, clip_params)
+            run.it += 1
+            run.batch_in_epoch += 1
             now = time.perf_counter()
             step_s, t_last = now - t_last, now
-            train_seconds += step_s
-            if writer is not None and (it % tc.log_every == 0 or it == 1):
-                row = writer.write(
-                    it,
-                    epoch,
-                    lr,
-                    loss,
-                    criterion.weighted(loss_dict),
-                    tc.batch_size * world / step_s,
-                    train_seconds,
-                )
-                board.scalars(it, row, "train")
+            run.train_seconds += step_s
+            if writer is not None and (run.it % tc.log_every == 0 or run.it == 1):
+                images_per_s = tc.batch_size * run.world / step_s
+                weighted = run.criterion.weighted(loss_dict)
+                row = writer.write(run.it, run.epoch, lr, loss, weighted, images_per_s, run.train_seconds)
+                board.scalars(run.it, row, "train")
             bar.update(1)
             bar.set_postfix(loss=f"{loss.item():.3f}", lr=f"{lr:.1e}")
-            if tc.time_budget_s and train_seconds >= tc.time_budget_s:
-                stop = True
-            if it >= total_iters or (stop_after is not None and it >= stop_after):
-                stop = True
-            if main_process and tc.eval_every and it % tc.eval_every == 0 and not stop:
-                _log_eval(
-                    out_dir / "eval.csv",
-                    it,
-                    train_seconds,
-                    val_ds(),
-                    ema.module if ema else model,
-                    protocol,
-                    device,
-                    board,
-                    cfg,
-                )  # evaluation gives the model back in training mode
-            if stop or it % tc.checkpoint_every == 0:
-                checkpoint()
+            stop = (
+                run.budget_spent()
+                or run.it >= run.total_iters
+                or (stop_after is not None and run.it >= stop_after)
+            )
+            if run.main_process and tc.eval_every and run.it % tc.eval_every == 0 and not stop:
+                _log_eval(run, run.eval_model, board)  # evaluation gives the model back in training mode
+            if stop or run.it % tc.checkpoint_every == 0:
+                _checkpoint(run)
             t_last = time.perf_counter()  # checkpoint and evaluation time is not training time
             if stop:
                 break
         else:
-            epoch, batch_in_epoch = epoch + 1, 0
+            run.epoch, run.batch_in_epoch = run.epoch + 1, 0
     bar.close()
     if writer is not None:
         writer.close()
-    if (
-        stop_after is not None
-        and it < total_iters
-        and not (tc.time_budget_s and train_seconds >= tc.time_budget_s)
-    ):
-        board.close()
-        return {"iterations": it, "train_seconds": train_seconds, "interrupted": True}
+    return board
 
-    metrics = {"iterations": it, "train_seconds": round(train_seconds, 2)}
-    if main_process:
-        eval_model = ema.module if ema is not None else model
-        scores, dets = evaluate_model(eval_model, val_ds(), protocol=protocol, device=device)
-        _append_csv(
-            out_dir / "eval.csv", {"iteration": it, "train_seconds": round(train_seconds, 2), **scores}
+
+def _epoch_loader(run: _Run) -> torch.utils.data.DataLoader:
+    """The rest of the current epoch's batches, from the run's position in it."""
+    tc = run.cfg.train
+    batches = epoch_batches(len(run.train_ds), tc.batch_size, tc.seed, run.epoch, run.rank, run.world)
+    # the loader's own generator keeps worker seeding off the global RNG (exact resume)
+    return torch.utils.data.DataLoader(
+        run.train_ds,
+        batch_sampler=batches[run.batch_in_epoch :],
+        collate_fn=collate_fn,
+        num_workers=run.cfg.data.num_workers,
+        pin_memory=run.device.type == "cuda",
+        generator=torch.Generator().manual_seed(tc.seed * 100_003 + run.epoch),
+    )
+
+
+def _step(run: _Run, images, targets, clip_params: list) -> tuple[torch.Tensor, dict, float]:
+    """One optimisation step on one batch: the weighted total loss, the loss terms and the learning rate."""
+    tc = run.cfg.train
+    images, targets = _to_device(images, targets, run.device)
+    if tc.channels_last:
+        images = images.contiguous(memory_format=torch.channels_last)
+    if tc.multiscale:
+        size = tc.multiscale[int(torch.randint(len(tc.multiscale), (1,)))]
+        images = nn.functional.interpolate(images, size=(size, size), mode="bilinear", align_corners=False)
+    lr = set_lr(run.optimizer, lr_factor(run.it, tc, run.total_iters))
+    criterion = run.criterion
+    # bf16 autocast on CUDA and on CPUs with bf16 units; the loss is computed in float32
+    with torch.autocast(run.device.type, dtype=torch.bfloat16, enabled=tc.amp):
+        outputs = run.ddp_model(
+            images,
+            targets,
+            return_sampling=criterion.needs_sampling,
+            return_hidden=criterion.needs_hidden,
         )
-        board.scalars(it, scores, "val")
-        board.attention(it, eval_model, val_ds(), cfg)
+    loss_dict = criterion(_to_float32(outputs), targets)
+    loss = criterion.weighted_total(loss_dict)
+    if _any_rank(not bool(torch.isfinite(loss)), run.device):
+        bad = sorted(k for k, v in loss_dict.items() if not torch.isfinite(v).all())
+        raise NonFiniteLossError(
+            f"non-finite loss at iteration {run.it} (terms: {', '.join(bad) or 'total'}); "
+            f"the last good checkpoint is {run.ckpt_path if run.ckpt_path.exists() else 'none yet'}"
+        )
+    run.optimizer.zero_grad(set_to_none=True)
+    loss.backward()
+    if tc.clip_max_norm > 0:
+        nn.utils.clip_grad_norm_(clip_params, tc.clip_max_norm)
+    run.optimizer.step()
+    if run.ema is not None:
+        run.ema.update(run.model)
+    return loss, loss_dict, lr
+
+
+def _checkpoint(run: _Run) -> None:
+    """Write ``checkpoints/last.pt`` (rank 0, with every rank's RNG states); refuse non-finite weights."""
+    # a finite loss can still leave exploding weights: never replace the last good checkpoint with those
+    bad = next(
+        (
+            name
+            for name, p in run.model.state_dict().items()
+            if p.is_floating_point() and not bool(torch.isfinite(p).all())
+        ),
+        None,
+    )
+    ckpt_path = run.ckpt_path
+    if _any_rank(bad is not None, run.device):
+        raise NonFiniteLossError(
+            f"non-finite weights at iteration {run.it} ({bad or 'on another rank'}); the last checkpoint "
+            f"with finite weights is {ckpt_path if ckpt_path.exists() else 'none yet'}"
+        )
+    rngs = [None] * run.world
+    if run.world > 1:
+        dist.all_gather_object(rngs, _rng_state())
+    else:
+        rngs = [_rng_state()]
+    if run.main_process:
+        save_checkpoint(
+            ckpt_path,
+            model=run.model.state_dict(),
+            criterion=run.criterion.state_dict(),
+            optimizer=run.optimizer.state_dict(),
+            ema=run.ema.state_dict() if run.ema else None,
+            iteration=run.it,
+            epoch=run.epoch,
+            batch_in_epoch=run.batch_in_epoch,
+            train_seconds=run.train_seconds,
+            rng=rngs,
+            config=run.cfg.to_dict(),
+            categories=[
+                {"id": int(c["id"]), "name": str(c["name"])}
+                for c in sorted(run.train_ds.coco["categories"], key=lambda c: c["id"])
+            ],
+        )
+
+
+def _log_eval(run: _Run, model: nn.Module, board: _Board) -> tuple[dict, list]:
+    """Evaluate ``model`` on the validation split: a row of eval.csv, TensorBoard scalars and attention
+    figure; returns the scores and the detections."""
+    scores, dets = evaluate_model(model, run.val_ds(), protocol=run.protocol, device=run.device)
+    _append_csv(
+        run.out_dir / "eval.csv",
+        {"iteration": run.it, "train_seconds": round(run.train_seconds, 2), **scores},
+    )
+    board.scalars(run.it, scores, "val")
+    board.attention(run.it, model, run.val_ds(), run.cfg)
+    return scores, dets
+
+
+def _finish(run: _Run, board: _Board) -> dict:
+    """The final metrics; rank 0 evaluates the run and writes its detections, mechanisms and run files."""
+    metrics = {"iterations": run.it, "train_seconds": round(run.train_seconds, 2)}
+    if run.main_process:
+        eval_model = run.eval_model
+        scores, dets = _log_eval(run, eval_model, board)
         metrics = {**scores, **metrics}
-        atomic_write_json(out_dir / "detections_val.json", dets, indent=None)
+        atomic_write_json(run.out_dir / "detections_val.json", dets, indent=None)
 
         atomic_write_json(
-            out_dir / "mechanisms.json",
-            measure(eval_model, criterion, val_ds(), cfg.loss.eta_per_layer, log_path, device),
+            run.out_dir / "mechanisms.json",
+            measure(
+                eval_model, run.criterion, run.val_ds(), run.cfg.loss.eta_per_layer, run.log_path, run.device
+            ),
         )
-        write_run(out_dir, cfg, metrics, seed=tc.seed, wall_seconds=train_seconds, device=str(device))
-    board.close()
-    _barrier()
+        tc = run.cfg.train
+        write_run(
+            run.out_dir,
+            run.cfg,
+            metrics,
+            seed=tc.seed,
+            wall_seconds=run.train_seconds,
+            device=str(run.device),
+        )
     return metrics
 
 
@@ -488,24 +603,6 @@ def config_differences(stored: dict, requested: dict, prefix: str = "") -> list[
     return out
 
 
-def _log_eval(
-    path: Path,
-    it: int,
-    train_seconds: float,
-    dataset,
-    model,
-    protocol: str,
-    device,
-    board: _Board,
-    cfg: RunConfig,
-) -> None:
-
-    scores, _ = evaluate_model(model, dataset, protocol=protocol, device=device)
-    _append_csv(path, {"iteration": it, "train_seconds": round(train_seconds, 2), **scores})
-    board.scalars(it, scores, "val")
-    board.attention(it, model, dataset, cfg)
-
-
 def _append_csv(path: Path, row: dict) -> None:
     new = not path.exists() or path.stat().st_size == 0
     with open(path, "a", newline="") as f:
@@ -516,9 +613,9 @@ def _append_csv(path: Path, row: dict) -> None:
 
 
 def _truncate_log(path: Path, iteration: int) -> None:
-    """Keep only the log rows up to ``iteration`` (a resumed run rewrites what came after). A run that starts
-    from iteration 0 starts a new log: an earlier run's header (e.g. a committed run retrained for its weights,
-    logged by older code) would drop the columns today's code writes."""
+    """Keep only the log rows up to ``iteration`` (a resumed run rewrites what came after). A run that
+    starts from iteration 0 starts a new log: an existing log's header (e.g. of a committed run retrained
+    for its weights) may lack columns that this code writes, and its columns would be kept."""
     if iteration == 0:
         path.unlink(missing_ok=True)
         return
@@ -573,11 +670,11 @@ class _LogWriter:
 
 
 class _Board:
-    """TensorBoard event files in ``<run>/tensorboard`` (``train.tensorboard``): every logged row of log.csv as
-    scalars (``train/…``), the evaluation metrics (``val/…``) and, at each evaluation, the attention of the
-    best-scoring query on the first validation image through the decoder layers (``attention/val_image_0``).
-    log.csv and eval.csv stay the source the notebooks read. A resumed run purges the events after its
-    checkpoint, as it truncates the CSV logs."""
+    """TensorBoard event files in ``<run>/tensorboard`` (``train.tensorboard``): every logged row of
+    log.csv as scalars (``train/…``), the evaluation metrics (``val/…``) and, at each evaluation, the
+    attention of the best-scoring query on the first validation image through the decoder layers
+    (``attention/val_image_0``). log.csv and eval.csv stay the source the notebooks read. A resumed run
+    purges the events after its checkpoint, as it truncates the CSV logs."""
 
     def __init__(self, out_dir: Path, start_iteration: int, enabled: bool):
         self.writer = None
