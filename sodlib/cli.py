@@ -93,7 +93,8 @@ def _cmd_eval(args) -> int:
     from sodlib.evaluation import protocols as evaluation
     from sodlib.io import claim_output_dir
 
-    # one rule for --out and the default folder beside the checkpoint's run or the detections: checked before work
+    # one rule for --out and the default folder beside the checkpoint's run or the detections: checked
+    # before any work
     out_dir = claim_output_dir(args.out) if args.out else None
     if args.checkpoint:
         if not Path(args.checkpoint).is_file():
@@ -202,10 +203,24 @@ def _results() -> Path:
 
 
 def build_parser() -> argparse.ArgumentParser:
+    """The ``sodlib`` parser: each ``_add_<command>_parser`` adds one sub-command and names its handler."""
     p = argparse.ArgumentParser(prog="sodlib", description=__doc__.splitlines()[0])
     p.add_argument("-v", "--verbose", action="store_true", help="debug logging")
     sub = p.add_subparsers(dest="command", required=True)
+    _add_data_parser(sub)
+    _add_train_parser(sub)
+    _add_predict_parser(sub)
+    _add_eval_parser(sub)
+    _add_heatmap_parser(sub)
+    _add_export_parser(sub)
+    _add_bench_parser(sub)
+    _add_reproduce_parser(sub)
+    _add_compare_parser(sub)
+    return p
 
+
+def _add_data_parser(sub) -> None:
+    """``sodlib data synth`` and ``sodlib data stats``."""
     data = sub.add_parser("data", help="generate SynthSOD, dataset statistics")
     dsub = data.add_subparsers(dest="data_command", required=True)
     s = dsub.add_parser("synth", help="write a SynthSOD split as PNG + COCO json")
@@ -221,6 +236,9 @@ def build_parser() -> argparse.ArgumentParser:
     st.add_argument("--out", default=None, help="PNG path (default results/figures/synthsod_stats.png)")
     st.set_defaults(func=_cmd_data_stats)
 
+
+def _add_train_parser(sub) -> None:
+    """``sodlib train``."""
     t = sub.add_parser("train", help="train a detector (torchrun for several processes)")
     _add_config_args(t)
     t.add_argument("--data", default=None, help="dataset root (overrides data.root)")
@@ -236,6 +254,9 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--protocol", default="coco", choices=("coco", "sodad", "visdrone"))
     t.set_defaults(func=_cmd_train)
 
+
+def _add_predict_parser(sub) -> None:
+    """``sodlib predict``."""
     pr = sub.add_parser("predict", help="detect objects in image files")
     pr.add_argument("images", nargs="+")
     pr.add_argument("--checkpoint", required=True)
@@ -246,6 +267,9 @@ def build_parser() -> argparse.ArgumentParser:
     pr.add_argument("--device", default="cpu")
     pr.set_defaults(func=_cmd_predict)
 
+
+def _add_eval_parser(sub) -> None:
+    """``sodlib eval``."""
     e = sub.add_parser("eval", help="evaluate a checkpoint, or COCO-format detections against ground truth")
     e.add_argument("--checkpoint", help="checkpoint to evaluate on its validation split")
     e.add_argument("--data", default=None, help="with --checkpoint: dataset root")
@@ -265,6 +289,9 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--out", default=None, help="folder for metrics.csv / per_class.csv")
     e.set_defaults(func=_cmd_eval)
 
+
+def _add_heatmap_parser(sub) -> None:
+    """``sodlib heatmap``."""
     hm = sub.add_parser("heatmap", help="decoder attention of chosen objects, one figure per image")
     hm.add_argument("images", nargs="+")
     hm.add_argument("--checkpoint", required=True)
@@ -281,6 +308,9 @@ def build_parser() -> argparse.ArgumentParser:
     hm.add_argument("--overlap", type=float, default=0.2)
     hm.set_defaults(func=_cmd_heatmap)
 
+
+def _add_export_parser(sub) -> None:
+    """``sodlib export``."""
     x = sub.add_parser(
         "export", help="export a checkpoint's detector to ONNX (onnxruntime-checked in the tests)"
     )
@@ -307,11 +337,17 @@ def build_parser() -> argparse.ArgumentParser:
     x.add_argument("--num-classes", type=int, default=80, help="its class count with --rtdetr (COCO: 80)")
     x.set_defaults(func=_cmd_export)
 
+
+def _add_bench_parser(sub) -> None:
+    """``sodlib bench``."""
     b = sub.add_parser("bench", help="benchmarks writing results/bench/<what>.csv")
     b.add_argument("what", choices=("data", "model", "methods", "mrqm", "sahi"))
     b.add_argument("--out", default=None)
     b.set_defaults(func=_cmd_bench)
 
+
+def _add_reproduce_parser(sub) -> None:
+    """``sodlib reproduce``."""
     r = sub.add_parser("reproduce", help="regenerate results/ headlessly")
     r.add_argument("--profile", default="cpu", choices=("smoke", "cpu", "paper"))
     r.add_argument(
@@ -330,7 +366,8 @@ def build_parser() -> argparse.ArgumentParser:
     r.add_argument(
         "--train-missing",
         action="store_true",
-        help="notebook 04 trains the ablation runs the run cache lacks (hours on a CPU; with a fresh --out: all)",
+        help="notebook 04 trains the ablation runs the run cache lacks (hours on a CPU; "
+        "with a fresh --out: all)",
     )
     r.add_argument(
         "--tables",
@@ -342,6 +379,9 @@ def build_parser() -> argparse.ArgumentParser:
     )
     r.set_defaults(func=_cmd_reproduce)
 
+
+def _add_compare_parser(sub) -> None:
+    """``sodlib compare``."""
     c = sub.add_parser(
         "compare", help="after `sodlib reproduce`: which files under results/ differ from git, and how"
     )
@@ -350,7 +390,6 @@ def build_parser() -> argparse.ArgumentParser:
     )
     c.add_argument("--rev", default="HEAD", help="the revision holding the committed results (default HEAD)")
     c.set_defaults(func=_cmd_compare)
-    return p
 
 
 def _add_config_args(p: argparse.ArgumentParser) -> None:
@@ -371,8 +410,8 @@ def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(
         level=logging.DEBUG if args.verbose else logging.INFO, format="%(levelname)s %(name)s: %(message)s"
     )
-    # the error boundary: whatever the user can cause ends in one line and a non-zero exit (2; 130 for Ctrl-C);
-    # SODLIB_DEBUG=1 shows the traceback. Library code raises typed exceptions.
+    # the error boundary: whatever the user can cause ends in one line and a non-zero exit (2; 130 for
+    # Ctrl-C); SODLIB_DEBUG=1 shows the traceback. Library code raises typed exceptions.
     try:
         return args.func(args)
     except KeyboardInterrupt:

@@ -54,7 +54,8 @@ def test_data_synth_stats_and_eval_round_trip(tmp_path, capsys):
     assert "AP50" in capsys.readouterr().out
     metrics = pd.read_csv(tmp_path / "ev" / "metrics.csv").set_index("metric")["value"]
     assert metrics["AP"] == pytest.approx(1.0) and metrics["AP50"] == pytest.approx(1.0)
-    # without --out: eval_coco/ beside the detections, under the same rule as --out (a user's files are never replaced)
+    # without --out: eval_coco/ beside the detections, under the same rule as --out (a user's files are
+    # never replaced)
     assert main(["eval", "--gt", str(ann), "--dets", str(dets_path), "--protocol", "coco"]) == 0
     assert (tmp_path / "eval_coco" / "metrics.csv").is_file()
     assert (
