@@ -23,6 +23,7 @@ import warnings
 import xml.etree.ElementTree as ET
 from collections.abc import Iterable, Mapping
 from pathlib import Path
+from typing import NamedTuple
 
 from PIL import Image
 
@@ -256,6 +257,62 @@ def visdrone_to_coco(
     ``coco["info"]["inferred_sizes"]`` is True. ``file_name`` is ``<stem>.jpg``.
     """
     root = Path(root)
+    records, skipped = _parse_visdrone(root, strict, annotations_only, image_sizes)
+    return _visdrone_coco(records, root, skipped, annotations_only, image_sizes is None)
+
+
+class _VisDroneImage(NamedTuple):
+    """One VisDrone annotation file: its image's name and size, and its lines as
+    :func:`_parse_visdrone_line` returns them."""
+
+    file_name: str
+    width: int
+    height: int
+    rows: list[tuple[list[float], int, int, int, int]]
+
+
+def _parse_visdrone(
+    root: Path, strict: bool, annotations_only: bool, image_sizes: Mapping[str, tuple[int, int]] | None
+) -> tuple[list[_VisDroneImage], int]:
+    """The annotation files of a VisDrone folder in file-name order, and the count of malformed lines
+    skipped (``strict=False``); see :func:`visdrone_to_coco`."""
+    ann_files, images_by_stem = _visdrone_files(root, annotations_only)
+    records, skipped = [], 0
+    for stem, ann_path in ann_files.items():
+        rows = []
+        with open(ann_path, encoding="utf-8") as f:
+            for lineno, line in enumerate(f, start=1):
+                if not line.strip():
+                    continue
+                try:
+                    rows.append(_parse_visdrone_line(line))
+                except ValueError as e:
+                    msg = f"{ann_path}:{lineno}: {e}"
+                    if strict:
+                        raise ValueError(msg) from None
+                    # stacklevel: the caller of visdrone_to_coco
+                    warnings.warn(f"skipping malformed line {msg}", stacklevel=3)
+                    skipped += 1
+        if annotations_only:
+            if image_sizes is not None:
+                size = image_sizes.get(stem, image_sizes.get(stem + ".jpg"))
+                if size is None:
+                    raise ValueError(f"{ann_path}: no entry for '{stem}' in image_sizes")
+                width, height = int(size[0]), int(size[1])
+            else:
+                width = math.ceil(max((b[0] + b[2] for b, *_ in rows), default=0))
+                height = math.ceil(max((b[1] + b[3] for b, *_ in rows), default=0))
+            file_name = stem + ".jpg"
+        else:
+            width, height = _image_size(images_by_stem[stem])
+            file_name = images_by_stem[stem].name
+        records.append(_VisDroneImage(file_name, width, height, rows))
+    return records, skipped
+
+
+def _visdrone_files(root: Path, annotations_only: bool) -> tuple[dict[str, Path], dict[str, Path]]:
+    """``stem -> path`` of the annotation files and of the images (none with ``annotations_only``);
+    every image must have an annotation file and vice versa."""
     if annotations_only:
         ann_dir = root / "annotations" if (root / "annotations").is_dir() else root
     else:
@@ -282,48 +339,30 @@ def visdrone_to_coco(
                 )
     if not ann_files:
         raise FileNotFoundError(f"no .txt annotation files in {ann_dir}")
+    return ann_files, images_by_stem
 
+
+def _visdrone_coco(
+    records: list[_VisDroneImage], root: Path, skipped: int, annotations_only: bool, sizes_inferred: bool
+) -> dict:
+    """The COCO dict of parsed VisDrone files: boxes clipped or dropped, and sorted by category into
+    annotations, ignored boxes and ignore regions (see :func:`visdrone_to_coco`)."""
     categories = [
         {"id": i + 1, "name": n, "supercategory": "visdrone"} for i, n in enumerate(VISDRONE_CATEGORIES)
     ]
     images, annotations = [], []
-    skipped = dropped = clipped_n = 0
-    for img_id, (stem, ann_path) in enumerate(ann_files.items(), start=1):
-        rows = []
-        with open(ann_path, encoding="utf-8") as f:
-            for lineno, line in enumerate(f, start=1):
-                if not line.strip():
-                    continue
-                try:
-                    rows.append(_parse_visdrone_line(line))
-                except ValueError as e:
-                    msg = f"{ann_path}:{lineno}: {e}"
-                    if strict:
-                        raise ValueError(msg) from None
-                    warnings.warn(f"skipping malformed line {msg}", stacklevel=2)
-                    skipped += 1
-        if annotations_only:
-            if image_sizes is not None:
-                size = image_sizes.get(stem, image_sizes.get(stem + ".jpg"))
-                if size is None:
-                    raise ValueError(f"{ann_path}: no entry for '{stem}' in image_sizes")
-                width, height = int(size[0]), int(size[1])
-            else:
-                width = math.ceil(max((b[0] + b[2] for b, *_ in rows), default=0))
-                height = math.ceil(max((b[1] + b[3] for b, *_ in rows), default=0))
-            file_name = stem + ".jpg"
-        else:
-            width, height = _image_size(images_by_stem[stem])
-            file_name = images_by_stem[stem].name
+    dropped = clipped_n = 0
+    for img_id, record in enumerate(records, start=1):
+        width, height = record.width, record.height
         image = {
             "id": img_id,
-            "file_name": file_name,
+            "file_name": record.file_name,
             "width": width,
             "height": height,
             "ignore_regions_xywh": [],
             "ignored_boxes_xywh": [],
         }
-        for (x, y, w, h), score, category, trunc, occl in rows:
+        for (x, y, w, h), score, category, trunc, occl in record.rows:
             if w <= 0 or h <= 0:
                 dropped += 1
                 continue
@@ -366,7 +405,7 @@ def visdrone_to_coco(
         "dropped_boxes": dropped,
         "clipped_boxes": clipped_n,
         "annotations_only": bool(annotations_only),
-        "inferred_sizes": bool(annotations_only and image_sizes is None),
+        "inferred_sizes": bool(annotations_only and sizes_inferred),
     }
     return {"info": info, "images": images, "annotations": annotations, "categories": categories}
 
@@ -408,10 +447,12 @@ def voc_to_coco(
     ``stems`` restricts the conversion to these xml stems. Other files in ``annotations/`` (csv) are ignored.
     """
     root = Path(root)
-    ann_dir, image_dir = root / "annotations", root / "images"
-    for d in (ann_dir, image_dir):
-        if not d.is_dir():
-            raise FileNotFoundError(f"VOC folder not found: {d}")
+    records, dropped, clipped_n = _parse_voc(root, class_map, single_class, stems)
+    return _voc_coco(records, root, classes, dropped, clipped_n)
+
+
+def _voc_xml_files(ann_dir: Path, stems: Iterable[str] | None) -> list[Path]:
+    """The xml files of ``ann_dir`` in name order, or those of ``stems``."""
     xml_files = sorted(ann_dir.glob("*.xml"))
     if stems is not None:
         wanted = list(stems)
@@ -422,10 +463,22 @@ def voc_to_coco(
         xml_files = [by_stem[s] for s in sorted(set(wanted))]
     if not xml_files:
         raise FileNotFoundError(f"no .xml annotation files in {ann_dir}")
+    return xml_files
+
+
+def _parse_voc(
+    root: Path, class_map: Mapping[str, str] | None, single_class: str | None, stems: Iterable[str] | None
+) -> tuple[list[tuple[dict, list]], int, int]:
+    """The xml files of a VOC folder as ``(image record, [(class name, box, difficult)])`` with boxes
+    clipped to the image, and the counts of dropped and clipped boxes (see :func:`voc_to_coco`)."""
+    ann_dir, image_dir = root / "annotations", root / "images"
+    for d in (ann_dir, image_dir):
+        if not d.is_dir():
+            raise FileNotFoundError(f"VOC folder not found: {d}")
+    xml_files = _voc_xml_files(ann_dir, stems)
     images_by_stem = _list_images(image_dir)
     class_map = dict(class_map or {})
-
-    parsed = []  # (image record, [(name, box, difficult)])
+    records = []
     dropped = clipped_n = 0
     for img_id, xml_path in enumerate(xml_files, start=1):
         try:
@@ -433,24 +486,9 @@ def voc_to_coco(
         except ET.ParseError as e:
             raise ValueError(f"{xml_path}: invalid XML ({e})") from e
         node = tree.getroot()
-        fname = _xml_text(node, "filename", xml_path, required=False)
-        img_path = image_dir / fname if fname else None
-        if img_path is None or not img_path.is_file():
-            img_path = images_by_stem.get(xml_path.stem)
-        if img_path is None:
-            raise FileNotFoundError(f"{xml_path}: image {fname or xml_path.stem} not found in {image_dir}")
+        img_path = _voc_image(node, xml_path, image_dir, images_by_stem)
         width, height = _image_size(img_path)
-        size = node.find("size")
-        if size is not None:
-            try:
-                xw = int(float(_xml_text(size, "width", xml_path, required=False) or 0))
-                xh = int(float(_xml_text(size, "height", xml_path, required=False) or 0))
-            except ValueError:
-                raise ValueError(f"{xml_path}: non-numeric <size>") from None
-            if xw and xh and (xw, xh) != (width, height):
-                raise ValueError(
-                    f"{xml_path}: <size> {xw}x{xh} does not match image {img_path} ({width}x{height})"
-                )
+        _check_voc_size(node, xml_path, img_path, width, height)
         objects = []
         for k, obj in enumerate(node.findall("object")):
             name = _xml_text(obj, "name", xml_path)
@@ -474,9 +512,42 @@ def voc_to_coco(
                 continue
             clipped_n += int(was_clipped)
             objects.append((name, box, difficult))
-        parsed.append(({"id": img_id, "file_name": img_path.name, "width": width, "height": height}, objects))
+        records.append(
+            ({"id": img_id, "file_name": img_path.name, "width": width, "height": height}, objects)
+        )
+    return records, dropped, clipped_n
 
-    found = sorted({name for _, objs in parsed for name, _, _ in objs})
+
+def _voc_image(node: ET.Element, xml_path: Path, image_dir: Path, images_by_stem: dict[str, Path]) -> Path:
+    """The image an xml names in ``<filename>``, or else the image with the xml's stem."""
+    fname = _xml_text(node, "filename", xml_path, required=False)
+    img_path = image_dir / fname if fname else None
+    if img_path is None or not img_path.is_file():
+        img_path = images_by_stem.get(xml_path.stem)
+    if img_path is None:
+        raise FileNotFoundError(f"{xml_path}: image {fname or xml_path.stem} not found in {image_dir}")
+    return img_path
+
+
+def _check_voc_size(node: ET.Element, xml_path: Path, img_path: Path, width: int, height: int) -> None:
+    """Refuse an xml whose ``<size>`` (when present and not zero) differs from its image's header."""
+    size = node.find("size")
+    if size is None:
+        return
+    try:
+        xw = int(float(_xml_text(size, "width", xml_path, required=False) or 0))
+        xh = int(float(_xml_text(size, "height", xml_path, required=False) or 0))
+    except ValueError:
+        raise ValueError(f"{xml_path}: non-numeric <size>") from None
+    if xw and xh and (xw, xh) != (width, height):
+        raise ValueError(f"{xml_path}: <size> {xw}x{xh} does not match image {img_path} ({width}x{height})")
+
+
+def _voc_coco(
+    records: list[tuple[dict, list]], root: Path, classes: Iterable[str] | None, dropped: int, clipped_n: int
+) -> dict:
+    """The COCO dict of parsed VOC files: categories from ``classes`` or the sorted names found."""
+    found = sorted({name for _, objs in records for name, _, _ in objs})
     if classes is not None:
         classes = list(classes)
         unknown = [n for n in found if n not in classes]
@@ -486,7 +557,7 @@ def voc_to_coco(
         classes = found
     cat_id = {n: i + 1 for i, n in enumerate(classes)}
     images, annotations = [], []
-    for image, objects in parsed:
+    for image, objects in records:
         images.append(image)
         for name, box, difficult in objects:
             annotations.append(
