@@ -63,7 +63,8 @@ def _parse_xml(path: Path) -> ET.ElementTree:
 
 def _check_inside(image_dir: Path, images: list[dict], source) -> None:
     """Every ``file_name`` must name a file inside ``image_dir`` (lexically: no ``..`` escape, no absolute
-    path; symlinks inside the folder are the user's business), or a ValueError names the first that does not."""
+    path; symlinks inside the folder are the user's business), or a ValueError names the first that does
+    not."""
     root = os.path.normpath(image_dir)
     for img in images:
         name = str(img["file_name"])
@@ -76,7 +77,8 @@ def _check_inside(image_dir: Path, images: list[dict], source) -> None:
 
 
 def rgb8(image: Image.Image) -> Image.Image:
-    """8-bit RGB: 16-bit grey (PNG ``I;16``) keeps its top 8 bits (value >> 8) instead of PIL's clipping at 255."""
+    """8-bit RGB: 16-bit grey (PNG ``I;16``) keeps its top 8 bits (value >> 8) instead of PIL's clipping at
+    255."""
     if image.mode.startswith("I;16") or image.mode == "I":
         values = np.asarray(image, dtype=np.uint32) >> 8
         image = Image.fromarray(np.clip(values, 0, 255).astype(np.uint8))
@@ -189,7 +191,8 @@ class CocoDetection(torch.utils.data.Dataset):
         w, h = image.size
         if (int(record["width"]), int(record["height"])) != (w, h):
             raise ValueError(
-                f"image {self.image_path(index)} is {w}x{h} but its record says {record['width']}x{record['height']}"
+                f"image {self.image_path(index)} is {w}x{h} but its record says "
+                f"{record['width']}x{record['height']}"
             )
         boxes, labels = [], []
         for a in self.training_annotations(index):
@@ -267,7 +270,8 @@ def data_cache_dir() -> Path:
 
 
 def synthsod_root(data_cfg) -> Path:
-    """Where SynthSOD for this config lives: ``data_cfg.root`` or the cache ``synthsod_s{size}_seed{seed}``."""
+    """Where SynthSOD for this config lives: ``data_cfg.root`` or the cache
+    ``synthsod_s{size}_seed{seed}``."""
     if data_cfg.root:
         return Path(data_cfg.root).expanduser()
     return data_cache_dir() / f"synthsod_s{data_cfg.image_size}_seed{data_cfg.synth_seed}"
@@ -296,72 +300,30 @@ def build_dataset(data_cfg, split: str, train: bool, data_root: str | None = Non
       ``split="VisDrone2019-DET-val"``; ``<root>/VisDrone2019-DET-<split>`` is tried when ``<root>/<split>``
       does not exist.
     * ``voc``: ``<root>/<split>/{images,annotations}``; or, when that folder does not exist, ``<root>``
-      itself restricted to the stems listed in ``<root>/<split>.txt`` or ``<root>/ImageSets/Main/<split>.txt``;
-      or the whole ``<root>`` for ``split`` "all". With ``data_cfg.num_classes == 1`` every object is mapped to
-      one class named after the most frequent class name (neon_trees → "Tree").
+      itself restricted to the stems listed in ``<root>/<split>.txt`` or
+      ``<root>/ImageSets/Main/<split>.txt``; or the whole ``<root>`` for ``split`` "all". With
+      ``data_cfg.num_classes == 1`` every object is mapped to one class named after the most frequent class
+      name (neon_trees → "Tree").
     """
-
     tf = build_transforms(data_cfg.image_size, train=train, augment=data_cfg.augment)
     kind = data_cfg.dataset
     root = Path(data_root or data_cfg.root).expanduser() if (data_root or data_cfg.root) else None
 
     if kind == "synthsod":
-        out_dir = Path(data_root).expanduser() if data_root else synthsod_root(data_cfg)
-        if split in ("train", data_cfg.train_split):
-            name, n = "train", data_cfg.synth_train_images
-        elif split in ("val", data_cfg.val_split):
-            name, n = "val", data_cfg.synth_val_images
-        else:
-            raise ValueError(f"SynthSOD has splits 'train' and 'val', got {split!r}")
-        ann = synth.ensure_split(out_dir, name, n, data_cfg.image_size, seed=data_cfg.synth_seed)
-        ds = CocoDetection(out_dir / "images" / name, ann, tf)
+        ds = _synthsod_dataset(data_cfg, split, data_root, tf)
     elif root is None:
         raise ValueError(f"data.root must be set for dataset {kind!r}")
     elif kind == "coco":
-        candidates = [
-            root / "annotations" / f"instances_{split}.json",
-            root / "annotations" / f"{split}.json",
-        ]
-        ann = next((p for p in candidates if p.is_file()), None)
-        if ann is None:
-            raise FileNotFoundError(
-                f"no annotation file for split {split!r}: tried {[str(p) for p in candidates]}"
-            )
-        ds = CocoDetection(root / "images" / split, ann, tf, allow_outside=data_cfg.allow_outside_paths)
+        ds = _coco_dataset(root, split, tf, data_cfg.allow_outside_paths)
     elif kind == "visdrone":
-        folder = root / split
-        if not folder.is_dir() and (root / f"VisDrone2019-DET-{split}").is_dir():
-            folder = root / f"VisDrone2019-DET-{split}"
-        if not folder.is_dir():
-            raise FileNotFoundError(f"VisDrone split folder not found: {folder}")
-        ds = CocoDetection(folder / "images", visdrone_to_coco(folder), tf)
+        ds = _visdrone_dataset(root, split, tf)
     elif kind == "voc":
-        folder, stems = root / split, None
-        if not (folder / "annotations").is_dir():
-            folder = root
-            stems = _read_split_list(root, split)
-            if stems is None and split != "all":
-                raise FileNotFoundError(
-                    f"VOC split {split!r}: neither {root / split}/annotations nor a split list "
-                    f"{root / (split + '.txt')} exists (use split 'all' for the whole folder)"
-                )
-        single = None
-        if data_cfg.num_classes == 1:
-            names = Counter(
-                el.text.strip()
-                for p in sorted((folder / "annotations").glob("*.xml"))
-                if stems is None or p.stem in stems
-                for el in _parse_xml(p).getroot().iterfind("object/name")
-                if el.text
-            )
-            single = names.most_common(1)[0][0] if names else "object"
-        ds = CocoDetection(folder / "images", voc_to_coco(folder, single_class=single, stems=stems), tf)
+        ds = _voc_dataset(root, split, tf, data_cfg.num_classes)
     else:
         raise ValueError(f"unknown dataset {kind!r}")
 
-    if (
-        kind != "synthsod"
-    ):  # the user's files: read every header now (SynthSOD's were just written and checked)
+    # the user's files: read every header now (SynthSOD's were just written and checked)
+    if kind != "synthsod":
         ds.check_images()
     if ds.num_classes != data_cfg.num_classes:
         logger.warning(
@@ -373,6 +335,69 @@ def build_dataset(data_cfg, split: str, train: bool, data_root: str | None = Non
         )
     logger.info("built %r", ds)
     return ds
+
+
+def _synthsod_dataset(data_cfg, split: str, data_root: str | None, tf) -> CocoDetection:
+    """SynthSOD's ``train`` or ``val`` split, written first when missing."""
+    out_dir = Path(data_root).expanduser() if data_root else synthsod_root(data_cfg)
+    if split in ("train", data_cfg.train_split):
+        name, n = "train", data_cfg.synth_train_images
+    elif split in ("val", data_cfg.val_split):
+        name, n = "val", data_cfg.synth_val_images
+    else:
+        raise ValueError(f"SynthSOD has splits 'train' and 'val', got {split!r}")
+    ann = synth.ensure_split(out_dir, name, n, data_cfg.image_size, seed=data_cfg.synth_seed)
+    return CocoDetection(out_dir / "images" / name, ann, tf)
+
+
+def _coco_dataset(root: Path, split: str, tf, allow_outside: bool) -> CocoDetection:
+    """A COCO-layout split: ``annotations/instances_<split>.json`` (or ``<split>.json``) and
+    ``images/<split>``."""
+    candidates = [
+        root / "annotations" / f"instances_{split}.json",
+        root / "annotations" / f"{split}.json",
+    ]
+    ann = next((p for p in candidates if p.is_file()), None)
+    if ann is None:
+        raise FileNotFoundError(
+            f"no annotation file for split {split!r}: tried {[str(p) for p in candidates]}"
+        )
+    return CocoDetection(root / "images" / split, ann, tf, allow_outside=allow_outside)
+
+
+def _visdrone_dataset(root: Path, split: str, tf) -> CocoDetection:
+    """A VisDrone split folder ``<root>/<split>`` (or ``<root>/VisDrone2019-DET-<split>``)."""
+    folder = root / split
+    if not folder.is_dir() and (root / f"VisDrone2019-DET-{split}").is_dir():
+        folder = root / f"VisDrone2019-DET-{split}"
+    if not folder.is_dir():
+        raise FileNotFoundError(f"VisDrone split folder not found: {folder}")
+    return CocoDetection(folder / "images", visdrone_to_coco(folder), tf)
+
+
+def _voc_dataset(root: Path, split: str, tf, num_classes: int) -> CocoDetection:
+    """A VOC split: the folder ``<root>/<split>``, or ``<root>`` restricted to a split list (all of it for
+    ``split`` "all"); one class named after the most frequent name when ``num_classes`` is 1."""
+    folder, stems = root / split, None
+    if not (folder / "annotations").is_dir():
+        folder = root
+        stems = _read_split_list(root, split)
+        if stems is None and split != "all":
+            raise FileNotFoundError(
+                f"VOC split {split!r}: neither {root / split}/annotations nor a split list "
+                f"{root / (split + '.txt')} exists (use split 'all' for the whole folder)"
+            )
+    single = None
+    if num_classes == 1:
+        names = Counter(
+            el.text.strip()
+            for p in sorted((folder / "annotations").glob("*.xml"))
+            if stems is None or p.stem in stems
+            for el in _parse_xml(p).getroot().iterfind("object/name")
+            if el.text
+        )
+        single = names.most_common(1)[0][0] if names else "object"
+    return CocoDetection(folder / "images", voc_to_coco(folder, single_class=single, stems=stems), tf)
 
 
 __all__ = [
