@@ -25,10 +25,11 @@ from sodlib.models.detector import eval_mode
 def splat_attention(
     sampling_locations: Tensor, attention_weights: Tensor, size_hw: tuple[int, int]
 ) -> Tensor:
-    """Heatmap [H, W]: every attention weight added to the pixel its sampling point falls in (nearest splat).
+    """Heatmap [H, W]: every attention weight added to the pixel its sampling point falls in (nearest
+    splat).
 
-    ``sampling_locations`` [..., 2] normalised (x, y); ``attention_weights`` [...] (same leading shape), summed
-    over every leading dimension (heads, levels, points, queries). Pixel (row i, col j) covers
+    ``sampling_locations`` [..., 2] normalised (x, y); ``attention_weights`` [...] (same leading shape),
+    summed over every leading dimension (heads, levels, points, queries). Pixel (row i, col j) covers
     x ∈ [j/W, (j+1)/W), y ∈ [i/H, (i+1)/H); points outside the image are dropped.
     """
     if sampling_locations.shape[:-1] != attention_weights.shape:
@@ -56,12 +57,12 @@ def attention_density(
     """Attention as a smooth density [H, W]: every sampling point's weight spread by a Gaussian whose width
     follows its feature level's stride.
 
-    ``sampling_locations`` [..., levels, points, 2] normalised (x, y); ``attention_weights`` [..., levels, points]
-    (e.g. one query's [heads, levels, points], or several queries'); ``level_strides`` (L,) the stride of each
-    level in pixels of the *output* grid (a stride-8 level of a 320-px input drawn at 960 px: 24);
-    ``size_hw`` the output grid. A point of level l gets σ_l = ``sigma_per_stride`` · stride_l pixels: a
-    bilinear sample of that level reads a 2·stride-wide tent of the image, whose standard deviation is
-    stride/√6 ≈ 0.41·stride; 0.5 keeps the picture smooth at that scale.
+    ``sampling_locations`` [..., levels, points, 2] normalised (x, y); ``attention_weights``
+    [..., levels, points] (e.g. one query's [heads, levels, points], or several queries'); ``level_strides``
+    (L,) the stride of each level in pixels of the *output* grid (a stride-8 level of a 320-px input drawn
+    at 960 px: 24); ``size_hw`` the output grid. A point of level l gets σ_l = ``sigma_per_stride`` ·
+    stride_l pixels: a bilinear sample of that level reads a 2·stride-wide tent of the image, whose
+    standard deviation is stride/√6 ≈ 0.41·stride; 0.5 keeps the picture smooth at that scale.
 
     Mass: each point's kernel is normalised over the pixels *inside* the grid, so a point near the border
     keeps all its weight, and the density's total is the attention mass of the points inside the image
@@ -121,7 +122,8 @@ def attention_mass_in_boxes(
 def query_per_box(pred_boxes_cxcywh: Tensor, scores: Tensor, gt_boxes_cxcywh: Tensor) -> Tensor:
     """For each ground-truth box, the query that detects it best: argmax over queries of score × IoU.
 
-    ``pred_boxes_cxcywh`` [Q, 4], ``scores`` [Q] (best class score), ``gt_boxes_cxcywh`` [G, 4]; returns [G] long.
+    ``pred_boxes_cxcywh`` [Q, 4], ``scores`` [Q] (best class score), ``gt_boxes_cxcywh`` [G, 4]; returns
+    [G] long.
     """
     if len(gt_boxes_cxcywh) == 0:
         return torch.zeros(0, dtype=torch.long)
@@ -166,9 +168,6 @@ def attention_for_objects(
     }
 
 
-# ---------------------------------------------------------------- one image, chosen objects (sodlib heatmap)
-
-
 def in_box_share(model: torch.nn.Module, dataset, num_images: int, device="cpu") -> Tensor:
     """:func:`attention_for_objects`' in-box attention share for every ground-truth object of the first
     ``num_images`` images of ``dataset``, concatenated: [decoder layers, objects]."""
@@ -180,13 +179,16 @@ def in_box_share(model: torch.nn.Module, dataset, num_images: int, device="cpu")
 
 
 def level_strides(model_cfg) -> tuple[int, ...]:
-    """Stride (input pixels) of each decoder level: the encoder's maps (8, 16, 32; from 4 with a stride-4 level),
-    then each extra level twice the previous one."""
+    """Stride (input pixels) of each decoder level: the encoder's maps (8, 16, 32; from 4 with a stride-4
+    level), then each extra level twice the previous one."""
 
     strides = [2**lv for lv in encoder_levels(model_cfg)]
     while len(strides) < model_cfg.num_levels:
         strides.append(strides[-1] * 2)
     return tuple(strides[: model_cfg.num_levels])
+
+
+# ---------------------------------------------------------------- one image, chosen objects
 
 
 @torch.no_grad()
@@ -202,16 +204,30 @@ def object_attention(
     """The queries to draw on one image and their attention in every decoder layer.
 
     The image (or, with ``slice_size``, each overlapping window of it) is resized to ``image_size`` and run
-    through the eval-mode detector. Chosen: the ``objects`` queries with the best class scores (across windows),
-    or with ``box_xywh`` (pixels) the query that best covers that box (score × IoU, :func:`query_per_box`).
+    through the eval-mode detector. Chosen: the ``objects`` queries with the best class scores (across
+    windows), or with ``box_xywh`` (pixels) the query that best covers that box (score × IoU,
+    :func:`query_per_box`).
 
-    Returns one dict per chosen query: ``window`` (x0, y0, x1, y1) pixels of the image it was run on, ``score``,
-    ``label``, ``query``, ``pred_xyxy`` [4] and per layer ``ref_xyxy`` [L, 4] (pixels of the full image), and
-    ``sampling_locations`` [L, heads, levels, points, 2] / ``attention_weights`` [L, heads, levels, points]
-    normalised to the window.
+    Returns one dict per chosen query: ``window`` (x0, y0, x1, y1) pixels of the image it was run on,
+    ``score``, ``label``, ``query``, ``pred_xyxy`` [4] and per layer ``ref_xyxy`` [L, 4] (pixels of the full
+    image), and ``sampling_locations`` [L, heads, levels, points, 2] / ``attention_weights``
+    [L, heads, levels, points] normalised to the window.
     """
-
     _, h, w = image_uint8.shape
+    device = next(model.parameters()).device
+    candidates = []
+    for win in _attention_windows(h, w, box_xywh, slice_size, overlap):
+        candidates += _window_queries(model, image_uint8, win, image_size, objects, box_xywh, device)
+    candidates.sort(key=lambda c: -c["score"])
+    return candidates[:1] if box_xywh is not None else candidates[:objects]
+
+
+def _attention_windows(
+    h: int, w: int, box_xywh: tuple | None, slice_size: int | None, overlap: float
+) -> list[tuple[int, int, int, int]]:
+    """The windows :func:`object_attention` runs the detector on: the whole image, the overlapping
+    windows of ``slice_size`` when the image is larger, and with ``box_xywh`` only the window that holds
+    the box best (its centre farthest from the window's edge)."""
     windows = (
         tile_windows(w, h, slice_size, round(overlap * slice_size))
         if slice_size and (h > slice_size or w > slice_size)
@@ -219,51 +235,56 @@ def object_attention(
     )
     if box_xywh is not None:
         x, y, bw, bh = box_xywh
-        cx, cy = (
-            x + bw / 2,
-            y + bh / 2,
-        )  # the window that holds the box best: its centre, farthest from the edge
+        cx, cy = x + bw / 2, y + bh / 2
         windows = [max(windows, key=lambda win: min(cx - win[0], win[2] - cx, cy - win[1], win[3] - cy))]
-    device = next(model.parameters()).device
-    candidates = []
-    for win in windows:
-        x0, y0, x1, y1 = win
-        crop = image_uint8[:, y0:y1, x0:x1].to(device).float().div(255)
-        crop = torch.nn.functional.interpolate(
-            crop[None], size=(image_size, image_size), mode="bilinear", align_corners=False
-        )
-        with eval_mode(model):
-            out = model(crop, return_sampling=True)
-        layers = [{k: v[0].float().cpu() for k, v in layer.items()} for layer in out["layers"]]
-        scores, labels = layers[-1]["pred_logits"].sigmoid().max(-1)
-        scale = torch.tensor([x1 - x0, y1 - y0, x1 - x0, y1 - y0], dtype=torch.float32)
-        shift = torch.tensor([x0, y0, x0, y0], dtype=torch.float32)
+    return windows
 
-        def to_pixels(cxcywh: Tensor, scale=scale, shift=shift) -> Tensor:
-            return box_convert(cxcywh, "cxcywh", "xyxy") * scale + shift
 
-        if box_xywh is not None:
-            gt = torch.tensor(
-                [[(cx - x0) / (x1 - x0), (cy - y0) / (y1 - y0), bw / (x1 - x0), bh / (y1 - y0)]]
-            )
-            chosen = query_per_box(layers[-1]["pred_boxes"], scores, gt).tolist()
-        else:
-            chosen = scores.topk(min(objects, len(scores))).indices.tolist()
-        for q in chosen:
-            candidates.append(
-                {
-                    "window": win,
-                    "query": q,
-                    "score": float(scores[q]),
-                    "label": int(labels[q]),
-                    "pred_xyxy": to_pixels(layers[-1]["pred_boxes"][q]),
-                    "ref_xyxy": torch.stack([to_pixels(layer["ref_boxes"][q]) for layer in layers]),
-                    "sampling_locations": torch.stack([layer["sampling_locations"][q] for layer in layers]),
-                    "attention_weights": torch.stack([layer["attention_weights"][q] for layer in layers]),
-                }
-            )
-    candidates.sort(key=lambda c: -c["score"])
-    return candidates[:1] if box_xywh is not None else candidates[:objects]
+def _window_queries(
+    model: torch.nn.Module,
+    image_uint8: Tensor,
+    win: tuple[int, int, int, int],
+    image_size: int,
+    objects: int,
+    box_xywh: tuple | None,
+    device,
+) -> list[dict]:
+    """The chosen queries of one window as :func:`object_attention` entries (boxes in image pixels)."""
+    x0, y0, x1, y1 = win
+    crop = image_uint8[:, y0:y1, x0:x1].to(device).float().div(255)
+    crop = torch.nn.functional.interpolate(
+        crop[None], size=(image_size, image_size), mode="bilinear", align_corners=False
+    )
+    with eval_mode(model):
+        out = model(crop, return_sampling=True)
+    layers = [{k: v[0].float().cpu() for k, v in layer.items()} for layer in out["layers"]]
+    scores, labels = layers[-1]["pred_logits"].sigmoid().max(-1)
+    scale = torch.tensor([x1 - x0, y1 - y0, x1 - x0, y1 - y0], dtype=torch.float32)
+    shift = torch.tensor([x0, y0, x0, y0], dtype=torch.float32)
+
+    def to_pixels(cxcywh: Tensor) -> Tensor:
+        return box_convert(cxcywh, "cxcywh", "xyxy") * scale + shift
+
+    if box_xywh is not None:
+        x, y, bw, bh = box_xywh
+        cx, cy = x + bw / 2, y + bh / 2
+        gt = torch.tensor([[(cx - x0) / (x1 - x0), (cy - y0) / (y1 - y0), bw / (x1 - x0), bh / (y1 - y0)]])
+        chosen = query_per_box(layers[-1]["pred_boxes"], scores, gt).tolist()
+    else:
+        chosen = scores.topk(min(objects, len(scores))).indices.tolist()
+    return [
+        {
+            "window": win,
+            "query": q,
+            "score": float(scores[q]),
+            "label": int(labels[q]),
+            "pred_xyxy": to_pixels(layers[-1]["pred_boxes"][q]),
+            "ref_xyxy": torch.stack([to_pixels(layer["ref_boxes"][q]) for layer in layers]),
+            "sampling_locations": torch.stack([layer["sampling_locations"][q] for layer in layers]),
+            "attention_weights": torch.stack([layer["attention_weights"][q] for layer in layers]),
+        }
+        for q in chosen
+    ]
 
 
 def object_density(
@@ -290,8 +311,8 @@ def figure_rows(
     layers: list[int],
     labels: list[str],
 ) -> list[dict]:
-    """:func:`object_attention` entries as the rows :func:`sodlib.inference.heatmaps.plot_object_attention` draws: the density
-    of each of ``layers`` on the image grid ``size_hw``, the boxes, and the row label."""
+    """:func:`object_attention` entries as the rows :func:`plot_object_attention` draws: the density of
+    each of ``layers`` on the image grid ``size_hw``, the boxes, and the row label."""
     strides = level_strides(model_cfg)
     return [
         {
@@ -302,6 +323,111 @@ def figure_rows(
         }
         for o, label in zip(found, labels)
     ]
+
+
+# ---------------------------------------------------------------- plotting
+
+
+def plot_object_attention(
+    image_hwc,
+    rows: Sequence[Mapping],
+    layers: Sequence[int],
+    title: str = "",
+    context: float = 3.0,
+    min_window_px: float = 96.0,
+):
+    """Each chosen object's attention, one row per object and one panel per decoder layer.
+
+    ``rows[i]``: ``densities`` (one [H, W] map per entry of ``layers``, on the image's own pixel grid: a
+    share of the query's attention per pixel), ``ref_xyxy`` [L, 4] (the box each layer sampled around:
+    dashed white), ``pred_xyxy`` [4] (the final prediction: solid red), ``label`` (text). The density is
+    alpha-blended over the image at full resolution (bilinear display of a smooth map, no pixel is
+    dropped); each panel shows the window of ``context`` prediction sizes around the object (at least
+    ``min_window_px``); one colour bar per row, shared by its layers, in 10⁻³ of the query's attention per
+    pixel. Optional per row: ``image_hwc`` (the row's own image, e.g. a grid of several images' objects),
+    ``gt_xyxy`` [4] (a ground-truth box: solid cyan), ``notes`` (one line per layer added to its panel
+    title). Returns the Figure.
+    """
+    import matplotlib.pyplot as plt
+
+    cmap = plt.get_cmap("inferno")
+    n_rows, n_cols = len(rows), len(layers)
+    fig, axes = plt.subplots(
+        n_rows,
+        n_cols,
+        figsize=(2.9 * n_cols + 0.8, 2.9 * n_rows + (0.5 if title else 0.2)),
+        squeeze=False,
+        layout="constrained",
+    )
+    for ax_row, row in zip(axes, rows):
+        image = row.get("image_hwc", image_hwc)
+        _plot_attention_row(fig, ax_row, row, image, layers, cmap, context, min_window_px)
+    _attention_legend(fig, rows)
+    if title:
+        fig.suptitle(title, fontsize=9)
+    return fig
+
+
+def _plot_attention_row(fig, ax_row, row: Mapping, image, layers, cmap, context: float, min_window_px: float):
+    """One row of :func:`plot_object_attention`: a panel per layer and the row's colour bar."""
+    import numpy as np
+    from matplotlib.cm import ScalarMappable
+    from matplotlib.colors import Normalize
+
+    h, w = image.shape[:2]
+    vmax = max(float(np.max(d)) for d in row["densities"]) * 1e3 or 1e-9
+    x0, y0, x1, y1 = (float(v) for v in row["pred_xyxy"])
+    half = max(context * max(x1 - x0, y1 - y0), min_window_px) / 2
+    cx, cy = (x0 + x1) / 2, (y0 + y1) / 2
+    for ax, layer, density in zip(ax_row, layers, row["densities"]):
+        ax.imshow(image, extent=(0, w, h, 0), interpolation="bilinear")
+        # colour by density, and opacity too: where the query does not look, the image stays as it is
+        level = np.clip(np.asarray(density, dtype=float) * 1e3 / vmax, 0, 1)
+        rgba = cmap(level)
+        rgba[..., 3] = 0.85 * np.sqrt(level)
+        ax.imshow(rgba, extent=(0, w, h, 0), interpolation="bilinear")
+        ax.add_patch(_outline(row["ref_xyxy"][layer], ec="white", lw=1.0, ls="--"))
+        ax.add_patch(_outline(row["pred_xyxy"], ec="red", lw=1.2))
+        if row.get("gt_xyxy") is not None:
+            ax.add_patch(_outline(row["gt_xyxy"], ec="cyan", lw=1.0))
+        ax.set(xlim=(cx - half, cx + half), ylim=(cy + half, cy - half), xticks=[], yticks=[])
+        note = row["notes"][layers.index(layer)] if row.get("notes") else ""
+        ax.set_title(f"layer {layer + 1}" + (f" · {note}" if note else ""), fontsize=8)
+    ax_row[0].set_ylabel(row["label"], fontsize=8)
+    bar = fig.colorbar(ScalarMappable(Normalize(0, vmax), cmap), ax=list(ax_row), shrink=0.9, pad=0.01)
+    bar.set_label("attention per px (10⁻³)", fontsize=7)
+    bar.ax.tick_params(labelsize=6)
+
+
+def _outline(xyxy, **kw):
+    """An unfilled rectangle patch over an xyxy box."""
+    from matplotlib.patches import Rectangle
+
+    x0, y0, x1, y1 = (float(v) for v in xyxy)
+    return Rectangle((x0, y0), x1 - x0, y1 - y0, fill=False, **kw)
+
+
+def _attention_legend(fig, rows: Sequence[Mapping]) -> None:
+    """The legend of the box outlines below the panels (ground truth only when a row has one)."""
+    from matplotlib.lines import Line2D
+
+    handles = [
+        Line2D([], [], color="white", ls="--", label="reference box (sampled around)"),
+        Line2D([], [], color="red", label="predicted box"),
+    ]
+    if any(row.get("gt_xyxy") is not None for row in rows):
+        handles.append(Line2D([], [], color="cyan", label="ground truth"))
+    fig.legend(
+        handles=handles,
+        loc="outside lower center",
+        ncol=len(handles),
+        fontsize=7,
+        facecolor="0.35",
+        labelcolor="white",
+    )
+
+
+# ---------------------------------------------------------------- the `sodlib heatmap` command
 
 
 def parse_box(text: str) -> tuple[float, float, float, float]:
@@ -315,6 +441,15 @@ def parse_box(text: str) -> tuple[float, float, float, float]:
     return x, y, w, h
 
 
+def _parse_layers(layer: str, depth: int) -> list[int]:
+    """``--layer``: "all" or one decoder layer 1..``depth``, as 0-based indices."""
+    if layer == "all":
+        return list(range(depth))
+    if layer.isdecimal() and layer.isascii() and 1 <= int(layer) <= depth:  # "²" is a digit, not a number
+        return [int(layer) - 1]
+    raise ValueError(f"--layer must be 'all' or 1..{depth} (the decoder's depth), got {layer!r}")
+
+
 def heatmap_files(
     checkpoint: str,
     images: list[str],
@@ -325,22 +460,15 @@ def heatmap_files(
     slice_size: int | None = None,
     overlap: float = 0.2,
 ) -> list:
-    """``sodlib heatmap``: one figure per image, ``<out_dir>/<stem>_heatmap.png`` (a suffix keeps equal stems
-    apart). Everything is checked before the first figure is written: the checkpoint, ``layer`` ("all" or
-    1..L), ``objects``, every image's decoding, ``box`` inside every image. Returns the written paths."""
-    from pathlib import Path
-
+    """``sodlib heatmap``: one figure per image, ``<out_dir>/<stem>_heatmap.png`` (a suffix keeps equal
+    stems apart). Everything is checked before the first figure is written: the checkpoint, ``layer``
+    ("all" or 1..L), ``objects``, every image's decoding, ``box`` inside every image. Returns the written
+    paths."""
     if objects < 1:
         raise ValueError(f"--objects must be at least 1, got {objects}")
     box_xywh = parse_box(box) if box else None
     model, cfg, categories = load_model(checkpoint, with_categories=True)
-    depth = cfg.model.num_decoder_layers
-    if layer == "all":
-        layers = list(range(depth))
-    elif layer.isdecimal() and layer.isascii() and 1 <= int(layer) <= depth:  # "²" is a digit, not a number
-        layers = [int(layer) - 1]
-    else:
-        raise ValueError(f"--layer must be 'all' or 1..{depth} (the decoder's depth), got {layer!r}")
+    layers = _parse_layers(layer, cfg.model.num_decoder_layers)
     decoded = [read_image_rgb(p) for p in images]
     if box_xywh is not None:
         x, y, w, h = box_xywh
@@ -361,94 +489,18 @@ def heatmap_files(
             layers,
             [f"{names[o['label']]} {o['score']:.2f}" for o in found],
         )
-        trained_on = {"synthsod": "SynthSOD"}.get(cfg.data.dataset, cfg.data.dataset)
-        title = (
-            f"{Path(path).name} · model {Path(checkpoint).parent.parent.name or Path(checkpoint).name}, "
-            f"trained on {trained_on} {cfg.data.root or ''}".rstrip()
-        )
+        title = _figure_title(path, checkpoint, cfg)
         fig = plot_object_attention(img.permute(1, 2, 0).numpy(), rows, layers, title=title)
         written.append(save_figure(fig, out / name))
     return written
 
 
-def plot_object_attention(
-    image_hwc,
-    rows: Sequence[Mapping],
-    layers: Sequence[int],
-    title: str = "",
-    context: float = 3.0,
-    min_window_px: float = 96.0,
-):
-    """Each chosen object's attention, one row per object and one panel per decoder layer.
+def _figure_title(image_path: str, checkpoint: str, cfg) -> str:
+    """``<image> · model <run folder>, trained on <dataset> <root>``."""
+    from pathlib import Path
 
-    ``rows[i]``: ``densities`` (one [H, W] map per entry of ``layers``, on the image's own pixel grid: a share of
-    the query's attention per pixel), ``ref_xyxy`` [L, 4] (the box each layer sampled around: dashed white),
-    ``pred_xyxy`` [4] (the final prediction: solid red), ``label`` (text). The density is alpha-blended over the
-    image at full resolution (bilinear display of a smooth map, no pixel is dropped); each panel shows the
-    window of ``context`` prediction sizes around the object (at least ``min_window_px``); one colour bar per
-    row, shared by its layers, in 10⁻³ of the query's attention per pixel. Optional per row: ``image_hwc`` (the
-    row's own image, e.g. a grid of several images' objects), ``gt_xyxy`` [4] (a ground-truth box: solid cyan),
-    ``notes`` (one line per layer added to its panel title). Returns the Figure.
-    """
-    import matplotlib.pyplot as plt
-    import numpy as np
-    from matplotlib.cm import ScalarMappable
-    from matplotlib.colors import Normalize
-    from matplotlib.lines import Line2D
-    from matplotlib.patches import Rectangle
-
-    def outline(xyxy, **kw):
-        x0, y0, x1, y1 = (float(v) for v in xyxy)
-        return Rectangle((x0, y0), x1 - x0, y1 - y0, fill=False, **kw)
-
-    cmap = plt.get_cmap("inferno")
-    n_rows, n_cols = len(rows), len(layers)
-    fig, axes = plt.subplots(
-        n_rows,
-        n_cols,
-        figsize=(2.9 * n_cols + 0.8, 2.9 * n_rows + (0.5 if title else 0.2)),
-        squeeze=False,
-        layout="constrained",
+    trained_on = {"synthsod": "SynthSOD"}.get(cfg.data.dataset, cfg.data.dataset)
+    return (
+        f"{Path(image_path).name} · model {Path(checkpoint).parent.parent.name or Path(checkpoint).name}, "
+        f"trained on {trained_on} {cfg.data.root or ''}".rstrip()
     )
-    for ax_row, row in zip(axes, rows):
-        image = row.get("image_hwc", image_hwc)
-        h, w = image.shape[:2]
-        vmax = max(float(np.max(d)) for d in row["densities"]) * 1e3 or 1e-9
-        x0, y0, x1, y1 = (float(v) for v in row["pred_xyxy"])
-        half = max(context * max(x1 - x0, y1 - y0), min_window_px) / 2
-        cx, cy = (x0 + x1) / 2, (y0 + y1) / 2
-        for ax, layer, density in zip(ax_row, layers, row["densities"]):
-            ax.imshow(image, extent=(0, w, h, 0), interpolation="bilinear")
-            # colour by density, and opacity too: where the query does not look, the image stays as it is
-            level = np.clip(np.asarray(density, dtype=float) * 1e3 / vmax, 0, 1)
-            rgba = cmap(level)
-            rgba[..., 3] = 0.85 * np.sqrt(level)
-            ax.imshow(rgba, extent=(0, w, h, 0), interpolation="bilinear")
-            ax.add_patch(outline(row["ref_xyxy"][layer], ec="white", lw=1.0, ls="--"))
-            ax.add_patch(outline(row["pred_xyxy"], ec="red", lw=1.2))
-            if row.get("gt_xyxy") is not None:
-                ax.add_patch(outline(row["gt_xyxy"], ec="cyan", lw=1.0))
-            ax.set(xlim=(cx - half, cx + half), ylim=(cy + half, cy - half), xticks=[], yticks=[])
-            note = row["notes"][layers.index(layer)] if row.get("notes") else ""
-            ax.set_title(f"layer {layer + 1}" + (f" · {note}" if note else ""), fontsize=8)
-        ax_row[0].set_ylabel(row["label"], fontsize=8)
-        bar = fig.colorbar(ScalarMappable(Normalize(0, vmax), cmap), ax=list(ax_row), shrink=0.9, pad=0.01)
-        bar.set_label("attention per px (10⁻³)", fontsize=7)
-        bar.ax.tick_params(labelsize=6)
-    handles = [
-        Line2D([], [], color="white", ls="--", label="reference box (sampled around)"),
-        Line2D([], [], color="red", label="predicted box"),
-    ]
-    if any(row.get("gt_xyxy") is not None for row in rows):
-        handles.append(Line2D([], [], color="cyan", label="ground truth"))
-    fig.legend(
-        handles=handles,
-        loc="outside lower center",
-        ncol=len(handles),
-        fontsize=7,
-        facecolor="0.35",
-        labelcolor="white",
-    )
-    if title:
-        fig.suptitle(title, fontsize=9)
-    return fig
