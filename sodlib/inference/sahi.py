@@ -5,7 +5,9 @@ sodlib[sahi]``), and the comparison of SAHI's sliced prediction with ``sodlib pr
 
     from sahi.predict import get_sliced_prediction
 
-    model = SodlibDetectionModel(model_path="results/runs/<hash>/checkpoints/last.pt", confidence_threshold=0.05)
+    model = SodlibDetectionModel(
+        model_path="results/runs/<hash>/checkpoints/last.pt", confidence_threshold=0.05
+    )
     result = get_sliced_prediction("image.jpg", model, slice_height=640, slice_width=640,
                                    overlap_height_ratio=0.2, overlap_width_ratio=0.2)
 
@@ -23,6 +25,7 @@ from __future__ import annotations
 import json
 import time
 from collections.abc import Sequence
+from functools import partial
 from pathlib import Path
 
 import numpy as np
@@ -131,6 +134,20 @@ class SodlibDetectionModel(DetectionModel):
         self._object_prediction_list_per_image = [predictions]
 
 
+# the pipelines compare_sliced runs: None is ``sodlib predict --slice``, a dict the options of SAHI's
+# get_sliced_prediction
+_PIPELINES = {
+    "sodlib predict --slice": None,
+    "SAHI, sodlib's merge (NMS IoU 0.5, slices only)": {
+        "perform_standard_pred": False,
+        "postprocess_type": "NMS",
+        "postprocess_match_metric": "IOU",
+        "postprocess_match_threshold": 0.5,
+    },
+    "SAHI defaults (greedy NMM IoS 0.5, + full image)": {"force_postprocess_type": True},
+}
+
+
 def compare_sliced(
     checkpoint: str | Path,
     images: Sequence[str | Path],
@@ -141,13 +158,12 @@ def compare_sliced(
     protocol: str = "visdrone",
     max_det: int = 500,
 ) -> list[dict]:
-    """``sodlib predict --slice`` and SAHI's ``get_sliced_prediction`` (NMS on IoU 0.5 per class, no full-image
-    pass: sodlib's merge; and SAHI's defaults: greedy NMM on IoS 0.5 plus a full-image pass) on ``images`` with
-    the same checkpoint, slice and overlap (``slice_size`` 0 = the checkpoint's working size). ``gt``: COCO dict or json path whose ``file_name`` s end in the
-    images' names. Rows: pipeline, detections, AP, AP50 (``protocol``), seconds, and ``agreement``: the share of
-    ``predict --slice``'s detections that the pipeline also returns (same image and class, IoU >= 0.9), slice_size."""
-    from sahi.predict import get_sliced_prediction
-
+    """``sodlib predict --slice`` and SAHI's ``get_sliced_prediction`` (NMS on IoU 0.5 per class, no
+    full-image pass: sodlib's merge; and SAHI's defaults: greedy NMM on IoS 0.5 plus a full-image pass) on
+    ``images`` with the same checkpoint, slice and overlap (``slice_size`` 0 = the checkpoint's working
+    size). ``gt``: COCO dict or json path whose ``file_name`` s end in the images' names. Rows: pipeline,
+    detections, AP, AP50 (``protocol``), seconds, and ``agreement``: the share of ``predict --slice``'s
+    detections that the pipeline also returns (same image and class, IoU >= 0.9), slice_size."""
     model, cfg, categories = load_model(checkpoint, with_categories=True)
     slice_size = slice_size or cfg.data.image_size
     label_to_id = [int(c["id"]) for c in categories]
@@ -159,55 +175,24 @@ def compare_sliced(
     )
     sahi_model.category_ids = label_to_id
     sahi_model.num_top = max_det  # per slice, as predict_image keeps per window
-    pipelines = {
-        "sodlib predict --slice": None,
-        "SAHI, sodlib's merge (NMS IoU 0.5, slices only)": {
-            "perform_standard_pred": False,
-            "postprocess_type": "NMS",
-            "postprocess_match_metric": "IOU",
-            "postprocess_match_threshold": 0.5,
-        },
-        "SAHI defaults (greedy NMM IoS 0.5, + full image)": {"force_postprocess_type": True},
-    }
     rows, reference = [], []
-
-    def run(path, kwargs):
-        if kwargs is None:
-            det = predict_image(
-                model, read_image_rgb(path), cfg.data.image_size, slice_size, overlap, num_top=max_det
+    for name, options in _PIPELINES.items():
+        if options is None:
+            detect = partial(
+                _predict_slice,
+                model=model,
+                image_size=cfg.data.image_size,
+                slice_size=slice_size,
+                overlap=overlap,
+                score_thr=score_thr,
+                max_det=max_det,
             )
-            keep = det["scores"] > score_thr
-            return zip(
-                det["boxes_xyxy"][keep].tolist(), det["scores"][keep].tolist(), det["labels"][keep].tolist()
+        else:
+            detect = partial(
+                _sahi_sliced, model=sahi_model, slice_size=slice_size, overlap=overlap, options=options
             )
-        result = get_sliced_prediction(
-            str(path),
-            sahi_model,
-            slice_height=slice_size,
-            slice_width=slice_size,
-            overlap_height_ratio=overlap,
-            overlap_width_ratio=overlap,
-            verbose=0,
-            **kwargs,
-        )
-        return [(p.bbox.to_xyxy(), p.score.value, p.category.id) for p in result.object_prediction_list]
-
-    for name, kwargs in pipelines.items():
-        run(images[0], kwargs)  # warm-up: first-call costs (imports, allocator) are not the pipeline's
-        dets, t0 = [], time.perf_counter()
-        for path in images:
-            image_id = by_name[Path(path).name]
-            ranked = sorted(run(path, kwargs), key=lambda t: -t[1])[:max_det]
-            dets += [
-                {
-                    "image_id": image_id,
-                    "category_id": label_to_id[int(lab)],
-                    "bbox": [b[0], b[1], b[2] - b[0], b[3] - b[1]],
-                    "score": float(s),
-                }
-                for b, s, lab in ranked
-            ]
-        seconds = time.perf_counter() - t0
+        detect(images[0])  # warm-up: first-call costs (imports, allocator) are not the pipeline's
+        dets, seconds = _timed_detections(detect, images, by_name, label_to_id, max_det)
         metrics = evaluate(gt, dets, protocol=protocol) if dets else {"AP": 0.0, "AP50": 0.0}
         reference = reference if rows else dets
         rows.append(
@@ -224,8 +209,55 @@ def compare_sliced(
     return rows
 
 
+def _predict_slice(
+    path, model, image_size: int, slice_size: int, overlap: float, score_thr: float, max_det: int
+):
+    """``sodlib predict --slice`` on one image: (xyxy, score, label) above ``score_thr``."""
+    det = predict_image(model, read_image_rgb(path), image_size, slice_size, overlap, num_top=max_det)
+    keep = det["scores"] > score_thr
+    return zip(det["boxes_xyxy"][keep].tolist(), det["scores"][keep].tolist(), det["labels"][keep].tolist())
+
+
+def _sahi_sliced(path, model, slice_size: int, overlap: float, options: dict) -> list:
+    """SAHI's ``get_sliced_prediction`` with ``options`` on one image: (xyxy, score, label)."""
+    from sahi.predict import get_sliced_prediction
+
+    result = get_sliced_prediction(
+        str(path),
+        model,
+        slice_height=slice_size,
+        slice_width=slice_size,
+        overlap_height_ratio=overlap,
+        overlap_width_ratio=overlap,
+        verbose=0,
+        **options,
+    )
+    return [(p.bbox.to_xyxy(), p.score.value, p.category.id) for p in result.object_prediction_list]
+
+
+def _timed_detections(
+    detect, images: Sequence[str | Path], by_name: dict, label_to_id: list[int], max_det: int
+) -> tuple[list[dict], float]:
+    """``detect`` on every image as COCO results (the ``max_det`` best per image), and the seconds it took."""
+    dets, t0 = [], time.perf_counter()
+    for path in images:
+        image_id = by_name[Path(path).name]
+        ranked = sorted(detect(path), key=lambda t: -t[1])[:max_det]
+        dets += [
+            {
+                "image_id": image_id,
+                "category_id": label_to_id[int(lab)],
+                "bbox": [b[0], b[1], b[2] - b[0], b[3] - b[1]],
+                "score": float(s),
+            }
+            for b, s, lab in ranked
+        ]
+    return dets, time.perf_counter() - t0
+
+
 def _agreement(reference: list[dict], other: list[dict], iou: float = 0.9) -> float:
-    """Share of ``reference`` detections with a detection in ``other`` of the same image and class at IoU >= iou."""
+    """Share of ``reference`` detections with a detection in ``other`` of the same image and class at
+    IoU >= iou."""
     from torchvision.ops import box_iou
 
     if not reference:
