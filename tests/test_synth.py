@@ -228,7 +228,8 @@ def _snapshot(root):
 
 
 def test_synthsod_never_overwrites_a_dataset_it_did_not_write(tmp_path):
-    """A COCO folder given as SynthSOD's root (no --set data.dataset=coco) is refused and left byte-identical."""
+    """A COCO folder given as SynthSOD's root (no --set data.dataset=coco) is refused and left
+    byte-identical."""
     import json
 
     from sodlib.data.synth import ensure_split, write_split

@@ -91,20 +91,34 @@ def generate_image(seed_seq_or_rng, size: int, ignore_regions: bool = False):
     anchors = _roads(rng, size, ImageDraw.Draw(big), g)
     clutter = _clutter(sc, g)
 
-    region = None
-    if ignore_regions and rng.random() < 0.33 and size >= 48:
-        w, h = rng.uniform(0.15, 0.3, 2) * size
-        x, y = rng.uniform(0, size - w), rng.uniform(0, size - h)
-        region = np.array([x, y, x + w, y + h])
-        sc.keep_out = sc.inside = region
-        saved, sc.img_log_scale = sc.img_log_scale, np.log(0.5)
-        _populate(sc, int(rng.integers(3, 12)), [], region)
-        sc.img_log_scale, sc.inside = saved, None
+    region = _ignore_region(sc, rng, size) if ignore_regions else None
     n_region = len(sc.objects)
     n = 0 if rng.random() < 0.02 else int(np.clip(np.exp(rng.normal(_COUNT_MU, 0.62)), 5, 90))
     _populate(sc, min(n, size * size // 1200), anchors)
 
-    # shadows: a 1x mask, softened, darkens the 2x ground under everything drawn afterwards
+    big = _cast_shadows(big, sc, clutter, rng)
+    img = _draw_scene(big, sc, clutter, rng, region)
+    return _photometric(img, rng, size), _annotations(sc, region, n_region)
+
+
+def _ignore_region(sc: _Scene, rng: np.random.Generator, size: int) -> np.ndarray | None:
+    """For about a third of the images: an xyxy rectangle filled with small objects (placed now, before
+    the regular ones), to be blurred and annotated as ignore; otherwise None."""
+    if not (rng.random() < 0.33 and size >= 48):
+        return None
+    w, h = rng.uniform(0.15, 0.3, 2) * size
+    x, y = rng.uniform(0, size - w), rng.uniform(0, size - h)
+    region = np.array([x, y, x + w, y + h])
+    sc.keep_out = sc.inside = region
+    saved, sc.img_log_scale = sc.img_log_scale, np.log(0.5)
+    _populate(sc, int(rng.integers(3, 12)), [], region)
+    sc.img_log_scale, sc.inside = saved, None
+    return region
+
+
+def _cast_shadows(big: Image.Image, sc: _Scene, clutter: list, rng: np.random.Generator) -> Image.Image:
+    """Shadows: a 1x mask, softened, darkens the 2x ground under everything drawn afterwards."""
+    size = sc.size
     mask = Image.new("L", (size, size), 0)
     md = ImageDraw.Draw(mask)
     for parts in clutter:
@@ -114,8 +128,14 @@ def generate_image(seed_seq_or_rng, size: int, ignore_regions: bool = False):
         _draw(md, out, 1.0, sc.sun_vec * (0.5 + 0.12 * np.sqrt((b[2] - b[0]) * (b[3] - b[1]))), 255)
     mask = mask.filter(ImageFilter.BoxBlur(1)).resize(big.size, Image.BILINEAR)
     f = 1 - rng.uniform(0.35, 0.55)
-    big = Image.composite(big.point([int(v * f) for v in range(256)] * 3), big, mask)
+    return Image.composite(big.point([int(v * f) for v in range(256)] * 3), big, mask)
 
+
+def _draw_scene(
+    big: Image.Image, sc: _Scene, clutter: list, rng: np.random.Generator, region: np.ndarray | None
+) -> Image.Image:
+    """Clutter and objects drawn on the 2x ground, reduced to 1x, sometimes blurred; the ignore region
+    blurred and hazed."""
     draw = ImageDraw.Draw(big)
     for parts in clutter:
         _draw(draw, parts)
@@ -129,15 +149,22 @@ def generate_image(seed_seq_or_rng, size: int, ignore_regions: bool = False):
         box = tuple(int(v) for v in np.round(region))
         crop = img.crop(box).filter(ImageFilter.GaussianBlur(rng.uniform(1.5, 2.5)))
         img.paste(Image.blend(crop, Image.new("RGB", crop.size, (190, 190, 190)), 0.4), box[:2])
-    # global photometric (exposure, colour cast, haze) as one LUT, then sensor noise
+    return img
+
+
+def _photometric(img: Image.Image, rng: np.random.Generator, size: int) -> np.ndarray:
+    """Global photometric change (exposure, colour cast, haze) as one LUT, then sensor noise: uint8."""
     gain = rng.uniform(0.85, 1.15) * rng.uniform(0.95, 1.05, 3)
     haze = rng.uniform(0.1, 0.3) if rng.random() < 0.15 else 0.0
     lut = np.clip(np.arange(256)[None] * gain[:, None] * (1 - haze) + haze * 200 + 0.5, 0, 255)
     out = np.asarray(img.point(lut.astype(np.uint8).ravel().tolist()), np.int16)
     sigma = int(rng.integers(1, 5))
     out = out + ((_noise_tile(rng, size).astype(np.int16) * sigma) >> 4)
-    image = np.clip(out, 0, 255).astype(np.uint8)
+    return np.clip(out, 0, 255).astype(np.uint8)
 
+
+def _annotations(sc: _Scene, region: np.ndarray | None, n_region: int) -> list[dict]:
+    """The ignore region once per class inside it (crowd), then every object placed after it."""
     anns = []
     if region is not None:
         x0, y0, x1, y1 = (float(v) for v in region)
@@ -148,14 +175,15 @@ def generate_image(seed_seq_or_rng, size: int, ignore_regions: bool = False):
     for cls, _, _, b in sc.objects[n_region:]:
         bb = [round(float(v), 2) for v in (b[0], b[1], b[2] - b[0], b[3] - b[1])]
         anns.append({"bbox": bb, "category_id": cls + 1, "iscrowd": 0, "ignore": 0})
-    return image, anns
+    return anns
 
 
 # ----------------------------------------------------------------------------- COCO splits on disk
 
 
 def _info(split, num_images, size, seed, ignore_regions) -> dict:
-    # the description is the format's identity (what _is_synthsod looks for): it keeps the module's first name
+    # the description is the format's identity: check_ours looks for "sodlib.synth" in it, so it stays as it
+    # is (the module's path is sodlib.data.synth) for existing splits to be recognised
     return {
         "description": "SynthSOD synthetic aerial small-object dataset (sodlib.synth)",
         "generator": GENERATOR_VERSION,
@@ -204,10 +232,10 @@ def check_ours(out_dir, split: str) -> None:
     """Refuse (ValueError naming the folder) to touch a split that SynthSOD did not write.
 
     Ours: nothing there yet; an annotation json whose ``info`` SynthSOD wrote; or an image folder holding
-    :data:`OWNER_MARK` (a write interrupted between removing the old json and swapping the folders); and in any case
-    an image folder holding only the files SynthSOD names (``NNNNNN.png`` and the mark). Anything else — a COCO
-    dataset pointed at without ``--set data.dataset=coco``, or a file added to a SynthSOD folder — is the user's, and
-    generating there would replace it.
+    :data:`OWNER_MARK` (a write interrupted between removing the old json and swapping the folders); and in
+    any case an image folder holding only the files SynthSOD names (``NNNNNN.png`` and the mark). Anything
+    else — a COCO dataset pointed at without ``--set data.dataset=coco``, or a file added to a SynthSOD
+    folder — is the user's, and generating there would replace it.
     """
     out_dir = Path(out_dir)
     json_path, folder = annotation_path(out_dir, split), out_dir / "images" / split
@@ -244,7 +272,8 @@ def write_split(
     progress: bool = True,
     reuse: bool = False,
 ) -> Path:
-    """Generate a split as ``out_dir/images/<split>/<index:06d>.png`` + ``annotations/instances_<split>.json``.
+    """Generate a split as ``out_dir/images/<split>/<index:06d>.png`` +
+    ``annotations/instances_<split>.json``.
 
     Crash-safe and resumable: images (and per-image annotation side files) go to hidden partial
     folders first; an interrupted run leaves the previous complete split (or nothing) in place and the
@@ -262,28 +291,11 @@ def write_split(
     check_ours(out_dir, split)  # before anything is removed
     info = _info(split, num_images, size, seed, ignore_regions)
     json_path = annotation_path(out_dir, split)
-    final, partial = out_dir / "images" / split, out_dir / "images" / f".{split}.partial"
-    side = out_dir / "annotations" / f".{split}.partial"
-    marker = side / "params.json"
-    if side.exists() and not _same_but_count(_load_json(marker), info):
-        shutil.rmtree(side)
-        shutil.rmtree(partial, ignore_errors=True)
-    partial.mkdir(parents=True, exist_ok=True)
-    (partial / OWNER_MARK).touch()
-    if not marker.exists():
-        atomic_write_json(marker, info)
-    old = _load_json(json_path) if reuse and final.is_dir() else None
-    old_anns: dict[int, list] = {}
-    if old is not None and _same_but_count(old.get("info"), info):
-        for a in old["annotations"]:
-            old_anns.setdefault(a["image_id"] - 1, []).append(
-                {k: a[k] for k in ("bbox", "category_id", "iscrowd", "ignore")}
-            )
-        old_n = len(old["images"])
-    else:
-        old_n = 0
+    final, partial, side = _split_folders(out_dir, split)
+    _start_partial(partial, side, info)
+    old_anns, old_n = _old_annotations(json_path, info) if reuse and final.is_dir() else ({}, 0)
 
-    images, annotations = [], []
+    per_image = []
     for index in tqdm(range(num_images), desc=f"SynthSOD {split}", disable=not progress, unit="img"):
         name, side_file = f"{index:06d}.png", side / f"{index:06d}.json"
         anns = _load_json(side_file) if (partial / name).exists() else None
@@ -295,6 +307,46 @@ def write_split(
             image, anns = generate_image(image_seed(seed, split, index), size, ignore_regions)
             atomic_write_bytes(partial / name, _png_bytes(image))
             atomic_write_json(side_file, anns, indent=None)  # written after its image: marks it complete
+        per_image.append(anns)
+    for stale in partial.glob("*.png"):  # left over from a longer interrupted run
+        if int(stale.stem) >= num_images:
+            stale.unlink()
+    _swap_in(out_dir, split, _split_coco(info, per_image, size))
+    return json_path
+
+
+def _start_partial(partial: Path, side: Path, info: dict) -> None:
+    """The hidden partial folders of a split being written: kept when they hold the same split (of any
+    count), started afresh otherwise."""
+    marker = side / "params.json"
+    if side.exists() and not _same_but_count(_load_json(marker), info):
+        shutil.rmtree(side)
+        shutil.rmtree(partial, ignore_errors=True)
+    partial.mkdir(parents=True, exist_ok=True)
+    (partial / OWNER_MARK).touch()
+    if not marker.exists():
+        atomic_write_json(marker, info)
+
+
+def _old_annotations(json_path: Path, info: dict) -> tuple[dict[int, list], int]:
+    """The annotations per image index of the existing split and its image count, when it differs from
+    ``info`` only in the count (its images are then the first ones of the new split); else nothing."""
+    old = _load_json(json_path)
+    if old is None or not _same_but_count(old.get("info"), info):
+        return {}, 0
+    old_anns: dict[int, list] = {}
+    for a in old["annotations"]:
+        old_anns.setdefault(a["image_id"] - 1, []).append(
+            {k: a[k] for k in ("bbox", "category_id", "iscrowd", "ignore")}
+        )
+    return old_anns, len(old["images"])
+
+
+def _split_coco(info: dict, per_image: list[list[dict]], size: int) -> dict:
+    """The COCO dict of a split from each image's annotations (image ids 1..N, file names by index)."""
+    images, annotations = [], []
+    for index, anns in enumerate(per_image):
+        name = f"{index:06d}.png"
         images.append({"id": index + 1, "file_name": name, "width": int(size), "height": int(size)})
         for a in anns:
             w, h = a["bbox"][2:]
@@ -309,16 +361,20 @@ def write_split(
                     "ignore": a["ignore"],
                 }
             )
-    for stale in partial.glob("*.png"):  # left over from a longer interrupted run
-        if int(stale.stem) >= num_images:
-            stale.unlink()
-    coco = {
+    return {
         "info": info,
         "images": images,
         "annotations": annotations,
         "categories": [{"id": i + 1, "name": n, "supercategory": "synthsod"} for i, n in enumerate(CLASSES)],
     }
-    json_path.unlink(missing_ok=True)  # from here until the last line no json exists for this split
+
+
+def _swap_in(out_dir: Path, split: str, coco: dict) -> None:
+    """Replace the split by its completed partial folders: the old json removed first, the image folder
+    swapped in, the new json written last, so that no json ever points at missing images."""
+    json_path = annotation_path(out_dir, split)
+    final, partial, side = _split_folders(out_dir, split)
+    json_path.unlink(missing_ok=True)  # from here until the json is written no json exists for this split
     trash = out_dir / "images" / f".{split}.old"
     shutil.rmtree(trash, ignore_errors=True)
     if final.exists():
@@ -327,7 +383,12 @@ def write_split(
     atomic_write_json(json_path, coco, indent=None)
     shutil.rmtree(trash, ignore_errors=True)
     shutil.rmtree(side, ignore_errors=True)
-    return json_path
+
+
+def _split_folders(out_dir: Path, split: str) -> tuple[Path, Path, Path]:
+    """The image folder of a split, its hidden partial image folder and partial annotation side folder."""
+    images = out_dir / "images"
+    return images / split, images / f".{split}.partial", out_dir / "annotations" / f".{split}.partial"
 
 
 def _link_or_copy(src: Path, dst: Path):
@@ -359,9 +420,8 @@ def ensure_split(
     info = _info(split, num_images, size, seed, ignore_regions)
     if _complete(out_dir, split, info):
         return annotation_path(out_dir, split)
-    check_ours(
-        Path(out_dir), split
-    )  # a folder of someone else's files is refused before the lock file is made
+    # a folder of someone else's files is refused before the lock file is made
+    check_ours(Path(out_dir), split)
     # processes that need the same split at once (parallel trainings, test workers) generate it once
     with file_lock(Path(out_dir) / f".{split}.lock"):
         if _complete(out_dir, split, info):  # another process finished it while this one waited
