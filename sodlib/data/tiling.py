@@ -15,7 +15,8 @@ per-class NMS at IoU 0.5. Conventions here:
 * Patch records: ``{"id", "file_name": "<stem>_<x0>_<y0>.png", "width", "height", "tile_of": source image
   id, "offset": [x0, y0], "source_file_name", "source_width", "source_height"}``.
 * :func:`tile_coco` also writes the patches: ``out_dir/images/<split>/*.png`` and
-  ``out_dir/annotations/instances_<split>.json`` (the ``coco`` layout of :func:`sodlib.data.datasets.build_dataset`).
+  ``out_dir/annotations/instances_<split>.json`` (the ``coco`` layout of
+  :func:`sodlib.data.datasets.build_dataset`).
 """
 
 from __future__ import annotations
@@ -93,52 +94,16 @@ def tile_coco_annotations(
     images, annotations = [], []
     n_truncated = 0
     for img in coco["images"]:
-        stem = Path(img["file_name"]).stem
         for win in tile_windows(int(img["width"]), int(img["height"]), tile, overlap):
-            x0, y0, x1, y1 = win
-            rec = {
-                "id": len(images) + 1,
-                "file_name": f"{stem}_{x0}_{y0}.png",
-                "width": x1 - x0,
-                "height": y1 - y0,
-                "tile_of": img["id"],
-                "offset": [x0, y0],
-                "source_file_name": img["file_name"],
-                "source_width": img["width"],
-                "source_height": img["height"],
-            }
-            for key in ("ignore_regions_xywh", "ignored_boxes_xywh"):
-                if key in img:
-                    rec[key] = [c[0] for c in (_clip_to_window(b, win) for b in img[key]) if c is not None]
+            rec = _patch_record(img, win, len(images) + 1)
             images.append(rec)
             for a in anns_by_image.get(img["id"], []):
-                c = _clip_to_window(a["bbox"], win)
-                if c is None:
-                    continue
-                box, frac = c
-                crowd = int(a.get("iscrowd", 0))
-                ignore = int(a.get("ignore", crowd))
-                if frac < min_visible:
-                    if not ignore_truncated:
-                        continue
-                    crowd = ignore = 1
-                    n_truncated += 1
-                new = {
-                    k: v for k, v in a.items() if k not in ("id", "image_id", "bbox", "area", "segmentation")
-                }
-                new.update(
-                    {
-                        "id": len(annotations) + 1,
-                        "image_id": rec["id"],
-                        "bbox": box,
-                        "area": box[2] * box[3],
-                        "iscrowd": crowd,
-                        "ignore": ignore,
-                        "source_ann_id": a["id"],
-                        "visible": round(frac, 6),
-                    }
+                clipped = _patch_annotation(
+                    a, win, rec["id"], len(annotations) + 1, min_visible, ignore_truncated
                 )
-                annotations.append(new)
+                if clipped is not None:
+                    annotations.append(clipped[0])
+                    n_truncated += int(clipped[1])
     logger.info(
         "tiled %d images into %d patches (%d px, overlap %d); %d annotations, %d truncated → ignore",
         len(coco["images"]),
@@ -165,6 +130,64 @@ def tile_coco_annotations(
         "annotations": annotations,
         "categories": [dict(c) for c in coco["categories"]],
     }
+
+
+def _patch_record(img: Mapping, win: tuple[int, int, int, int], patch_id: int) -> dict:
+    """The image record of the patch ``win`` of ``img``, with its ignore regions and boxes clipped to it."""
+    x0, y0, x1, y1 = win
+    rec = {
+        "id": patch_id,
+        "file_name": f"{Path(img['file_name']).stem}_{x0}_{y0}.png",
+        "width": x1 - x0,
+        "height": y1 - y0,
+        "tile_of": img["id"],
+        "offset": [x0, y0],
+        "source_file_name": img["file_name"],
+        "source_width": img["width"],
+        "source_height": img["height"],
+    }
+    for key in ("ignore_regions_xywh", "ignored_boxes_xywh"):
+        if key in img:
+            rec[key] = [c[0] for c in (_clip_to_window(b, win) for b in img[key]) if c is not None]
+    return rec
+
+
+def _patch_annotation(
+    a: Mapping,
+    win: tuple[int, int, int, int],
+    image_id: int,
+    ann_id: int,
+    min_visible: float,
+    ignore_truncated: bool,
+) -> tuple[dict, bool] | None:
+    """Annotation ``a`` clipped to the patch ``win``, and whether it became an ignore box for showing less
+    than ``min_visible`` of itself; None when it is outside the patch, or truncated and
+    ``ignore_truncated`` is False."""
+    c = _clip_to_window(a["bbox"], win)
+    if c is None:
+        return None
+    box, frac = c
+    crowd = int(a.get("iscrowd", 0))
+    ignore = int(a.get("ignore", crowd))
+    truncated = frac < min_visible
+    if truncated:
+        if not ignore_truncated:
+            return None
+        crowd = ignore = 1
+    new = {k: v for k, v in a.items() if k not in ("id", "image_id", "bbox", "area", "segmentation")}
+    new.update(
+        {
+            "id": ann_id,
+            "image_id": image_id,
+            "bbox": box,
+            "area": box[2] * box[3],
+            "iscrowd": crowd,
+            "ignore": ignore,
+            "source_ann_id": a["id"],
+            "visible": round(frac, 6),
+        }
+    )
+    return new, truncated
 
 
 def tile_coco(
