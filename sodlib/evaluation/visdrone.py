@@ -243,13 +243,42 @@ def evaluate_visdrone(
     ``g_ign``: score-0 / crowd / ignore flag; detections in results-list order.
     Returns (metrics dict, per-class DataFrame)."""
     n_img, C = len(images), len(cat_ids)
+    keep_g, keep_d = _outside_ignore_regions(images, g_img, g_box, d_img, d_box)
+    gk = np.nonzero(keep_g)[0]
+    g_img, g_cat, g_box, g_ign = g_img[gk], g_cat[gk], g_box[gk], g_ign[gk]
+    dk = np.nonzero(keep_d)[0]  # results-list order is kept
+    d_img, d_cat, d_box, d_score = d_img[dk], d_cat[dk], d_box[dk], d_score[dk]
+    # position of each kept detection inside its image, in results-list order
+    o = np.argsort(d_img, kind="stable")
+    pos = np.empty(len(d_img), np.int64)
+    pos[o] = np.arange(len(o)) - np.searchsorted(d_img[o], d_img[o])
+    top = pos < max(max_dets)  # calcAccuracy.m: det(1:min(size(det,1),maxDets), :)
+    _warn_unsorted(images, d_img, d_score, pos, max_dets)
+    dk = np.nonzero(top)[0]
+    d_img, d_cat, d_box, d_score, pos = d_img[dk], d_cat[dk], d_box[dk], d_score[dk], pos[dk]
+    d_key, g_key = d_img * C + d_cat, g_img * C + g_cat
+    cand = _candidates(d_key, d_box, g_key, g_box, g_ign, n_img * C, IOU_THRS.min())
+    match_args = (d_key, d_score, pos, *cand, len(g_key), IOU_THRS)
+    types = _match(np.arange(len(d_key)), *match_args)
+    n_gt = np.bincount(g_cat, minlength=C)
+    ar = _recalls(types, match_args, d_img, d_cat, d_score, pos, n_gt, C, max_dets)
+    ap = _precisions(types, d_img, d_cat, d_score, pos, n_gt, C)
+    # calcAccuracy.m: evalClass gets the class once per image holding it (weights of mean2)
+    weight = np.bincount(np.unique(g_key) % C, minlength=C) if len(g_key) else np.zeros(C, np.int64)
+    return _summary(ap, ar, weight, n_gt, cat_ids, cat_names, max_dets)
+
+
+def _outside_ignore_regions(images, g_img, g_box, d_img, d_box) -> tuple[np.ndarray, np.ndarray]:
+    """dropObjectsInIgr.m, per image: keep flags of the ground-truth boxes and detections that lie less
+    than half inside the image's ignore regions."""
+    n_img = len(images)
     keep_g = np.ones(len(g_img), bool)
     keep_d = np.ones(len(d_img), bool)
     g_by = np.argsort(g_img, kind="stable")
     d_by = np.argsort(d_img, kind="stable")
     g_lo = np.searchsorted(g_img[g_by], np.arange(n_img + 1))
     d_lo = np.searchsorted(d_img[d_by], np.arange(n_img + 1))
-    for i, im in enumerate(images):  # dropObjectsInIgr.m, per image
+    for i, im in enumerate(images):
         regions = im.get("ignore_regions_xywh") or []
         if len(regions) == 0:
             continue
@@ -260,16 +289,12 @@ def evaluate_visdrone(
         frac = ignored_fraction(np.concatenate([g_box[gi], d_box[di]]), regions, H, W)
         keep_g[gi] = frac[: len(gi)] < 0.5
         keep_d[di] = frac[len(gi) :] < 0.5
-    gk = np.nonzero(keep_g)[0]
-    g_img, g_cat, g_box, g_ign = g_img[gk], g_cat[gk], g_box[gk], g_ign[gk]
-    dk = np.nonzero(keep_d)[0]  # results-list order is kept
-    d_img, d_cat, d_box, d_score = d_img[dk], d_cat[dk], d_box[dk], d_score[dk]
-    # position of each kept detection inside its image, in results-list order
-    o = np.argsort(d_img, kind="stable")
-    pos = np.empty(len(d_img), np.int64)
-    pos[o] = np.arange(len(o)) - np.searchsorted(d_img[o], d_img[o])
-    top = pos < max(max_dets)  # calcAccuracy.m: det(1:min(size(det,1),maxDets), :)
-    order = np.lexsort((pos, d_img))  # maxDets cuts follow list order: say so when that order is not by score
+    return keep_g, keep_d
+
+
+def _warn_unsorted(images, d_img, d_score, pos, max_dets) -> None:
+    """maxDets cuts follow list order: say so when an image's detections are not sorted by score."""
+    order = np.lexsort((pos, d_img))
     unsorted = (d_img[order][1:] == d_img[order][:-1]) & (d_score[order][1:] > d_score[order][:-1])
     if unsorted.any():
         logger.warning(
@@ -279,23 +304,18 @@ def evaluate_visdrone(
             "/".join(map(str, max_dets)),
             images[int(d_img[order][1:][unsorted][0])].get("id"),
         )
-    dk = np.nonzero(top)[0]
-    d_img, d_cat, d_box, d_score, pos = d_img[dk], d_cat[dk], d_box[dk], d_score[dk], pos[dk]
-    n_keys = n_img * C
-    d_key, g_key = d_img * C + d_cat, g_img * C + g_cat
-    cand = _candidates(d_key, d_box, g_key, g_box, g_ign, n_keys, IOU_THRS.min())
-    args = (d_key, d_score, pos, *cand, len(g_key), IOU_THRS)
-    allidx = np.arange(len(d_key))
-    types = _match(allidx, *args)
+
+
+def _recalls(types, match_args, d_img, d_cat, d_score, pos, n_gt, C: int, max_dets) -> np.ndarray:
+    """AR = max(rec) per class, IoU threshold and maxDets: [C, T, len(max_dets)]. ``types``: the matches
+    with the largest maxDets; a smaller maxDets matches its detections again unless the lists are sorted
+    by score."""
+    allidx = np.arange(len(d_cat))
     # a prefix of a score-sorted list is a prefix of every group's greedy order
     o = np.lexsort((pos, d_img))
     sorted_ok = bool(np.all((d_img[o][1:] != d_img[o][:-1]) | (d_score[o][1:] <= d_score[o][:-1])))
     T = len(IOU_THRS)
-    ap = np.zeros((C, T))
     ar = np.zeros((C, T, len(max_dets)))
-    n_gt = np.bincount(g_cat, minlength=C)
-    # calcAccuracy.m: evalClass gets the class once per image holding it (weights of mean2)
-    weight = np.bincount(np.unique(g_key) % C, minlength=C) if len(g_key) else np.zeros(C, np.int64)
     for y, k in enumerate(max_dets):
         if k >= max(max_dets):
             t_k, in_k = types, allidx
@@ -304,10 +324,17 @@ def evaluate_visdrone(
             t_k = types[:, in_k]
         else:
             in_k = np.nonzero(pos < k)[0]
-            t_k = _match(in_k, *args)
+            t_k = _match(in_k, *match_args)
         tp_k = np.stack([np.bincount(d_cat[in_k], weights=t_k[t] == 1, minlength=C) for t in range(T)], 1)
-        ar[:, :, y] = tp_k / np.maximum(1, n_gt)[:, None]  # AR = max(rec)
-    for c in range(C):  # AP with the largest maxDets (calcAccuracy.m keeps the last rec/tp)
+        ar[:, :, y] = tp_k / np.maximum(1, n_gt)[:, None]
+    return ar
+
+
+def _precisions(types, d_img, d_cat, d_score, pos, n_gt, C: int) -> np.ndarray:
+    """AP per class and IoU threshold with the largest maxDets, [C, T] (calcAccuracy.m keeps the last
+    rec/tp)."""
+    ap = np.zeros((C, len(IOU_THRS)))
+    for c in range(C):
         sel = np.nonzero(d_cat == c)[0]
         # calcAccuracy.m: [~,idrank] = sort(-score) over dets concatenated image by image
         sel = sel[np.lexsort((pos[sel], d_img[sel], -d_score[sel]))]
@@ -317,6 +344,12 @@ def evaluate_visdrone(
         rec = tp / max(1, n_gt[c])
         prec = tp / np.maximum(1, tp + fp)
         ap[c] = voc_ap(rec, prec)
+    return ap
+
+
+def _summary(ap, ar, weight, n_gt, cat_ids, cat_names, max_dets) -> tuple[dict, pd.DataFrame]:
+    """The metrics (class means weighted as the toolkit's mean2) and the per-class table."""
+    C = len(cat_ids)
     w = weight.astype(np.float64)
     has = w > 0
 
@@ -353,23 +386,13 @@ def make_eval_benchmark_set(
     freq /= freq.sum()
     sizes = [(1920, 1080), (1360, 765), (960, 540)]
     images, anns, dets = [], [], []
-
-    def rand_boxes(n, W, H, med=20.0):
-        side = np.exp(rng.normal(np.log(med), 0.6, n))
-        ar = np.exp(rng.normal(0.0, 0.35, n))
-        w = np.clip(np.round(side * np.sqrt(ar)), 2, W // 4)
-        h = np.clip(np.round(side / np.sqrt(ar)), 2, H // 4)
-        x = np.floor(rng.uniform(0, 1, n) * (W - w))
-        y = np.floor(rng.uniform(0, 1, n) * (H - h))
-        return np.stack([x, y, w, h], 1)
-
     for i in range(num_images):
         W, H = sizes[rng.choice(3, p=[0.5, 0.3, 0.2])]
         n_reg = int(rng.poisson(2.5))
-        regs = rand_boxes(n_reg, W, H, med=150.0).astype(int).tolist()
+        regs = _rand_boxes(rng, n_reg, W, H, med=150.0).astype(int).tolist()
         n11 = int(rng.integers(0, 2))
-        others = rand_boxes(n11, W, H).astype(int).tolist()
-        g = rand_boxes(gt_per_image, W, H)
+        others = _rand_boxes(rng, n11, W, H).astype(int).tolist()
+        g = _rand_boxes(rng, gt_per_image, W, H)
         gc = rng.choice(10, gt_per_image, p=freq) + 1
         gi = rng.uniform(size=gt_per_image) < 0.05  # score-0 boxes
         images.append(
@@ -394,31 +417,52 @@ def make_eval_benchmark_set(
                     "ignore": int(ig),
                 }
             )
-        hit = rng.uniform(size=gt_per_image) < 0.85
-        tb = g[hit].copy()
-        jit = rng.normal(0, 0.08, tb.shape) * tb[:, [2, 3, 2, 3]]
-        tb[:, :2] += jit[:, :2]
-        tb[:, 2:] *= np.exp(jit[:, 2:] / tb[:, 2:])
-        tc = np.where(rng.uniform(size=len(tb)) < 0.9, gc[hit], rng.integers(1, 11, len(tb)))
-        ts = rng.beta(5, 2, len(tb))
-        n_fp = max(0, dets_per_image - len(tb))
-        fb = rand_boxes(n_fp, W, H)
-        if regs and n_fp:  # a share of false positives inside ignore regions
-            m = rng.uniform(size=n_fp) < 0.1
-            r = np.array(regs, float)[rng.integers(0, len(regs), n_fp)]
-            fb[m, 0] = r[m, 0] + rng.uniform(0, 1, m.sum()) * np.maximum(r[m, 2] - fb[m, 2], 0)
-            fb[m, 1] = r[m, 1] + rng.uniform(0, 1, m.sum()) * np.maximum(r[m, 3] - fb[m, 3], 0)
-        fc = rng.choice(10, n_fp, p=freq) + 1
-        fs = rng.beta(1.5, 6, n_fp)
-        b = np.concatenate([tb, fb])
-        b[:, 0] = np.clip(b[:, 0], 0, W - 1)
-        b[:, 1] = np.clip(b[:, 1], 0, H - 1)
-        b[:, 2] = np.minimum(b[:, 2], W - b[:, 0])
-        b[:, 3] = np.minimum(b[:, 3], H - b[:, 1])
-        s = np.round(np.concatenate([ts, fs]), 4)
-        c = np.concatenate([tc, fc])
-        o = np.argsort(-s, kind="stable")[:dets_per_image]
-        for bb, cc, ss in zip(np.round(b[o], 2).tolist(), c[o].tolist(), s[o].tolist()):
+        b, c, s = _benchmark_detections(rng, g, gc, regs, W, H, freq, dets_per_image)
+        for bb, cc, ss in zip(b.tolist(), c.tolist(), s.tolist()):
             dets.append({"image_id": i + 1, "category_id": cc, "bbox": bb, "score": ss})
     cats = [{"id": k, "name": n} for k, n in VISDRONE_CATEGORIES]
     return {"images": images, "annotations": anns, "categories": cats}, dets
+
+
+def _rand_boxes(rng: np.random.Generator, n: int, W: int, H: int, med: float = 20.0) -> np.ndarray:
+    """``n`` random xywh boxes inside a W x H image, log-normal sides around ``med`` px."""
+    side = np.exp(rng.normal(np.log(med), 0.6, n))
+    ar = np.exp(rng.normal(0.0, 0.35, n))
+    w = np.clip(np.round(side * np.sqrt(ar)), 2, W // 4)
+    h = np.clip(np.round(side / np.sqrt(ar)), 2, H // 4)
+    x = np.floor(rng.uniform(0, 1, n) * (W - w))
+    y = np.floor(rng.uniform(0, 1, n) * (H - h))
+    return np.stack([x, y, w, h], 1)
+
+
+def _benchmark_detections(
+    rng: np.random.Generator, g, gc, regs: list, W: int, H: int, freq, dets_per_image: int
+) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """One image's detections (boxes rounded to 0.01 px, categories, scores), sorted by score: jittered
+    copies of most ground-truth boxes ``g`` (categories ``gc``) plus false positives, a share of them
+    inside the ignore regions ``regs``."""
+    hit = rng.uniform(size=len(g)) < 0.85
+    tb = g[hit].copy()
+    jit = rng.normal(0, 0.08, tb.shape) * tb[:, [2, 3, 2, 3]]
+    tb[:, :2] += jit[:, :2]
+    tb[:, 2:] *= np.exp(jit[:, 2:] / tb[:, 2:])
+    tc = np.where(rng.uniform(size=len(tb)) < 0.9, gc[hit], rng.integers(1, 11, len(tb)))
+    ts = rng.beta(5, 2, len(tb))
+    n_fp = max(0, dets_per_image - len(tb))
+    fb = _rand_boxes(rng, n_fp, W, H)
+    if regs and n_fp:  # a share of false positives inside ignore regions
+        m = rng.uniform(size=n_fp) < 0.1
+        r = np.array(regs, float)[rng.integers(0, len(regs), n_fp)]
+        fb[m, 0] = r[m, 0] + rng.uniform(0, 1, m.sum()) * np.maximum(r[m, 2] - fb[m, 2], 0)
+        fb[m, 1] = r[m, 1] + rng.uniform(0, 1, m.sum()) * np.maximum(r[m, 3] - fb[m, 3], 0)
+    fc = rng.choice(10, n_fp, p=freq) + 1
+    fs = rng.beta(1.5, 6, n_fp)
+    b = np.concatenate([tb, fb])
+    b[:, 0] = np.clip(b[:, 0], 0, W - 1)
+    b[:, 1] = np.clip(b[:, 1], 0, H - 1)
+    b[:, 2] = np.minimum(b[:, 2], W - b[:, 0])
+    b[:, 3] = np.minimum(b[:, 3], H - b[:, 1])
+    s = np.round(np.concatenate([ts, fs]), 4)
+    c = np.concatenate([tc, fc])
+    o = np.argsort(-s, kind="stable")[:dets_per_image]
+    return np.round(b[o], 2), c[o], s[o]
