@@ -56,15 +56,7 @@ def get_contrastive_denoising_training_group(
     num_group = max(num_denoising // max_gt, 1)
     bs = len(targets)
 
-    labels = torch.full((bs, max_gt), num_classes, dtype=torch.long, device=device)
-    boxes = torch.zeros(bs, max_gt, 4, device=device)
-    real = torch.zeros(bs, max_gt, dtype=torch.bool, device=device)
-    for i, (t, n) in enumerate(zip(targets, num_gts)):
-        if n:
-            labels[i, :n] = t["labels"].to(device=device, dtype=torch.long)
-            boxes[i, :n] = t["boxes"].to(device=device, dtype=torch.float32)
-            real[i, :n] = True
-
+    labels, boxes, real = _padded_targets(targets, num_gts, max_gt, num_classes, device)
     # layout along the query axis: [group 0: positives (max_gt), negatives (max_gt)], [group 1: ...], ...
     reps = 2 * num_group
     labels = labels.repeat(1, reps)
@@ -91,15 +83,38 @@ def get_contrastive_denoising_training_group(
     boxes_unact = inverse_sigmoid(boxes)
     embed = class_embed(labels)  # padding label → zero vector
 
-    size = num_dn + num_queries
-    attn_mask = torch.zeros(size, size, dtype=torch.bool, device=device)
-    attn_mask[num_dn:, :num_dn] = True  # matching queries cannot see the denoising ones
-    group = torch.arange(num_dn, device=device) // (2 * max_gt)
-    attn_mask[:num_dn, :num_dn] = group[:, None] != group[None, :]  # groups cannot see each other
-
+    attn_mask = _denoising_attn_mask(num_dn, num_queries, max_gt, device)
     dn_meta = {
         "dn_positive_idx": dn_positive_idx,
         "dn_num_group": num_group,
         "dn_num_split": [num_dn, num_queries],
     }
     return embed, boxes_unact, attn_mask, dn_meta
+
+
+def _padded_targets(
+    targets: list[dict[str, Tensor]], num_gts: list[int], max_gt: int, num_classes: int, device
+) -> tuple[Tensor, Tensor, Tensor]:
+    """Labels [B, max_gt] (padding: ``num_classes``), cxcywh boxes [B, max_gt, 4] (padding: zeros) and the
+    mask of real objects [B, max_gt]."""
+    bs = len(targets)
+    labels = torch.full((bs, max_gt), num_classes, dtype=torch.long, device=device)
+    boxes = torch.zeros(bs, max_gt, 4, device=device)
+    real = torch.zeros(bs, max_gt, dtype=torch.bool, device=device)
+    for i, (t, n) in enumerate(zip(targets, num_gts)):
+        if n:
+            labels[i, :n] = t["labels"].to(device=device, dtype=torch.long)
+            boxes[i, :n] = t["boxes"].to(device=device, dtype=torch.float32)
+            real[i, :n] = True
+    return labels, boxes, real
+
+
+def _denoising_attn_mask(num_dn: int, num_queries: int, max_gt: int, device) -> Tensor:
+    """[D+Q, D+Q] bool, True = may not attend: the matching queries cannot see the denoising ones, and the
+    denoising groups (2 · max_gt queries each) cannot see each other."""
+    size = num_dn + num_queries
+    attn_mask = torch.zeros(size, size, dtype=torch.bool, device=device)
+    attn_mask[num_dn:, :num_dn] = True  # matching queries cannot see the denoising ones
+    group = torch.arange(num_dn, device=device) // (2 * max_gt)
+    attn_mask[:num_dn, :num_dn] = group[:, None] != group[None, :]  # groups cannot see each other
+    return attn_mask
