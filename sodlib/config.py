@@ -21,9 +21,8 @@ from typing import Any
 class DataConfig:
     dataset: str = "synthsod"  # synthsod | coco | visdrone | voc
     root: str = ""  # dataset folder; "" = SynthSOD in the data cache (generated on demand)
-    allow_outside_paths: bool = (
-        False  # coco: image file_names may point outside images/<split> (../, absolute)
-    )
+    # coco: image file_names may point outside images/<split> (../, absolute)
+    allow_outside_paths: bool = False
     image_size: int = 320  # square working size in pixels (images are resized to it)
     num_classes: int = 6  # foreground classes
     synth_train_images: int = 512  # SynthSOD train split size
@@ -58,51 +57,42 @@ BACKBONES = (
 
 @dataclass(frozen=True)
 class ModelConfig:
-    backbone: str = (
-        "resnet18"  # tiny | resnet18/34/50 (torchvision) | presnet18vd/34vd/50vd/101vd (RT-DETR's ResNet-vd)
-    )
+    # tiny | resnet18/34/50 (torchvision) | presnet18vd/34vd/50vd/101vd (RT-DETR's ResNet-vd)
+    backbone: str = "resnet18"
     backbone_width: int = 32  # stem width of the `tiny` backbone (ignored by ResNets)
-    pretrained_path: str = (
-        ""  # local backbone state_dict (torchvision layout for resnetNN, PResNet's for presnetNNvd)
-    )
+    # local backbone state_dict (torchvision layout for resnetNN, PResNet's for presnetNNvd)
+    pretrained_path: str = ""
     freeze_norm: bool = True  # FrozenBatchNorm2d in the backbone (RT-DETR practice)
     freeze_at: int = -1  # ResNet: -1 trains all; 0 freezes the stem (RT-DETR-R50); k also stages 1..k
     num_classes: int = 6  # foreground classes (must equal data.num_classes)
     hidden_dim: int = 256  # transformer width C
     num_heads: int = 8  # attention heads
-    num_levels: int = (
-        3  # feature levels fed to the decoder (strides 8, 16, 32; must be 4 = strides 4..32 with bifpn_sae)
-    )
+    # feature levels fed to the decoder (strides 8, 16, 32; must be 4 = strides 4..32 with bifpn_sae)
+    num_levels: int = 3
     num_points: int = 4  # sampling points per head and level
-    p2_values: bool = (
-        False  # hybrid: a stride-4 level (C2 + upsampled P3; num_levels 4) sampled, never selected
-    )
+    # hybrid: a stride-4 level (C2 + upsampled P3; num_levels 4) sampled, never selected
+    p2_values: bool = False
     num_queries: int = 300  # object queries (top-K encoder tokens)
     num_decoder_layers: int = 6  # decoder layers (one box/class head each)
     dim_feedforward: int = 1024  # decoder FFN width
     encoder_ffn: int = 1024  # AIFI FFN width
     encoder_dim: int = 0  # hybrid encoder width (0 = hidden_dim; RT-DETR-R101: 384, projected to hidden_dim)
-    pos_embed: str = (
-        "xy"  # AIFI's sin-cos layout: xy (x then y) | rtdetr (the released code's; see encoder.py)
-    )
+    # AIFI's sin-cos layout: xy (x then y) | rtdetr (the released code's; see encoder.py)
+    pos_embed: str = "xy"
     csp_blocks: int = 3  # RepVGG blocks per CSP stage in CCFM
     expansion: float = 1.0  # CSP hidden-width expansion
     dropout: float = 0.0
     num_denoising: int = 100  # total denoising queries (0 disables contrastive denoising)
     label_noise_ratio: float = 0.5
     box_noise_scale: float = 1.0
-    query_nms: float = (
-        0.0  # IoU of class-agnostic NMS over the encoder proposals before top-K (0 = RT-DETR's plain top-K)
-    )
-    fp32_geometry: bool = (
-        False  # boxes, reference points, sampling locations and weights in float32 under autocast
-    )
-    bf16_geometry: bool = (
-        False  # diagnostic: the same rounded to bfloat16 precision (what autocast does), in float32
-    )
-    post_nms: float = (
-        0.0  # IoU of a per-class NMS in post-processing (0 = end-to-end, RT-DETR's own post-processor)
-    )
+    # IoU of class-agnostic NMS over the encoder proposals before top-K (0 = RT-DETR's plain top-K)
+    query_nms: float = 0.0
+    # boxes, reference points, sampling locations and weights in float32 under autocast
+    fp32_geometry: bool = False
+    # diagnostic: the same rounded to bfloat16 precision (what autocast does), in float32
+    bf16_geometry: bool = False
+    # IoU of a per-class NMS in post-processing (0 = end-to-end, RT-DETR's own post-processor)
+    post_nms: float = 0.0
     encoder: str = "hybrid"  # hybrid (RT-DETR AIFI+CCFM) | bifpn_sae (MRQM)
     bifpn_repeats: int = 2  # MRQM: BiFPN layers
     sae_high_updates: int = 2  # MRQM: SAE updates of the high-level tokens F3..F5
@@ -110,9 +100,8 @@ class ModelConfig:
     iah_tb: float = 0.55  # MRQM: base IoU threshold T_b of T_I = max(T_b, T_b + k·(sqrt(w·h)/A_s)^p)
     iah_k: float = 0.15  # MRQM: k of T_I (negative k makes max(T_b, ·) clamp to T_b)
     iah_p: float = 0.2  # MRQM: exponent p of T_I
-    iah_as_px: float = (
-        0.0  # MRQM: A_s as a LENGTH in pixels (sqrt of the smallest gt area); 0 = auto (engine)
-    )
+    # MRQM: A_s as a LENGTH in pixels (sqrt of the smallest gt area); 0 = auto (engine)
+    iah_as_px: float = 0.0
     iah_reading: str = "norm_px2"  # MRQM: units of sqrt(w·h)/A_s in T_I (sodlib.models.iou_head.READINGS)
     iah_max_queries: int = 300  # MRQM: cap on auxiliary positive queries per image (kept by IAH score)
 
@@ -205,12 +194,14 @@ class LossConfig:
     cls_loss: str = "vfl"  # vfl | qfl (GFL) | tal (TOOD)
     tal_a: float = 1.0  # cls_loss=tal: exponent of the score s in TOOD's alignment t = s^a * u^b
     tal_b: float = 6.0  # cls_loss=tal: exponent of the IoU u in TOOD's alignment t = s^a * u^b
-    enc_o2m: int = (
-        0  # k of a one-to-many (gt repeated k times) Hungarian loss on every encoder token; 0 = off
-    )
+    # k of a one-to-many (gt repeated k times) Hungarian loss on every encoder token; 0 = off
+    enc_o2m: int = 0
     # Paper A (Better Sampling) switches and hyper-parameters
     st: bool = False  # Scale-aligned Target, Eqs. 7-15
-    st_mode: str = "label"  # label | pred: reading of s in t = c*s (see DESIGN.md)
+    # label | pred: s in ST's target t = c*s (Eq. 15) is the class target (label: t = c at the matched
+    # class, VFL's target with c for the IoU) or the detached predicted score (pred: the literal reading,
+    # whose BCE fixed point is s = 0)
+    st_mode: str = "label"
     beta: float = 0.73  # Eq. 14
     theta: float = 6.0  # Eq. 13
     sr: bool = False  # Sample Reweighting, Eqs. 16-21
@@ -229,10 +220,11 @@ class LossConfig:
     weight_iah_bbox: float = 5.0  # loss_iah_bbox: L1 of the IAH boxes of the positives
     weight_iah_giou: float = 2.0  # loss_iah_giou: 1 - GIoU of the IAH boxes of the positives
     weight_auxq: float = 1.0  # factor on every decoder term of the auxiliary positive queries (Eq. 10)
-    # Factor on the three IAH terms, balanced by measurement (sodlib.studies.mrqm_analysis.encoder_gradient_share,
-    # notebook 06): at factor 1 the IAH's dense loss sent the encoder 1.0x (hybrid) to 1.6x (BiFPN/SAE) the
-    # gradient of all the decoder's terms together at initialisation (ablation profile); 0.25 brings it to
-    # a quarter to 0.4x, beside the auxiliary queries' decoder terms.
+    # Factor on the three IAH terms, balanced by measurement
+    # (sodlib.studies.mrqm_analysis.encoder_gradient_share, notebook 06): at factor 1 the IAH's dense loss
+    # sends the encoder 1.0x (hybrid) to 1.6x (BiFPN/SAE) the gradient of all the decoder's terms together
+    # at initialisation (ablation profile); 0.25 brings it to a quarter to 0.4x, beside the auxiliary
+    # queries' decoder terms.
     weight_iah: float = 0.25
 
     def __post_init__(self):
@@ -297,9 +289,8 @@ class TrainConfig:
     log_every: int = 10
     threads: int = 0  # torch.set_num_threads; 0 = leave as is
     init_from: str = ""  # checkpoint (RT-DETR, transformers or sodlib) whose fitting tensors start the model
-    tensorboard: bool = (
-        True  # TensorBoard event files in <run>/tensorboard (log.csv stays the source of truth)
-    )
+    # TensorBoard event files in <run>/tensorboard (log.csv stays the source of truth)
+    tensorboard: bool = True
 
     def __post_init__(self):
         _check_range("train.batch_size", self.batch_size, lo=1)
@@ -359,9 +350,9 @@ class RunConfig:
 
     def canonical(self) -> RunConfig:
         """This config with the options that cannot act reset to their defaults: SR's generator mode and
-        weight (``loss.sr_grad``, ``loss.weight_sr_gen``) while ``loss.sr`` is off. A run's identity (its hash,
-        its cached folder) is that of its canonical config, so a change of an inert option's default does not
-        orphan the runs it never touched."""
+        weight (``loss.sr_grad``, ``loss.weight_sr_gen``) while ``loss.sr`` is off. A run's identity (its
+        hash, its cached folder) is that of its canonical config, so a change of an inert option's default
+        does not orphan the runs it never touched."""
         if self.loss.sr:
             return self
         default = LossConfig()
@@ -405,22 +396,24 @@ def _smoke() -> RunConfig:
 
 
 def _cpu() -> RunConfig:
-    # Tiny RT-DETR on SynthSOD, 520 iterations on 2 threads, in float32 (amp off): 0.60 s per step on 2 cores of
-    # an AVX2 CPU. bf16 autocast (train.amp=true) pays where the CPU has bf16 units (avx512_bf16, amx_bf16;
-    # sodlib.hardware.cpu_has_native_bf16): 174–197 s of training on 2 cores with AVX512-BF16. Without them it is
-    # emulated, 6.4 s per step on the same AVX2 CPU, and train() warns.
-    # Short-schedule choices, each measured under bf16 autocast on the AVX512-BF16 cores
-    # (results/tables/baseline_budget): flip-only augmentation (zoom-out shrinks 6-px objects below what the
-    # stride-8 map resolves), lr 1.6e-3 with cosine decay (from scratch, RT-DETR's 2e-4 fine-tuning rate is far
-    # too low), batch 4 (batch 2 gave more steps but lower AP in the same time), 200 queries chosen among encoder
-    # proposals made distinct by class-agnostic NMS at IoU 0.5 (DDQ-DETR's distinct queries: with plain top-K most
-    # of the 100 queries of RT-DETR sat on duplicates of the same objects; AP50 0.46 → 0.70), no EMA (the raw
-    # weights at the end of the cosine schedule beat a 0.999 EMA by 0.01–0.04 AP50 at this length), 50 denoising
-    # queries (7% cheaper per step than 100 at equal AP50), and 2 decoder layers: the decoder is the largest part
-    # of the step, and at the same wall time 540 iterations with 2 layers beat 440 with 3 (AP50 0.731 / 0.748 vs
-    # 0.692 / 0.704 on seeds 0 / 1; 1 layer, 677 iterations: 0.752 AP50 but AP 0.423 vs 0.446 and no iterative
-    # refinement left for SPR to act on).
-    # Iterations, not wall time, bound the run so that it is reproducible.
+    # Tiny RT-DETR trained from scratch on SynthSOD: 520 iterations on 2 threads in float32, 0.60 s per step
+    # on 2 cores of an AVX2 CPU. Iterations, not wall time, bound the run, so that it is reproducible.
+    # bf16 autocast (train.amp=true) pays only on CPUs with bf16 units (avx512_bf16, amx_bf16;
+    # sodlib.hardware.cpu_has_native_bf16): 174-197 s of training on 2 AVX512-BF16 cores; emulated, on the
+    # AVX2 CPU, it takes 6.4 s per step (train() warns).
+    # The short-schedule choices, each measured under bf16 autocast on 2 AVX512-BF16 cores
+    # (results/tables/baseline_budget):
+    # - flip-only augmentation: zoom-out shrinks 6-px objects below what the stride-8 map resolves;
+    # - lr 1.6e-3 with cosine decay: from scratch, RT-DETR's 2e-4 fine-tuning rate is far too low;
+    # - batch 4: batch 2 makes more steps but reaches a lower AP in the same time;
+    # - 200 queries among encoder proposals made distinct by class-agnostic NMS at IoU 0.5 (DDQ-DETR's
+    #   distinct queries): with plain top-K most of RT-DETR's 100 queries sit on duplicates of the same
+    #   objects (AP50 0.46 with plain top-K, 0.70 with NMS);
+    # - no EMA: the raw weights at the end of the cosine schedule beat a 0.999 EMA by 0.01-0.04 AP50;
+    # - 50 denoising queries: 7% cheaper per step than 100, at equal AP50;
+    # - 2 decoder layers, the largest part of the step: at equal wall time 540 iterations with 2 layers beat
+    #   440 with 3 (AP50 0.731 / 0.748 vs 0.692 / 0.704 on seeds 0 / 1); 1 layer (677 iterations) reaches
+    #   0.752 AP50 but AP 0.423 vs 0.446, and leaves no iterative refinement for SPR to act on.
     return RunConfig(
         name="cpu",
         data=DataConfig(image_size=320, augment="flip"),
@@ -504,14 +497,16 @@ def _ablation() -> RunConfig:
     )
 
 
-# The ablation tables' fixed budget: about 8 epochs of SynthSOD's 512 training images at batch 4. The papers also
-# compare at one fixed schedule; the baseline still gains at 2000 and 4000 (results/tables/ablation_plateau).
+# The ablation tables' fixed budget: about 8 epochs of SynthSOD's 512 training images at batch 4. The papers
+# also compare at one fixed schedule; the baseline still gains at 2000 and 4000 iterations
+# (results/tables/ablation_plateau).
 ABLATION_ITERS = 1000
 
 
 def _paper() -> RunConfig:
-    # RT-DETR-R50 as trained in paper A, §5.2: the released architecture (sodlib.official.rtdetr_model_config(50)),
-    # so that RT-DETR's COCO or ImageNet weights initialise it (`sodlib train --init-from`, model.pretrained_path).
+    # RT-DETR-R50 as trained in paper A, §5.2: the released architecture
+    # (sodlib.official.rtdetr_model_config(50)), so that RT-DETR's COCO or ImageNet weights initialise it
+    # (`sodlib train --init-from`, model.pretrained_path).
     return RunConfig(
         name="paper",
         data=DataConfig(dataset="visdrone", image_size=640, num_classes=10, num_workers=4),

@@ -303,8 +303,8 @@ def spr_offset_loss(
     Δp = location − centre, in units of the box size (Δp / wh: scale invariant). Target: Δp clamped to
     the η-expanded box [−η/2, η/2]. Per point (|Δp_x − tgt_x| + |Δp_y − tgt_y|)^2 (0 inside the
     expanded box), summed over heads, levels and points, averaged over positive queries; 0 without any.
-    (The paper prints ||Δp − η·(w, h)||₁² over the outside points; DESIGN.md reads η·(w, h) as the edge
-    of the η-expanded box, the nearest point of which is the target.)
+    (The paper prints ||Δp − η·(w, h)||₁² over the outside points; η·(w, h) is read here as the edge of
+    the η-expanded box, the nearest point of which is the target.)
     """
     _check_spr_shapes("spr_offset_loss", sampling_locations, ref_boxes, positive_mask)
     dp = _offsets_in_box_units(sampling_locations, ref_boxes, positive_mask, eps)  # [N, M, L, P, 2]
