@@ -3,8 +3,9 @@
 Every choice a config makes between classes is made here, by passing classes or built modules: the backbone
 (``model.backbone``), the encoder (``model.encoder``: RT-DETR's hybrid encoder or MRQM's BiFPN + SAE), the
 training-only head (``model.iah``: MRQM's IoU-aware head), and the criterion (RT-DETR's, paper A's
-:class:`~sodlib.losses.sampling.BetterSamplingCriterion` or MRQM's :class:`~sodlib.losses.mrqm.MRQMCriterion`).
-The parts themselves (:mod:`sodlib.models`, :mod:`sodlib.losses`) know nothing of configs' choices.
+:class:`~sodlib.losses.sampling.BetterSamplingCriterion` or MRQM's
+:class:`~sodlib.losses.mrqm.MRQMCriterion`). The parts themselves (:mod:`sodlib.models`, :mod:`sodlib.losses`)
+know nothing of configs' choices.
 
 Layer: imports :mod:`sodlib.config`, :mod:`sodlib.models` and :mod:`sodlib.losses`; used by training,
 inference, :mod:`sodlib.official` and ``sodlib.build_detector`` / ``sodlib.build_criterion``.
@@ -148,7 +149,8 @@ def criterion_class(loss_cfg: LossConfig, model_cfg: ModelConfig) -> type[SetCri
 
 
 def build_criterion(loss_cfg: LossConfig, model_cfg: ModelConfig) -> SetCriterion:
-    """The criterion described by ``loss_cfg`` for a detector built from ``model_cfg`` (class: :func:`criterion_class`)."""
+    """The criterion described by ``loss_cfg`` for a detector built from ``model_cfg`` (class:
+    :func:`criterion_class`)."""
     matcher = HungarianMatcher(
         cost_class=loss_cfg.cost_class,
         cost_bbox=loss_cfg.cost_bbox,

@@ -61,7 +61,8 @@ def cpu_features(cpuinfo_path: str | os.PathLike = CPUINFO) -> str:
     return ", ".join(p for p in (f"{os.cpu_count() or 1} cores", platform.machine() or "unknown", named) if p)
 
 
-# the flags that select oneDNN's and MKL's float32 kernels (vector width, FMA, AMX tiles) and aarch64's SIMD units
+# the flags that select oneDNN's and MKL's float32 kernels (vector width, FMA, AMX tiles) and aarch64's
+# SIMD units
 KERNEL_FLAGS = (
     "avx2",
     "fma",
@@ -78,8 +79,8 @@ KERNEL_FLAGS = (
 
 
 def cpu_vendor(cpuinfo_text: str) -> str:
-    """x86's ``vendor_id`` (``GenuineIntel``, ``AuthenticAMD``) or aarch64's ``CPU implementer`` (``arm-0x41``);
-    ``unknown`` when the text names neither."""
+    """x86's ``vendor_id`` (``GenuineIntel``, ``AuthenticAMD``) or aarch64's ``CPU implementer``
+    (``arm-0x41``); ``unknown`` when the text names neither."""
     for line in cpuinfo_text.splitlines():
         key, sep, value = line.partition(":")
         if sep and key.strip() == "vendor_id":
@@ -92,8 +93,9 @@ def cpu_vendor(cpuinfo_text: str) -> str:
 def machine_kind(cpuinfo_path: str | os.PathLike = CPUINFO) -> str:
     """What picks the float32 kernels of a training on this CPU, in one line: vendor, architecture, torch's
     vectorised-kernel capability and the :data:`KERNEL_FLAGS` present, e.g.
-    ``"GenuineIntel x86_64 AVX512 avx2 fma avx512f avx512bw avx512vl avx512_vnni avx512_bf16 avx512_fp16 amx_tile"``.
-    MKL and oneDNN choose their code paths from the vendor and these flags, ATen from the capability."""
+    ``"GenuineIntel x86_64 AVX512 avx2 fma avx512f avx512bw avx512vl avx512_vnni avx512_bf16 avx512_fp16
+    amx_tile"``. MKL and oneDNN choose their code paths from the vendor and these flags, ATen from the
+    capability."""
     text = _read_cpuinfo(cpuinfo_path)
     flags = cpu_flags(text)
     named = [f for f in KERNEL_FLAGS if f in flags]
@@ -102,7 +104,8 @@ def machine_kind(cpuinfo_path: str | os.PathLike = CPUINFO) -> str:
 
 
 def machine_slug(kind: str | None = None) -> str:
-    """``kind`` (default: this machine's :func:`machine_kind`) as a file name: runs of other characters -> ``_``."""
+    """``kind`` (default: this machine's :func:`machine_kind`) as a file name: runs of other characters ->
+    ``_``."""
     import re
 
     return re.sub(r"[^A-Za-z0-9]+", "_", kind or machine_kind()).strip("_")
@@ -119,8 +122,8 @@ def _warn_emulated_bf16() -> None:
 
 
 def check_amp(amp: bool, device: str | torch.device) -> None:
-    """Refuse ``train.amp`` where bf16 autocast cannot run on ``device`` (``ValueError``); warn once per process
-    where it runs emulated (a CPU without native bf16). Nothing happens with ``amp`` off."""
+    """Refuse ``train.amp`` where bf16 autocast cannot run on ``device`` (``ValueError``); warn once per
+    process where it runs emulated (a CPU without native bf16). Nothing happens with ``amp`` off."""
     if not amp:
         return
     device = torch.device(device)

@@ -3,8 +3,8 @@
 :func:`atomic_write_bytes` (temp file in the same folder, fsync, ``os.replace``) is how every artefact is
 written, so an interrupted process never leaves a half-written file behind; figures (:func:`save_figure`) and
 tables (:func:`write_table`) go through it too. :func:`claim_output_dir` guards ``--out`` folders: nothing the
-user owns is overwritten; :func:`file_lock` keeps two processes from writing one thing at once. Foundation layer:
-imports nothing from sodlib.
+user owns is overwritten; :func:`file_lock` keeps two processes from writing one thing at once. Foundation
+layer: imports nothing from sodlib.
 """
 
 from __future__ import annotations
@@ -73,9 +73,9 @@ class LockedError(RuntimeError):
 
 @contextlib.contextmanager
 def file_lock(path: str | os.PathLike, wait: bool = True, what: str = ""):
-    """Hold an exclusive lock on the file ``path`` (created, with the holder's process id in it) for the ``with``
-    block. ``wait=False``: raise :class:`LockedError` naming ``what`` and the holder when another process has it.
-    POSIX ``flock``; where it does not exist (Windows) nothing is locked."""
+    """Hold an exclusive lock on the file ``path`` (created, with the holder's process id in it) for the
+    ``with`` block. ``wait=False``: raise :class:`LockedError` naming ``what`` and the holder when another
+    process has it. POSIX ``flock``; where it does not exist (Windows) nothing is locked."""
     try:
         import fcntl
     except ImportError:
@@ -105,9 +105,9 @@ def file_lock(path: str | os.PathLike, wait: bool = True, what: str = ""):
 def claim_output_dir(path: str | os.PathLike, name: str = "--out", resumable: tuple[str, ...] = ()) -> Path:
     """An ``--out`` folder sodlib may write into: created (and marked) when absent, adopted when empty, reused
     when marked as sodlib's; a file, or a folder holding someone else's files, is refused with a ValueError
-    before any work — nothing the user owns is overwritten. ``name`` says which folder in the message; a folder
-    holding one of the ``resumable`` entries (a run's ``config.json`` or ``checkpoints/``) is sodlib's work to
-    resume, taken as it is."""
+    before any work — nothing the user owns is overwritten. ``name`` says which folder in the message; a
+    folder holding one of the ``resumable`` entries (a run's ``config.json`` or ``checkpoints/``) is sodlib's
+    work to resume, taken as it is."""
     path = Path(path)
     if path.exists() and not path.is_dir():
         raise ValueError(f"{name} {path} is a file, not a folder; nothing was written")

@@ -113,8 +113,9 @@ def _subs(key: str, rules: list[tuple[str, str]]) -> str:
 
 
 # RT-DETR's ConvNormLayer names its parts conv / norm where sodlib's encoder uses Sequential indices; its
-# RepVGG block calls the 3×3 branch conv1 and the 1×1 branch conv2 (sodlib: conv3 and conv1); its AIFI FFN is
-# linear1 / linear2 inside a TransformerEncoder's `layers`; the decoder layers sit in `decoder.decoder.layers`.
+# RepVGG block calls the 3×3 branch conv1 and the 1×1 branch conv2 (sodlib: conv3 and conv1); its AIFI FFN
+# is linear1 / linear2 inside a TransformerEncoder's `layers`; the decoder layers sit in
+# `decoder.decoder.layers`.
 _OFFICIAL_RULES = [
     (r"^encoder\.encoder\.(\d+)\.(\d+)\.ffn\.0\.", r"encoder.encoder.\1.layers.\2.linear1."),
     (r"^encoder\.encoder\.(\d+)\.(\d+)\.ffn\.3\.", r"encoder.encoder.\1.layers.\2.linear2."),
@@ -375,8 +376,8 @@ def load_rtdetr(checkpoint: str | os.PathLike | Mapping, model_cfg: ModelConfig)
 
     ``checkpoint``: a path or a loaded object in RT-DETR's, transformers' or sodlib's layout (see
     :func:`read_state_dict`). Anything that does not fit ``model_cfg`` is refused with a ValueError naming
-    the first missing / unexpected keys and shape mismatches (:func:`convert_state_dict`), and so are non-finite
-    weights.
+    the first missing / unexpected keys and shape mismatches (:func:`convert_state_dict`), and so are
+    non-finite weights.
     """
 
     if not isinstance(model_cfg, ModelConfig):

@@ -292,7 +292,8 @@ def test_more_queries_than_encoder_tokens_is_said_once():
     images = torch.zeros(1, 3, cfg.data.image_size, cfg.data.image_size)
     with pytest.warns(
         UserWarning,
-        match=r"model.num_queries=5000 exceeds the \d+ selectable encoder tokens at this image size; \d+ queries",
+        match=r"model.num_queries=5000 exceeds the \d+ selectable encoder tokens at this image size; "
+        r"\d+ queries",
     ):
         out = model(images)
     assert out["pred_logits"].shape[1] < 5000

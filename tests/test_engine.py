@@ -134,14 +134,15 @@ def test_finished_run_is_not_trained_again(tmp_path, monkeypatch):
     with open(tmp_path / "log.csv") as f:
         header = next(csv.reader(f))
     assert "loss_vfl_all" in header
-    old = [c for c in header if not c.endswith("_all")]  # a committed log written before the _all columns
+    old = [c for c in header if not c.endswith("_all")]  # a committed log without the _all columns
     (tmp_path / "log.csv").write_text(",".join(old) + "\n" + ",".join(["1"] * len(old)) + "\n")
     (tmp_path / "eval.csv").write_text("iteration,train_seconds,AP\n2,1.0,0.5\n")
     train(cfg, tmp_path, progress=False, need_checkpoint=True)  # weights wanted: retrains
     assert (tmp_path / "checkpoints" / "last.pt").exists()
     with open(tmp_path / "log.csv") as f:
         rows = list(csv.reader(f))
-    assert rows[0] == header and [r[0] for r in rows[1:]] == ["1", "2"]  # today's columns, this run's rows
+    # this code's columns, this run's rows
+    assert rows[0] == header and [r[0] for r in rows[1:]] == ["1", "2"]
     evals = (tmp_path / "eval.csv").read_text() if (tmp_path / "eval.csv").exists() else ""
     assert "2,1.0,0.5" not in evals  # the earlier run's evaluation went with its log
 
@@ -253,9 +254,9 @@ def test_emulated_bf16_is_announced_once_before_the_dataset(tmp_path, monkeypatc
 
 
 def test_exploding_weights_never_replace_the_last_good_checkpoint(tmp_path, monkeypatch):
-    """The loss stays finite but a BatchNorm statistic turns inf after iteration 3 (train-mode batch norms do not
-    read it, so nothing else fails): the run stops at the next checkpoint naming the iteration and the tensor,
-    and the checkpoint of iteration 2 is kept."""
+    """The loss stays finite but a BatchNorm statistic turns inf after iteration 3 (train-mode batch norms do
+    not read it, so nothing else fails): the run stops at the next checkpoint naming the iteration and the
+    tensor, and the checkpoint of iteration 2 is kept."""
     import sodlib.training.engine
 
     cfg = override(_smoke(), "train.checkpoint_every=2")

@@ -1,4 +1,5 @@
-"""ONNX export: onnxruntime outputs equal PyTorch's, RT-DETR's post-processor, paper A's training-only claim."""
+"""ONNX export: onnxruntime outputs equal PyTorch's, RT-DETR's post-processor, paper A's training-only
+claim."""
 
 import pytest
 import torch

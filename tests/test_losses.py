@@ -193,7 +193,8 @@ def test_scale_aligned_quality_limits():
     assert_close(scale_aligned_quality(iou, gt, gt, beta=0.4, theta=3.0), iou**0.4)  # ρ = 1
     # the ratio only: areas in pixels give the same c
     assert_close(scale_aligned_quality(iou, pred * 640**2, gt * 640**2), scale_aligned_quality(iou, pred, gt))
-    # not symmetric in log ρ: a too-small box (ρ = 1/4, r = 1/2) costs less than a too-large one (ρ = 4, r = 2)
+    # not symmetric in log ρ: a too-small box (ρ = 1/4, r = 1/2) costs less than a too-large one
+    # (ρ = 4, r = 2)
     c = scale_aligned_quality(torch.tensor([0.5, 0.5]), torch.tensor([0.25, 4.0]), torch.tensor([1.0, 1.0]))
     assert c[0] > c[1]
 

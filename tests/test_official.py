@@ -134,7 +134,8 @@ def test_presnet_config_choices():
 
 
 def test_released_architectures_match_the_published_sizes():
-    """Parameter counts of RT-DETR's README: R18 20M, R34 31M, R50 42M, R101 76M (ours: 20.18, 31.44, 42.89, 76.56 M)."""
+    """Parameter counts of RT-DETR's README: R18 20M, R34 31M, R50 42M, R101 76M (ours: 20.18, 31.44, 42.89,
+    76.56 M)."""
     published = {18: 20, 34: 31, 50: 42, 101: 76}
     for depth, millions in published.items():
         cfg = rtdetr_model_config(depth)
@@ -176,7 +177,8 @@ def test_rtdetr_position_embedding_layout():
 @pytest.mark.parametrize("depth", [18, 34, 50, 101])
 @pytest.mark.parametrize("layout", ["official", "hf"])
 def test_layout_round_trip_every_depth(depth, layout):
-    """Our weights written in the other layout load back into an equal detector (every tensor, the outputs)."""
+    """Our weights written in the other layout load back into an equal detector (every tensor, the
+    outputs)."""
     cfg = rtdetr_model_config(depth, num_classes=3)
     torch.manual_seed(depth)
     model = build_detector(cfg)

@@ -85,9 +85,9 @@ def _stored_run(root, name, cfg, ap):
 
 
 def test_rehash_moves_a_chain_in_an_order_that_frees_each_target(tmp_path):
-    """A default flips from end_to_end to difficulty: the old default's run sits in the name the new default now
+    """A default flips from end_to_end to difficulty: the old default's run sits in the name the new default
     takes, and the run that asked for difficulty explicitly sits under an old name."""
-    sr = override(get_profile("smoke"), "loss.sr=true")  # difficulty, today's default
+    sr = override(get_profile("smoke"), "loss.sr=true")  # difficulty, the default
     old_default = override(sr, "loss.sr_grad=end_to_end")
     _stored_run(tmp_path, runs.config_hash(sr), old_default, 0.1)
     _stored_run(tmp_path, "0123456789ab", sr, 0.2)

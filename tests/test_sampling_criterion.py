@@ -383,7 +383,7 @@ def test_smoke_detector_with_degenerate_targets():
 
 
 def test_criterion_defaults_match_loss_config():
-    # a criterion built by hand must behave like one built from the default LossConfig (sr_grad once differed)
+    # a criterion built by hand must behave like one built from the default LossConfig
     from sodlib.losses.mrqm import MRQMCriterion
 
     defaults = LossConfig()
@@ -409,7 +409,8 @@ def _matched_final(crit, out, targets):
 
 @pytest.mark.parametrize("cls_loss", ["vfl", "qfl"])
 def test_sr_keeps_the_mean_positive_weight(cls_loss):
-    # mean r over the positives = mean of the weight it replaces: q = t for VFL, |t - s|^gamma for QFL, 1 for boxes
+    # mean r over the positives = mean of the weight it replaces: q = t for VFL, |t - s|^gamma for QFL,
+    # 1 for boxes
     logits = torch.zeros(1, 3, K)
     logits[0, 0, 1], logits[0, 1, 0] = -1.0, 2.0
     out, targets = _hand_case(num_gt=2, logits=logits)

@@ -1,5 +1,5 @@
-"""Every command that writes, given an --out that holds a user's file or folder, refuses or writes only what it names:
-no file it did not create is deleted or replaced."""
+"""Every command that writes, given an --out that holds a user's file or folder, refuses or writes only what
+it names: no file it did not create is deleted or replaced."""
 
 import hashlib
 import json

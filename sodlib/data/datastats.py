@@ -23,7 +23,8 @@ def _load(path) -> dict:
 
 
 def _resolve(paths) -> list[Path]:
-    """Json files from paths or dataset folders (``<dir>/annotations/instances_*.json`` or ``<dir>/*.json``)."""
+    """Json files from paths or dataset folders (``<dir>/annotations/instances_*.json`` or
+    ``<dir>/*.json``)."""
     if isinstance(paths, (str, Path)):
         paths = [paths]
     found = []
@@ -167,8 +168,8 @@ def format_stats(summary: dict) -> str:
 def min_instance_size_px(dataset, image_size: int) -> float:
     """sqrt of the smallest positive gt area after the square resize to ``image_size`` (pixels, a length).
 
-    ``dataset``: a :class:`~sodlib.data.datasets.CocoDetection` (its training annotations: no crowd, no ignore)
-    or a COCO dict (non-crowd, non-ignore annotations).
+    ``dataset``: a :class:`~sodlib.data.datasets.CocoDetection` (its training annotations: no crowd, no
+    ignore) or a COCO dict (non-crowd, non-ignore annotations).
     """
     coco = dataset if isinstance(dataset, Mapping) else dataset.coco
     sizes = {im["id"]: (float(im["width"]), float(im["height"])) for im in coco["images"]}

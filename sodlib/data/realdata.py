@@ -1,10 +1,10 @@
 """Real aerial data for the baseline-vs-full comparison: NEON tree crowns cut into patches.
 
-``neon_trees`` in the shared sample data (:func:`sodlib.data.shared_data_dir`) holds 4 airborne RGB tiles (NEON, 10 cm/px) with Pascal VOC boxes of one
-class (tree crowns; ``SOAP_061.xml`` names them Alive/Dead, folded here into one class "Tree"). Its README
-suggests training on three tiles and testing on the fourth; the tiles (400² to 2299×2472 px) are cut into
-square patches at native resolution (no resizing, so a crown keeps its real pixel size: about 31% of them
-are under 32² px) with :func:`sodlib.data.tiling.tile_coco`:
+``neon_trees`` in the shared sample data (:func:`sodlib.data.shared_data_dir`) holds 4 airborne RGB tiles
+(NEON, 10 cm/px) with Pascal VOC boxes of one class (tree crowns; ``SOAP_061.xml`` names them Alive/Dead,
+folded here into one class "Tree"). Its README suggests training on three tiles and testing on the fourth; the
+tiles (400² to 2299×2472 px) are cut into square patches at native resolution (no resizing, so a crown keeps
+its real pixel size: about 31% of them are under 32² px) with :func:`sodlib.data.tiling.tile_coco`:
 
 * patch = the profile's working size (``data.image_size``), so training and test images are never resized;
 * overlap: a quarter of the patch by default (80 px at 320): 95% of the crowns are at most 75 px on their
@@ -54,7 +54,8 @@ class NeonTreesAbsent(FileNotFoundError):
 
 
 def _find(path: PathLike | None, name: str) -> Path | None:
-    """``path`` (or the shared data's ``name`` folder when empty) if it holds ``images/`` and ``annotations/``."""
+    """``path`` (or the shared data's ``name`` folder when empty) if it holds ``images/`` and
+    ``annotations/``."""
     src = Path(path).expanduser() if path else shared_data_dir() / name
     return src if (src / "images").is_dir() and (src / "annotations").is_dir() else None
 
@@ -84,7 +85,8 @@ def _fingerprint(src: Path, stems: Sequence[str], params: dict) -> str:
 
 
 def patch_dataset_name(patch: int, overlap: int, fingerprint: str, prefix: str = "neon_trees") -> str:
-    """``{prefix}_p{patch}_o{overlap}_{hash}``: the cache folder, and the machine-independent ``data.root``."""
+    """``{prefix}_p{patch}_o{overlap}_{hash}``: the cache folder, and the machine-independent
+    ``data.root``."""
     return f"{prefix}_p{patch}_o{overlap}_{fingerprint[:10]}"
 
 

@@ -11,7 +11,8 @@ Train (``augment=True``), as RT-DETR's ``rtdetr_r50vd`` recipe:
 → SanitizeBoundingBoxes → RandomHorizontalFlip → Resize((S, S)) → SanitizeBoundingBoxes → ToDtype(float32,
 scale=True) → ConvertBoundingBoxFormat(CXCYWH) → NormalizeBoxes``.
 Eval: ``Resize((S, S)) → ToDtype → convert → normalise``; train with ``augment=False`` is the same with a
-``SanitizeBoundingBoxes`` after the resize. ``SanitizeBoundingBoxes`` drops boxes smaller than 1 px and their labels.
+``SanitizeBoundingBoxes`` after the resize. ``SanitizeBoundingBoxes`` drops boxes smaller than 1 px and their
+labels.
 """
 
 from __future__ import annotations

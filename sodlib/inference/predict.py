@@ -98,7 +98,8 @@ MIN_SLICE_PX = 32  # the smallest --slice window: the coarsest feature stride
 
 def output_names(paths, suffix: str) -> list[str]:
     """``<stem><suffix>`` per input path, made unique: a repeated stem (``a/x.png``, ``b/x.png``) gets ``_2``,
-    ``_3``, ... (the first free one, so ``c/x_2.png`` after them becomes ``x_2_2``): no output replaces another."""
+    ``_3``, ... (the first free one, so ``c/x_2.png`` after them becomes ``x_2_2``): no output replaces
+    another."""
     taken: set[str] = set()
     names = []
     for path in paths:
@@ -113,8 +114,8 @@ def output_names(paths, suffix: str) -> list[str]:
 
 
 def read_image_rgb(path: str | Path) -> torch.Tensor:
-    """uint8 [3, H, W], as training reads images (:func:`sodlib.data.datasets.rgb8`: a 16-bit image keeps its top
-    8 bits); a missing or unreadable file raises an error naming it."""
+    """uint8 [3, H, W], as training reads images (:func:`sodlib.data.datasets.rgb8`: a 16-bit image keeps its
+    top 8 bits); a missing or unreadable file raises an error naming it."""
     from torchvision.io import ImageReadMode, decode_image
 
     path = Path(path)

@@ -64,8 +64,8 @@ class MRQMCriterion(BetterSamplingCriterion):
         return f"loss_auxq_{name.removeprefix('loss_')}_{layer.decoder_layer}"
 
     def forward(self, outputs: dict, targets: list[dict], return_indices: bool = False):
-        """Paper A's terms (see :class:`~sodlib.losses.criterion.SetCriterion`) + ``loss_iah_*`` + ``loss_auxq_*``;
-        ``return_indices`` adds ``iah`` and ``auxq_{i}`` to the indices dict."""
+        """Paper A's terms (see :class:`~sodlib.losses.criterion.SetCriterion`) + ``loss_iah_*`` +
+        ``loss_auxq_*``; ``return_indices`` adds ``iah`` and ``auxq_{i}`` to the indices dict."""
         loss_dict, all_indices = super().forward(outputs, targets, return_indices=True)
         for layer, out, indices, n in self.mrqm_layers(outputs):
             all_indices[layer.name] = indices

@@ -1,4 +1,5 @@
-"""Backbones returning multi-scale feature maps: RT-DETR's ResNet-vd, torchvision ResNets and a tiny CPU backbone.
+"""Backbones returning multi-scale feature maps: RT-DETR's ResNet-vd, torchvision ResNets and a tiny CPU
+backbone.
 
 All return a list of maps ``[C_l, ...]`` for ``return_levels`` (level l has stride 2**l: 2 → 4,
 3 → 8, 4 → 16, 5 → 32) and expose ``out_channels`` / ``out_strides`` tuples in the same order.
@@ -219,7 +220,8 @@ PRESNET_DEPTHS = {18: (2, 2, 2, 2), 34: (3, 4, 6, 3), 50: (3, 4, 6, 3), 101: (3,
 
 
 class _ConvNorm(nn.Module):
-    """conv (no bias, "same" padding) → norm → optional ReLU; submodules ``conv`` and ``norm`` (PResNet's names)."""
+    """conv (no bias, "same" padding) → norm → optional ReLU; submodules ``conv`` and ``norm`` (PResNet's
+    names)."""
 
     def __init__(
         self,

@@ -304,7 +304,8 @@ class BiFPNSAEEncoder(nn.Module):
             :class:`ScaleAwareEncoder` from the arguments above (``encoder_cost`` passes a
             :class:`NaiveDeformableEncoder` for its cost comparison).
 
-    Forward: 4 maps [B, C_in_l, H_l, W_l] → 4 maps [B, hidden_dim, H_l, W_l]; ``out_channels`` as HybridEncoder.
+    Forward: 4 maps [B, C_in_l, H_l, W_l] → 4 maps [B, hidden_dim, H_l, W_l]; ``out_channels`` as
+    HybridEncoder.
     """
 
     def __init__(

@@ -19,7 +19,7 @@ Measured with :func:`benchmark_core` on 2 CPU threads (best of 30): at the ``cpu
 (forward + backward) 13 ms (reference 13–14 ms); at 640 px (2 × 500 queries, head_dim 32) the no-grad
 forward takes 4.4 ms against the reference's 12 ms, forward + backward 33.6 ms against the reference's
 34.2 ms (results/bench/model.csv). A single grid_sample over zero-padded, stacked levels is exact too but
-was slower (padded maps are ~2.3× ΣHW at 3 levels).
+is slower (padded maps are ~2.3× ΣHW at 3 levels).
 """
 
 from __future__ import annotations

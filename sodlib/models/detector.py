@@ -1,4 +1,5 @@
-"""RT-DETR as plain composition (backbone → encoder → decoder) and its post-processing (built by :mod:`sodlib.build`).
+"""RT-DETR as plain composition (backbone → encoder → decoder) and its post-processing (built by
+:mod:`sodlib.build`).
 
 Output contract of ``RTDETR.forward(images, targets=None, return_sampling=False, return_hidden=False)``:
 
@@ -16,8 +17,9 @@ Output contract of ``RTDETR.forward(images, targets=None, return_sampling=False,
   ``pred_logits`` / ``pred_boxes``.
 * MRQM's IoU-aware head (``model.iah``; training mode with targets only): ``iah_outputs`` (dense head
   outputs and its one-to-many assignment), ``aux_query_outputs`` (L dicts over the auxiliary positive
-  queries) and ``aux_query_indices``; see :class:`sodlib.models.iou_head.IoUAwareHead`. The head is a submodule
-  (``aux_head``) but eval-mode forward never calls it: predictions and their graph are the same as without it.
+  queries) and ``aux_query_indices``; see :class:`sodlib.models.iou_head.IoUAwareHead`. The head is a
+  submodule (``aux_head``) but eval-mode forward never calls it: predictions and their graph are the same as
+  without it.
 """
 
 from __future__ import annotations
@@ -38,9 +40,10 @@ class RTDETR(nn.Module):
     """backbone → encoder → decoder (the decoder builds the output dict; see the module docstring).
 
     ``aux_head`` (optional, training only): called with the decoder memory when training with targets,
-    its outputs are added to the dict (MRQM's :class:`~sodlib.models.iou_head.IoUAwareHead`); ``None`` registers
-    nothing, so the state dict is the baseline's. Eval-mode forward never calls it; to deploy without its
-    parameters, build with ``model.iah=false`` and load the state dict without the ``aux_head.`` keys.
+    its outputs are added to the dict (MRQM's :class:`~sodlib.models.iou_head.IoUAwareHead`); ``None``
+    registers nothing, so the state dict is the baseline's. Eval-mode forward never calls it; to deploy
+    without its parameters, build with ``model.iah=false`` and load the state dict without the ``aux_head.``
+    keys.
     """
 
     def __init__(

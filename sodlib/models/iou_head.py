@@ -106,8 +106,8 @@ def dynamic_iou_threshold(
 
 
 def box_sine_embedding(boxes: Tensor, dim: int, temperature: float = 10000.0) -> Tensor:
-    """Sine embedding [..., dim] of normalised cxcywh boxes [..., 4] (DAB-DETR): dim/4 channels per coordinate,
-    [sin, cos] of coordinate·2π / temperature^(2i / (dim/4))."""
+    """Sine embedding [..., dim] of normalised cxcywh boxes [..., 4] (DAB-DETR): dim/4 channels per
+    coordinate, [sin, cos] of coordinate·2π / temperature^(2i / (dim/4))."""
     if dim % 8:
         raise ValueError(f"box_sine_embedding: dim must be divisible by 8, got {dim}")
     per = dim // 4

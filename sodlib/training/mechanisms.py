@@ -1,7 +1,7 @@
 """Is each of paper A's mechanisms acting? Measurements on a trained detector and its training log.
 
-Written by :func:`sodlib.training.engine.train` into every run folder as ``mechanisms.json`` (so they are committed
-with the run's metrics, checkpoints are not), and gathered into ``results/tables/mechanisms.csv``
+Written by :func:`sodlib.training.engine.train` into every run folder as ``mechanisms.json`` (so they are
+committed with the run's metrics, checkpoints are not), and gathered into ``results/tables/mechanisms.csv``
 (``metric,row,seed,value``) by :func:`mechanisms_frame`. Metrics (all over the validation split):
 
 * ``spr_outside_share_l{l}``: share of the sampling points of decoder layer l's positive queries (Hungarian
@@ -34,7 +34,8 @@ from sodlib.losses import formulas as L
 from sodlib.losses.criterion import LayerInfo, positive_mask
 from sodlib.models.detector import eval_mode
 
-# SODA-D's size buckets on the object's area in pixels (sodlib.evaluation.protocols.SODAD_AREAS), Normal left open
+# SODA-D's size buckets on the object's area in pixels (sodlib.evaluation.protocols.SODAD_AREAS),
+# Normal left open
 SIZE_BUCKETS = (("eS", 0, 12**2), ("rS", 12**2, 20**2), ("gS", 20**2, 32**2), ("N", 32**2, math.inf))
 
 
@@ -157,7 +158,8 @@ def measure_run(folder: str | Path, data_root: str | None = None, device="cpu") 
 
 
 def measure(model, criterion, dataset, eta_per_layer, log_csv: str | Path, device="cpu") -> dict[str, float]:
-    """Every metric of this module: :func:`measure_model` on ``dataset`` and :func:`spr_loss_share` of the log."""
+    """Every metric of this module: :func:`measure_model` on ``dataset`` and :func:`spr_loss_share` of the
+    log."""
     return {
         **measure_model(model, criterion, dataset, eta_per_layer, device),
         "spr_loss_share": spr_loss_share(log_csv),

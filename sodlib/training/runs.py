@@ -119,7 +119,8 @@ def code_sha() -> str:
 
 def provenance(seed: int | None = None, wall_seconds: float | None = None, device: str | None = None) -> dict:
     """Everything needed to say where a number came from. ``git_sha`` is the code this process loaded
-    (:func:`code_sha`); when the tree has moved on since, ``git_sha_at_end`` says where it stood at the end."""
+    (:func:`code_sha`); when the tree has moved on since, ``git_sha_at_end`` says where it stood at the
+    end."""
     import datetime
     import platform
 
@@ -265,7 +266,8 @@ def write_run(
 
 
 def main(argv=None) -> int:
-    """``python -m sodlib.training.runs --rehash [--results DIR]``: :func:`rehash_runs`, printing each move."""
+    """``python -m sodlib.training.runs --rehash [--results DIR]``: :func:`rehash_runs`, printing each
+    move."""
     import argparse
 
     parser = argparse.ArgumentParser(
