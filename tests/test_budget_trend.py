@@ -4,9 +4,9 @@ import math
 
 import pytest
 
-from sodlib.studies import ablations
 from sodlib.studies import budget_trend as bt
-from sodlib.studies.reproduce import PLATEAU_ITERS
+from sodlib.studies import tables
+from sodlib.studies.experiments import PLATEAU_ITERS
 from sodlib.training.runs import config_hash
 
 
@@ -17,10 +17,10 @@ def _m(ap, aps=None):
 def test_runs_are_table3s_and_the_plateau_ladders():
     plan = {(r, n, s): c for r, n, s, c in bt.trend_configs()}
     assert len(plan) == 2 * 3 * 3 and all(c.train.max_iters == n for (_, n, _), c in plan.items())
-    table3 = {(row.label, s): c for row, s, c in ablations.ABLATION_TABLES[0].configs("ablation")}
+    table3 = {(row.label, s): c for row, s, c in tables.ABLATION_TABLES[0].configs("ablation")}
     assert config_hash(plan[("ST+SR+SPR", 1000, 2)]) == config_hash(table3[("ST+SR+SPR", 2)])
     assert config_hash(plan[("baseline", 1000, 0)]) == config_hash(table3[("baseline", 0)])
-    ladder = ablations.ablation_config("ablation", f"train.max_iters={PLATEAU_ITERS[1]}", seed=1)
+    ladder = tables.ablation_config("ablation", f"train.max_iters={PLATEAU_ITERS[1]}", seed=1)
     assert config_hash(plan[("baseline", PLATEAU_ITERS[1], 1)]) == config_hash(ladder)
 
 

@@ -1,5 +1,6 @@
-"""The stale-run guards: each code path's first losses, and committed runs retrained a few steps, must come back as
-recorded on this kind of machine; on an unrecorded kind the first step must agree and the later size is reported."""
+"""The stale-run guards: each code path's first losses, and committed runs retrained a few steps, must come
+back as recorded on this kind of machine; on an unrecorded kind the first step must agree and the later size
+is reported."""
 
 import json
 import warnings

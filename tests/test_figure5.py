@@ -11,14 +11,14 @@ import pytest
 import torch
 
 from sodlib.studies import figure5
-from sodlib.studies.ablations import MRQM_ABLATION_TABLES
+from sodlib.studies.tables import MRQM_ABLATION_TABLES
 from sodlib.training.runs import run_dir
 
 matplotlib.use("Agg")
 
 
 def test_profiles_and_paired_configs():
-    from sodlib.studies.ablations import comparison_profile
+    from sodlib.studies.tables import comparison_profile
 
     assert [comparison_profile(p) for p in ("smoke", "cpu", "ablation", "paper")] == [
         "smoke",
@@ -141,7 +141,7 @@ def test_top_query_panels_sum_the_top_queries(tiny_models):
 
 
 def test_seed_table_means_over_seeds(tmp_path):
-    from sodlib.studies.ablations import seed_table
+    from sodlib.studies.stats import seed_table
 
     cfgs = figure5.figure5_configs("smoke", seeds=2)
     entries = [(label, s, c) for label, cs in cfgs.items() for s, c in enumerate(cs)]
@@ -161,7 +161,7 @@ def test_seed_table_means_over_seeds(tmp_path):
 
 def test_trained_models_load_weights_and_train_only_what_lacks_them(tmp_path, monkeypatch, smoke_detector):
     from sodlib.checkpoints import save_checkpoint
-    from sodlib.studies import ablations
+    from sodlib.studies import runner
     from sodlib.training import engine
 
     model, _ = smoke_detector
@@ -178,8 +178,8 @@ def test_trained_models_load_weights_and_train_only_what_lacks_them(tmp_path, mo
         return {"AP": 0.0}
 
     monkeypatch.setattr(engine, "train", fake_train)
-    monkeypatch.setattr(ablations, "_prepare_data", lambda cfgs, root: None)
-    models = ablations.trained_models(cfgs, tmp_path, workers=1)
+    monkeypatch.setattr(runner, "_prepare_data", lambda cfgs, root: None)
+    models = runner.trained_models(cfgs, tmp_path, workers=1)
     assert list(models) == ["baseline", "ST+SR+SPR"] and calls == [
         (True, True)
     ]  # only the run without weights

@@ -1,4 +1,5 @@
-"""Paper A's mechanisms judged per row, with intervals: SPR against the paired baseline, SR's sign, ST's gap."""
+"""Paper A's mechanisms judged per row, with intervals: SPR against the paired baseline, SR's sign, ST's
+gap."""
 
 import json
 import math
@@ -6,7 +7,7 @@ import math
 import pandas as pd
 import pytest
 
-from sodlib.studies import ablations
+from sodlib.studies import runner, tables
 from sodlib.studies.mechanism_checks import mechanism_checks, mechanism_verdict, mechanisms_long, table_checks
 from sodlib.training.runs import run_dir
 
@@ -55,7 +56,7 @@ def test_each_mechanism_is_judged_by_what_it_changes():
 
 
 def test_a_table_reads_its_runs_and_pairs_spr_with_the_baseline(tmp_path):
-    table = ablations.ABLATION_TABLES[0]  # Table 3 on the ablation profile
+    table = tables.ABLATION_TABLES[0]  # Table 3 on the ablation profile
     entries = [e for e in table.configs("ablation") if e[1] < 2]
     for row, seed, cfg in entries:
         folder = run_dir(cfg, tmp_path)
@@ -70,7 +71,7 @@ def test_a_table_reads_its_runs_and_pairs_spr_with_the_baseline(tmp_path):
                 )
             )
         )
-    runs = ablations.runs_frame(table, entries, [{"AP": 0.4}] * len(entries), tmp_path)
+    runs = runner.runs_frame(table, entries, [{"AP": 0.4}] * len(entries), tmp_path)
     checks = table_checks(table, runs, "ablation", tmp_path).set_index(["row", "mechanism"])
     assert (
         checks.loc[("SPR", "SPR"), "mean"] == pytest.approx(-0.175)

@@ -440,7 +440,8 @@ def test_deepcopy_keeps_the_head():  # EMA deep-copies the detector
 
 def test_default_reading_mines_more_than_one_positive_and_favours_small_boxes():
     """norm_px2 (default): T_I 0.587 for an 8-px and 0.614 for a 128-px gt at 320 px (A_s = 5.36 px); with the
-    same IoU profile the small gt gets at least as many positives, and several when several tokens pass T_I."""
+    same IoU profile the small gt gets at least as many positives, and several when several tokens pass
+    T_I."""
     size = 320
     ious = torch.tensor([0.97, 0.9, 0.8, 0.7, 0.6, 0.59, 0.2])  # 0.6 lies between the two thresholds
     gts = [torch.tensor([[0.3, 0.3, 8 / size, 8 / size]]), torch.tensor([[0.5, 0.5, 128 / size, 128 / size]])]

@@ -115,7 +115,7 @@ def test_encoder_cost_summary():
     assert "SAE 71 vs naive 160 GFLOPs (424 vs 1020 token updates)" in text
 
 
-# ---------------------------------------------------------------- a (randomly initialised) detector with the IAH
+# ------------------------------------------------------------ a (randomly initialised) detector with the IAH
 
 
 def test_iah_dense_predictions_shapes_levels_and_mode():

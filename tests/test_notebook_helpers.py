@@ -36,7 +36,8 @@ def test_score_trajectory_first_step_and_fixed_points():
 
 
 def _layers(inside: bool):
-    """One image, 3 queries, 2 heads x 1 level x 2 points, 2 layers; every point inside (or far outside) its box."""
+    """One image, 3 queries, 2 heads x 1 level x 2 points, 2 layers; every point inside
+    (or far outside) its box."""
     ref = torch.tensor([[[0.5, 0.5, 0.2, 0.2], [0.2, 0.2, 0.1, 0.1], [0.8, 0.7, 0.2, 0.4]]])
     offset = torch.tensor([0.05, -0.05]) if inside else torch.tensor([0.4, -0.4])
     loc = ref[..., None, None, None, :2] + offset * torch.ones(1, 3, 2, 1, 2, 1)

@@ -233,11 +233,17 @@ def test_reproduce_runs_notebook_steps_and_fails_with_one_line(tmp_path, monkeyp
 
 
 def test_reproduce_default_steps_leave_out_the_opt_in_steps(tmp_path, monkeypatch):
+    import sodlib.studies.experiments as exp
     import sodlib.studies.reproduce as rep
 
     calls = []
-    for name in ("step_data", "step_baseline", "step_sr_grad", "step_budget"):
-        monkeypatch.setattr(rep, name, lambda *a, name=name, **k: calls.append(name))
+    for module, name in (
+        (rep, "step_data"),
+        (rep, "step_baseline"),
+        (exp, "step_sr_grad"),
+        (exp, "step_budget"),
+    ):
+        monkeypatch.setattr(module, name, lambda *a, name=name, **k: calls.append(name))
     assert rep.main("smoke", results_dir=tmp_path, notebooks_dir=tmp_path / "absent") == 0
     assert calls == ["step_data", "step_baseline"]
     calls.clear()
@@ -251,7 +257,7 @@ def test_reproduce_default_steps_leave_out_the_opt_in_steps(tmp_path, monkeypatc
 def test_step_budget_scales_iterations_and_tabulates_every_variant(tmp_path, monkeypatch):
     import pandas as pd
 
-    import sodlib.studies.reproduce as rep
+    import sodlib.studies.experiments as rep
     import sodlib.training.engine
 
     seen = {}

@@ -1,4 +1,5 @@
-"""Checksums of one training step: equal on one machine, and they name the first module where two runs part."""
+"""Checksums of one training step: equal on one machine, and they name the first module where two runs
+part."""
 
 import json
 import os
@@ -31,7 +32,8 @@ def test_first_difference_names_the_first_module_in_call_order():
         "loss": {"l": "0.5"},
     }
     assert numerics.first_difference(a, b) == (
-        "first differing module output: encoder; 2 of 3 module outputs, 1 of 2 gradients and 0 of 1 loss terms differ"
+        "first differing module output: encoder; 2 of 3 module outputs, 1 of 2 gradients and 0 of 1 "
+        "loss terms differ"
     )
     only_grads = {**a, "grad": {"w": "z", "v": "b"}}
     assert numerics.first_difference(a, only_grads).startswith("every module output agrees; 0 of 3")
@@ -40,7 +42,8 @@ def test_first_difference_names_the_first_module_in_call_order():
 def test_scalar_kernels_part_from_vectorised_ones_and_the_record_says_where(tmp_path):
     """ATen's scalar kernels (ATEN_CPU_CAPABILITY=default) stand for another kind of machine."""
     code = (
-        "import json, sys; from sodlib.studies import numerics; from sodlib.studies.drift import guard_config; "
+        "import json, sys; from sodlib.studies import numerics; "
+        "from sodlib.studies.drift import guard_config; "
         "json.dump(numerics.step_checksums(guard_config('baseline')), sys.stdout)"
     )
     env = {**os.environ, "ATEN_CPU_CAPABILITY": "default"}

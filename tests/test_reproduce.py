@@ -2,7 +2,7 @@
 
 import math
 
-from sodlib.studies.reproduce import plateau_frame, plateau_iterations
+from sodlib.studies.experiments import plateau_frame, plateau_iterations
 
 
 def _m(ap):

@@ -5,7 +5,7 @@ import math
 import pandas as pd
 import pytest
 
-from sodlib.studies import ablations as A
+from sodlib.studies import stats as A
 from sodlib.studies.stats import (
     detectable_difference,
     holm,
@@ -13,6 +13,7 @@ from sodlib.studies.stats import (
     paired_difference,
     resolvable_difference,
 )
+from sodlib.studies.tables import METRICS, Row, Table
 
 
 def test_paired_difference_hand_computed():
@@ -62,19 +63,19 @@ def _runs(values: dict[str, list[float]]) -> pd.DataFrame:
     rows = []
     for label, aps in values.items():
         for seed, ap in enumerate(aps):
-            rows.append({"row": label, "seed": seed, **{k: ap for k in A.METRICS}})
+            rows.append({"row": label, "seed": seed, **{k: ap for k in METRICS}})
     return pd.DataFrame(rows)
 
 
 def test_compare_pairs_rows_by_seed_and_corrects_over_the_table():
-    table = A.Table(
+    table = Table(
         "t",
         "T",
-        (A.Row("base", (), {"AP": 30.0}), A.Row("a", (), {"AP": 31.0}), A.Row("b", (), {"AP": 29.0})),
+        (Row("base", (), {"AP": 30.0}), Row("a", (), {"AP": 31.0}), Row("b", (), {"AP": 29.0})),
         seeds=3,
     )
     runs = _runs({"base": [0.10, 0.10, 0.20], "a": [0.12, 0.13, 0.23], "b": [0.10, 0.11, 0.19]})
-    s = A.compare(table, runs).set_index("row")
+    s = A.paired_comparison(table, runs).set_index("row")
     assert s.loc["a", "dAP"] == pytest.approx(8 / 3)  # per-seed differences (2, 3, 3) points
     assert s.loc["a", "p"] == pytest.approx(0.015268, abs=1e-5)
     assert s.loc["b", "dAP"] == pytest.approx(0.0, abs=1e-9)
@@ -86,7 +87,7 @@ def test_compare_pairs_rows_by_seed_and_corrects_over_the_table():
 
 
 def test_write_summaries_writes_each_table_and_its_runs(tmp_path):
-    table = A.Table("table9", "T9", (A.Row("base", (), {"AP": 30.0}), A.Row("a", (), {"AP": 31.0})), seeds=3)
+    table = Table("table9", "T9", (Row("base", (), {"AP": 30.0}), Row("a", (), {"AP": 31.0})), seeds=3)
     runs = _runs({"base": [0.10, 0.10, 0.20], "a": [0.12, 0.13, 0.23]})
     out = A.write_summaries([table], {"table9": runs}, "ablation", tmp_path)
     summary, verdict = out["T9"]

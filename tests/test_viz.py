@@ -118,7 +118,8 @@ def test_spr_point_geometry_by_hand():
 
 
 def test_spr_point_geometry_agrees_with_the_losses():
-    """Eq. 5 from the geometry's targets equals spr_offset_loss; its inside-box set gives spr_attention_loss."""
+    """Eq. 5 from the geometry's targets equals spr_offset_loss; its inside-box set gives
+    spr_attention_loss."""
     gen = torch.Generator().manual_seed(0)
     q, heads, levels, points = 5, 2, 3, 4
     boxes = torch.cat(

@@ -1,4 +1,4 @@
-"""Plots of paper A's ablation tables at the plateau: paired differences with intervals, mechanisms per row."""
+"""Plots of the ablation tables: paired differences with their intervals, and the mechanisms per row."""
 
 from __future__ import annotations
 
@@ -21,7 +21,8 @@ def plot_paired_deltas(
 ):
     """One panel per table: each row's paired dAP against the row it is compared with (``vs``), with its 95%
     t-interval, beside the paper's difference, in AP points. ``summaries`` maps a panel title to
-    :func:`sodlib.studies.ablations.compare` output. Rows not run yet show no bar. Returns the Figure."""
+    :func:`sodlib.studies.stats.paired_comparison` output. Rows not run yet show no bar.
+    Returns the Figure."""
     n = len(summaries)
     ncols = min(ncols, n)
     nrows = -(-n // ncols)
@@ -63,9 +64,10 @@ def plot_paired_deltas(
 
 
 def plot_mechanisms(frame: pd.DataFrame, rows: Sequence[str] = (), suptitle: str = ""):
-    """Paper A's mechanisms per row (``metric,row,seed,value`` of :func:`sodlib.training.mechanisms.mechanisms_frame`),
-    mean over seeds with each seed as a dot: SPR's outside share per decoder layer, SPR's loss share, ST's
-    (t − IoU) per size bucket, SR's Spearman of r with difficulty. ``rows`` orders (and selects) the rows."""
+    """Paper A's mechanisms per row (``metric,row,seed,value`` of
+    :func:`sodlib.training.mechanisms.mechanisms_frame`), mean over seeds with each seed as a dot: SPR's
+    outside share per decoder layer, SPR's loss share, ST's (t − IoU) per size bucket, SR's Spearman of r with
+    difficulty. ``rows`` orders (and selects) the rows."""
     rows = list(rows) or list(dict.fromkeys(frame["row"]))
     groups = [
         ("SPR: points outside the η-box", lambda m: m.startswith("spr_outside_share_l")),

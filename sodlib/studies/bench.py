@@ -347,53 +347,24 @@ def bench_mrqm(repeats: int = 3, threads: int = 2) -> pd.DataFrame:
     return df
 
 
-VISDRONE_ITERS = 2000  # 40 passes over the 200 patches of visdrone_mini
-
-
-def visdrone_run(results_dir: str | Path = "results", patch: int = 320, verbose: bool = True):
-    """Train (or reuse from the run cache) the ``ablation``-profile detector on visdrone_mini cut into ``patch``-px
-    patches (:func:`sodlib.data.realdata.visdrone_patches`: its eight images are both train and test, so the model
-    has seen what it is scored on), for :data:`VISDRONE_ITERS` iterations; return ``(config, run folder, patch
-    folder)``. The checkpoint (``run/checkpoints/last.pt``, not committed) is retrained when absent."""
-    from sodlib.data.realdata import visdrone_patches
-    from sodlib.studies.ablations import ablation_config, train_configs
-    from sodlib.training.engine import train
-    from sodlib.training.runs import run_dir
-
-    root = visdrone_patches(patch=patch)
-    cfg = ablation_config(
-        "ablation",
-        "data.dataset=coco",
-        f"data.root={root.name}",
-        "data.val_split=test",
-        "data.num_classes=10",
-        "model.num_classes=10",
-        f"data.image_size={patch}",
-        f"train.max_iters={VISDRONE_ITERS}",
-    )
-    train_configs(
-        [cfg], results_dir, data_root=str(root), labels=["visdrone_mini"], workers=1, verbose=verbose
-    )
-    d = run_dir(cfg, results_dir)
-    train(cfg, d, data_root=str(root), progress=False, need_checkpoint=True)
-    return cfg, d, root
-
-
 def bench_sahi(
     checkpoint: str = "", slice_size: int = 0, overlap: float = 0.2, threads: int = 2
 ) -> pd.DataFrame:
     """SAHI's sliced prediction against ``sodlib predict --slice`` on ../shared/data/visdrone_mini (8 images):
-    detections, agreement with predict --slice, seconds (after one warm-up image), AP/AP50 (visdrone protocol).
+    detections, agreement with predict --slice, seconds (after one warm-up image), AP/AP50
+    (visdrone protocol).
 
-    ``checkpoint`` "" uses :func:`visdrone_run`'s detector (trained on these eight images: its AP says that the
-    detections are real objects, so that the pipelines' merges can be told apart, not how well it generalises);
-    ``slice_size`` 0 = the checkpoint's training size (patches at native resolution, no resizing).
+    ``checkpoint`` "" uses :func:`sodlib.studies.runner.visdrone_run`'s detector (trained on these eight
+    images: its AP says that the detections are real objects, so that the pipelines' merges can be told apart,
+    not how well it generalises); ``slice_size`` 0 = the checkpoint's training size (patches at native
+    resolution, no resizing).
     """
     import torch
 
     from sodlib.data.formats import visdrone_to_coco
     from sodlib.data.realdata import find_visdrone_mini
     from sodlib.inference.sahi import compare_sliced
+    from sodlib.studies.runner import visdrone_run
 
     root = find_visdrone_mini()
     if root is None:
@@ -478,6 +449,26 @@ def _sampling_gflops(cfg: ModelConfig, queries_per_layer: list[int], batch: int)
     return batch * sum(queries_per_layer) * per_query / 1e9
 
 
+def _encoders(m: ModelConfig, channels: tuple[int, ...]):
+    """RT-DETR's hybrid encoder (on C3..C5), BiFPN + SAE and BiFPN + a naive deformable encoder (on C2..C5),
+    in eval mode, for :func:`encoder_cost`."""
+    from sodlib.models.bifpn import BiFPNSAEEncoder, NaiveDeformableEncoder
+    from sodlib.models.encoder import HybridEncoder
+
+    hybrid = HybridEncoder(channels[1:], hidden_dim=m.hidden_dim, num_heads=m.num_heads,
+                           dim_feedforward=m.encoder_ffn, dropout=m.dropout, csp_blocks=m.csp_blocks,
+                           expansion=m.expansion)  # fmt: skip
+    layer = {"num_heads": m.num_heads, "num_points": m.num_points, "dim_feedforward": m.encoder_ffn,
+             "dropout": m.dropout}  # fmt: skip
+    bifpn = {"hidden_dim": m.hidden_dim, "bifpn_repeats": m.bifpn_repeats}
+    sae = BiFPNSAEEncoder(channels, **bifpn, sae_high_updates=m.sae_high_updates, **layer)
+    naive_pyramid = NaiveDeformableEncoder(
+        m.hidden_dim, num_levels=4, num_layers=m.sae_high_updates + 1, **layer
+    )
+    naive = BiFPNSAEEncoder(channels, **bifpn, pyramid=naive_pyramid, **layer)
+    return hybrid.eval(), sae.eval(), naive.eval()
+
+
 def encoder_cost(
     cfg: RunConfig | ModelConfig, image_size: int = 640, batch: int = 1, repeats: int = 3, seed: int = 0
 ) -> list[dict]:
@@ -493,46 +484,13 @@ def encoder_cost(
 
     from sodlib.build import build_backbone
     from sodlib.config import RunConfig
-    from sodlib.models.bifpn import BiFPNSAEEncoder, NaiveDeformableEncoder
-    from sodlib.models.encoder import HybridEncoder
 
     m = cfg.model if isinstance(cfg, RunConfig) else cfg
     torch.manual_seed(seed)
     backbone = build_backbone(m, (2, 3, 4, 5)).eval()
     with torch.no_grad():
         feats = backbone(torch.rand(batch, 3, image_size, image_size))
-    hybrid = HybridEncoder(
-        tuple(backbone.out_channels[1:]),
-        hidden_dim=m.hidden_dim,
-        num_heads=m.num_heads,
-        dim_feedforward=m.encoder_ffn,
-        dropout=m.dropout,
-        csp_blocks=m.csp_blocks,
-        expansion=m.expansion,
-    ).eval()
-    layer_args = {
-        "num_heads": m.num_heads,
-        "num_points": m.num_points,
-        "dim_feedforward": m.encoder_ffn,
-        "dropout": m.dropout,
-    }
-    sae = BiFPNSAEEncoder(
-        tuple(backbone.out_channels),
-        hidden_dim=m.hidden_dim,
-        bifpn_repeats=m.bifpn_repeats,
-        sae_high_updates=m.sae_high_updates,
-        **layer_args,
-    ).eval()
-    naive_pyramid = NaiveDeformableEncoder(
-        m.hidden_dim, num_levels=4, num_layers=m.sae_high_updates + 1, **layer_args
-    )
-    naive = BiFPNSAEEncoder(
-        tuple(backbone.out_channels),
-        hidden_dim=m.hidden_dim,
-        bifpn_repeats=m.bifpn_repeats,
-        pyramid=naive_pyramid,
-        **layer_args,
-    ).eval()
+    hybrid, sae, naive = _encoders(m, tuple(backbone.out_channels))
     with torch.no_grad():
         pyramid = sae.bifpn(feats)
     n = [x.shape[2] * x.shape[3] for x in pyramid]
@@ -576,9 +534,10 @@ def encoder_cost_summary(df: pd.DataFrame) -> str:
     size = int(t["image_size"].iloc[0])
     return (
         f"Encoder cost at {size} px: BiFPN+SAE {_num(total['bifpn_sae'])} GFLOPs, "
-        f"{total['bifpn_sae'] / total['bifpn_naive']:.0%} of BiFPN + naive encoder ({_num(total['bifpn_naive'])}) "
-        f"and {total['bifpn_sae'] / total['hybrid']:.1f}× RT-DETR's hybrid encoder ({_num(total['hybrid'])}); "
-        f"latency {_num(ms['bifpn_sae'])} ms vs {_num(ms['bifpn_naive'])} ms (naive) and {_num(ms['hybrid'])} ms "
-        f"(hybrid). The pyramid encoders alone: SAE {_num(total['sae'])} vs naive {_num(total['naive'])} GFLOPs "
+        f"{total['bifpn_sae'] / total['bifpn_naive']:.0%} of BiFPN + naive encoder "
+        f"({_num(total['bifpn_naive'])}) and {total['bifpn_sae'] / total['hybrid']:.1f}× "
+        f"RT-DETR's hybrid encoder ({_num(total['hybrid'])}); latency {_num(ms['bifpn_sae'])} ms "
+        f"vs {_num(ms['bifpn_naive'])} ms (naive) and {_num(ms['hybrid'])} ms (hybrid). "
+        f"The pyramid encoders alone: SAE {_num(total['sae'])} vs naive {_num(total['naive'])} GFLOPs "
         f"({t.loc['sae', 'tokens']} vs {t.loc['naive', 'tokens']} token updates)."
     )

@@ -1,10 +1,10 @@
-"""How paper A's main effect moves with the training budget: Table 3's baseline and ST+SR+SPR at 1000, 2000 and
-4000 iterations, on paired seeds, each run a complete cosine schedule at its budget.
+"""How paper A's main effect moves with the training budget: Table 3's baseline and ST+SR+SPR at
+1000, 2000 and 4000 iterations, on paired seeds, each run a complete cosine schedule at its budget.
 
-The ablation tables compare at one fixed budget (:data:`sodlib.config.ABLATION_ITERS`); this table says whether
-their main difference grows, shrinks or holds when both rows train longer. Per budget: both rows' AP and APS
-(×100, mean over seeds), the paired ``dAP`` (ST+SR+SPR − baseline) with its 95% t-interval and p; the verdict
-compares the per-seed dAP at the longest budget with the shortest, again paired, with its interval.
+The ablation tables compare at one fixed budget (:data:`sodlib.config.ABLATION_ITERS`); this table says
+whether their main difference grows, shrinks or holds when both rows train longer. Per budget: both rows' AP
+and APS (×100, mean over seeds), the paired ``dAP`` (ST+SR+SPR − baseline) with its 95% t-interval and p; the
+verdict compares the per-seed dAP at the longest budget with the shortest, again paired, with its interval.
 """
 
 from __future__ import annotations
@@ -28,8 +28,9 @@ ROWS = ("baseline", "ST+SR+SPR")
 def trend_configs(
     profile: str = "ablation", budgets: Sequence[int] = BUDGETS, seeds: int = SEEDS
 ) -> list[tuple[str, int, int, RunConfig]]:
-    """``(row, budget, seed, config)`` of every run: Table 3's baseline and full rows with ``train.max_iters``."""
-    from sodlib.studies.ablations import ABLATION_TABLES, ablation_config
+    """``(row, budget, seed, config)`` of every run: Table 3's baseline and full rows with
+    ``train.max_iters``."""
+    from sodlib.studies.tables import ABLATION_TABLES, ablation_config
 
     rows = {r.label: r for r in ABLATION_TABLES[0].rows}
     return [
@@ -46,8 +47,8 @@ def trend_configs(
 
 
 def trend_frame(metrics: Sequence[tuple[str, int, int, dict | None]]) -> pd.DataFrame:
-    """One line per budget from ``(row, budget, seed, metrics or None)``: AP and APS of both rows (×100, mean over
-    the seeds both trained), ``seeds``, ``dAP``, ``ci95_low``, ``ci95_high``, ``p``."""
+    """One line per budget from ``(row, budget, seed, metrics or None)``: AP and APS of both rows (×100, mean
+    over the seeds both trained), ``seeds``, ``dAP``, ``ci95_low``, ``ci95_high``, ``p``."""
     out = []
     for n in sorted({n for _, n, _, _ in metrics}):
         by, seeds = _paired(metrics, n)
@@ -83,8 +84,8 @@ def _per_seed_gap(metrics, n: int) -> dict[int, float]:
 
 
 def trend_verdict(frame: pd.DataFrame, metrics: Sequence[tuple[str, int, int, dict | None]]) -> str:
-    """Plain words: dAP at each budget with its interval, and how it moves from the shortest budget to the longest
-    trained one (paired over the seeds both budgets have)."""
+    """Plain words: dAP at each budget with its interval, and how it moves from the shortest budget to the
+    longest trained one (paired over the seeds both budgets have)."""
     done = frame[frame["seeds"] > 0]
     if done.empty:
         return "Budget trend: no budget has both rows trained yet."

@@ -16,11 +16,11 @@ After ``make reproduce`` (in a fresh clone, or after a refactoring) ``sodlib com
   outputs (which print wall times) are summarised by how many code cells print something else;
 - ``as its .csv`` — a Markdown table whose ``.csv`` sibling is compared (and is not ``differs``);
 - ``new`` — a file the committed tree lacks (e.g. a retrained run's ``mechanisms.json``);
-- ``machine`` — a run's log or metrics that differ while its provenance says it was retrained on another kind of
-  machine than the committed run (:func:`sodlib.hardware.machine_kind`): float32 training is bit-reproducible on
-  one kind only (``sodlib.studies.drift``). The detail gives the size: the AP before and after, and the spread of
-  AP over the seeds of the same configuration. Where the committed run names no kind of machine the file stays
-  ``differs`` with the same detail;
+- ``machine`` — a run's log or metrics that differ while its provenance says it was retrained on another kind
+  of machine than the committed run (:func:`sodlib.hardware.machine_kind`): float32 training is
+  bit-reproducible on one kind only (``sodlib.studies.drift``). The detail gives the size: the AP before and
+  after, and the spread of AP over the seeds of the same configuration. Where the committed run names no kind
+  of machine the file stays ``differs`` with the same detail;
 - ``differs`` / ``deleted`` — a number, figure or file that did not come back: the reproduction failed.
 
 The exit status is 1 when any file ``differs`` or is ``deleted``, else 0.
@@ -63,8 +63,8 @@ def _checkout(results_dir: str | Path) -> tuple[Path, str]:
 
 
 def _commit(repo: Path, rev: str) -> str:
-    """The commit ``rev`` names, as a full hash: whatever the user typed reaches git as a revision, never as an
-    option (``--rev=--output=FILE`` must not become ``git diff --output=FILE``)."""
+    """The commit ``rev`` names, as a full hash: whatever the user typed reaches git as a revision, never as
+    an option (``--rev=--output=FILE`` must not become ``git diff --output=FILE``)."""
     if not rev or rev.startswith("-"):
         raise ValueError(f"--rev {rev!r}: not a revision (a revision never starts with '-')")
     try:
@@ -76,7 +76,8 @@ def _commit(repo: Path, rev: str) -> str:
 
 def _changed_files(repo: Path, rel: str, rev: str) -> list[tuple[str, str]]:
     """``(status, path relative to the repository)`` for every file under ``rel`` that differs from ``rev``:
-    ``M`` modified, ``A`` new (untracked and not ignored, or added since ``rev``), ``D`` deleted. Sorted by path."""
+    ``M`` modified, ``A`` new (untracked and not ignored, or added since ``rev``), ``D`` deleted.
+    Sorted by path."""
     out = {}
     for line in _git(repo, "diff", "--name-status", "--no-renames", rev, "--", rel).decode().splitlines():
         status, path = line.split("\t", 1)
@@ -213,7 +214,8 @@ def _short_kind(kind: str | None) -> str:
 
 
 def _machine_verdicts(repo: Path, rev: str, rows: dict[str, tuple[str, str]]) -> None:
-    """Relabel the differing numbers of each run retrained on another kind of machine (see the module docstring)."""
+    """Relabel the differing numbers of each run retrained on another kind of machine
+    (see the module docstring)."""
     for prov_path, (verdict, _) in list(rows.items()):
         if verdict != "provenance" or Path(prov_path).parent.parent.name != "runs":
             continue
@@ -228,7 +230,10 @@ def _machine_verdicts(repo: Path, rev: str, rows: dict[str, tuple[str, str]]) ->
             ap_old = json.loads(_git(repo, "show", f"{rev}:{folder / 'metrics.json'}"))["AP"]
             ap_new = json.loads((repo / folder / "metrics.json").read_text())["AP"]
             std, n = seed_spread(repo / folder.parent, folder.name)
-            size = f"AP {ap_old:.4f} -> {ap_new:.4f} ({ap_new - ap_old:+.4f}; seed std of this config {std:.4f} over {n})"
+            size = (
+                f"AP {ap_old:.4f} -> {ap_new:.4f} ({ap_new - ap_old:+.4f}; "
+                f"seed std of this config {std:.4f} over {n})"
+            )
         except (ValueError, KeyError, OSError):
             size = "no metrics to compare"
         note = f"retrained on {_short_kind(new)}, committed on {_short_kind(old)}: {size}"

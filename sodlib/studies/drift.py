@@ -1,4 +1,5 @@
-"""Guards against stale runs, per kind of machine: a code change that moves a path's numbers must not go unseen.
+"""Guards against stale runs, per kind of machine: a code change that moves a path's numbers must not go
+unseen.
 
 The run cache is keyed on the config alone, so a code change that moves the numbers of a path (a loss, the
 decoder, MRQM's head) would leave committed runs that the code no longer reproduces. Two guards retrain a few
@@ -14,8 +15,8 @@ iterations and compare the logged losses:
 Float32 training is bit-reproducible on one kind of machine (:func:`sodlib.hardware.machine_kind`), not across
 kinds: ATen's vectorised kernels, oneDNN's convolutions and MKL's GEMM each pick code by the CPU's vendor and
 vector width, so the first forward pass already differs in its last bits, and AdamW turns last-bit noise in
-gradients that are nearly zero (a bias feeding a training-mode BatchNorm) into steps of the learning rate's size;
-within ten steps the logged losses part in their fourth digit. Hence, per kind of machine:
+gradients that are nearly zero (a bias feeding a training-mode BatchNorm) into steps of the learning rate's
+size; within ten steps the logged losses part in their fourth digit. Hence, per kind of machine:
 
 - a kind recorded (the run's own, or one in the record): every logged value must come back exactly;
 - any other kind: iteration 1 (the same weights, rounding only) must agree within :data:`FIRST_STEP_RTOL`, and
@@ -211,8 +212,8 @@ def check(
 
 
 def _merge_record(path: Path, key: str, values: dict, extra: dict, keep: bool = False) -> dict:
-    """This machine kind's ``values`` under ``machines`` of the JSON record at ``path``, other kinds kept (and with
-    ``keep`` this kind's other entries too)."""
+    """This machine kind's ``values`` under ``machines`` of the JSON record at ``path``, other kinds kept (and
+    with ``keep`` this kind's other entries too)."""
     doc = json.loads(path.read_text()) if path.exists() else {}
     doc.update(extra)
     mine = doc.setdefault("machines", {}).get(machine_kind(), {})
@@ -261,8 +262,8 @@ def machine_folder(results_dir: Path | None = None, kind: str | None = None) -> 
 
 
 def retrain_whole(run: str, results_dir: Path | None = None, data_root: str | None = None) -> Path:
-    """Retrain committed run ``run`` (a folder name under ``results/runs``) to its end on this kind of machine,
-    into ``results/machines/<kind>/runs/<run>/``: how far a whole run moves with the machine."""
+    """Retrain committed run ``run`` (a folder name under ``results/runs``) to its end on this kind of
+    machine, into ``results/machines/<kind>/runs/<run>/``: how far a whole run moves with the machine."""
     from sodlib.training.engine import train
 
     results_dir = Path(results_dir or default_results_dir())
@@ -321,7 +322,7 @@ def machine_table(results_dir: Path | None = None):
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(
-        prog="python -m sodlib.studies.drift", description=__doc__.splitlines()[0]
+        prog="python -m sodlib.studies.drift", description=__doc__.split("\n\n")[0]
     )
     parser.add_argument(
         "--record",

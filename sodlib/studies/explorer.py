@@ -2,9 +2,9 @@
 
 ``attention_explorer(models, images)`` returns a widget: choose the model, the image, the object (the
 detections ranked by score) and the decoder layer (or all); the figure below is
-:func:`sodlib.inference.heatmaps.plot_object_attention` of that choice. ``interactive=False`` — what a headless run
-(papermill) should ask for — returns the static figure of the first choice instead, so the executed notebook
-keeps a picture where a widget would show nothing.
+:func:`sodlib.inference.heatmaps.plot_object_attention` of that choice. ``interactive=False`` — what a
+headless run (papermill) should ask for — returns the static figure of the first choice instead, so the
+executed notebook keeps a picture where a widget would show nothing.
 """
 
 from __future__ import annotations
@@ -17,7 +17,8 @@ __all__ = ["AttentionFigures", "attention_explorer"]
 
 
 class AttentionFigures:
-    """Cached :func:`~sodlib.inference.heatmaps.object_attention` per (model, image) and the figure of any choice."""
+    """Cached :func:`~sodlib.inference.heatmaps.object_attention` per (model, image) and the figure of any
+    choice."""
 
     def __init__(
         self, models: Mapping[str, tuple], images: Sequence, objects: int = 5, slice_size: int | None = None

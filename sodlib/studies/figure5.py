@@ -1,14 +1,15 @@
-"""Paper A's Figure 5 from trained runs: where the baseline's and the full method's (ST+SR+SPR) decoder queries
-look on small objects, and how much of their attention falls inside the object (notebook 05).
+"""Paper A's Figure 5 from trained runs: where the baseline's and the full method's (ST+SR+SPR) decoder
+queries look on small objects, and how much of their attention falls inside the object (notebook 05).
 
-The runs are :func:`~sodlib.studies.ablations.comparison_config`'s: for ``cpu`` the ``ablation`` profile (RT-DETR's
-plain top-K query selection, three decoder layers, fp32 geometry: the paper's setting at CPU size) on the schedule
-of MRQM's tables (``MRQM_ITERS`` iterations), so the baseline runs are the ones MRQM's Table 3 already holds. The full method is paper A's Table 3 row "ST+SR+SPR"
-with Table 6's tuned α/γ (``ablations.FULL``). ``smoke`` (tests) and ``paper`` (a GPU) use their own profile.
+The runs are :func:`~sodlib.studies.tables.comparison_config`'s: for ``cpu`` the ``ablation`` profile
+(RT-DETR's plain top-K query selection, three decoder layers, fp32 geometry: the paper's setting at CPU size)
+on the schedule of MRQM's tables (``MRQM_ITERS`` iterations), so the baseline runs are the ones MRQM's
+Table 3 already holds. The full method is paper A's Table 3 row "ST+SR+SPR" with Table 6's tuned α/γ
+(``tables.FULL``). ``smoke`` (tests) and ``paper`` (a GPU) use their own profile.
 
 The in-box attention share of a run (per decoder layer and ground-truth object, see
-:func:`sodlib.inference.heatmaps.in_box_share`) is stored beside its metrics as ``attention_in_box.json``, so a
-fresh clone reads the seeds it does not draw instead of retraining them for their weights.
+:func:`sodlib.inference.heatmaps.in_box_share`) is stored beside its metrics as ``attention_in_box.json``, so
+a fresh clone reads the seeds it does not draw instead of retraining them for their weights.
 """
 
 from __future__ import annotations
@@ -34,8 +35,8 @@ from sodlib.inference.heatmaps import (
 from sodlib.inference.predict import load_model
 from sodlib.io import atomic_write_json
 from sodlib.models.detector import eval_mode
-from sodlib.studies.ablations import FULL, comparison_config
 from sodlib.studies.stats import paired_difference
+from sodlib.studies.tables import FULL, comparison_config
 from sodlib.training.engine import train
 from sodlib.training.runs import run_dir
 
@@ -55,8 +56,8 @@ SHARE_FILE = "attention_in_box.json"
 
 
 def figure5_configs(profile: str, seeds: int, device: str = "") -> dict[str, list[RunConfig]]:
-    """``{"baseline": [seed 0, 1, ...], "ST+SR+SPR": [...]}`` (:func:`~sodlib.studies.ablations.comparison_config`):
-    paired seeds, the same data order in both rows."""
+    """``{"baseline": [seed 0, 1, ...], "ST+SR+SPR": [...]}``
+    (:func:`~sodlib.studies.tables.comparison_config`): paired seeds, the same data order in both rows."""
     if seeds < 1:
         raise ValueError(f"SEEDS must be at least 1, got {seeds}")
     rows = {"baseline": (), "ST+SR+SPR": FULL}
@@ -94,9 +95,9 @@ def run_in_box_share(
 
 def in_box_summary(shares: Mapping[str, Sequence[Tensor]]) -> pd.DataFrame:
     """One row per model and decoder layer from ``shares[model][seed]`` ([layers, objects] each): ``seeds``,
-    ``objects`` (per seed), ``mean`` and ``std`` over seeds of each seed's mean share over objects, and for every
-    model after the first its paired difference from the first (same seeds): ``d_vs_<first>``, ``ci95_low``,
-    ``ci95_high``, ``p`` (NaN with one seed)."""
+    ``objects`` (per seed), ``mean`` and ``std`` over seeds of each seed's mean share over objects, and for
+    every model after the first its paired difference from the first (same seeds): ``d_vs_<first>``,
+    ``ci95_low``, ``ci95_high``, ``p`` (NaN with one seed)."""
     labels = list(shares)
     per_seed = {m: torch.stack([s.mean(1) for s in shares[m]]) for m in labels}  # [seeds, layers]
     ref = labels[0]
@@ -151,9 +152,10 @@ def plot_in_box_share(summary: pd.DataFrame, title: str = ""):
 
 
 def object_rows(models: Mapping[str, tuple], image_chw: Tensor, gt_cxcywh: Tensor, tag: str) -> list[dict]:
-    """Rows of :func:`~sodlib.inference.heatmaps.plot_object_attention` for one ground-truth object seen by each
-    model: the query that covers it best (score × IoU), its attention density per layer, its reference and
-    predicted boxes, the GT box (``gt_xyxy``), the image, and per layer the share of its attention in the box.
+    """Rows of :func:`~sodlib.inference.heatmaps.plot_object_attention` for one ground-truth object seen by
+    each model: the query that covers it best (score × IoU), its attention density per layer, its reference
+    and predicted boxes, the GT box (``gt_xyxy``), the image, and per layer the share of its attention in the
+    box.
 
     ``image_chw`` float [3, H, W] in [0, 1]; ``gt_cxcywh`` [4] normalised; ``tag`` starts each row's label."""
     h, w = image_chw.shape[-2:]

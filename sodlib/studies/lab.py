@@ -1,8 +1,8 @@
 """``make lab``: JupyterLab on the notebooks, on any machine — root included (containers, cloud VMs).
 
 JupyterLab refuses to start as root unless told ``--allow-root`` ("Running as root is not recommended");
-:func:`lab_command` adds it only when the user is root. ``python -m sodlib.studies.lab`` runs it (the Makefile's
-``lab`` target); ``--headless`` starts the server without a browser, as the test does.
+:func:`lab_command` adds it only when the user is root. ``python -m sodlib.studies.lab`` runs it (the
+Makefile's ``lab`` target); ``--headless`` starts the server without a browser, as the test does.
 """
 
 from __future__ import annotations

@@ -1,16 +1,17 @@
-"""Is each of paper A's mechanisms acting on a table's runs? Each judged by what it is meant to change, with intervals.
+"""Is each of paper A's mechanisms acting on a table's runs? Each judged by what it is meant to change, with
+intervals.
 
-For every row that switches a mechanism on (its config's ``loss.spr``, ``loss.sr``, ``loss.st``), over the row's
-seeds, from the runs' ``mechanisms.json`` (:mod:`sodlib.training.mechanisms`):
+For every row that switches a mechanism on (its config's ``loss.spr``, ``loss.sr``, ``loss.st``), over the
+row's seeds, from the runs' ``mechanisms.json`` (:mod:`sodlib.training.mechanisms`):
 
-- **SPR** pulls its positives' sampling points into the η-expanded box: the share of points outside it at the last
-  decoder layer, minus the baseline's share at the same seed (the ablation profile's baseline run). It acts when
-  the 95% interval of that paired difference lies below 0. Its loss share stays small while the points move, so
-  it is not the test.
-- **SR** gives hard positives more weight: the Spearman correlation of its factor with the difficulty 1 − IoU. It
-  acts when the interval of the mean over seeds lies above 0.
-- **ST** replaces the IoU target by c (Eq. 14): the mean over SODA-D's size buckets of (t − IoU) per seed. It acts
-  when the interval excludes 0.
+- **SPR** pulls its positives' sampling points into the η-expanded box: the share of points outside it at the
+  last decoder layer, minus the baseline's share at the same seed (the ablation profile's baseline run). It
+  acts when the 95% interval of that paired difference lies below 0. Its loss share stays small while the
+  points move, so it is not the test.
+- **SR** gives hard positives more weight: the Spearman correlation of its factor with the difficulty 1 − IoU.
+  It acts when the interval of the mean over seeds lies above 0.
+- **ST** replaces the IoU target by c (Eq. 14): the mean over SODA-D's size buckets of (t − IoU) per seed. It
+  acts when the interval excludes 0.
 
 With one seed there is no interval: ``acts`` is ``one seed``; a run without ``mechanisms.json`` is left out.
 """
@@ -77,8 +78,9 @@ def mechanism_checks(
 ) -> pd.DataFrame:
     """One line per (row, mechanism it switches on) of table ``table`` (see the module docstring).
 
-    ``rows``: ``(label, switches, {seed: mechanisms})`` with ``switches`` the row's ``{"spr": bool, "sr": bool,
-    "st": bool}``; ``baseline``: ``{seed: mechanisms}`` of the baseline runs SPR is paired with."""
+    ``rows``: ``(label, switches, {seed: mechanisms})`` with ``switches`` the row's
+    ``{"spr": bool, "sr": bool, "st": bool}``; ``baseline``: ``{seed: mechanisms}`` of the baseline runs SPR
+    is paired with."""
     out = []
     for label, switches, by_seed in rows:
         seeds = sorted(by_seed)
@@ -120,8 +122,8 @@ def mechanism_checks(
 
 
 def mechanism_verdict(checks: pd.DataFrame) -> str:
-    """One sentence over a table's mechanism checks: each with its mean, interval and whether it acted; the rows
-    not trained yet named once."""
+    """One sentence over a table's mechanism checks: each with its mean, interval and whether it acted; the
+    rows not trained yet named once."""
     if checks.empty:
         return "Mechanisms: no row of this table switches one on."
     parts, waiting = [], []
@@ -138,9 +140,10 @@ def mechanism_verdict(checks: pd.DataFrame) -> str:
 
 
 def table_checks(table, runs: pd.DataFrame, profile: str, results_dir: str | Path) -> pd.DataFrame:
-    """:func:`mechanism_checks` of an ablation ``table`` (:class:`sodlib.studies.ablations.Table`) from its runs
-    frame (:func:`sodlib.studies.ablations.runs_frame`); SPR is paired with the profile's baseline run of each seed."""
-    from sodlib.studies.ablations import ablation_config
+    """:func:`mechanism_checks` of an ablation ``table`` (:class:`sodlib.studies.tables.Table`) from its runs
+    frame (:func:`sodlib.studies.runner.runs_frame`); SPR is paired with the profile's baseline run of each
+    seed."""
+    from sodlib.studies.tables import ablation_config
     from sodlib.training.runs import run_dir
 
     rows = []
@@ -163,7 +166,8 @@ def table_checks(table, runs: pd.DataFrame, profile: str, results_dir: str | Pat
 
 
 def mechanisms_long(tables, runs: Mapping[str, pd.DataFrame], results_dir: str | Path) -> pd.DataFrame:
-    """``table,metric,row,seed,value`` for every trained run of ``tables`` (``runs``: table name → runs frame)."""
+    """``table,metric,row,seed,value`` for every trained run of ``tables``
+    (``runs``: table name → runs frame)."""
     out = []
     for table in tables:
         for r in runs[table.name].itertuples():

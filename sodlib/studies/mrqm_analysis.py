@@ -78,12 +78,13 @@ def positives_per_gt(
         gt_boxes_list: per image [G, 4] normalised cxcywh.
         pred_boxes: [B, N, 4] (or [N, 4] for all images) normalised cxcywh boxes of the tokens (the IAH's
             predictions, or anchors).
-        thresholds: ``"dynamic"`` (T_I with ``as_px``, ``tb``, ``k``, ``p`` and ``reading``), ``"atss"`` (ATSS's
-            adaptive threshold, :func:`atss_thresholds`) or a fixed IoU threshold.
+        thresholds: ``"dynamic"`` (T_I with ``as_px``, ``tb``, ``k``, ``p`` and ``reading``), ``"atss"``
+            (ATSS's adaptive threshold, :func:`atss_thresholds`) or a fixed IoU threshold.
         image_hw: input size in pixels (gt sizes are measured in it).
         valid: optional [N] or [B, N] bool mask of usable tokens.
         force_best: the head's best-token rule (every gt >= 1 positive).
-        reading: units of T_I (:data:`~sodlib.models.iou_head.READINGS`); level: [N] level of each token (ATSS).
+        reading: units of T_I (:data:`~sodlib.models.iou_head.READINGS`); level: [N] level of each token
+            (ATSS).
 
     Returns: ``per_gt`` [ΣG] counts, ``area_px2`` [ΣG], ``threshold`` [ΣG], ``buckets`` {eS|rS|gS|N:
     mean count} (NaN for an empty bucket) and ``num_gt`` {bucket: gts}.
@@ -122,8 +123,9 @@ def positives_per_gt(
 def atss_thresholds(
     boxes: Tensor, gt_boxes: Tensor, valid: Tensor | None = None, level: Tensor | None = None, topk: int = 9
 ) -> Tensor:
-    """ATSS's adaptive IoU threshold of every gt (Zhang et al. 2020): mean + std of the IoUs of its candidates,
-    the ``topk`` tokens nearest to the gt centre on each level (``level`` [N]; all tokens one level if None).
+    """ATSS's adaptive IoU threshold of every gt (Zhang et al. 2020): mean + std of the IoUs of its
+    candidates, the ``topk`` tokens nearest to the gt centre on each level (``level`` [N]; all tokens one
+    level if None).
 
     ``boxes`` [N, 4] and ``gt_boxes`` [G, 4] normalised cxcywh; ``valid`` [N] bool. Returns [G]. The control
     rule of :func:`positives_per_gt`: it adapts to each gt's own IoU statistics instead of its size.
@@ -156,8 +158,9 @@ def threshold_readings(
     k: float = 0.15,
     p: float = 0.2,
 ) -> pd.DataFrame:
-    """T_I of square gts of ``sides_px`` under every reading of :data:`~sodlib.models.iou_head.READINGS`, for A_s
-    = ``as_px`` (the length sqrt(smallest area)) at a square input of ``image_size`` px: one row per side."""
+    """T_I of square gts of ``sides_px`` under every reading of :data:`~sodlib.models.iou_head.READINGS`, for
+    A_s = ``as_px`` (the length sqrt(smallest area)) at a square input of ``image_size`` px: one row per
+    side."""
     sides = torch.as_tensor(list(sides_px), dtype=torch.float32)
     out = {"side_px": sides.tolist()}
     for reading in READINGS:
@@ -214,10 +217,10 @@ def _head(model: nn.Module) -> nn.Module:
 def iah_dense_predictions(model: nn.Module, images: Tensor) -> dict:
     """Eval-mode encoder memory and the IoU-aware head's dense predictions on ``images`` [B, 3, H, W].
 
-    ``model``: a detector built with ``model.iah`` (:class:`~sodlib.models.detector.RTDETR` with ``aux_head``).
-    Returns ``memory`` [B, N, C], ``shapes`` (per level (H, W), finest first), ``pred_logits`` [B, N, K],
-    ``pred_boxes`` [B, N, 4] normalised cxcywh (the boxes the head's assignment compares with the gts),
-    ``valid`` [N] bool (tokens the assignment may use) and ``level`` [N] (0 = finest level).
+    ``model``: a detector built with ``model.iah`` (:class:`~sodlib.models.detector.RTDETR` with
+    ``aux_head``). Returns ``memory`` [B, N, C], ``shapes`` (per level (H, W), finest first), ``pred_logits``
+    [B, N, K], ``pred_boxes`` [B, N, 4] normalised cxcywh (the boxes the head's assignment compares with the
+    gts), ``valid`` [N] bool (tokens the assignment may use) and ``level`` [N] (0 = finest level).
     """
     head = _head(model)
     with eval_mode(model):
@@ -269,9 +272,9 @@ def trained_positives_per_gt(
     """Positives per gt of a trained IoU-aware head on the first ``num_images`` of ``dataset`` (all: None).
 
     The head's predicted boxes (:func:`iah_dense_predictions`) and its own T_b, k, p and A_s go through
-    :func:`positives_per_gt` (the head's :func:`~sodlib.models.iou_head.assign_one_to_many`) under every rule of
-    :data:`POSITIVE_RULES`: dynamic T_I, fixed T_b or ATSS's adaptive threshold, IoU above the threshold only
-    or with the best-token rule the head trains with. ``dataset`` yields (image [3, H, W], target with
+    :func:`positives_per_gt` (the head's :func:`~sodlib.models.iou_head.assign_one_to_many`) under every rule
+    of :data:`POSITIVE_RULES`: dynamic T_I, fixed T_b or ATSS's adaptive threshold, IoU above the threshold
+    only or with the best-token rule the head trains with. ``dataset`` yields (image [3, H, W], target with
     ``boxes`` normalised cxcywh) at the working size. Returns :func:`positives_table`.
     """
     head = _head(model)
@@ -409,7 +412,8 @@ def gradient_share_table(
 ) -> pd.DataFrame:
     """:func:`encoder_gradient_share` on one batch for every ``label → config`` (a freshly initialised
     detector, seeded alike) or ``label → (detector, config)`` (e.g. a trained one, whose criterion the config
-    builds): one row per label with each group's gradient norm, its ratio to the decoder's, and its weighted loss."""
+    builds): one row per label with each group's gradient norm, its ratio to the decoder's, and its weighted
+    loss."""
     from sodlib.build import build_criterion, build_detector
 
     rows = []

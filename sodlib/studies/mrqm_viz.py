@@ -1,11 +1,12 @@
 """MRQM figures: positives per gt by size bucket, and where the mined auxiliary queries sit (Figure 2).
 
-* :func:`plot_positives_per_gt` — bars by SODA-D bucket of :func:`sodlib.studies.mrqm_analysis.positives_table`,
-  dynamic T_I vs fixed T_b vs ATSS's adaptive threshold, one panel per model.
+* :func:`plot_positives_per_gt` — bars by SODA-D bucket of
+  :func:`sodlib.studies.mrqm_analysis.positives_table`, dynamic T_I vs fixed T_b vs ATSS's adaptive threshold,
+  one panel per model.
 * :func:`query_panels` / :func:`plot_mined_queries` — MRQM's "query heatmaps": a validation image with the
-  auxiliary positive queries the IoU-aware head mines (:func:`sodlib.studies.mrqm_analysis.mined_queries`), their
-  centres over the whole image, then crops around its smallest objects with each query's box, coloured by
-  its IoU with the gt it was assigned to (dashed: kept by the best-token rule, below T_I).
+  auxiliary positive queries the IoU-aware head mines (:func:`sodlib.studies.mrqm_analysis.mined_queries`),
+  their centres over the whole image, then crops around its smallest objects with each query's box, coloured
+  by its IoU with the gt it was assigned to (dashed: kept by the best-token rule, below T_I).
 """
 
 from __future__ import annotations
@@ -42,8 +43,8 @@ def plot_positives_per_gt(
     suptitle: str = "",
     buckets: Sequence[str] = (*SODAD_BUCKETS_PX2, "all"),
 ):
-    """One panel per ``tables`` entry (title → :func:`~sodlib.studies.mrqm_analysis.positives_table`): mean positives
-    per gt in each bucket (x labels carry the gt count) under each rule of
+    """One panel per ``tables`` entry (title → :func:`~sodlib.studies.mrqm_analysis.positives_table`): mean
+    positives per gt in each bucket (x labels carry the gt count) under each rule of
     :data:`~sodlib.studies.mrqm_analysis.POSITIVE_RULES` present in the table. Returns the Figure."""
     n = len(tables)
     fig, axes = plt.subplots(1, n, figsize=(5.2 * n, 3.9), squeeze=False)
@@ -76,9 +77,9 @@ def plot_positives_per_gt(
 
 
 def plot_decoder_losses(curves: Mapping[str, Sequence[pd.DataFrame]], suptitle: str = ""):
-    """The main decoder's loss over training (:func:`~sodlib.studies.mrqm_analysis.decoder_loss_curve`), one line per
-    ``curves`` entry (label → one frame per seed: the mean, with the seeds' range shaded). A collapse caused
-    by an auxiliary objective shows as a curve that stops falling or rises above the baseline's."""
+    """The main decoder's loss over training (:func:`~sodlib.studies.mrqm_analysis.decoder_loss_curve`), one
+    line per ``curves`` entry (label → one frame per seed: the mean, with the seeds' range shaded). A collapse
+    caused by an auxiliary objective shows as a curve that stops falling or rises above the baseline's."""
     fig, ax = plt.subplots(figsize=(7.5, 4.2))
     for label, frames in curves.items():
         if not frames:
@@ -108,7 +109,8 @@ def query_panels(
     """A row of :func:`plot_mined_queries` panels for one image [3, H, W]: the whole image with every mined
     query's centre, then a crop around each of its ``num_objects`` smallest gts with that gt's queries.
 
-    ``target``: ``boxes`` [G, 4] normalised cxcywh; ``mined``: :func:`~sodlib.studies.mrqm_analysis.mined_queries`.
+    ``target``: ``boxes`` [G, 4] normalised cxcywh; ``mined``:
+    :func:`~sodlib.studies.mrqm_analysis.mined_queries`.
     """
     h, w = image.shape[-2:]
     scale = torch.tensor([w, h, w, h], dtype=torch.float32)

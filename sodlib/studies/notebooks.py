@@ -56,8 +56,8 @@ def notebook_parameters(
     rows: str = "",
 ) -> dict:
     """The parameters every notebook takes; ``seeds=None`` leaves the notebook's own default.
-    ``train_missing`` adds ``TRAIN_MISSING=True`` (notebook 04: train the ablation runs the cache lacks), ``tables``
-    and ``rows`` ``TRAIN_TABLES`` / ``TRAIN_ROWS`` (which of them)."""
+    ``train_missing`` adds ``TRAIN_MISSING=True`` (notebook 04: train the ablation runs the cache lacks),
+    ``tables`` and ``rows`` ``TRAIN_TABLES`` / ``TRAIN_ROWS`` (which of them)."""
     params = {"PROFILE": profile, "DATA": data, "DEVICE": device, "OUT_DIR": str(Path(out_dir).resolve())}
     if seeds is not None:
         params["SEEDS"] = int(seeds)

@@ -1,11 +1,12 @@
-"""Where two kinds of machine part: checksums of every module's output and every parameter's gradient of one step.
+"""Where two kinds of machine part: checksums of every module's output and every parameter's gradient of one
+step.
 
-A training step of a code path (:func:`sodlib.studies.drift.guard_config`) is run on a fixed batch; each module's
-forward output (in call order) and each parameter's gradient is hashed (SHA-256 of its float32 bytes).
-``python -m sodlib.studies.numerics --record`` stores them for this kind of machine
-(:func:`sodlib.hardware.machine_kind`) in ``results/numerics/<kind>.json``; ``--compare`` runs the step here and
-names, per code path and recorded kind, the first module whose output differs and how many gradients differ: the
-op where the machines part. Two machines of one kind give identical checksums.
+A training step of a code path (:func:`sodlib.studies.drift.guard_config`) is run on a fixed batch; each
+module's forward output (in call order) and each parameter's gradient is hashed (SHA-256 of its float32
+bytes). ``python -m sodlib.studies.numerics --record`` stores them for this kind of machine
+(:func:`sodlib.hardware.machine_kind`) in ``results/numerics/<kind>.json``; ``--compare`` runs the step here
+and names, per code path and recorded kind, the first module whose output differs and how many gradients
+differ: the op where the machines part. Two machines of one kind give identical checksums.
 """
 
 from __future__ import annotations
@@ -42,8 +43,8 @@ def _digest(value) -> str | None:
 
 
 def step_checksums(cfg: RunConfig, data_root: str | None = None) -> dict[str, dict[str, str]]:
-    """``{"forward": {"<call index> <module>": digest}, "grad": {parameter: digest}, "loss": {term: repr}}`` of
-    the first training step of ``cfg`` (its seed, its first batch, one thread)."""
+    """``{"forward": {"<call index> <module>": digest}, "grad": {parameter: digest}, "loss": {term: repr}}``
+    of the first training step of ``cfg`` (its seed, its first batch, one thread)."""
     from sodlib.build import build_criterion, build_detector
     from sodlib.data.datasets import build_dataset, collate_fn
     from sodlib.data.datastats import min_instance_size_px
@@ -111,7 +112,8 @@ def first_difference(a: Mapping[str, Mapping[str, str]], b: Mapping[str, Mapping
 
 
 def record(results_dir: Path | None = None) -> Path:
-    """This kind of machine's checksums of every drift-guard code path, as ``results/numerics/<kind>.json``."""
+    """This kind of machine's checksums of every drift-guard code path, as
+    ``results/numerics/<kind>.json``."""
     from sodlib.studies.drift import PATHS, guard_config
 
     results_dir = Path(results_dir or default_results_dir())
@@ -142,7 +144,7 @@ def compare(results_dir: Path | None = None) -> list[str]:
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(
-        prog="python -m sodlib.studies.numerics", description=__doc__.splitlines()[0]
+        prog="python -m sodlib.studies.numerics", description=__doc__.split("\n\n")[0]
     )
     parser.add_argument(
         "--record", action="store_true", help="write results/numerics/<this kind of machine>.json"

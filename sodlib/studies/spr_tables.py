@@ -34,8 +34,8 @@ def spr_per_query(
     gt_boxes_cxcywh: Tensor,
     scores: Tensor,
 ) -> tuple[list[dict], list[list[dict]]]:
-    """Rows (query, layer, eta, score, points, in box, outside expanded box, L_offset, L_atten) and one list of
-    panels per chosen (query, object) pair, a panel per layer."""
+    """Rows (query, layer, eta, score, points, in box, outside expanded box, L_offset, L_atten) and one list
+    of panels per chosen (query, object) pair, a panel per layer."""
     rows, panels = [], []
     for q, obj in chosen:
         only_q = _only(len(scores), [q])

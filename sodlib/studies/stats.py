@@ -1,4 +1,5 @@
-"""Paired comparisons for ablation tables: per-seed differences, t-intervals, Holm's correction.
+"""Paired statistics and verdicts of the ablation tables: per-seed differences, t-intervals, Holm's
+correction.
 
 Every row of an ablation table is trained on the same seeds (same initialisation and data order), so a
 row is compared with its reference through the per-seed differences d_s = row_s − ref_s: their mean, a
@@ -8,21 +9,38 @@ the 95% interval for a given spread of the differences: the smallest mean differ
 excludes 0 (before the multiple-comparison correction). With ``m`` comparisons in a table, Holm's first step
 tests at α/m: :func:`holm_resolvable_difference` is the smallest mean difference it rejects, and
 :func:`detectable_difference` the true difference it finds with a given power (80% by default).
+
+:func:`paired_comparison` applies them to a table's runs (each row against the row it is measured with),
+:func:`paired_verdict` says the result in plain words with the smallest difference the table resolves, and
+:func:`write_summaries` writes both under ``results/tables/``.
 """
 
 from __future__ import annotations
 
 import math
+import os
 from collections.abc import Sequence
+from pathlib import Path
 
 import numpy as np
+import pandas as pd
+
+from sodlib.config import RunConfig
+from sodlib.io import write_table
+from sodlib.studies.tables import METRICS, Table, table_stem
+from sodlib.training.runs import run_dir
 
 __all__ = [
     "detectable_difference",
     "holm",
     "holm_resolvable_difference",
+    "paired_comparison",
     "paired_difference",
+    "paired_verdict",
+    "resolution_line",
     "resolvable_difference",
+    "seed_table",
+    "write_summaries",
 ]
 
 
@@ -109,3 +127,163 @@ def detectable_difference(sd: float, n: int, m: int = 1, alpha: float = 0.05, po
         high *= 2
     effect = optimize.brentq(shortfall, 0.0, high)
     return float(effect * sd / math.sqrt(n))
+
+
+# ---------------------------------------------------------------- paired comparisons of table rows
+
+
+def paired_comparison(table: Table, runs: pd.DataFrame, metric: str = "AP") -> pd.DataFrame:
+    """Every row's mean ± std (×100) beside the paper's numbers, and its paired comparison with the row it
+    is measured against (:meth:`Table.base_of`): ``dAP`` (mean per-seed difference, points), ``ci95_low``,
+    ``ci95_high`` (t-interval), ``p`` and ``p_holm`` (Holm over the table's comparisons), ``pairs``.
+
+    Pairs are the seeds both rows ran; a row with one pair gets NaN for the interval and p-values.
+    """
+    by_row = {label: g.set_index("seed") for label, g in runs.groupby("row", sort=False)}
+    out = []
+    for row in table.rows:
+        g = by_row[row.label]
+        r = {"row": row.label, "seeds": int(g[metric].notna().sum())}  # seeds trained
+        for k in METRICS:
+            values = 100 * g[k].dropna()
+            r[k] = values.mean() if len(values) else np.nan
+            r[f"{k} std"] = values.std() if len(values) > 1 else np.nan
+        for k in METRICS:
+            r[f"paper {k}"] = row.paper.get(k, np.nan)
+        base = table.base_of(row.label)
+        r["vs"] = base
+        base_paper = next(x.paper for x in table.rows if x.label == base)
+        r["dAP paper"] = row.paper.get("AP", np.nan) - base_paper.get("AP", np.nan)
+        if "code" in g:
+            r["code"] = " ".join(sorted({c for c in g["code"] if c}))
+        paired = sorted(
+            s
+            for s in set(g.index) & set(by_row[base].index)
+            if np.isfinite(g.loc[s, metric]) and np.isfinite(by_row[base].loc[s, metric])
+        )
+        if row.label != base and paired:
+            pd_ = paired_difference(
+                100 * g.loc[paired, metric].to_numpy(), 100 * by_row[base].loc[paired, metric].to_numpy()
+            )
+            r.update(
+                {
+                    "pairs": pd_["n"],
+                    "dAP": pd_["diff"],
+                    "sd_diff": pd_["sd"],
+                    "ci95_low": pd_["ci_low"],
+                    "ci95_high": pd_["ci_high"],
+                    "p": pd_["p"],
+                }
+            )
+        out.append(r)
+    df = pd.DataFrame(out)
+    for col in ("pairs", "dAP", "sd_diff", "ci95_low", "ci95_high", "p"):
+        if col not in df:
+            df[col] = np.nan
+    df["p_holm"] = holm(df["p"].tolist())
+    return df
+
+
+def resolution_line(summary: pd.DataFrame, alpha: float = 0.05, power: float = 0.8) -> str:
+    """One line: the smallest |dAP| Holm's first step resolves over this table's comparisons, and the
+    difference found with ``power``, from the pooled spread of its paired differences
+    (and the uncorrected half-width)."""
+    d = summary.dropna(subset=["sd_diff"])
+    if d.empty:
+        return "Resolution: no comparison has two paired seeds, so this table resolves no difference."
+    n, m = int(d["pairs"].min()), len(d)
+    sd = math.sqrt((d["sd_diff"] ** 2).mean())
+    return (
+        f"Resolution: with {n} paired seeds and a pooled per-seed sd of the differences "
+        f"of {sd:.2f} AP points, "
+        f"Holm's first step over {m} comparisons (level {alpha}/{m}) resolves |dAP| ≥ "
+        f"{holm_resolvable_difference(sd, n, m, alpha):.2f} AP points, and a true difference of "
+        f"{detectable_difference(sd, n, m, alpha, power):.2f} is found with {int(100 * power)}% power "
+        f"(uncorrected {int(100 * (1 - alpha))}% half-width ±{resolvable_difference(sd, n, 1 - alpha):.2f})."
+    )
+
+
+def paired_verdict(table: Table, summary: pd.DataFrame, alpha: float = 0.05) -> str:
+    """Plain words per comparison: our paired dAP with its interval, its sign against the paper's, and
+    whether it is resolved (Holm-corrected p < ``alpha``)."""
+    parts, agree, total, resolved = [], 0, 0, 0
+    for r in summary.to_dict("records"):
+        if r["row"] == r["vs"]:
+            continue
+        if not np.isfinite(r["dAP"]):
+            parts.append(f"{r['row']}: not run")
+            continue
+        is_resolved = bool(np.isfinite(r["p_holm"]) and r["p_holm"] < alpha)
+        resolved += is_resolved
+        ci = (
+            f"[{r['ci95_low']:+.2f}, {r['ci95_high']:+.2f}]"
+            if np.isfinite(r["ci95_low"])
+            else "[no interval: one seed]"
+        )
+        text = f"{r['row']} vs {r['vs']}: dAP {r['dAP']:+.2f} {ci}, p_holm {r['p_holm']:.3f}"
+        if np.isfinite(r["dAP paper"]):
+            same = np.sign(r["dAP"]) == np.sign(r["dAP paper"])
+            agree += bool(same and is_resolved)
+            total += 1
+            text += f" (paper {r['dAP paper']:+.1f}: {'same' if same else 'opposite'} sign)"
+        parts.append(text + ("; resolved" if is_resolved else "; not resolved"))
+    head = (
+        f"{table.title}: {resolved} of {len(parts)} comparisons are resolved (Holm-corrected p < {alpha}); "
+        f"{agree} of {total} with a paper number agree with the paper in sign and are resolved. "
+    )
+    return head + "; ".join(parts) + ". " + resolution_line(summary)
+
+
+def write_summaries(
+    tables: Sequence[Table],
+    runs: dict[str, pd.DataFrame],
+    profile: str,
+    tables_dir: str | os.PathLike,
+    device: str = "",
+) -> dict[str, tuple[pd.DataFrame, str]]:
+    """Each table's paired summary (:func:`paired_comparison`) and plain-words verdict
+    (:func:`paired_verdict`), keyed by title; written as ``tables_dir/<stem>.{csv,md}`` (columns that are
+    empty everywhere left out) beside its runs as ``<stem>_runs`` (``stem`` from :func:`table_stem`)."""
+    out = {}
+    for table in tables:
+        summary = paired_comparison(table, runs[table.name])
+        stem = table_stem(table.name, profile, device)
+        write_table(summary.dropna(axis=1, how="all"), Path(tables_dir) / stem, float_format="%.3f")
+        write_table(runs[table.name], Path(tables_dir) / f"{stem}_runs")
+        out[table.title] = summary, paired_verdict(table, summary)
+    return out
+
+
+def seed_table(
+    entries: Sequence[tuple[str, int, RunConfig]],
+    metrics: Sequence[dict],
+    results_dir: str | os.PathLike,
+    columns: Sequence[str] = METRICS,
+) -> tuple[pd.DataFrame, pd.DataFrame]:
+    """``entries`` (label, seed, config) and their final ``metrics`` as two frames: one row per run
+    (``model``, ``seed``, ``columns``, ``iterations``, ``train_seconds``, ``run`` folder name) and one per
+    model (``seeds``, the mean of each column, ``AP std`` over seeds when there are two or more,
+    ``iterations``, ``runs``)."""
+    runs = pd.DataFrame(
+        [
+            {
+                "model": label,
+                "seed": seed,
+                **{k: m[k] for k in columns},
+                "iterations": m["iterations"],
+                "train_seconds": m["train_seconds"],
+                "run": run_dir(cfg, results_dir).name,
+            }
+            for (label, seed, cfg), m in zip(entries, metrics, strict=True)
+        ]
+    )
+    by_model = runs.groupby("model", sort=False)
+    table = by_model.agg(
+        seeds=("seed", "count"),
+        **{k: (k, "mean") for k in columns},
+        iterations=("iterations", "first"),
+        runs=("run", ", ".join),
+    )
+    if table["seeds"].max() > 1:
+        table.insert(2, "AP std", by_model["AP"].std())
+    return runs, table.reset_index()

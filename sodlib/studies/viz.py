@@ -108,7 +108,8 @@ def plot_contour_panels(
     nan_label: str = "undefined",
 ):
     """One filled-contour panel per entry of ``panels`` ({title: Z [len(y), len(x)]}), shared colour scale
-    [0, 1]; NaN cells are hatched grey and named ``nan_label`` (e.g. an infeasible region). Returns the Figure.
+    [0, 1]; NaN cells are hatched grey and named ``nan_label`` (e.g. an infeasible region).
+    Returns the Figure.
     """
     n = len(panels)
     fig, axes = plt.subplots(1, n, figsize=(3.4 * n + 0.8, 3.4), squeeze=False, sharey=True)
@@ -173,7 +174,8 @@ def spr_point_geometry(
     [*Q, heads, levels, points, 2]; ``eta`` the layer's expansion. Returns ``offsets`` Δp / wh [..., 2];
     ``inside_box`` [...] (the points L_atten calls I); ``inside_expanded`` [...] (zero L_offset);
     ``targets`` [..., 2] normalised: each point clamped to the η-expanded box, Eq. 5's target (the point
-    itself when inside). Box sizes are clamped at ``eps`` as in :func:`sodlib.losses.formulas.spr_offset_loss`.
+    itself when inside). Box sizes are clamped at ``eps`` as in
+    :func:`sodlib.losses.formulas.spr_offset_loss`.
     """
     extra = sampling_locations.dim() - ref_boxes_cxcywh.dim()
     box = ref_boxes_cxcywh.reshape(*ref_boxes_cxcywh.shape[:-1], *([1] * extra), 4)
@@ -275,7 +277,8 @@ def plot_spr_geometry(image_hwc: np.ndarray, panels: Sequence[Sequence[Mapping]]
     """A grid of :func:`draw_spr_panel` panels: one row per query, one column per decoder layer.
 
     ``panels[row][col]`` holds the keyword arguments of :func:`draw_spr_panel` (``ref_box_cxcywh``, ``eta``,
-    ``sampling_locations``, ``attention_weights`` and optionally ``gt_box_cxcywh``, ``title``). Returns the Figure.
+    ``sampling_locations``, ``attention_weights`` and optionally ``gt_box_cxcywh``, ``title``).
+    Returns the Figure.
     """
     rows, cols = len(panels), max(len(r) for r in panels)
     fig, axes = plt.subplots(rows, cols, figsize=(3.3 * cols, 3.3 * rows + 0.6), squeeze=False)
@@ -312,9 +315,9 @@ def predictions_figure(
     suptitle: str = "",
     num_top: int = 100,
 ):
-    """:func:`plot_predictions_grid` for dataset ``samples`` (``(image [3, S, S], target)`` pairs of one square
-    size): each eval-mode model's top-``num_top`` detections per image next to the ground truth. Returns the
-    Figure."""
+    """:func:`plot_predictions_grid` for dataset ``samples`` (``(image [3, S, S], target)`` pairs of one
+    square size): each eval-mode model's top-``num_top`` detections per image next to the ground truth.
+    Returns the Figure."""
     images = torch.stack([image for image, _ in samples])
     size = images.shape[-1]
     gts = [box_convert(t["boxes"], "cxcywh", "xyxy") * size for _, t in samples]
@@ -346,7 +349,8 @@ def plot_predictions_grid(
     predictions scoring at least ``score_threshold`` (red, with the score).
 
     Boxes are xyxy pixels of the drawn image; ``predictions[label][i]`` is a dict with ``boxes_xyxy`` [n, 4]
-    and ``scores`` [n] for image ``i`` (as :func:`sodlib.models.detector.postprocess` returns). Returns the Figure.
+    and ``scores`` [n] for image ``i`` (as :func:`sodlib.models.detector.postprocess` returns).
+    Returns the Figure.
     """
     rows, cols = len(images_hwc), len(predictions)
     fig, axes = plt.subplots(rows, cols, figsize=(4.0 * cols, 4.0 * rows), squeeze=False)
@@ -404,12 +408,12 @@ def plot_heatmap_grid(
 ):
     """A grid of attention heatmaps over images, cropped around a box.
 
-    ``panels[row][col]``: ``image_hwc`` [H, W, 3], ``heat`` [H, W] (e.g. :func:`sodlib.inference.heatmaps.splat_attention`),
-    ``box_xyxy`` pixels (drawn in cyan and centred; ``None`` shows the whole image), optionally ``boxes_xyxy``
-    [n, 4] more boxes drawn thin in cyan without cropping, ``title``. The window is
-    the box grown by ``margin`` box sizes on each side (at least ``min_window_px``). ``dilate_px`` > 0 shows
-    every pixel as the maximum of its (2·dilate_px + 1)² neighbourhood, so single points stay visible on whole
-    images (display only). Returns the Figure.
+    ``panels[row][col]``: ``image_hwc`` [H, W, 3], ``heat`` [H, W]
+    (e.g. :func:`sodlib.inference.heatmaps.splat_attention`), ``box_xyxy`` pixels (drawn in cyan and centred;
+    ``None`` shows the whole image), optionally ``boxes_xyxy`` [n, 4] more boxes drawn thin in cyan without
+    cropping, ``title``. The window is the box grown by ``margin`` box sizes on each side (at least
+    ``min_window_px``). ``dilate_px`` > 0 shows every pixel as the maximum of its (2·dilate_px + 1)²
+    neighbourhood, so single points stay visible on whole images (display only). Returns the Figure.
     """
     rows, cols = len(panels), max(len(r) for r in panels)
     fig, axes = plt.subplots(rows, cols, figsize=(2.6 * cols, 2.7 * rows), squeeze=False)
@@ -447,33 +451,6 @@ def plot_heatmap_grid(
 
 
 # ---------------------------------------------------------------- ablation tables
-
-
-def plot_ablation_deltas(
-    summaries: Mapping[str, pd.DataFrame], noise: float, suptitle: str = "", ncols: int = 3
-):
-    """One panel per table: each row's ΔAP against the row it is compared with (``vs``), ours beside the
-    paper's, in AP points. Our bars carry ±2 standard errors of a difference (``noise``: per-seed AP std as
-    a fraction; ``{k} std`` columns tell how many seeds a row has: n = 3 when present, else 1).
-
-    ``summaries`` maps a panel title to :func:`sodlib.studies.ablations.summarise` output. Returns the Figure.
-    """
-    from sodlib.studies.ablation_viz import plot_paired_deltas
-
-    frames = {}
-    for title, df in summaries.items():
-        err = 2 * 100 * noise * np.sqrt(2 / (3 if "AP std" in df.columns else 1))
-        frames[title] = pd.DataFrame(
-            {
-                "row": df["row"],
-                "vs": df["vs"],
-                "dAP": df["ΔAP ours"],
-                "ci95_low": df["ΔAP ours"] - err,
-                "ci95_high": df["ΔAP ours"] + err,
-                "dAP paper": df["ΔAP paper"],
-            }
-        )
-    return plot_paired_deltas(frames, suptitle, ncols, label="ours (±2 SE)")
 
 
 def notebook_image(path: str | Path, max_side: int = 1400, max_bytes: int = 300_000, quality: int = 85):

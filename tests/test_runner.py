@@ -1,0 +1,53 @@
+"""The runner: each distinct configuration trains once, in parallel or not with the same result; failures
+named."""
+
+import os
+
+import pytest
+
+from sodlib.config import get_profile
+from sodlib.studies import runner
+from sodlib.studies.tables import METRICS, ablation_config
+from sodlib.training.runs import run_dir
+
+
+def test_train_configs_trains_each_distinct_config_once_and_parallel_equals_sequential(tmp_path):
+    a = ablation_config("smoke", "train.max_iters=3")
+    b = ablation_config("smoke", "train.max_iters=3", seed=1)
+    seq = runner.train_configs([a, b, a], tmp_path / "seq", workers=1, verbose=False)
+    assert seq[0] == seq[2] and len(list((tmp_path / "seq" / "runs").iterdir())) == 2
+    par = runner.train_configs([a, b], tmp_path / "par", workers=2, verbose=False)
+    for s, p in zip(seq[:2], par):
+        assert {k: s[k] for k in METRICS} == {k: p[k] for k in METRICS}
+    again = runner.train_configs([b], tmp_path / "par", workers=2, verbose=False)  # cached: no training
+    assert again == [par[1]]
+
+
+def test_train_configs_names_the_failing_run(tmp_path):
+    bad = ablation_config("smoke", "train.batch_size=64", "train.max_iters=2")  # 16 train images
+    with pytest.raises(
+        RuntimeError, match=r"run .*runs/[0-9a-f]{12} \(the bad one\) failed: ValueError: .*fewer"
+    ):
+        runner.train_configs([bad], tmp_path, workers=1, labels=["the bad one"], verbose=False)
+
+
+def test_default_workers():
+    one_thread = ablation_config("ablation")
+    assert runner.default_workers([one_thread]) == max(1, os.cpu_count() or 1)
+    assert runner.default_workers([get_profile("cpu")]) == max(
+        1, (os.cpu_count() or 1) // 2
+    )  # 2 threads each
+    assert runner.default_workers([ablation_config("smoke")]) == 1  # 8 iterations: in-process
+    assert runner.default_workers([ablation_config("ablation", device="cuda")]) == 1
+
+
+def test_a_corrupt_metrics_json_is_reported_and_retrained(tmp_path, caplog):
+    cfg = ablation_config("smoke", "train.max_iters=2")
+    (first,) = runner.train_configs([cfg], tmp_path, workers=1, verbose=False)
+    path = run_dir(cfg, tmp_path) / "metrics.json"
+    path.write_text('{"AP": 0.1')  # truncated
+    with caplog.at_level("WARNING"):
+        (again,) = runner.train_configs([cfg], tmp_path, workers=1, verbose=False)
+    assert str(path) in caplog.text and "corrupt" in caplog.text
+    assert (path.parent / "metrics.json.corrupt").read_text() == '{"AP": 0.1'  # kept, not deleted
+    assert {k: again[k] for k in METRICS} == {k: first[k] for k in METRICS}  # retrained
