@@ -62,6 +62,8 @@ COMMITTED_RUNS = {
     "st_sr_spr_end_to_end": "7e9a6bc3225a",  # Table 3 ST+SR+SPR with sr_grad=end_to_end, seed 0
     "qfl": "085ff0b40116",  # Table 8 QFL (GFL), seed 0
     "qfl_st_sr": "0a44b4ca6863",  # Table 8 QFL +ST+SR, seed 0 (ST's and SR's QFL branches)
+    "tal": "4bd8e1a77f4c",  # Table 8 TAL (TOOD), seed 0
+    "tal_st": "174699ea40ec",  # Table 8 TAL +ST, seed 0 (ST's TAL branch)
     "iah": "ed21417e38b9",  # MRQM Table 3 +IAH, seed 0
     "bifpn_sae": "06c33282a432",  # MRQM Table 3 +BiFPN/SAE, seed 1
     "mrqm": "547ef3f70090",  # MRQM Table 3 +BiFPN/SAE +IAH, seed 0
