@@ -51,3 +51,36 @@ def test_a_corrupt_metrics_json_is_reported_and_retrained(tmp_path, caplog):
     assert str(path) in caplog.text and "corrupt" in caplog.text
     assert (path.parent / "metrics.json.corrupt").read_text() == '{"AP": 0.1'  # kept, not deleted
     assert {k: again[k] for k in METRICS} == {k: first[k] for k in METRICS}  # retrained
+
+
+def test_runs_frame_reads_every_run_on_the_kind_that_trained_most_of_the_table(tmp_path):
+    import json
+
+    from sodlib.hardware import machine_slug
+    from sodlib.studies.tables import Row, Table
+    from sodlib.training.runs import read_metrics, write_run
+
+    table = Table("t", "T", (Row("ref", ()), Row("a", ("loss.sr=true",))), seeds=2)
+    entries = table.configs("smoke")
+
+    def put(folder, cfg, kind, ap):
+        write_run(folder, cfg, {"AP": ap, "AP50": ap, "APS": ap, "APM": ap, "APL": -1.0, "iterations": 8})
+        prov = json.loads((folder / "provenance.json").read_text())
+        (folder / "provenance.json").write_text(json.dumps({**prov, "machine_kind": kind}))
+
+    for (row, seed, cfg), ap in zip(entries, (0.30, 0.32, 0.35, 0.36)):
+        put(run_dir(cfg, tmp_path), cfg, "old" if (row.label, seed) == ("ref", 0) else "new", ap)
+    metrics = [read_metrics(run_dir(c, tmp_path)) for *_, c in entries]
+    before = runner.runs_frame(table, entries, metrics, tmp_path)
+    assert before["AP"].tolist() == [0.30, 0.32, 0.35, 0.36]  # no retrain on "new" yet: the committed run
+    ref0 = entries[0][2]
+    copy = tmp_path / "machines" / machine_slug("new") / "runs" / run_dir(ref0, tmp_path).name
+    put(copy, ref0, "new", 0.31)
+    frame = runner.runs_frame(table, entries, metrics, tmp_path)
+    assert frame["AP"].tolist() == [0.31, 0.32, 0.35, 0.36]  # ref s0 read as retrained on the table's kind
+    assert (
+        runner.run_folder(tmp_path, frame["run"][0]) == copy
+        and frame["run"][1] == run_dir(entries[1][2]).name
+    )
+    assert runner.main_kind([run_dir(c, tmp_path) for *_, c in entries]) == "new"
+    assert runner.on_kind(run_dir(ref0, tmp_path), None, tmp_path) == run_dir(ref0, tmp_path)

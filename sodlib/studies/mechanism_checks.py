@@ -143,6 +143,7 @@ def table_checks(table, runs: pd.DataFrame, profile: str, results_dir: str | Pat
     """:func:`mechanism_checks` of an ablation ``table`` (:class:`sodlib.studies.tables.Table`) from its runs
     frame (:func:`sodlib.studies.runner.runs_frame`); SPR is paired with the profile's baseline run of each
     seed."""
+    from sodlib.studies.runner import main_kind, on_kind, run_folder
     from sodlib.studies.tables import ablation_config
     from sodlib.training.runs import run_dir
 
@@ -153,14 +154,20 @@ def table_checks(table, runs: pd.DataFrame, profile: str, results_dir: str | Pat
         by_seed = {
             int(r.seed): m
             for r in done.itertuples()
-            if (m := read_mechanisms(Path(results_dir) / "runs" / r.run)) is not None
+            if (m := read_mechanisms(run_folder(results_dir, r.run))) is not None
         }
         rows.append((row.label, {"spr": loss.spr, "sr": loss.sr, "st": loss.st}, by_seed))
     seeds = sorted({s for _, _, by_seed in rows for s in by_seed})
+    kind = main_kind([run_folder(results_dir, r) for r in runs["run"] if r])  # the kind the table is read on
     baseline = {
         s: m
         for s in seeds
-        if (m := read_mechanisms(run_dir(ablation_config(profile, seed=s), results_dir))) is not None
+        if (
+            m := read_mechanisms(
+                on_kind(run_dir(ablation_config(profile, seed=s), results_dir), kind, results_dir)
+            )
+        )
+        is not None
     }
     return mechanism_checks(table.name, rows, baseline)
 
@@ -168,10 +175,12 @@ def table_checks(table, runs: pd.DataFrame, profile: str, results_dir: str | Pat
 def mechanisms_long(tables, runs: Mapping[str, pd.DataFrame], results_dir: str | Path) -> pd.DataFrame:
     """``table,metric,row,seed,value`` for every trained run of ``tables``
     (``runs``: table name → runs frame)."""
+    from sodlib.studies.runner import run_folder
+
     out = []
     for table in tables:
         for r in runs[table.name].itertuples():
-            m = read_mechanisms(Path(results_dir) / "runs" / r.run) if r.run else None
+            m = read_mechanisms(run_folder(results_dir, r.run)) if r.run else None
             out += [
                 {"table": table.name, "metric": k, "row": r.row, "seed": r.seed, "value": v}
                 for k, v in (m or {}).items()

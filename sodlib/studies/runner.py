@@ -15,6 +15,7 @@ import json
 import multiprocessing
 import os
 import time
+from collections import Counter
 from collections.abc import Sequence
 from concurrent.futures import ProcessPoolExecutor, as_completed
 from pathlib import Path
@@ -22,8 +23,9 @@ from pathlib import Path
 import pandas as pd
 
 from sodlib.config import RunConfig
+from sodlib.studies.drift import UNRECORDED, machine_folder
 from sodlib.studies.tables import METRICS, Table, ablation_config
-from sodlib.training.runs import finished, load_finished_run, run_dir
+from sodlib.training.runs import finished, load_finished_run, read_metrics, run_dir
 
 
 def _estimated_cost(cfg: RunConfig) -> float:
@@ -193,9 +195,46 @@ def run_tables(
     return out
 
 
+def run_kind(folder: Path) -> str:
+    """The kind of machine that trained the run in ``folder`` (its provenance's ``machine_kind``), or
+    :data:`~sodlib.studies.drift.UNRECORDED`."""
+    path = Path(folder) / "provenance.json"
+    kind = json.loads(path.read_text()).get("machine_kind") if path.exists() else None
+    return kind or UNRECORDED
+
+
+def on_kind(folder: Path, kind: str | None, results_dir: str | os.PathLike) -> Path:
+    """The run of ``folder`` as trained on ``kind``: ``folder`` itself when that kind trained it, else its
+    whole retrain on ``kind`` (``results/machines/<kind>/runs/<run>``, from
+    :func:`sodlib.studies.drift.retrain_whole`) when one is finished, else ``folder``."""
+    if kind is None or run_kind(folder) == kind:
+        return Path(folder)
+    copy = machine_folder(Path(results_dir), kind) / "runs" / Path(folder).name
+    return copy if finished(copy) else Path(folder)
+
+
+def run_folder(results_dir: str | os.PathLike, run: str) -> Path:
+    """The folder of a runs frame's ``run``: ``results/runs/<run>``, or ``results/<run>`` for a retrain on
+    another kind (``machines/<kind>/runs/<run>``)."""
+    return Path(results_dir) / (run if "/" in run else f"runs/{run}")
+
+
+def main_kind(folders: Sequence[Path]) -> str | None:
+    """The kind of machine that trained most of ``folders`` (the first of those tied); None without any."""
+    kinds = Counter(run_kind(f) for f in folders)
+    return kinds.most_common(1)[0][0] if kinds else None
+
+
 def runs_frame(table: Table, entries, metrics: Sequence[dict], results_dir) -> pd.DataFrame:
+    """One line per (row, seed) of ``table``: its metrics, run folder and code version. Every run is read on
+    the kind of machine that trained most of the table's runs (:func:`main_kind`), where a retrain on that
+    kind exists (:func:`on_kind`), so that paired seeds differ by the method and not by the machine."""
+    folders = [run_dir(cfg, results_dir) if m else None for (_, _, cfg), m in zip(entries, metrics)]
+    kind = main_kind([f for f in folders if f is not None])
     rows = []
-    for (row, seed, cfg), m in zip(entries, metrics):
+    for (row, seed, _), m, folder in zip(entries, metrics, folders):
+        if folder is not None and (same := on_kind(folder, kind, results_dir)) != folder:
+            folder, m = same, read_metrics(same)
         m = m or {}  # a run not trained (yet)
         rows.append(
             {
@@ -205,8 +244,8 @@ def runs_frame(table: Table, entries, metrics: Sequence[dict], results_dir) -> p
                 **{k: _nan_if_missing(m.get(k)) for k in METRICS},
                 "iterations": m.get("iterations"),
                 "train_seconds": m.get("train_seconds"),
-                "run": run_dir(cfg, results_dir).name if m else "",
-                "code": _code_version(run_dir(cfg, results_dir)) if m else "",
+                "run": folder.relative_to(results_dir).as_posix().removeprefix("runs/") if m else "",
+                "code": _code_version(folder) if m else "",
             }
         )
     return pd.DataFrame(rows)
