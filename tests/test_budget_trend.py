@@ -73,3 +73,27 @@ def test_reproduce_step_writes_the_table_at_the_smoke_profile(tmp_path):
     assert (
         (tmp_path / "tables" / "budget_trend_smoke_verdict.md").read_text().startswith("# budget_trend_smoke")
     )
+
+
+def test_each_baseline_is_read_on_the_kind_of_its_paired_method_run(tmp_path):
+    import json
+
+    from sodlib.hardware import machine_slug
+    from sodlib.training.runs import read_metrics, run_dir, write_run
+
+    plan = bt.trend_configs("smoke", (8,), 1)  # (baseline, 8, 0), (ST+SR+SPR, 8, 0)
+
+    def put(folder, cfg, kind, ap):
+        write_run(folder, cfg, {"AP": ap, "APS": ap, "iterations": 8})
+        prov = json.loads((folder / "provenance.json").read_text())
+        (folder / "provenance.json").write_text(json.dumps({**prov, "machine_kind": kind}))
+
+    (_, _, _, base), (_, _, _, full) = plan
+    put(run_dir(base, tmp_path), base, "old", 0.30)
+    put(run_dir(full, tmp_path), full, "new", 0.33)
+    metrics = [read_metrics(run_dir(c, tmp_path)) for *_, c in plan]
+    assert [m["AP"] for m in bt.on_the_methods_kind(plan, metrics, tmp_path)] == [0.30, 0.33]  # no retrain
+    put(
+        tmp_path / "machines" / machine_slug("new") / "runs" / run_dir(base, tmp_path).name, base, "new", 0.31
+    )
+    assert [m["AP"] for m in bt.on_the_methods_kind(plan, metrics, tmp_path)] == [0.31, 0.33]

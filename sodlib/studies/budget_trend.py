@@ -46,6 +46,25 @@ def trend_configs(
     ]
 
 
+def on_the_methods_kind(
+    plan: Sequence[tuple[str, int, int, RunConfig]], metrics: Sequence[dict | None], results_dir
+) -> list[dict | None]:
+    """``metrics`` of :func:`trend_configs`' ``plan``, each baseline run read on the kind of machine that
+    trained the ST+SR+SPR run of its budget and seed, where a whole retrain on that kind exists
+    (:func:`sodlib.studies.runner.on_kind`): a pair differs by the method, not by the machine."""
+    from sodlib.studies.runner import on_kind, run_kind
+    from sodlib.training.runs import finished, read_metrics, run_dir
+
+    method = {(n, s): run_dir(c, results_dir) for r, n, s, c in plan if r == ROWS[1]}
+    out = []
+    for (r, n, s, c), m in zip(plan, metrics):
+        other = method.get((n, s))
+        if r == ROWS[0] and m and other is not None and finished(other):
+            m = read_metrics(on_kind(run_dir(c, results_dir), run_kind(other), results_dir))
+        out.append(m)
+    return out
+
+
 def trend_frame(metrics: Sequence[tuple[str, int, int, dict | None]]) -> pd.DataFrame:
     """One line per budget from ``(row, budget, seed, metrics or None)``: AP and APS of both rows (×100, mean
     over the seeds both trained), ``seeds``, ``dAP``, ``ci95_low``, ``ci95_high``, ``p``."""

@@ -180,7 +180,8 @@ def step_baseline(profile: str, results_dir: Path) -> dict:
 
 
 def step_budget_trend(profile: str, results_dir: Path, train: bool = False) -> pd.DataFrame:
-    """Table 3's baseline and ST+SR+SPR at several budgets, paired seeds (:mod:`sodlib.studies.budget_trend`):
+    """Table 3's baseline and ST+SR+SPR at several budgets, paired seeds (:mod:`sodlib.studies.budget_trend`),
+    each pair read on one kind of machine (:func:`sodlib.studies.budget_trend.on_the_methods_kind`):
     results/tables/budget_trend, from the run cache; ``train`` trains the runs it lacks (hours on a CPU). The
     ``smoke`` profile trains its own short budgets (tests)."""
     from sodlib.config import get_profile
@@ -194,9 +195,11 @@ def step_budget_trend(profile: str, results_dir: Path, train: bool = False) -> p
         n = get_profile("smoke").train.max_iters
         budgets, seeds, train = (n, 2 * n), 2, True
     plan = bt.trend_configs(prof, budgets, seeds)
+    cfgs = [c for *_, c in plan]
     metrics = train_configs(
-        [c for *_, c in plan], results_dir, labels=[f"{r} {n} it s{s}" for r, n, s, _ in plan], train=train
+        cfgs, results_dir, labels=[f"{r} {n} it s{s}" for r, n, s, _ in plan], train=train
     )
+    metrics = bt.on_the_methods_kind(plan, metrics, results_dir)
     stem = "budget_trend" if prof == "ablation" else f"budget_trend_{prof}"
     frame, verdict = bt.write_trend(
         [(r, n, s, m) for (r, n, s, _), m in zip(plan, metrics)], results_dir / "tables", stem

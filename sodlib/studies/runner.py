@@ -225,16 +225,29 @@ def main_kind(folders: Sequence[Path]) -> str | None:
     return kinds.most_common(1)[0][0] if kinds else None
 
 
-def runs_frame(table: Table, entries, metrics: Sequence[dict], results_dir) -> pd.DataFrame:
-    """One line per (row, seed) of ``table``: its metrics, run folder and code version. Every run is read on
-    the kind of machine that trained most of the table's runs (:func:`main_kind`), where a retrain on that
-    kind exists (:func:`on_kind`), so that paired seeds differ by the method and not by the machine."""
-    folders = [run_dir(cfg, results_dir) if m else None for (_, _, cfg), m in zip(entries, metrics)]
+def on_one_kind(
+    cfgs: Sequence[RunConfig], metrics: Sequence[dict | None], results_dir: str | os.PathLike
+) -> tuple[list[Path | None], list[dict | None]]:
+    """The run folder and metrics of each finished run of ``cfgs`` (None where ``metrics`` has none), every
+    run read on the kind of machine that trained most of them (:func:`main_kind`) where a whole retrain on
+    that kind exists (:func:`on_kind`), so that paired seeds differ by the method and not by the machine."""
+    folders = [run_dir(cfg, results_dir) if m else None for cfg, m in zip(cfgs, metrics)]
     kind = main_kind([f for f in folders if f is not None])
-    rows = []
-    for (row, seed, _), m, folder in zip(entries, metrics, folders):
+    out_folders, out_metrics = [], []
+    for folder, m in zip(folders, metrics):
         if folder is not None and (same := on_kind(folder, kind, results_dir)) != folder:
             folder, m = same, read_metrics(same)
+        out_folders.append(folder)
+        out_metrics.append(m)
+    return out_folders, out_metrics
+
+
+def runs_frame(table: Table, entries, metrics: Sequence[dict], results_dir) -> pd.DataFrame:
+    """One line per (row, seed) of ``table``: its metrics, run folder and code version, every run read on one
+    kind of machine (:func:`on_one_kind`)."""
+    folders, metrics = on_one_kind([cfg for *_, cfg in entries], metrics, results_dir)
+    rows = []
+    for (row, seed, _), m, folder in zip(entries, metrics, folders):
         m = m or {}  # a run not trained (yet)
         rows.append(
             {
