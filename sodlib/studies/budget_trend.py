@@ -52,7 +52,8 @@ def on_the_methods_kind(
     """``metrics`` of :func:`trend_configs`' ``plan``, each baseline run read on the kind of machine that
     trained the ST+SR+SPR run of its budget and seed, where a whole retrain on that kind exists
     (:func:`sodlib.studies.runner.on_kind`): a pair differs by the method, not by the machine."""
-    from sodlib.studies.runner import on_kind, run_kind
+    from sodlib.studies.drift import run_kind
+    from sodlib.studies.runner import on_kind
     from sodlib.training.runs import finished, read_metrics, run_dir
 
     method = {(n, s): run_dir(c, results_dir) for r, n, s, c in plan if r == ROWS[1]}

@@ -143,14 +143,20 @@ def _committed_columns(folder: Path) -> list[str]:
         return log_columns(next(csv.DictReader(f)))
 
 
+def run_kind(folder: Path) -> str:
+    """The kind of machine that trained the run in ``folder`` (its provenance's ``machine_kind``), or
+    :data:`UNRECORDED`."""
+    path = Path(folder) / "provenance.json"
+    kind = json.loads(path.read_text()).get("machine_kind") if path.exists() else None
+    return kind or UNRECORDED
+
+
 def committed_losses(path: str, results_dir: Path | None = None) -> tuple[list[list[float]], str]:
     """The committed run of ``path``: its logged losses (:func:`log_columns`) up to
     :data:`COMMITTED_ITERATIONS` and the kind of machine that trained it (:data:`UNRECORDED` when its
     provenance names none)."""
     folder = committed_run(path, results_dir)
-    prov = folder / "provenance.json"
-    kind = json.loads(prov.read_text()).get("machine_kind", UNRECORDED) if prov.exists() else UNRECORDED
-    return _log_rows(folder / "log.csv", COMMITTED_ITERATIONS, log_columns), kind
+    return _log_rows(folder / "log.csv", COMMITTED_ITERATIONS, log_columns), run_kind(folder)
 
 
 def retrain_committed(
@@ -290,10 +296,7 @@ def machine_table(results_dir: Path | None = None):
         committed = results_dir / "runs" / folder.name
         if not (folder / "metrics.json").exists() or not (committed / "metrics.json").exists():
             continue
-        kinds = [
-            json.loads((f / "provenance.json").read_text()).get("machine_kind", UNRECORDED)
-            for f in (committed, folder)
-        ]
+        kinds = [run_kind(f) for f in (committed, folder)]
         ap = [json.loads((f / "metrics.json").read_text())["AP"] for f in (committed, folder)]
         std, n = seed_spread(results_dir / "runs", folder.name)
         rows.append(

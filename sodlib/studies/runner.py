@@ -23,7 +23,7 @@ from pathlib import Path
 import pandas as pd
 
 from sodlib.config import RunConfig
-from sodlib.studies.drift import UNRECORDED, machine_folder
+from sodlib.studies.drift import machine_folder, run_kind
 from sodlib.studies.tables import METRICS, Table, ablation_config
 from sodlib.training.runs import finished, load_finished_run, read_metrics, run_dir
 
@@ -193,14 +193,6 @@ def run_tables(
         out[t.name] = runs_frame(t, entries[t.name], metrics[i : i + n], results_dir)
         i += n
     return out
-
-
-def run_kind(folder: Path) -> str:
-    """The kind of machine that trained the run in ``folder`` (its provenance's ``machine_kind``), or
-    :data:`~sodlib.studies.drift.UNRECORDED`."""
-    path = Path(folder) / "provenance.json"
-    kind = json.loads(path.read_text()).get("machine_kind") if path.exists() else None
-    return kind or UNRECORDED
 
 
 def on_kind(folder: Path, kind: str | None, results_dir: str | os.PathLike) -> Path:
