@@ -97,3 +97,42 @@ def test_each_baseline_is_read_on_the_kind_of_its_paired_method_run(tmp_path):
         tmp_path / "machines" / machine_slug("new") / "runs" / run_dir(base, tmp_path).name, base, "new", 0.31
     )
     assert [m["AP"] for m in bt.on_the_methods_kind(plan, metrics, tmp_path)] == [0.31, 0.33]
+
+
+def test_mechanisms_of_the_trend_runs_per_budget_paired_with_the_baseline_of_the_same_seed(tmp_path):
+    import json
+
+    from sodlib.training.runs import run_dir, write_run
+
+    plan = bt.trend_configs("smoke", (8, 16), 2)
+    outside = {("baseline", 0): 0.20, ("baseline", 1): 0.20, ("ST+SR+SPR", 0): 0.02, ("ST+SR+SPR", 1): 0.03}
+    for r, n, s, cfg in plan:
+        if n == 16 and r == "ST+SR+SPR":
+            continue  # not trained: its budget reads "not run"
+        folder = run_dir(cfg, tmp_path)
+        write_run(folder, cfg, {"AP": 0.3, "APS": 0.2, "iterations": n})
+        m = {
+            "spr_outside_share_l0": 0.5,
+            "spr_outside_share_l2": outside[(r, s)],
+            "sr_difficulty_spearman": 0.4 + s / 10,
+        }
+        (folder / "mechanisms.json").write_text(json.dumps(m | {"st_gap_eS": 0.02 + s / 100}))
+    folders = bt.trend_folders(plan, tmp_path)
+    assert [f is None for f in folders] == [False, False, False, False, False, True, False, True]
+    lines = bt.mechanism_lines(plan, folders)
+    assert len(lines) == 6 * 4 and set(lines["table"]) == {"budget_trend"}
+    assert set(lines["row"]) == {"baseline 8 it", "ST+SR+SPR 8 it", "baseline 16 it"}
+    checks = bt.mechanism_table(plan, folders).set_index(["row", "mechanism"])
+    spr = checks.loc[("ST+SR+SPR 8 it", "SPR")]
+    assert spr["mean"] == pytest.approx(((0.02 - 0.20) + (0.03 - 0.20)) / 2) and spr["acts"] == "yes"
+    assert checks.loc[("ST+SR+SPR 8 it", "SR"), "mean"] == pytest.approx(0.45)
+    assert checks.loc[("ST+SR+SPR 8 it", "ST"), "mean"] == pytest.approx(0.025)
+    assert set(checks.loc["ST+SR+SPR 16 it", "acts"]) == {"not run"}
+    _, verdict = bt.write_trend(
+        [(r, n, s, {"AP": 0.3, "APS": 0.2}) for r, n, s, _ in plan],
+        tmp_path,
+        "t",
+        bt.mechanism_table(plan, folders),
+    )
+    assert "SPR on ST+SR+SPR 8 it: last-layer outside share - baseline's -0.175" in verdict
+    assert (tmp_path / "t_mechanisms.csv").is_file()

@@ -46,24 +46,70 @@ def trend_configs(
     ]
 
 
-def on_the_methods_kind(
-    plan: Sequence[tuple[str, int, int, RunConfig]], metrics: Sequence[dict | None], results_dir
-) -> list[dict | None]:
-    """``metrics`` of :func:`trend_configs`' ``plan``, each baseline run read on the kind of machine that
-    trained the ST+SR+SPR run of its budget and seed, where a whole retrain on that kind exists
-    (:func:`sodlib.studies.runner.on_kind`): a pair differs by the method, not by the machine."""
+def trend_folders(plan: Sequence[tuple[str, int, int, RunConfig]], results_dir) -> list[Path | None]:
+    """The run folder of each finished run of :func:`trend_configs`' ``plan`` (None where not trained), each
+    baseline read on the kind of machine that trained the ST+SR+SPR run of its budget and seed, where a whole
+    retrain on that kind exists (:func:`sodlib.studies.runner.on_kind`): a pair differs by the method, not
+    by the machine."""
     from sodlib.studies.drift import run_kind
     from sodlib.studies.runner import on_kind
-    from sodlib.training.runs import finished, read_metrics, run_dir
+    from sodlib.training.runs import finished, run_dir
 
     method = {(n, s): run_dir(c, results_dir) for r, n, s, c in plan if r == ROWS[1]}
     out = []
-    for (r, n, s, c), m in zip(plan, metrics):
+    for r, n, s, c in plan:
+        folder = run_dir(c, results_dir)
         other = method.get((n, s))
-        if r == ROWS[0] and m and other is not None and finished(other):
-            m = read_metrics(on_kind(run_dir(c, results_dir), run_kind(other), results_dir))
-        out.append(m)
+        if r == ROWS[0] and finished(folder) and other is not None and finished(other):
+            folder = on_kind(folder, run_kind(other), results_dir)
+        out.append(folder if finished(folder) else None)
     return out
+
+
+def on_the_methods_kind(
+    plan: Sequence[tuple[str, int, int, RunConfig]], metrics: Sequence[dict | None], results_dir
+) -> list[dict | None]:
+    """``metrics`` of :func:`trend_configs`' ``plan``, each baseline's read from its folder of
+    :func:`trend_folders` (the kind of its paired ST+SR+SPR run)."""
+    from sodlib.training.runs import read_metrics
+
+    return [
+        read_metrics(folder) if m and folder is not None else m
+        for m, folder in zip(metrics, trend_folders(plan, results_dir))
+    ]
+
+
+def mechanism_lines(plan: Sequence[tuple[str, int, int, RunConfig]], folders) -> pd.DataFrame:
+    """``table,metric,row,seed,value`` of every trained run of ``plan`` (``folders`` from
+    :func:`trend_folders`), table ``budget_trend`` and row ``"<row> <budget> it"``, as ``mechanisms.csv``
+    holds them for the ablation tables."""
+    from sodlib.studies.mechanism_checks import read_mechanisms
+
+    out = [
+        {"table": "budget_trend", "metric": k, "row": f"{r} {n} it", "seed": s, "value": v}
+        for (r, n, s, _), folder in zip(plan, folders)
+        if folder is not None
+        for k, v in (read_mechanisms(folder) or {}).items()
+    ]
+    return pd.DataFrame(out, columns=["table", "metric", "row", "seed", "value"])
+
+
+def mechanism_table(plan: Sequence[tuple[str, int, int, RunConfig]], folders) -> pd.DataFrame:
+    """Per budget, whether SPR, SR and ST act on the ST+SR+SPR runs
+    (:func:`sodlib.studies.mechanism_checks.mechanism_checks`, table ``budget_trend``, row
+    ``"ST+SR+SPR <budget> it"``), SPR paired with the baseline run of the same budget and seed."""
+    from sodlib.studies.mechanism_checks import mechanism_checks, read_mechanisms
+
+    by = {(r, n, s): read_mechanisms(f) for (r, n, s, _), f in zip(plan, folders) if f is not None}
+    by = {k: m for k, m in by.items() if m is not None}
+    frames = []
+    for n in sorted({n for _, n, _, _ in plan}):
+        loss = next(c.loss for r, b, _, c in plan if r == ROWS[1] and b == n)
+        method = {s: m for (r, b, s), m in by.items() if r == ROWS[1] and b == n}
+        baseline = {s: m for (r, b, s), m in by.items() if r == ROWS[0] and b == n}
+        switches = {"spr": loss.spr, "sr": loss.sr, "st": loss.st}
+        frames.append(mechanism_checks("budget_trend", [(f"{ROWS[1]} {n} it", switches, method)], baseline))
+    return pd.concat(frames, ignore_index=True)
 
 
 def trend_frame(metrics: Sequence[tuple[str, int, int, dict | None]]) -> pd.DataFrame:
@@ -143,13 +189,21 @@ def trend_verdict(frame: pd.DataFrame, metrics: Sequence[tuple[str, int, int, di
 
 
 def write_trend(
-    metrics: Sequence[tuple[str, int, int, dict | None]], tables_dir: str | Path, stem: str = "budget_trend"
+    metrics: Sequence[tuple[str, int, int, dict | None]],
+    tables_dir: str | Path,
+    stem: str = "budget_trend",
+    mechanisms: pd.DataFrame | None = None,
 ) -> tuple[pd.DataFrame, str]:
-    """``tables_dir/<stem>.{csv,md}`` and the verdict beside it as ``<stem>_verdict.md``."""
+    """``tables_dir/<stem>.{csv,md}`` and the verdict beside it as ``<stem>_verdict.md``; with
+    ``mechanisms`` (:func:`mechanism_table`) also ``<stem>_mechanisms.{csv,md}``, its verdict appended."""
     from sodlib.io import atomic_write_text
+    from sodlib.studies.mechanism_checks import mechanism_verdict
 
     frame = trend_frame(metrics)
     verdict = trend_verdict(frame, metrics)
+    if mechanisms is not None:
+        write_table(mechanisms, Path(tables_dir) / f"{stem}_mechanisms", float_format="%.4f")
+        verdict += " " + mechanism_verdict(mechanisms)
     write_table(frame, Path(tables_dir) / stem, float_format="%.3f")
     atomic_write_text(Path(tables_dir) / f"{stem}_verdict.md", f"# {stem}\n\n{verdict}\n")
     return frame, verdict

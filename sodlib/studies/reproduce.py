@@ -201,8 +201,9 @@ def step_budget_trend(profile: str, results_dir: Path, train: bool = False) -> p
     )
     metrics = bt.on_the_methods_kind(plan, metrics, results_dir)
     stem = "budget_trend" if prof == "ablation" else f"budget_trend_{prof}"
+    mechanisms = bt.mechanism_table(plan, bt.trend_folders(plan, results_dir))
     frame, verdict = bt.write_trend(
-        [(r, n, s, m) for (r, n, s, _), m in zip(plan, metrics)], results_dir / "tables", stem
+        [(r, n, s, m) for (r, n, s, _), m in zip(plan, metrics)], results_dir / "tables", stem, mechanisms
     )
     print(frame.to_string(index=False), verdict, sep="\n")
     return frame
