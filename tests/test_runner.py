@@ -84,3 +84,33 @@ def test_runs_frame_reads_every_run_on_the_kind_that_trained_most_of_the_table(t
     )
     assert runner.main_kind([run_dir(c, tmp_path) for *_, c in entries]) == "new"
     assert runner.on_kind(run_dir(ref0, tmp_path), None, tmp_path) == run_dir(ref0, tmp_path)
+
+
+def test_tables_are_read_on_the_kind_where_most_of_their_runs_exist_counting_whole_retrains(tmp_path):
+    import json
+
+    from sodlib.hardware import machine_slug
+    from sodlib.studies.tables import Row, Table
+    from sodlib.training.runs import read_metrics, write_run
+
+    table = Table("t", "T", (Row("ref", ()), Row("a", ("loss.sr=true",))), seeds=2)
+    entries = table.configs("smoke")
+
+    def put(folder, cfg, kind, ap):
+        write_run(folder, cfg, {"AP": ap, "AP50": ap, "APS": ap, "APM": ap, "APL": -1.0, "iterations": 8})
+        prov = json.loads((folder / "provenance.json").read_text())
+        (folder / "provenance.json").write_text(json.dumps({**prov, "machine_kind": kind}))
+
+    kinds = ("old", "old", "old", "new")  # ref s0, ref s1, a s0 trained on "old"; a s1 on "new"
+    for (_, _, cfg), kind, ap in zip(entries, kinds, (0.30, 0.32, 0.35, 0.36)):
+        put(run_dir(cfg, tmp_path), cfg, kind, ap)
+    folders = [run_dir(c, tmp_path) for *_, c in entries]
+    assert runner.main_kind(folders, tmp_path) == "old"
+    for (_, _, cfg), ap in zip(entries[:2], (0.31, 0.33)):  # two of the three "old" runs retrained on "new"
+        put(tmp_path / "machines" / machine_slug("new") / "runs" / run_dir(cfg).name, cfg, "new", ap)
+    assert runner.main_kind(folders) == "old" and runner.main_kind(folders, tmp_path) == "old"  # tied 3 to 3
+    put(tmp_path / "machines" / machine_slug("new") / "runs" / folders[2].name, entries[2][2], "new", 0.34)
+    assert runner.main_kind(folders, tmp_path) == "new"  # 4 on "new", 3 on "old"
+    metrics = [read_metrics(f) for f in folders]
+    frame = runner.runs_frame(table, entries, metrics, tmp_path)
+    assert frame["AP"].tolist() == [0.31, 0.33, 0.34, 0.36]

@@ -211,20 +211,32 @@ def run_folder(results_dir: str | os.PathLike, run: str) -> Path:
     return Path(results_dir) / (run if "/" in run else f"runs/{run}")
 
 
-def main_kind(folders: Sequence[Path]) -> str | None:
-    """The kind of machine that trained most of ``folders`` (the first of those tied); None without any."""
-    kinds = Counter(run_kind(f) for f in folders)
-    return kinds.most_common(1)[0][0] if kinds else None
+def main_kind(folders: Sequence[Path], results_dir: str | os.PathLike | None = None) -> str | None:
+    """The kind of machine the runs of ``folders`` are read on: the one that trained most of them (the first
+    of those tied); None without any. With ``results_dir``, a run also counts for each kind that holds a
+    finished whole retrain of it (``results/machines/<kind>/runs/<run>``): the kind on which most of the runs
+    exist, ties going to the kind that trained most of them."""
+    trained = Counter(run_kind(f) for f in folders)
+    if not trained:
+        return None
+    available = Counter(trained)
+    if results_dir is not None:
+        for f in folders:
+            for copy in Path(results_dir).glob(f"machines/*/runs/{Path(f).name}"):
+                if finished(copy) and (kind := run_kind(copy)) != run_kind(f):
+                    available[kind] += 1
+    order = {kind: i for i, (kind, _) in enumerate(trained.most_common())}
+    return min(available, key=lambda k: (-available[k], -trained[k], order.get(k, len(order))))
 
 
 def on_one_kind(
     cfgs: Sequence[RunConfig], metrics: Sequence[dict | None], results_dir: str | os.PathLike
 ) -> tuple[list[Path | None], list[dict | None]]:
     """The run folder and metrics of each finished run of ``cfgs`` (None where ``metrics`` has none), every
-    run read on the kind of machine that trained most of them (:func:`main_kind`) where a whole retrain on
-    that kind exists (:func:`on_kind`), so that paired seeds differ by the method and not by the machine."""
+    run read on one kind of machine (:func:`main_kind`: the kind on which most of them exist, trained there or
+    retrained whole, :func:`on_kind`), so that paired seeds differ by the method and not by the machine."""
     folders = [run_dir(cfg, results_dir) if m else None for cfg, m in zip(cfgs, metrics)]
-    kind = main_kind([f for f in folders if f is not None])
+    kind = main_kind([f for f in folders if f is not None], results_dir)
     out_folders, out_metrics = [], []
     for folder, m in zip(folders, metrics):
         if folder is not None and (same := on_kind(folder, kind, results_dir)) != folder:
