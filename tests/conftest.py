@@ -41,3 +41,20 @@ def smoke_detector():
         for p in model.decoder.parameters():
             p.add_(0.05 * torch.randn_like(p))
     return model.eval(), cfg
+
+
+@pytest.fixture
+def put_run():
+    """``put_run(folder, cfg, kind, ap, **metrics)``: a finished run of ``cfg`` in ``folder`` with AP (and,
+    unless given, AP50/APS/APM) ``ap``, recorded as trained on machine kind ``kind``."""
+    import json
+
+    from sodlib.training.runs import write_run
+
+    def put(folder, cfg, kind, ap, **metrics):
+        values = {"AP": ap, "AP50": ap, "APS": ap, "APM": ap, "APL": -1.0, "iterations": 8} | metrics
+        write_run(folder, cfg, values)
+        prov = json.loads((folder / "provenance.json").read_text())
+        (folder / "provenance.json").write_text(json.dumps({**prov, "machine_kind": kind}))
+
+    return put

@@ -75,18 +75,14 @@ def test_reproduce_step_writes_the_table_at_the_smoke_profile(tmp_path):
     )
 
 
-def test_each_baseline_is_read_on_the_kind_of_its_paired_method_run(tmp_path):
-    import json
+def test_each_baseline_is_read_on_the_kind_of_its_paired_method_run(tmp_path, put_run):
 
     from sodlib.hardware import machine_slug
-    from sodlib.training.runs import read_metrics, run_dir, write_run
+    from sodlib.training.runs import read_metrics, run_dir
 
     plan = bt.trend_configs("smoke", (8,), 1)  # (baseline, 8, 0), (ST+SR+SPR, 8, 0)
 
-    def put(folder, cfg, kind, ap):
-        write_run(folder, cfg, {"AP": ap, "APS": ap, "iterations": 8})
-        prov = json.loads((folder / "provenance.json").read_text())
-        (folder / "provenance.json").write_text(json.dumps({**prov, "machine_kind": kind}))
+    put = put_run
 
     (_, _, _, base), (_, _, _, full) = plan
     put(run_dir(base, tmp_path), base, "old", 0.30)

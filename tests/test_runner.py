@@ -53,20 +53,16 @@ def test_a_corrupt_metrics_json_is_reported_and_retrained(tmp_path, caplog):
     assert {k: again[k] for k in METRICS} == {k: first[k] for k in METRICS}  # retrained
 
 
-def test_runs_frame_reads_every_run_on_the_kind_that_trained_most_of_the_table(tmp_path):
-    import json
+def test_runs_frame_reads_every_run_on_the_kind_that_trained_most_of_the_table(tmp_path, put_run):
 
     from sodlib.hardware import machine_slug
     from sodlib.studies.tables import Row, Table
-    from sodlib.training.runs import read_metrics, write_run
+    from sodlib.training.runs import read_metrics
 
     table = Table("t", "T", (Row("ref", ()), Row("a", ("loss.sr=true",))), seeds=2)
     entries = table.configs("smoke")
 
-    def put(folder, cfg, kind, ap):
-        write_run(folder, cfg, {"AP": ap, "AP50": ap, "APS": ap, "APM": ap, "APL": -1.0, "iterations": 8})
-        prov = json.loads((folder / "provenance.json").read_text())
-        (folder / "provenance.json").write_text(json.dumps({**prov, "machine_kind": kind}))
+    put = put_run
 
     for (row, seed, cfg), ap in zip(entries, (0.30, 0.32, 0.35, 0.36)):
         put(run_dir(cfg, tmp_path), cfg, "old" if (row.label, seed) == ("ref", 0) else "new", ap)
@@ -86,20 +82,18 @@ def test_runs_frame_reads_every_run_on_the_kind_that_trained_most_of_the_table(t
     assert runner.on_kind(run_dir(ref0, tmp_path), None, tmp_path) == run_dir(ref0, tmp_path)
 
 
-def test_tables_are_read_on_the_kind_where_most_of_their_runs_exist_counting_whole_retrains(tmp_path):
-    import json
+def test_tables_are_read_on_the_kind_where_most_of_their_runs_exist_counting_whole_retrains(
+    tmp_path, put_run
+):
 
     from sodlib.hardware import machine_slug
     from sodlib.studies.tables import Row, Table
-    from sodlib.training.runs import read_metrics, write_run
+    from sodlib.training.runs import read_metrics
 
     table = Table("t", "T", (Row("ref", ()), Row("a", ("loss.sr=true",))), seeds=2)
     entries = table.configs("smoke")
 
-    def put(folder, cfg, kind, ap):
-        write_run(folder, cfg, {"AP": ap, "AP50": ap, "APS": ap, "APM": ap, "APL": -1.0, "iterations": 8})
-        prov = json.loads((folder / "provenance.json").read_text())
-        (folder / "provenance.json").write_text(json.dumps({**prov, "machine_kind": kind}))
+    put = put_run
 
     kinds = ("old", "old", "old", "new")  # ref s0, ref s1, a s0 trained on "old"; a s1 on "new"
     for (_, _, cfg), kind, ap in zip(entries, kinds, (0.30, 0.32, 0.35, 0.36)):
