@@ -27,12 +27,25 @@ def test_profiles_and_paired_configs():
         "paper",
     ]
     configs = figure5.figure5_configs("cpu", seeds=3)
-    assert list(configs) == list(figure5.MODELS)
+    assert list(configs) == ["baseline", figure5.RETUNE, "ST+SR+SPR"]
+    assert set(figure5.MODELS) <= set(configs) and {m for pair in figure5.COMPARISONS for m in pair} == set(
+        configs
+    )
+    for base, retune in zip(configs["baseline"], configs[figure5.RETUNE]):  # the focal-loss retune alone
+        assert (retune.loss.alpha, retune.loss.gamma, base.loss.alpha, base.loss.gamma) == (
+            0.5,
+            1.5,
+            0.75,
+            2.0,
+        )
+        assert retune.train == base.train and retune.model == base.model
+        assert (retune.loss.st, retune.loss.sr, retune.loss.spr) == (False, False, False)
     # the baseline runs are MRQM Table 3's (same hash: read from the same cache)
     table3 = MRQM_ABLATION_TABLES[0]
     mrqm_baseline = [run_dir(c, "r") for row, _, c in table3.configs("ablation") if row.label == "baseline"]
     assert [run_dir(c, "r") for c in configs["baseline"]] == mrqm_baseline
-    for base, full in zip(*configs.values()):
+    for base, full in zip(configs["baseline"], configs["ST+SR+SPR"]):
+        assert (full.loss.alpha, full.loss.gamma) == (0.5, 1.5)
         assert full.train.seed == base.train.seed and full.train.max_iters == base.train.max_iters == 1000
         assert (full.loss.st, full.loss.sr, full.loss.spr) == (True, True, True)
         assert (base.loss.st, base.loss.sr, base.loss.spr) == (False, False, False)
@@ -69,6 +82,59 @@ def test_in_box_summary_by_hand():
     assert one["std"].isna().all() and one["ci95_low"].isna().iloc[-1]
 
 
+def test_in_box_differences_pair_each_comparison_over_the_seeds_both_have():
+    base = [torch.tensor([[0.2, 0.4], [0.5, 0.7]]), torch.tensor([[0.1, 0.1], [0.4, 0.6]])]  # .3 .6 / .1 .5
+    retune = [torch.tensor([[0.3], [0.6]]), torch.tensor([[0.2], [0.5]])]  # .3 .6 / .2 .5
+    full = [torch.tensor([[0.4, 0.4], [0.8, 0.8]]), torch.tensor([[0.2, 0.4], [0.6, 0.6]])]  # .4 .8 / .3 .6
+    d = figure5.in_box_differences({"baseline": base, figure5.RETUNE: retune, "ST+SR+SPR": full})
+    assert list(zip(d["model"], d["vs"])) == [
+        ("ST+SR+SPR", "baseline"), ("ST+SR+SPR", "baseline"), (figure5.RETUNE, "baseline"),
+        (figure5.RETUNE, "baseline"), ("ST+SR+SPR", figure5.RETUNE), ("ST+SR+SPR", figure5.RETUNE),
+    ]  # fmt: skip
+    # full − retune, layer 2: .8 − .6 = .2 and .6 − .5 = .1; retune − baseline, layer 1: 0 and .1
+    assert d["d"].tolist() == pytest.approx([0.15, 0.15, 0.05, 0.0, 0.1, 0.15])
+    half = 12.7062 * math.sqrt(0.005) / math.sqrt(2)  # sd of (.2, .1) is √.005, t(1) 12.706
+    assert d["ci95_low"].iloc[-1] == pytest.approx(0.15 - half, abs=1e-4)
+    verdict = figure5.in_box_verdict(d)
+    assert verdict.startswith(
+        "In-box attention share at the last decoder layer (layer 2): ST+SR+SPR − baseline"
+    )
+    assert (
+        f"ST+SR+SPR − {figure5.RETUNE} +0.150 [{0.15 - half:+.3f}, {0.15 + half:+.3f}] over 2 seeds"
+        in verdict
+    )
+    two = figure5.in_box_differences({"baseline": base, "ST+SR+SPR": full[:1]})  # one pair, one common seed
+    assert len(two) == 2 and two["seeds"].tolist() == [1, 1] and two["ci95_low"].isna().all()
+    assert "(one seed)" in figure5.in_box_verdict(two)
+    assert figure5.in_box_verdict(figure5.in_box_differences({"baseline": base})).startswith(
+        "In-box share: no"
+    )
+
+
+def test_figure5_runs_are_read_on_the_kind_where_most_of_them_exist(tmp_path, put_run):
+    from sodlib.hardware import machine_slug
+
+    cfgs = figure5.figure5_configs("smoke", seeds=1)
+    put_run(run_dir(cfgs["baseline"][0], tmp_path), cfgs["baseline"][0], "old", 0.3)
+    put_run(run_dir(cfgs["ST+SR+SPR"][0], tmp_path), cfgs["ST+SR+SPR"][0], "old", 0.3)
+    put_run(run_dir(cfgs[figure5.RETUNE][0], tmp_path), cfgs[figure5.RETUNE][0], "new", 0.3)
+    folders = figure5.figure5_folders(cfgs, tmp_path)
+    assert {k: v[0] for k, v in folders.items()} == {k: run_dir(v[0], tmp_path) for k, v in cfgs.items()}
+    for label in ("baseline", "ST+SR+SPR"):  # both retrained whole on "new": every run exists there
+        copy = tmp_path / "machines" / machine_slug("new") / "runs" / run_dir(cfgs[label][0]).name
+        put_run(copy, cfgs[label][0], "new", 0.31)
+    folders = figure5.figure5_folders(cfgs, tmp_path)
+    assert folders["baseline"][0] == copy.parent / run_dir(cfgs["baseline"][0]).name
+    assert folders["ST+SR+SPR"][0] == copy and folders[figure5.RETUNE][0] == run_dir(
+        cfgs[figure5.RETUNE][0], tmp_path
+    )
+    assert figure5.figure5_folders(figure5.figure5_configs("smoke", seeds=2), tmp_path)["baseline"][
+        1
+    ] == run_dir(
+        figure5.figure5_configs("smoke", seeds=2)["baseline"][1], tmp_path
+    )  # not trained: its own folder
+
+
 def test_stored_share_is_read_and_a_foreign_one_measured_again(tmp_path, monkeypatch):
     cfg = figure5.figure5_configs("smoke", seeds=1)["baseline"][0]
     d = run_dir(cfg, tmp_path)
@@ -84,6 +150,10 @@ def test_stored_share_is_read_and_a_foreign_one_measured_again(tmp_path, monkeyp
     assert share.tolist() == [[0.25, 0.5], [0.75, 1.0]]
     with pytest.raises(AssertionError, match="trained"):  # other images: measured again, from the weights
         figure5.run_in_box_share(cfg, tmp_path, 8)
+    elsewhere = tmp_path / "machines" / "k" / "runs" / d.name
+    elsewhere.mkdir(parents=True)
+    (elsewhere / figure5.SHARE_FILE).write_text(json.dumps({**stored, "share": [[0.5], [1.0]]}))
+    assert figure5.run_in_box_share(cfg, tmp_path, 4, folder=elsewhere).tolist() == [[0.5], [1.0]]
     (d / figure5.SHARE_FILE).write_text("{not json")
     with pytest.raises(ValueError, match="attention_in_box.json"):
         figure5.run_in_box_share(cfg, tmp_path, 4)
@@ -144,7 +214,7 @@ def test_seed_table_means_over_seeds(tmp_path):
     from sodlib.studies.stats import seed_table
 
     cfgs = figure5.figure5_configs("smoke", seeds=2)
-    entries = [(label, s, c) for label, cs in cfgs.items() for s, c in enumerate(cs)]
+    entries = [(label, s, c) for label in figure5.MODELS for s, c in enumerate(cfgs[label])]
     metrics = [
         {"AP": ap, "AP50": 2 * ap, "iterations": 8, "train_seconds": 1.0} for ap in (0.1, 0.3, 0.2, 0.6)
     ]
@@ -165,7 +235,7 @@ def test_trained_models_load_weights_and_train_only_what_lacks_them(tmp_path, mo
     from sodlib.training import engine
 
     model, _ = smoke_detector
-    cfgs = {label: cs[0] for label, cs in figure5.figure5_configs("smoke", seeds=1).items()}
+    cfgs = {label: figure5.figure5_configs("smoke", seeds=1)[label][0] for label in figure5.MODELS}
     have = run_dir(cfgs["baseline"], tmp_path) / "checkpoints" / "last.pt"
     save_checkpoint(have, model=model.state_dict(), config=cfgs["baseline"].to_dict())
     calls = []

@@ -44,7 +44,10 @@ EXPECTED_TEXT = {
         "Holm's first step over",
         "Mechanisms: ",
     ],
-    "05_heatmaps": ["in-box attention share, last decoder layer: baseline"],
+    "05_heatmaps": [
+        "in-box attention share, last decoder layer: baseline",
+        "In-box attention share at the last decoder layer",
+    ],
     "06_mrqm": ["positives per GT"],
     "07_real_data": ["neon_trees test tile"],
 }

@@ -5,7 +5,13 @@ The runs are :func:`~sodlib.studies.tables.comparison_config`'s: for ``cpu`` the
 (RT-DETR's plain top-K query selection, three decoder layers, fp32 geometry: the paper's setting at CPU size)
 on the schedule of MRQM's tables (``MRQM_ITERS`` iterations), so the baseline runs are the ones MRQM's
 Table 3 already holds. The full method is paper A's Table 3 row "ST+SR+SPR" with Table 6's tuned α/γ
-(``tables.FULL``). ``smoke`` (tests) and ``paper`` (a GPU) use their own profile.
+(``tables.FULL``). Its α/γ differ from the baseline's (0.5/1.5 against RT-DETR's 0.75/2), so a third model
+measures the retune alone: the baseline at the full method's α/γ (:data:`RETUNE`). Of the three comparisons
+(:data:`COMPARISONS`) the full method against the retuned baseline is what the methods add at the same α/γ.
+``smoke`` (tests) and ``paper`` (a GPU) use their own profile.
+
+The runs are read on one kind of machine (:func:`figure5_folders`): the kind on which most of them exist,
+trained there or retrained whole (:func:`sodlib.studies.runner.on_one_kind`).
 
 The in-box attention share of a run (per decoder layer and ground-truth object, see
 :func:`sodlib.inference.heatmaps.in_box_share`) is stored beside its metrics as ``attention_in_box.json``, so
@@ -15,6 +21,7 @@ a fresh clone reads the seeds it does not draw instead of retraining them for th
 from __future__ import annotations
 
 import json
+import math
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 
@@ -36,44 +43,74 @@ from sodlib.inference.predict import load_model
 from sodlib.io import atomic_write_json
 from sodlib.models.detector import eval_mode
 from sodlib.studies.stats import paired_difference
-from sodlib.studies.tables import FULL, comparison_config
+from sodlib.studies.tables import FULL, ST_TUNED, comparison_config
 from sodlib.training.engine import train
 from sodlib.training.runs import run_dir
 
 __all__ = [
+    "COMPARISONS",
     "MODELS",
+    "RETUNE",
     "SHARE_FILE",
     "figure5_configs",
+    "figure5_folders",
+    "in_box_differences",
     "in_box_summary",
+    "in_box_verdict",
     "object_rows",
     "plot_in_box_share",
     "run_in_box_share",
     "top_query_panels",
 ]
 
-MODELS = ("baseline", "ST+SR+SPR")
+MODELS = ("baseline", "ST+SR+SPR")  # the two models drawn in the heatmaps
+RETUNE = "baseline, α 0.5 γ 1.5"  # the baseline at the full method's focal-loss α/γ: the retune alone
+ROWS = {"baseline": (), RETUNE: ST_TUNED, "ST+SR+SPR": FULL}
+COMPARISONS = (("ST+SR+SPR", "baseline"), (RETUNE, "baseline"), ("ST+SR+SPR", RETUNE))
 SHARE_FILE = "attention_in_box.json"
 
 
 def figure5_configs(profile: str, seeds: int, device: str = "") -> dict[str, list[RunConfig]]:
-    """``{"baseline": [seed 0, 1, ...], "ST+SR+SPR": [...]}``
-    (:func:`~sodlib.studies.tables.comparison_config`): paired seeds, the same data order in both rows."""
+    """``{"baseline": [seed 0, 1, ...], RETUNE: [...], "ST+SR+SPR": [...]}``
+    (:func:`~sodlib.studies.tables.comparison_config`): paired seeds, the same data order in every row."""
     if seeds < 1:
         raise ValueError(f"SEEDS must be at least 1, got {seeds}")
-    rows = {"baseline": (), "ST+SR+SPR": FULL}
     return {
         label: [comparison_config(profile, *sets, seed=s, device=device) for s in range(seeds)]
-        for label, sets in rows.items()
+        for label, sets in ROWS.items()
     }
 
 
+def figure5_folders(
+    configs: Mapping[str, Sequence[RunConfig]], results_dir: str | Path
+) -> dict[str, list[Path]]:
+    """The run folder of each of ``configs`` (:func:`figure5_configs`), the finished runs read on one kind of
+    machine (:func:`sodlib.studies.runner.on_one_kind`); a run not trained yet keeps its own folder."""
+    from sodlib.studies.runner import on_one_kind
+    from sodlib.training.runs import finished, read_metrics
+
+    flat = [cfg for cfgs in configs.values() for cfg in cfgs]
+    metrics = [read_metrics(d) if finished(d := run_dir(cfg, results_dir)) else None for cfg in flat]
+    folders, _ = on_one_kind(flat, metrics, results_dir)
+    folders = [f or run_dir(cfg, results_dir) for f, cfg in zip(folders, flat)]
+    out, i = {}, 0
+    for label, cfgs in configs.items():
+        out[label], i = folders[i : i + len(cfgs)], i + len(cfgs)
+    return out
+
+
 def run_in_box_share(
-    cfg: RunConfig, results_dir: str | Path, num_images: int, data_root: str | None = None
+    cfg: RunConfig,
+    results_dir: str | Path,
+    num_images: int,
+    data_root: str | None = None,
+    folder: str | Path | None = None,
 ) -> Tensor:
-    """In-box attention share [decoder layers, objects] of the run of ``cfg`` over the first ``num_images``
-    validation images: read from the run's ``attention_in_box.json`` when it was measured on the same images,
-    else measured from the checkpoint (the run is trained first when its weights are missing) and stored."""
-    d = run_dir(cfg, results_dir)
+    """In-box attention share [decoder layers, objects] of the run of ``cfg`` (in ``folder``, default its run
+    folder under ``results_dir``) over the first ``num_images`` validation images: read from the run's
+    ``attention_in_box.json`` when it was measured on the same images, else measured from the checkpoint (the
+    run is trained first when its weights are missing) and stored."""
+    d = Path(folder) if folder is not None else run_dir(cfg, results_dir)
     key = {"split": cfg.data.val_split, "images": int(num_images), "data": data_root or ""}
     stored_path = d / SHARE_FILE
     if stored_path.exists():
@@ -125,14 +162,53 @@ def in_box_summary(shares: Mapping[str, Sequence[Tensor]]) -> pd.DataFrame:
     return pd.DataFrame(rows)
 
 
+def in_box_differences(
+    shares: Mapping[str, Sequence[Tensor]], pairs: Sequence[tuple[str, str]] = COMPARISONS
+) -> pd.DataFrame:
+    """One row per comparison ``(model, vs)`` of ``pairs`` whose two models ``shares`` holds, and decoder
+    layer: the paired difference over the seeds both have (each seed's mean share over objects), ``d``,
+    ``ci95_low``, ``ci95_high``, ``p`` (NaN with one seed)."""
+    rows = []
+    for model, vs in pairs:
+        if model not in shares or vs not in shares:
+            continue
+        n = min(len(shares[model]), len(shares[vs]))
+        a, b = (torch.stack([s.mean(1) for s in shares[m][:n]]) for m in (model, vs))  # [seeds, layers]
+        for layer in range(a.shape[1]):
+            d = paired_difference(a[:, layer].tolist(), b[:, layer].tolist())
+            rows.append(
+                {"model": model, "vs": vs, "layer": layer + 1, "seeds": n, "d": d["diff"],
+                 "ci95_low": d["ci_low"], "ci95_high": d["ci_high"], "p": d["p"]}
+            )  # fmt: skip
+    return pd.DataFrame(rows, columns=["model", "vs", "layer", "seeds", "d", "ci95_low", "ci95_high", "p"])
+
+
+def in_box_verdict(differences: pd.DataFrame) -> str:
+    """One sentence over :func:`in_box_differences` at the last decoder layer: each comparison's difference
+    in the in-box share with its 95% interval."""
+    if differences.empty:
+        return "In-box share: no comparison has both models measured."
+    last = differences[differences["layer"] == differences["layer"].max()]
+    parts = []
+    for r in last.itertuples():
+        ci = f"[{r.ci95_low:+.3f}, {r.ci95_high:+.3f}]" if math.isfinite(r.ci95_low) else "(one seed)"
+        parts.append(f"{r.model} − {r.vs} {r.d:+.3f} {ci} over {r.seeds} seeds")
+    return (
+        f"In-box attention share at the last decoder layer (layer {int(last['layer'].iloc[0])}): "
+        + "; ".join(parts)
+        + "."
+    )
+
+
 def plot_in_box_share(summary: pd.DataFrame, title: str = ""):
     """Mean in-box share per decoder layer, one line per model, error bars ± std over seeds."""
     import matplotlib.pyplot as plt
 
     fig, ax = plt.subplots(figsize=(4.2, 3.0), layout="constrained")
-    for k, (model, part) in enumerate(summary.groupby("model", sort=False)):
+    models = summary.groupby("model", sort=False)
+    for k, (model, part) in enumerate(models):
         ax.errorbar(
-            part["layer"] + 0.04 * (k - 0.5),
+            part["layer"] + 0.04 * (k - (len(models) - 1) / 2),
             part["mean"],
             yerr=part["std"].fillna(0),
             marker="o",
