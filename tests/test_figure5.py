@@ -257,3 +257,26 @@ def test_trained_models_load_weights_and_train_only_what_lacks_them(tmp_path, mo
     assert cfg == cfgs["ST+SR+SPR"] and not loaded.training
     for name, tensor in model.state_dict().items():
         assert torch.equal(loaded.state_dict()[name], tensor), name
+
+
+def test_trained_models_read_and_train_in_the_folders_given(tmp_path, monkeypatch, smoke_detector):
+    from sodlib.checkpoints import save_checkpoint
+    from sodlib.studies import runner
+    from sodlib.training import engine
+
+    model, _ = smoke_detector
+    cfg = figure5.figure5_configs("smoke", seeds=1)["baseline"][0]
+    elsewhere = tmp_path / "machines" / "k" / "runs" / run_dir(cfg).name
+    trained_in = []
+
+    def fake_train(cfg, out_dir, data_root=None, progress=True, protocol="coco", need_checkpoint=False):
+        trained_in.append(Path(out_dir))
+        save_checkpoint(
+            Path(out_dir) / "checkpoints" / "last.pt", model=model.state_dict(), config=cfg.to_dict()
+        )
+        return {"AP": 0.0}
+
+    monkeypatch.setattr(engine, "train", fake_train)
+    monkeypatch.setattr(runner, "_prepare_data", lambda cfgs, root: None)
+    runner.trained_models({"baseline": cfg}, tmp_path, workers=1, folders={"baseline": elsewhere})
+    assert trained_in == [elsewhere] and not run_dir(cfg, tmp_path).exists()

@@ -288,13 +288,16 @@ def trained_models(
     results_dir: str | os.PathLike,
     data_root: str | None = None,
     workers: int | None = None,
+    folders: dict[str, str | os.PathLike] | None = None,
 ) -> dict:
-    """label → (detector, RunConfig) from each config's run folder. Runs cached without their weights (a fresh
+    """label → (detector, RunConfig) from each config's run folder (``folders[label]`` where given, e.g. a
+    whole retrain on one kind of machine from :func:`on_one_kind`). Runs cached without their weights (a fresh
     clone keeps only the metrics) are trained again first, ``workers`` at a time (default
     :func:`default_workers`: two single-thread runs side by side on 2 cores)."""
     from sodlib.inference.predict import load_model
 
-    dirs = {label: run_dir(cfg, results_dir) for label, cfg in configs.items()}
+    folders = folders or {}
+    dirs = {label: Path(folders.get(label) or run_dir(cfg, results_dir)) for label, cfg in configs.items()}
     missing = {
         dirs[label]: cfg
         for label, cfg in configs.items()
