@@ -280,3 +280,15 @@ def test_trained_models_read_and_train_in_the_folders_given(tmp_path, monkeypatc
     monkeypatch.setattr(runner, "_prepare_data", lambda cfgs, root: None)
     runner.trained_models({"baseline": cfg}, tmp_path, workers=1, folders={"baseline": elsewhere})
     assert trained_in == [elsewhere] and not run_dir(cfg, tmp_path).exists()
+
+
+def test_seed_table_names_runs_read_from_a_retrain_by_their_path(tmp_path):
+    from sodlib.studies.stats import seed_table
+
+    cfgs = figure5.figure5_configs("smoke", seeds=1)
+    entries = [(label, 0, cfgs[label][0]) for label in figure5.MODELS]
+    metrics = [{"AP": 0.1, "iterations": 8, "train_seconds": 1.0}] * 2
+    retrain = tmp_path / "machines" / "k" / "runs" / run_dir(entries[0][2]).name
+    runs, table = seed_table(entries, metrics, tmp_path, ("AP",), folders=[retrain, None])
+    assert runs["run"].tolist() == [f"machines/k/runs/{retrain.name}", run_dir(entries[1][2]).name]
+    assert table["runs"].tolist() == runs["run"].tolist()

@@ -49,7 +49,7 @@ EXPECTED_TEXT = {
         "In-box attention share at the last decoder layer",
     ],
     "06_mrqm": ["positives per GT"],
-    "07_real_data": ["neon_trees test tile"],
+    "07_real_data": ["neon_trees test tile", "ST+SR+SPR − baseline (bundled), AP points over"],
 }
 UPPER_SNAKE = re.compile(r"^[A-Z][A-Z0-9_]*$")
 

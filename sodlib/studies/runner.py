@@ -211,6 +211,15 @@ def run_folder(results_dir: str | os.PathLike, run: str) -> Path:
     return Path(results_dir) / (run if "/" in run else f"runs/{run}")
 
 
+def run_name(folder: str | os.PathLike, results_dir: str | os.PathLike) -> str:
+    """The name a table gives the run in ``folder``, the inverse of :func:`run_folder`: ``<run>`` for
+    ``results/runs/<run>``, else its path under ``results_dir`` (``machines/<kind>/runs/<run>``)."""
+    folder, results = Path(folder).resolve(), Path(results_dir).resolve()
+    if not folder.is_relative_to(results):
+        return folder.name
+    return folder.relative_to(results).as_posix().removeprefix("runs/")
+
+
 def main_kind(folders: Sequence[Path], results_dir: str | os.PathLike | None = None) -> str | None:
     """The kind of machine the runs of ``folders`` are read on: the one that trained most of them (the first
     of those tied); None without any. With ``results_dir``, a run also counts for each kind that holds a
@@ -261,7 +270,7 @@ def runs_frame(table: Table, entries, metrics: Sequence[dict], results_dir) -> p
                 **{k: _nan_if_missing(m.get(k)) for k in METRICS},
                 "iterations": m.get("iterations"),
                 "train_seconds": m.get("train_seconds"),
-                "run": folder.relative_to(results_dir).as_posix().removeprefix("runs/") if m else "",
+                "run": run_name(folder, results_dir) if m else "",
                 "code": _code_version(folder) if m else "",
             }
         )

@@ -259,11 +259,20 @@ def seed_table(
     metrics: Sequence[dict],
     results_dir: str | os.PathLike,
     columns: Sequence[str] = METRICS,
+    folders: Sequence[str | os.PathLike] | None = None,
 ) -> tuple[pd.DataFrame, pd.DataFrame]:
     """``entries`` (label, seed, config) and their final ``metrics`` as two frames: one row per run
     (``model``, ``seed``, ``columns``, ``iterations``, ``train_seconds``, ``run`` folder name) and one per
     model (``seeds``, the mean of each column, ``AP std`` over seeds when there are two or more,
-    ``iterations``, ``runs``)."""
+    ``iterations``, ``runs``). ``folders``: where each run was read (e.g. from
+    :func:`sodlib.studies.runner.on_one_kind`); a folder outside ``results_dir/runs`` is named by its path
+    under ``results_dir`` (``machines/<kind>/runs/<run>``)."""
+    from sodlib.studies.runner import run_name
+
+    names = [
+        run_name(Path(f) if f is not None else run_dir(cfg, results_dir), results_dir)
+        for (_, _, cfg), f in zip(entries, folders or [None] * len(entries), strict=True)
+    ]
     runs = pd.DataFrame(
         [
             {
@@ -272,9 +281,9 @@ def seed_table(
                 **{k: m[k] for k in columns},
                 "iterations": m["iterations"],
                 "train_seconds": m["train_seconds"],
-                "run": run_dir(cfg, results_dir).name,
+                "run": name,
             }
-            for (label, seed, cfg), m in zip(entries, metrics, strict=True)
+            for (label, seed, _), m, name in zip(entries, metrics, names, strict=True)
         ]
     )
     by_model = runs.groupby("model", sort=False)
