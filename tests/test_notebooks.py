@@ -293,6 +293,32 @@ def test_step_budget_scales_iterations_and_tabulates_every_variant(tmp_path, mon
     assert pd.read_csv(tmp_path / "tables" / "baseline_budget.csv").shape == (len(rep.BUDGET_VARIANTS), 8)
 
 
+def test_step_sr_grad_writes_the_paired_differences_of_both_modes(tmp_path, monkeypatch):
+    import pandas as pd
+
+    import sodlib.studies.experiments as rep
+    import sodlib.training.engine
+
+    ap = {(False, "difficulty"): 0.40, (True, "difficulty"): 0.42, (True, "end_to_end"): 0.41}
+
+    def fake_train(cfg, out, protocol):
+        a = ap[(cfg.loss.sr, cfg.loss.sr_grad)] + cfg.train.seed / 100
+        return {"AP": a, "AP50": 2 * a, "AP75": a, "APS": a, "APM": a}
+
+    monkeypatch.setattr(sodlib.training.engine, "train", fake_train)
+    rep.step_sr_grad("cpu", tmp_path, seeds=2)
+    pairs = pd.read_csv(tmp_path / "tables" / "sr_grad_pairs.csv")
+    names = list(rep.SR_GRAD_VARIANTS)
+    assert list(zip(pairs["variant"], pairs["vs"])) == [
+        (names[1], names[0]), (names[1], names[0]), (names[2], names[0]), (names[2], names[0]),
+        (names[1], names[2]), (names[1], names[2]),
+    ]  # fmt: skip
+    assert pairs["diff"].tolist() == pytest.approx([2.0, 4.0, 1.0, 2.0, 1.0, 2.0], abs=1e-3)  # AP, AP50 ×100
+    assert (pairs["pairs"] == 2).all() and pairs["ci95_low"].tolist() == pytest.approx(
+        pairs["diff"].tolist(), abs=1e-3
+    )
+
+
 def test_step_baseline_records_the_post_nms_diagnostic_and_reuses_it(tmp_path):
     import json
 

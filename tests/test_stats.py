@@ -124,3 +124,21 @@ def test_detectable_difference_has_the_asked_power():
         2 * detectable_difference(1.0, 5, 5)
     )  # scales with sd
     assert math.isnan(detectable_difference(1.0, 1)) and detectable_difference(0.0, 3) == 0.0
+
+
+def test_pairs_frame_pairs_by_seed_with_hand_computed_intervals():
+
+    runs = pd.DataFrame(
+        {
+            "variant": ["base", "base", "base", "a", "a", "b"],
+            "seed": [0, 1, 2, 0, 1, 0],
+            "AP": [0.40, 0.42, 0.41, 0.41, 0.44, 0.39],
+        }
+    )
+    frame = A.pairs_frame(runs, [("a", "base"), ("b", "base"), ("a", "nothing")], metrics=("AP",))
+    a, b, none = frame.to_dict("records")
+    # a − base over seeds 0, 1: 1 and 2 points; mean 1.5, sd √0.5, t(1) 12.706 · √0.5 / √2 = 6.353
+    assert (a["pairs"], a["diff"]) == (2, pytest.approx(1.5))
+    assert a["ci95_low"] == pytest.approx(1.5 - 12.7062 * math.sqrt(0.5) / math.sqrt(2), abs=1e-3)
+    assert (b["pairs"], b["diff"]) == (1, pytest.approx(-1.0)) and math.isnan(b["ci95_low"])
+    assert none["pairs"] == 0 and math.isnan(none["diff"])

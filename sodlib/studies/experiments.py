@@ -1,7 +1,8 @@
 """Opt-in experiments of ``sodlib reproduce`` (``--only 00_sr_grad`` etc.): measurements behind the profiles'
 choices, each writing its table under ``results/tables/``.
 
-* :func:`step_sr_grad` — both SR training modes of the full method against the baseline (``sr_grad``);
+* :func:`step_sr_grad` — both SR training modes of the full method against the baseline (``sr_grad``, and
+  their paired differences with intervals, ``sr_grad_pairs``);
 * :func:`step_budget` — the ``cpu`` baseline's alternatives at about the same training time
   (``baseline_budget``);
 * :func:`step_plateau` — the ``ablation`` baseline at 1000, 2000 and 4000 iterations (``ablation_plateau``);
@@ -17,6 +18,7 @@ import pandas as pd
 
 from sodlib.config import get_profile
 from sodlib.io import write_table
+from sodlib.studies.stats import pairs_frame
 
 SR_GRAD_VARIANTS = {
     "baseline": (),
@@ -56,7 +58,10 @@ def step_sr_grad(profile: str, results_dir: Path, seeds: int = 2) -> pd.DataFram
     table = summary.reset_index()
     write_table(table, results_dir / "tables" / "sr_grad")
     write_table(runs, results_dir / "tables" / "sr_grad_runs")
-    print(table.to_string(index=False))
+    names = list(SR_GRAD_VARIANTS)
+    pairs = pairs_frame(runs, [(names[1], names[0]), (names[2], names[0]), (names[1], names[2])])
+    write_table(pairs, results_dir / "tables" / "sr_grad_pairs", float_format="%.3f")
+    print(table.to_string(index=False), pairs.to_string(index=False), sep="\n")
     return table
 
 

@@ -37,6 +37,7 @@ __all__ = [
     "paired_comparison",
     "paired_difference",
     "paired_verdict",
+    "pairs_frame",
     "resolution_line",
     "resolvable_difference",
     "seed_table",
@@ -252,6 +253,31 @@ def write_summaries(
         write_table(runs[table.name], Path(tables_dir) / f"{stem}_runs")
         out[table.title] = summary, paired_verdict(table, summary)
     return out
+
+
+def pairs_frame(
+    runs: pd.DataFrame,
+    pairs: Sequence[tuple[str, str]],
+    key: str = "variant",
+    metrics: Sequence[str] = ("AP", "AP50"),
+    scale: float = 100.0,
+) -> pd.DataFrame:
+    """Paired differences between the runs of ``runs`` (one line per ``key`` value and ``seed``): for each
+    ``(a, b)`` of ``pairs`` and metric, ``a − b`` over the seeds both have (×``scale``): ``pairs``, ``diff``,
+    ``ci95_low``, ``ci95_high``, ``p`` (:func:`paired_difference`; NaN interval with one pair)."""
+    by = {label: g.set_index("seed") for label, g in runs.groupby(key, sort=False)}
+    out = []
+    for a, b in pairs:
+        seeds = sorted(set(by[a].index) & set(by[b].index)) if a in by and b in by else []
+        for k in metrics:
+            line = {key: a, "vs": b, "metric": k, "pairs": len(seeds)}
+            if seeds:
+                d = paired_difference(
+                    scale * by[a].loc[seeds, k].to_numpy(), scale * by[b].loc[seeds, k].to_numpy()
+                )
+                line |= {"diff": d["diff"], "ci95_low": d["ci_low"], "ci95_high": d["ci_high"], "p": d["p"]}
+            out.append(line)
+    return pd.DataFrame(out, columns=[key, "vs", "metric", "pairs", "diff", "ci95_low", "ci95_high", "p"])
 
 
 def seed_table(
