@@ -10,6 +10,7 @@ from sodlib.io import SOURCE_ROOT
 
 HISTORY = re.compile(
     r"\b(?:issues?|sessions?) ?(?:#|<=|>=)? ?\d+"  # a tracker number or a numbered work period
+    r"|\b(?:earlier|previous|past|later)\s+(?:work\s+)?sessions?\b"  # a work period, unnumbered
     r"|\bthis\s+VM\b"  # the machine a measurement happened to run on, instead of its cores and CPU features
     r"|\bDESIGN\.md\b"  # a document that is not in the repository
     r"|\bwas `sodlib",  # a migration note: there is no released version to migrate from
@@ -55,6 +56,7 @@ def test_the_pattern_finds_what_it_should(word, number):
     )  # phrases built here, so this file never states one itself
     assert HISTORY.search("on this\tVM") and HISTORY.search("see " + "DESIGN" + ".md")
     assert HISTORY.search("(was " + "`sodlib.deform_attn`)")
+    assert HISTORY.search("the reading of the earlier " + "sessions") and HISTORY.search("a previous " + "session")
     assert not HISTORY.search("the regression issue of a session") and not HISTORY.search(
         "keys renamed to `x`"
     )
