@@ -341,7 +341,7 @@ def _add_export_parser(sub) -> None:
 def _add_bench_parser(sub) -> None:
     """``sodlib bench``."""
     b = sub.add_parser("bench", help="benchmarks writing results/bench/<what>.csv")
-    b.add_argument("what", choices=("data", "model", "methods", "mrqm", "sahi"))
+    b.add_argument("what", choices=("data", "gpu", "model", "methods", "mrqm", "sahi"))
     b.add_argument("--out", default=None)
     b.set_defaults(func=_cmd_bench)
 

@@ -56,7 +56,9 @@ def test_the_pattern_finds_what_it_should(word, number):
     )  # phrases built here, so this file never states one itself
     assert HISTORY.search("on this\tVM") and HISTORY.search("see " + "DESIGN" + ".md")
     assert HISTORY.search("(was " + "`sodlib.deform_attn`)")
-    assert HISTORY.search("the reading of the earlier " + "sessions") and HISTORY.search("a previous " + "session")
+    assert HISTORY.search("the reading of the earlier " + "sessions") and HISTORY.search(
+        "a previous " + "session"
+    )
     assert not HISTORY.search("the regression issue of a session") and not HISTORY.search(
         "keys renamed to `x`"
     )

@@ -6,7 +6,9 @@ evaluation seconds for a VisDrone-sized set per protocol and backend (with the s
 faster-coco-eval over pycocotools and the largest metric difference between them).
 ``sodlib bench mrqm`` → ``results/bench/mrqm.csv`` from :func:`encoder_cost` (GFLOPs and latency of RT-DETR's
 hybrid encoder, BiFPN + SAE and BiFPN + a naive deformable encoder; :func:`encoder_cost_summary` says it in
-one sentence); ``model``, ``methods`` and ``sahi``: see their functions.
+one sentence); ``sodlib bench gpu`` → ``results/bench/gpu.csv`` on a lent GPU (:func:`bench_gpu`: the
+``paper`` profile's training and inference throughput and peak memory, named by the device); ``model``,
+``methods`` and ``sahi``: see their functions.
 Numbers are medians over repeats; nothing here is a test.
 """
 
@@ -101,8 +103,9 @@ def _synthetic_batch(batch: int, size: int, num_classes: int, objects: int = 20,
     return images, targets
 
 
-def make_train_step(cfg, images, targets):
-    """(step, detector): one optimiser step of a fresh seeded detector + criterion on a fixed batch."""
+def make_train_step(cfg, images, targets, device: str = "cpu"):
+    """(step, detector): one optimiser step of a fresh seeded detector + criterion on a fixed batch, on
+    ``device`` (``images`` and ``targets`` already there)."""
     import torch
 
     from sodlib.build import build_criterion, build_detector
@@ -110,13 +113,14 @@ def make_train_step(cfg, images, targets):
     from sodlib.training.optim import build_optimizer
 
     torch.manual_seed(0)
-    model, criterion = build_detector(cfg.model).train(), build_criterion(cfg.loss, cfg.model)
+    model = build_detector(cfg.model).train().to(device)
+    criterion = build_criterion(cfg.loss, cfg.model).to(device)
     opt = build_optimizer(model, cfg.train, extra=criterion)
     if cfg.train.channels_last:
         model = model.to(memory_format=torch.channels_last)
 
     def step():
-        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=cfg.train.amp):
+        with torch.autocast(torch.device(device).type, dtype=torch.bfloat16, enabled=cfg.train.amp):
             out = model(
                 images,
                 targets,
@@ -407,7 +411,64 @@ def bench_sahi(
     return pd.DataFrame(out, columns=["benchmark", "variant", "value", "unit"])
 
 
+def bench_gpu(
+    profile: str = "paper", batch: int | None = None, steps: int = 20, warmup: int = 5, device: str = "cuda"
+) -> pd.DataFrame:
+    """The ``profile``'s training step and inference on ``device`` at its working size and batch (default the
+    profile's), with its ``train.amp`` and in float32: images per second (median step) and peak memory
+    allocated (GiB, CUDA only), one row each, named by the device. For a lent GPU: results/bench/gpu.csv."""
+    import torch
+
+    from sodlib.config import get_profile, override
+
+    dev = torch.device(device)
+    if dev.type == "cuda" and not torch.cuda.is_available():
+        raise ValueError(f"device {device!r}: CUDA is not available on this machine")
+    cuda = dev.type == "cuda"
+    name = torch.cuda.get_device_name(dev) if cuda else "cpu"
+
+    def sync():
+        if cuda:
+            torch.cuda.synchronize(dev)
+
+    def measure(fn) -> tuple[float, float]:
+        for _ in range(warmup):
+            fn()
+        sync()
+        if cuda:
+            torch.cuda.reset_peak_memory_stats(dev)
+        seconds = _median_time(lambda: (fn(), sync()), steps)
+        return seconds, (torch.cuda.max_memory_allocated(dev) / 2**30 if cuda else float("nan"))
+
+    base = get_profile(profile)
+    n = batch or base.train.batch_size
+    rows = []
+    for amp in dict.fromkeys((base.train.amp, False)):
+        cfg = override(base, f"train.amp={str(amp).lower()}")
+        images, targets = _synthetic_batch(n, cfg.data.image_size, cfg.model.num_classes)
+        images, targets = images.to(dev), [{k: v.to(dev) for k, v in t.items()} for t in targets]
+        step, model = make_train_step(cfg, images, targets, device=device)
+        train_s, train_mem = measure(step)
+        model.eval()
+
+        def forward(model=model, images=images, amp=amp):
+            with torch.inference_mode(), torch.autocast(dev.type, dtype=torch.bfloat16, enabled=amp):
+                model(images)
+
+        infer_s, infer_mem = measure(forward)
+        del model, step
+        rows.append(
+            {"device": name, "profile": profile, "image_size": cfg.data.image_size, "batch": n, "amp": amp,
+             "train_images_per_s": n / train_s, "train_peak_gib": train_mem,
+             "inference_images_per_s": n / infer_s, "inference_peak_gib": infer_mem}
+        )  # fmt: skip
+        if cuda:
+            torch.cuda.empty_cache()
+    return pd.DataFrame(rows)
+
+
 BENCHES = {
+    "gpu": bench_gpu,
     "data": bench_data,
     "model": bench_model,
     "methods": bench_methods,
