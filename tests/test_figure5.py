@@ -95,13 +95,20 @@ def test_in_box_differences_pair_each_comparison_over_the_seeds_both_have():
     assert d["d"].tolist() == pytest.approx([0.15, 0.15, 0.05, 0.0, 0.1, 0.15])
     half = 12.7062 * math.sqrt(0.005) / math.sqrt(2)  # sd of (.2, .1) is √.005, t(1) 12.706
     assert d["ci95_low"].iloc[-1] == pytest.approx(0.15 - half, abs=1e-4)
+    p = 0.2048328  # two-sided t(1) p of a mean 3 standard errors from 0 (.15 over √.005/√2)
+    assert d["p"].iloc[[1, 3, 5]].tolist() == pytest.approx([p, 1.0, p], abs=1e-6)
+    # Holm over layer 2's three comparisons: 3p, then max(3p, 2p), then max(3p, 1.0)
+    assert d["p_holm"].iloc[[1, 3, 5]].tolist() == pytest.approx([3 * p, 1.0, 3 * p], abs=1e-6)
     verdict = figure5.in_box_verdict(d)
+    assert verdict.endswith(
+        "0 of 3 resolved after Holm's correction over the layer's comparisons (level 0.05)."
+    )
     assert verdict.startswith(
         "In-box attention share at the last decoder layer (layer 2): ST+SR+SPR − baseline"
     )
     assert (
-        f"ST+SR+SPR − {figure5.RETUNE} +0.150 [{0.15 - half:+.3f}, {0.15 + half:+.3f}] over 2 seeds"
-        in verdict
+        f"ST+SR+SPR − {figure5.RETUNE} +0.150 [{0.15 - half:+.3f}, {0.15 + half:+.3f}], "
+        "p_holm 0.614 over 2 seeds" in verdict
     )
     two = figure5.in_box_differences({"baseline": base, "ST+SR+SPR": full[:1]})  # one pair, one common seed
     assert len(two) == 2 and two["seeds"].tolist() == [1, 1] and two["ci95_low"].isna().all()
@@ -292,3 +299,25 @@ def test_seed_table_names_runs_read_from_a_retrain_by_their_path(tmp_path):
     runs, table = seed_table(entries, metrics, tmp_path, ("AP",), folders=[retrain, None])
     assert runs["run"].tolist() == [f"machines/k/runs/{retrain.name}", run_dir(entries[1][2]).name]
     assert table["runs"].tolist() == runs["run"].tolist()
+
+
+def test_ap_differences_pair_the_runs_as_the_shares_are(tmp_path, put_run):
+    cfgs = figure5.figure5_configs("smoke", seeds=2)
+    aps = {"baseline": (0.40, 0.42), figure5.RETUNE: (0.41, 0.42), "ST+SR+SPR": (0.43, 0.46)}
+    folders = {}
+    for label, values in aps.items():
+        folders[label] = [run_dir(c, tmp_path) for c in cfgs[label]]
+        for folder, cfg, ap in zip(folders[label], cfgs[label], values):
+            put_run(folder, cfg, "k", ap, APS=ap - 0.1)
+    folders["ST+SR+SPR"].append(tmp_path / "runs" / "not-trained")  # a run without metrics is left out
+    d = figure5.ap_differences(folders).set_index(["model", "vs", "metric"])
+    full = d.loc[("ST+SR+SPR", figure5.RETUNE, "AP")]
+    assert full["pairs"] == 2 and full["diff"] == pytest.approx(3.0)  # (2 + 4) / 2 points
+    half = 12.7062 * math.sqrt(2.0) / math.sqrt(2)  # sd of (2, 4) is √2, t(1) 12.706
+    assert full["ci95_high"] == pytest.approx(3.0 + half, abs=1e-3)
+    assert d.loc[("ST+SR+SPR", "baseline", "APS"), "diff"] == pytest.approx(3.5)
+    ap = d.xs("AP", level="metric")
+    smallest = ap["p"].idxmin()  # Holm's first step: the smallest p times the number of AP comparisons
+    assert ap.loc[smallest, "p_holm"] == pytest.approx(3 * ap.loc[smallest, "p"])
+    verdict = figure5.ap_verdict(d.reset_index())
+    assert verdict.startswith("AP ×100 of the same runs: ST+SR+SPR − baseline +3.50 [")

@@ -6,7 +6,7 @@ import os
 import pytest
 
 from sodlib.config import get_profile
-from sodlib.studies import runner
+from sodlib.studies import runner, stats
 from sodlib.studies.tables import METRICS, ablation_config
 from sodlib.training.runs import run_dir
 
@@ -69,11 +69,16 @@ def test_runs_frame_reads_every_run_on_the_kind_that_trained_most_of_the_table(t
     metrics = [read_metrics(run_dir(c, tmp_path)) for *_, c in entries]
     before = runner.runs_frame(table, entries, metrics, tmp_path)
     assert before["AP"].tolist() == [0.30, 0.32, 0.35, 0.36]  # no retrain on "new" yet: the committed run
+    assert before["kind"].tolist() == ["old", "new", "new", "new"]  # so the seed-0 pair is left out
+    assert stats.paired_comparison(table, before).set_index("row").loc[
+        "a", ["pairs", "pairs_other_kind"]
+    ].tolist() == [1, 1]
     ref0 = entries[0][2]
     copy = tmp_path / "machines" / machine_slug("new") / "runs" / run_dir(ref0, tmp_path).name
     put(copy, ref0, "new", 0.31)
     frame = runner.runs_frame(table, entries, metrics, tmp_path)
     assert frame["AP"].tolist() == [0.31, 0.32, 0.35, 0.36]  # ref s0 read as retrained on the table's kind
+    assert set(frame["kind"]) == {"new"}
     assert (
         runner.run_folder(tmp_path, frame["run"][0]) == copy
         and frame["run"][1] == run_dir(entries[1][2]).name

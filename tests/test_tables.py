@@ -107,10 +107,10 @@ def test_table_stems_keep_gpu_sets_beside_cpu_tables():
 def test_mrqm_tables_share_runs_with_the_plateau_ladder_and_each_other():
     from sodlib.studies.experiments import PLATEAU_ITERS
 
-    t3, t4, t5 = tables.mrqm_tables(tables.MRQM_ITERS, table3_seeds=3, other_seeds=2)
+    t3, t4, t5, ag = tables.mrqm_tables(tables.MRQM_ITERS, table3_seeds=3, other_seeds=2)
     assert tables.MRQM_ITERS in PLATEAU_ITERS
     c3 = {(r.label, s): c for r, s, c in t3.configs("ablation")}
-    assert len(c3) == 9 * 3 and all(c.train.max_iters == tables.MRQM_ITERS for c in c3.values())
+    assert len(c3) == 7 * 3 and all(c.train.max_iters == tables.MRQM_ITERS for c in c3.values())
     ladder = tables.ablation_config("ablation", f"train.max_iters={tables.MRQM_ITERS}", seed=1)
     assert config_hash(c3[("baseline", 1)]) == config_hash(ladder)  # the plateau ladder's run, reused
     iah = c3[("+IAH", 0)]
@@ -123,6 +123,9 @@ def test_mrqm_tables_share_runs_with_the_plateau_ladder_and_each_other():
     assert len(c4) == 4 * 2 and config_hash(c4[("T_b=0.55", 1)]) == config_hash(c3[("+IAH", 1)])
     c5 = {(r.label, s): c for r, s, c in t5.configs("ablation")}
     assert config_hash(c5[("p=0.2", 0)]) == config_hash(iah) and c5[("p=0.3", 1)].model.iah_p == 0.3
+    cag = {(r.label, s): c for r, s, c in ag.configs("ablation")}  # the α/γ table reuses Table 3's two runs
+    for label in (tables.MRQM, tables.MRQM_BOTH):
+        assert config_hash(cag[(label, 2)]) == config_hash(c3[(label, 2)])
     smoke = tables.mrqm_tables(None)[0].configs("smoke")
     assert all(c.train.max_iters == get_profile("smoke").train.max_iters for _, _, c in smoke)
 
@@ -165,30 +168,60 @@ def test_reproduce_refuses_an_unknown_table_before_any_step(tmp_path, capsys):
 
 
 def test_a_row_can_name_the_row_it_is_compared_with():
-    t3 = tables.MRQM_ABLATION_TABLES[0]
-    both = "MRQM + ST+SR+SPR (both papers, ours)"
-    control = "MRQM + ST+SR+SPR vs MRQM at the same α/γ (ours)"
-    assert t3.base_of(both) == "baseline" and t3.base_of(control) == tables.MRQM_TUNED
-    c3 = {(r.label, s): c for r, s, c in t3.configs("ablation")}
-    assert config_hash(c3[(both, 0)]) == config_hash(c3[(control, 0)])  # one run, two comparisons
-    tuned = c3[(tables.MRQM_TUNED, 0)]
-    assert (tuned.loss.alpha, tuned.loss.gamma) == (0.5, 1.5) and not (
-        tuned.loss.st or tuned.loss.sr or tuned.loss.spr
-    )
+    ag = tables.MRQM_ABLATION_TABLES[3]
+    assert ag.name == "mrqm_alpha_gamma"
+    assert ag.base_of(tables.MRQM_TUNED) == tables.MRQM and ag.base_of(tables.MRQM_BOTH) == tables.MRQM_TUNED
+    c = {(r.label, s): c for r, s, c in ag.configs("ablation")}
+    tuned, both = c[(tables.MRQM_TUNED, 0)], c[(tables.MRQM_BOTH, 0)]
+    assert (tuned.loss.alpha, tuned.loss.gamma) == (both.loss.alpha, both.loss.gamma) == (0.5, 1.5)
+    assert not (tuned.loss.st or tuned.loss.sr or tuned.loss.spr) and both.loss.st and both.loss.sr
     runs = pd.DataFrame(
         [
             {"row": lbl, "seed": s, "AP": ap, "APS": ap, "APM": ap, "AP50": ap, "APL": float("nan")}
             for lbl, aps in (
-                (both, [0.45, 0.46, 0.47]),
-                (control, [0.45, 0.46, 0.47]),
+                (tables.MRQM, [0.40, 0.41, 0.42]),
                 (tables.MRQM_TUNED, [0.44, 0.44, 0.44]),
-                *((r.label, [0.40, 0.41, 0.42]) for r in t3.rows[:-3]),
+                (tables.MRQM_BOTH, [0.45, 0.46, 0.47]),
             )
             for s, ap in enumerate(aps)
         ]
     )
-    summary = stats.paired_comparison(t3, runs).set_index("row")
-    assert summary.loc[control, "vs"] == tables.MRQM_TUNED and summary.loc[control, "dAP"] == pytest.approx(
-        2.0
-    )
-    assert summary.loc[both, "dAP"] == pytest.approx(5.0)
+    summary = stats.paired_comparison(ag, runs).set_index("row")
+    assert summary.loc[tables.MRQM_BOTH, "vs"] == tables.MRQM_TUNED
+    assert summary.loc[tables.MRQM_BOTH, "dAP"] == pytest.approx(2.0)
+    assert summary.loc[tables.MRQM_TUNED, "dAP"] == pytest.approx(3.0)
+
+
+def test_pairs_never_cross_kinds_of_machine():
+    """A seed whose two runs were trained on different kinds of machine is left out of the pair, counted and
+    named in the verdict; a row with no pair on one kind says so instead of "not run"."""
+    ag = tables.MRQM_ABLATION_TABLES[3]
+    aps = {tables.MRQM: [0.40, 0.41, 0.42], tables.MRQM_TUNED: [0.44, 0.44, 0.45],
+           tables.MRQM_BOTH: [0.45, 0.46, 0.48]}  # fmt: skip
+
+    def frame(kinds):
+        return pd.DataFrame(
+            [
+                {"row": lbl, "seed": s, "AP": aps[lbl][s], "kind": kinds[lbl][s]}
+                | {"APS": 0.3, "APM": 0.5, "AP50": 0.6, "APL": float("nan")}
+                for lbl in aps
+                for s in range(3)
+            ]
+        )
+
+    kinds = {tables.MRQM: ["amd"] * 3, tables.MRQM_TUNED: ["intel", "intel", "amd"],
+             tables.MRQM_BOTH: ["intel", "amd", "amd"]}  # fmt: skip
+    summary = stats.paired_comparison(ag, frame(kinds)).set_index("row")
+    tuned, both = summary.loc[tables.MRQM_TUNED], summary.loc[tables.MRQM_BOTH]
+    assert tuned["pairs"] == 1 and tuned["pairs_other_kind"] == 2 and tuned["dAP"] == pytest.approx(3.0)
+    assert both["pairs"] == 2 and both["pairs_other_kind"] == 1  # seeds 0 (intel) and 2 (amd)
+    assert both["dAP"] == pytest.approx(((0.45 - 0.44) + (0.48 - 0.45)) / 2 * 100)
+    verdict = stats.paired_verdict(ag, summary.reset_index())
+    assert f"2 seed(s) trained on another kind of machine than {tables.MRQM}'s left out" in verdict
+
+    kinds = {tables.MRQM: ["amd"] * 3, tables.MRQM_TUNED: ["intel"] * 3, tables.MRQM_BOTH: ["amd"] * 3}
+    summary = stats.paired_comparison(ag, frame(kinds))
+    assert summary["pairs_other_kind"].tolist() == [0, 3, 3]
+    verdict = stats.paired_verdict(ag, summary)
+    assert f"{tables.MRQM_BOTH}: no pair on one kind of machine (3 seed(s)" in verdict
+    assert "not run" not in verdict

@@ -42,10 +42,10 @@ from sodlib.inference.heatmaps import (
 from sodlib.inference.predict import load_model
 from sodlib.io import atomic_write_json
 from sodlib.models.detector import eval_mode
-from sodlib.studies.stats import paired_difference
+from sodlib.studies.stats import holm, paired_difference, pairs_frame
 from sodlib.studies.tables import FULL, ST_TUNED, comparison_config
 from sodlib.training.engine import train
-from sodlib.training.runs import run_dir
+from sodlib.training.runs import read_metrics, run_dir
 
 __all__ = [
     "COMPARISONS",
@@ -167,7 +167,8 @@ def in_box_differences(
 ) -> pd.DataFrame:
     """One row per comparison ``(model, vs)`` of ``pairs`` whose two models ``shares`` holds, and decoder
     layer: the paired difference over the seeds both have (each seed's mean share over objects), ``d``,
-    ``ci95_low``, ``ci95_high``, ``p`` (NaN with one seed)."""
+    ``ci95_low``, ``ci95_high``, ``p`` (NaN with one seed) and ``p_holm`` (Holm over the comparisons of
+    the same layer)."""
     rows = []
     for model, vs in pairs:
         if model not in shares or vs not in shares:
@@ -180,24 +181,62 @@ def in_box_differences(
                 {"model": model, "vs": vs, "layer": layer + 1, "seeds": n, "d": d["diff"],
                  "ci95_low": d["ci_low"], "ci95_high": d["ci_high"], "p": d["p"]}
             )  # fmt: skip
-    return pd.DataFrame(rows, columns=["model", "vs", "layer", "seeds", "d", "ci95_low", "ci95_high", "p"])
+    out = pd.DataFrame(rows, columns=["model", "vs", "layer", "seeds", "d", "ci95_low", "ci95_high", "p"])
+    out["p_holm"] = out.groupby("layer")["p"].transform(lambda p: holm(p.tolist()))
+    return out
 
 
-def in_box_verdict(differences: pd.DataFrame) -> str:
+def in_box_verdict(differences: pd.DataFrame, alpha: float = 0.05) -> str:
     """One sentence over :func:`in_box_differences` at the last decoder layer: each comparison's difference
-    in the in-box share with its 95% interval."""
+    in the in-box share with its 95% interval and Holm-corrected p, and how many are resolved at ``alpha``."""
     if differences.empty:
         return "In-box share: no comparison has both models measured."
     last = differences[differences["layer"] == differences["layer"].max()]
     parts = []
     for r in last.itertuples():
-        ci = f"[{r.ci95_low:+.3f}, {r.ci95_high:+.3f}]" if math.isfinite(r.ci95_low) else "(one seed)"
+        if math.isfinite(r.ci95_low):
+            ci = f"[{r.ci95_low:+.3f}, {r.ci95_high:+.3f}], p_holm {r.p_holm:.3f}"
+        else:
+            ci = "(one seed)"
         parts.append(f"{r.model} − {r.vs} {r.d:+.3f} {ci} over {r.seeds} seeds")
+    resolved = int((last["p_holm"] < alpha).sum())
     return (
         f"In-box attention share at the last decoder layer (layer {int(last['layer'].iloc[0])}): "
         + "; ".join(parts)
-        + "."
+        + f". {resolved} of {len(last)} resolved after Holm's correction over the layer's comparisons "
+        f"(level {alpha})."
     )
+
+
+def ap_differences(
+    folders: Mapping[str, Sequence[Path]],
+    pairs: Sequence[tuple[str, str]] = COMPARISONS,
+    metrics: Sequence[str] = ("AP", "APS"),
+) -> pd.DataFrame:
+    """The detection metrics (×100) of the runs in ``folders`` (:func:`figure5_folders`, one kind of machine),
+    compared as the in-box shares are: per ``(model, vs)`` of ``pairs`` and metric, the paired difference over
+    the seeds both have (:func:`~sodlib.studies.stats.pairs_frame`), with ``p_holm`` over each metric's
+    comparisons. Runs without metrics are left out."""
+    runs = pd.DataFrame(
+        [{"model": model, "seed": seed, **m} for model, runs in folders.items()
+         for seed, folder in enumerate(runs) if (m := read_metrics(folder))]
+    )  # fmt: skip
+    out = pairs_frame(runs, pairs, key="model", metrics=metrics)
+    out["p_holm"] = out.groupby("metric")["p"].transform(lambda p: holm(p.tolist()))
+    return out
+
+
+def ap_verdict(differences: pd.DataFrame, metric: str = "AP") -> str:
+    """One sentence over :func:`ap_differences` for ``metric``: each comparison with its interval and
+    Holm-corrected p."""
+    parts = []
+    for r in differences[differences["metric"] == metric].itertuples():
+        if r.pairs > 1:
+            parts.append(f"{r.model} − {r.vs} {r.diff:+.2f} [{r.ci95_low:+.2f}, {r.ci95_high:+.2f}], "
+                         f"p_holm {r.p_holm:.3f} over {r.pairs} seeds")  # fmt: skip
+        else:
+            parts.append(f"{r.model} − {r.vs}: {r.pairs} seed(s), no interval")
+    return f"{metric} ×100 of the same runs: " + "; ".join(parts) + "."
 
 
 def plot_in_box_share(summary: pd.DataFrame, title: str = ""):

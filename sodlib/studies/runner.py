@@ -256,8 +256,8 @@ def on_one_kind(
 
 
 def runs_frame(table: Table, entries, metrics: Sequence[dict], results_dir) -> pd.DataFrame:
-    """One line per (row, seed) of ``table``: its metrics, run folder and code version, every run read on one
-    kind of machine (:func:`on_one_kind`)."""
+    """One line per (row, seed) of ``table``: its metrics, run folder, the kind of machine that trained it and
+    code version, every run read on one kind of machine where it can be (:func:`on_one_kind`)."""
     folders, metrics = on_one_kind([cfg for *_, cfg in entries], metrics, results_dir)
     rows = []
     for (row, seed, _), m, folder in zip(entries, metrics, folders):
@@ -271,6 +271,7 @@ def runs_frame(table: Table, entries, metrics: Sequence[dict], results_dir) -> p
                 "iterations": m.get("iterations"),
                 "train_seconds": m.get("train_seconds"),
                 "run": run_name(folder, results_dir) if m else "",
+                "kind": run_kind(folder) if m else "",
                 "code": _code_version(folder) if m else "",
             }
         )

@@ -138,7 +138,10 @@ def paired_comparison(table: Table, runs: pd.DataFrame, metric: str = "AP") -> p
     is measured against (:meth:`Table.base_of`): ``dAP`` (mean per-seed difference, points), ``ci95_low``,
     ``ci95_high`` (t-interval), ``p`` and ``p_holm`` (Holm over the table's comparisons), ``pairs``.
 
-    Pairs are the seeds both rows ran; a row with one pair gets NaN for the interval and p-values.
+    Pairs are the seeds both rows ran on one kind of machine: where ``runs`` has a ``kind`` column (the
+    machine that trained each run), a seed whose two runs were trained on different kinds is left out of the
+    pair and counted in ``pairs_other_kind``, so a difference never mixes a method with a machine. A row with
+    one pair gets NaN for the interval and p-values.
     """
     by_row = {label: g.set_index("seed") for label, g in runs.groupby("row", sort=False)}
     out = []
@@ -157,11 +160,13 @@ def paired_comparison(table: Table, runs: pd.DataFrame, metric: str = "AP") -> p
         r["dAP paper"] = row.paper.get("AP", np.nan) - base_paper.get("AP", np.nan)
         if "code" in g:
             r["code"] = " ".join(sorted({c for c in g["code"] if c}))
-        paired = sorted(
+        both = sorted(
             s
             for s in set(g.index) & set(by_row[base].index)
             if np.isfinite(g.loc[s, metric]) and np.isfinite(by_row[base].loc[s, metric])
         )
+        paired = [s for s in both if "kind" not in g or g.loc[s, "kind"] == by_row[base].loc[s, "kind"]]
+        r["pairs_other_kind"] = len(both) - len(paired) if row.label != base else 0
         if row.label != base and paired:
             pd_ = paired_difference(
                 100 * g.loc[paired, metric].to_numpy(), 100 * by_row[base].loc[paired, metric].to_numpy()
@@ -211,8 +216,11 @@ def paired_verdict(table: Table, summary: pd.DataFrame, alpha: float = 0.05) -> 
     for r in summary.to_dict("records"):
         if r["row"] == r["vs"]:
             continue
+        crossed = int(r.get("pairs_other_kind", 0) or 0)
+        other = f"{crossed} seed(s) trained on another kind of machine than {r['vs']}'s"
         if not np.isfinite(r["dAP"]):
-            parts.append(f"{r['row']}: not run")
+            parts.append(f"{r['row']}: no pair on one kind of machine ({other})" if crossed else
+                         f"{r['row']}: not run")  # fmt: skip
             continue
         is_resolved = bool(np.isfinite(r["p_holm"]) and r["p_holm"] < alpha)
         resolved += is_resolved
@@ -227,6 +235,7 @@ def paired_verdict(table: Table, summary: pd.DataFrame, alpha: float = 0.05) -> 
             agree += bool(same and is_resolved)
             total += 1
             text += f" (paper {r['dAP paper']:+.1f}: {'same' if same else 'opposite'} sign)"
+        text += f"; {other} left out" if crossed else ""
         parts.append(text + ("; resolved" if is_resolved else "; not resolved"))
     head = (
         f"{table.title}: {resolved} of {len(parts)} comparisons are resolved (Holm-corrected p < {alpha}); "
