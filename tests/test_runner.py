@@ -113,3 +113,28 @@ def test_tables_are_read_on_the_kind_where_most_of_their_runs_exist_counting_who
     metrics = [read_metrics(f) for f in folders]
     frame = runner.runs_frame(table, entries, metrics, tmp_path)
     assert frame["AP"].tolist() == [0.31, 0.33, 0.34, 0.36]
+
+
+def test_a_seed_whose_runs_are_not_all_on_the_tables_kind_is_read_on_its_own(tmp_path, put_run):
+    from sodlib.hardware import machine_slug
+    from sodlib.studies.tables import Row, Table
+    from sodlib.training.runs import read_metrics
+
+    table = Table("t", "T", (Row("ref", ()), Row("a", ("loss.sr=true",))), seeds=3)
+    entries = table.configs("smoke")  # ref s0..s2, a s0..s2
+    kinds = ("old", "old", "old", "old", "old", "new")  # a s2 trained on "new" only
+    for (_, _, cfg), kind, ap in zip(entries, kinds, (0.30, 0.31, 0.32, 0.35, 0.36, 0.37)):
+        put_run(run_dir(cfg, tmp_path), cfg, kind, ap)
+    metrics = [read_metrics(run_dir(c, tmp_path)) for *_, c in entries]
+    frame = runner.runs_frame(table, entries, metrics, tmp_path)
+    assert frame["kind"].tolist() == ["old"] * 5 + ["new"]  # ref s2 exists on "old" only: seed 2 crosses
+    summary = stats.paired_comparison(table, frame).set_index("row")
+    assert summary.loc["a", ["pairs", "pairs_other_kind"]].tolist() == [2, 1]
+    ref2 = entries[2][2]
+    put_run(tmp_path / "machines" / machine_slug("new") / "runs" / run_dir(ref2).name, ref2, "new", 0.33)
+    frame = runner.runs_frame(table, entries, metrics, tmp_path)  # the table stays on "old", seed 2 on "new"
+    assert frame["kind"].tolist() == ["old", "old", "new", "old", "old", "new"]
+    assert frame["AP"].tolist() == [0.30, 0.31, 0.33, 0.35, 0.36, 0.37]
+    summary = stats.paired_comparison(table, frame).set_index("row")
+    assert summary.loc["a", ["pairs", "pairs_other_kind"]].tolist() == [3, 0]
+    assert summary.loc["a", "dAP"] == pytest.approx((5 + 5 + 4) / 3)

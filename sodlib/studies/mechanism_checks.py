@@ -158,13 +158,17 @@ def table_checks(table, runs: pd.DataFrame, profile: str, results_dir: str | Pat
         }
         rows.append((row.label, {"spr": loss.spr, "sr": loss.sr, "st": loss.st}, by_seed))
     seeds = sorted({s for _, _, by_seed in rows for s in by_seed})
-    kind = main_kind([run_folder(results_dir, r) for r in runs["run"] if r])  # the kind the table is read on
+    done = runs[runs["run"] != ""]
+    kind = {  # the kind each seed's runs are read on (runs_frame reads a seed's runs on one kind)
+        int(s): main_kind([run_folder(results_dir, r) for r in group["run"]])
+        for s, group in done.groupby("seed")
+    }
     baseline = {
         s: m
         for s in seeds
         if (
             m := read_mechanisms(
-                on_kind(run_dir(ablation_config(profile, seed=s), results_dir), kind, results_dir)
+                on_kind(run_dir(ablation_config(profile, seed=s), results_dir), kind[s], results_dir)
             )
         )
         is not None

@@ -16,7 +16,7 @@ import multiprocessing
 import os
 import time
 from collections import Counter
-from collections.abc import Sequence
+from collections.abc import Hashable, Sequence
 from concurrent.futures import ProcessPoolExecutor, as_completed
 from pathlib import Path
 
@@ -239,15 +239,28 @@ def main_kind(folders: Sequence[Path], results_dir: str | os.PathLike | None = N
 
 
 def on_one_kind(
-    cfgs: Sequence[RunConfig], metrics: Sequence[dict | None], results_dir: str | os.PathLike
+    cfgs: Sequence[RunConfig],
+    metrics: Sequence[dict | None],
+    results_dir: str | os.PathLike,
+    groups: Sequence[Hashable] | None = None,
 ) -> tuple[list[Path | None], list[dict | None]]:
     """The run folder and metrics of each finished run of ``cfgs`` (None where ``metrics`` has none), every
     run read on one kind of machine (:func:`main_kind`: the kind on which most of them exist, trained there or
-    retrained whole, :func:`on_kind`), so that paired seeds differ by the method and not by the machine."""
+    retrained whole, :func:`on_kind`), so that paired seeds differ by the method and not by the machine.
+
+    ``groups`` (one label per run, e.g. its seed) names the runs that are paired with each other: a group
+    whose runs do not all exist on that kind is read on its own :func:`main_kind`, so that each pair still
+    lies on one kind (say seeds 0-2 trained on one kind and seeds 3-4 on another)."""
     folders = [run_dir(cfg, results_dir) if m else None for cfg, m in zip(cfgs, metrics)]
-    kind = main_kind([f for f in folders if f is not None], results_dir)
+    kinds = [main_kind([f for f in folders if f is not None], results_dir)] * len(folders)
+    for group in dict.fromkeys(groups or ()):
+        members = [i for i, g in enumerate(groups) if g == group and folders[i] is not None]
+        if any(run_kind(on_kind(folders[i], kinds[i], results_dir)) != kinds[i] for i in members):
+            own = main_kind([folders[i] for i in members], results_dir)
+            for i in members:
+                kinds[i] = own
     out_folders, out_metrics = [], []
-    for folder, m in zip(folders, metrics):
+    for folder, m, kind in zip(folders, metrics, kinds):
         if folder is not None and (same := on_kind(folder, kind, results_dir)) != folder:
             folder, m = same, read_metrics(same)
         out_folders.append(folder)
@@ -257,8 +270,10 @@ def on_one_kind(
 
 def runs_frame(table: Table, entries, metrics: Sequence[dict], results_dir) -> pd.DataFrame:
     """One line per (row, seed) of ``table``: its metrics, run folder, the kind of machine that trained it and
-    code version, every run read on one kind of machine where it can be (:func:`on_one_kind`)."""
-    folders, metrics = on_one_kind([cfg for *_, cfg in entries], metrics, results_dir)
+    code version, every run read on one kind of machine where it can be, and each seed's runs on one kind
+    (:func:`on_one_kind` grouped by seed)."""
+    cfgs, seeds = [cfg for *_, cfg in entries], [seed for _, seed, _ in entries]
+    folders, metrics = on_one_kind(cfgs, metrics, results_dir, groups=seeds)
     rows = []
     for (row, seed, _), m, folder in zip(entries, metrics, folders):
         m = m or {}  # a run not trained (yet)
