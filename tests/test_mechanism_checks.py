@@ -83,3 +83,26 @@ def test_a_table_reads_its_runs_and_pairs_spr_with_the_baseline(tmp_path):
     assert len(long) == len(entries) * 8 + 4 * 2  # 8 metrics each, and SR's Spearman on 4 SR rows x 2 seeds
     assert set(long.columns) == {"table", "metric", "row", "seed", "value"}
     assert isinstance(long, pd.DataFrame) and set(long["table"]) == {"table3"}
+
+
+def test_spr_pairs_with_the_baseline_on_its_seeds_kind(tmp_path, put_run):
+    from sodlib.hardware import machine_slug
+    from sodlib.training.runs import read_metrics
+
+    table = tables.ABLATION_TABLES[0]
+    entries = [e for e in table.configs("ablation") if e[1] < 2 and e[0].label in ("baseline", "SPR")]
+    for row, seed, cfg in entries:  # seed 0 trained on "old"; seed 1 on "new", but its baseline on "old"
+        folder = run_dir(cfg, tmp_path)
+        put_run(folder, cfg, "new" if seed == 1 and cfg.loss.spr else "old", 0.4)
+        (folder / "mechanisms.json").write_text(json.dumps(_m(0.2 if not cfg.loss.spr else 0.02, None, 0.0)))
+    base1 = next(cfg for row, seed, cfg in entries if seed == 1 and not cfg.loss.spr)
+    copy = tmp_path / "machines" / machine_slug("new") / "runs" / run_dir(base1).name
+    put_run(copy, base1, "new", 0.41)  # the seed-1 baseline retrained whole on "new"
+    (copy / "mechanisms.json").write_text(json.dumps(_m(0.3, None, 0.0)))
+    metrics = [read_metrics(run_dir(cfg, tmp_path)) for *_, cfg in entries]
+    runs = runner.runs_frame(table, entries, metrics, tmp_path)
+    assert runs.set_index(["row", "seed"])["kind"].to_dict() == {
+        ("baseline", 0): "old", ("SPR", 0): "old", ("baseline", 1): "new", ("SPR", 1): "new"
+    }  # fmt: skip
+    checks = table_checks(table, runs, "ablation", tmp_path).set_index(["row", "mechanism"])
+    assert checks.loc[("SPR", "SPR"), "mean"] == pytest.approx(((0.02 - 0.2) + (0.02 - 0.3)) / 2)
