@@ -227,7 +227,7 @@ def test_seed_table_means_over_seeds(tmp_path):
     ]
     runs, table = seed_table(entries, metrics, tmp_path, columns=("AP", "AP50"))
     assert list(runs["run"]) == [run_dir(c, tmp_path).name for *_, c in entries]
-    assert list(table.columns) == ["model", "seeds", "AP", "AP std", "AP50", "iterations", "runs"]
+    assert list(table.columns) == ["model", "seeds", "AP", "AP std", "AP50", "iterations", "runs", "kind"]
     assert table["AP"].tolist() == pytest.approx([0.2, 0.4]) and table["AP50"].tolist() == pytest.approx(
         [0.4, 0.8]
     )
@@ -289,16 +289,20 @@ def test_trained_models_read_and_train_in_the_folders_given(tmp_path, monkeypatc
     assert trained_in == [elsewhere] and not run_dir(cfg, tmp_path).exists()
 
 
-def test_seed_table_names_runs_read_from_a_retrain_by_their_path(tmp_path):
+def test_seed_table_names_runs_read_from_a_retrain_by_their_path_and_kind(tmp_path, put_run):
     from sodlib.studies.stats import seed_table
 
     cfgs = figure5.figure5_configs("smoke", seeds=1)
     entries = [(label, 0, cfgs[label][0]) for label in figure5.MODELS]
     metrics = [{"AP": 0.1, "iterations": 8, "train_seconds": 1.0}] * 2
     retrain = tmp_path / "machines" / "k" / "runs" / run_dir(entries[0][2]).name
+    put_run(retrain, entries[0][2], "k", 0.1)
+    put_run(run_dir(entries[1][2], tmp_path), entries[1][2], "j", 0.1)
     runs, table = seed_table(entries, metrics, tmp_path, ("AP",), folders=[retrain, None])
     assert runs["run"].tolist() == [f"machines/k/runs/{retrain.name}", run_dir(entries[1][2]).name]
-    assert table["runs"].tolist() == runs["run"].tolist()
+    assert runs["kind"].tolist() == ["k", "j"]
+    assert table["runs"].tolist() == [retrain.name, run_dir(entries[1][2]).name]  # by config hash
+    assert table["kind"].tolist() == ["k", "j"]
 
 
 def test_ap_differences_pair_the_runs_as_the_shares_are(tmp_path, put_run):

@@ -115,6 +115,22 @@ def test_tables_are_read_on_the_kind_where_most_of_their_runs_exist_counting_who
     assert frame["AP"].tolist() == [0.31, 0.33, 0.34, 0.36]
 
 
+def test_a_tie_between_an_unrecorded_kind_and_a_recorded_one_goes_to_the_recorded_kind(tmp_path, put_run):
+    from sodlib.hardware import machine_slug
+    from sodlib.studies.drift import UNRECORDED
+    from sodlib.studies.tables import Row, Table
+
+    table = Table("t", "T", (Row("ref", ()), Row("a", ("loss.sr=true",))), seeds=1)
+    entries = table.configs("smoke")
+    folders = [run_dir(c, tmp_path) for *_, c in entries]
+    for f, (_, _, cfg) in zip(folders, entries):
+        put_run(f, cfg, None, 0.30)  # provenance without a machine kind: trained on an unrecorded kind
+    assert runner.main_kind(folders, tmp_path) == UNRECORDED
+    for f, (_, _, cfg) in zip(folders, entries):  # every run retrained whole on "new": tied 2 to 2
+        put_run(tmp_path / "machines" / machine_slug("new") / "runs" / f.name, cfg, "new", 0.31)
+    assert runner.main_kind(folders) == UNRECORDED and runner.main_kind(folders, tmp_path) == "new"
+
+
 def test_a_seed_whose_runs_are_not_all_on_the_tables_kind_is_read_on_its_own(tmp_path, put_run):
     from sodlib.hardware import machine_slug
     from sodlib.studies.tables import Row, Table

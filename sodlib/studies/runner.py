@@ -23,7 +23,7 @@ from pathlib import Path
 import pandas as pd
 
 from sodlib.config import RunConfig
-from sodlib.studies.drift import machine_folder, run_kind
+from sodlib.studies.drift import UNRECORDED, machine_folder, run_kind
 from sodlib.studies.tables import METRICS, Table, ablation_config
 from sodlib.training.runs import finished, load_finished_run, read_metrics, run_dir
 
@@ -224,7 +224,8 @@ def main_kind(folders: Sequence[Path], results_dir: str | os.PathLike | None = N
     """The kind of machine the runs of ``folders`` are read on: the one that trained most of them (the first
     of those tied); None without any. With ``results_dir``, a run also counts for each kind that holds a
     finished whole retrain of it (``results/machines/<kind>/runs/<run>``): the kind on which most of the runs
-    exist, ties going to the kind that trained most of them."""
+    exist, ties going to a recorded kind before :data:`~sodlib.studies.drift.UNRECORDED` (only runs of a known
+    kind can be matched by a reproduction on it), then to the kind that trained most of them."""
     trained = Counter(run_kind(f) for f in folders)
     if not trained:
         return None
@@ -235,7 +236,9 @@ def main_kind(folders: Sequence[Path], results_dir: str | os.PathLike | None = N
                 if finished(copy) and (kind := run_kind(copy)) != run_kind(f):
                     available[kind] += 1
     order = {kind: i for i, (kind, _) in enumerate(trained.most_common())}
-    return min(available, key=lambda k: (-available[k], -trained[k], order.get(k, len(order))))
+    return min(
+        available, key=lambda k: (-available[k], k == UNRECORDED, -trained[k], order.get(k, len(order)))
+    )
 
 
 def on_one_kind(

@@ -299,15 +299,18 @@ def seed_table(
     """``entries`` (label, seed, config) and their final ``metrics`` as two frames: one row per run
     (``model``, ``seed``, ``columns``, ``iterations``, ``train_seconds``, ``run`` folder name) and one per
     model (``seeds``, the mean of each column, ``AP std`` over seeds when there are two or more,
-    ``iterations``, ``runs``). ``folders``: where each run was read (e.g. from
-    :func:`sodlib.studies.runner.on_one_kind`); a folder outside ``results_dir/runs`` is named by its path
-    under ``results_dir`` (``machines/<kind>/runs/<run>``)."""
+    ``iterations``, ``runs`` by their config hash, the ``kind`` of machine that trained them). ``folders``:
+    where each run was read (e.g. from :func:`sodlib.studies.runner.on_one_kind`); in the per-run frame a
+    folder outside ``results_dir/runs`` is named by its path under ``results_dir``
+    (``machines/<kind>/runs/<run>``)."""
+    from sodlib.studies.drift import run_kind
     from sodlib.studies.runner import run_name
 
-    names = [
-        run_name(Path(f) if f is not None else run_dir(cfg, results_dir), results_dir)
+    paths = [
+        Path(f) if f is not None else run_dir(cfg, results_dir)
         for (_, _, cfg), f in zip(entries, folders or [None] * len(entries), strict=True)
     ]
+    names = [run_name(f, results_dir) for f in paths]
     runs = pd.DataFrame(
         [
             {
@@ -317,8 +320,9 @@ def seed_table(
                 "iterations": m["iterations"],
                 "train_seconds": m["train_seconds"],
                 "run": name,
+                "kind": run_kind(f),
             }
-            for (label, seed, _), m, name in zip(entries, metrics, names, strict=True)
+            for (label, seed, _), m, name, f in zip(entries, metrics, names, paths, strict=True)
         ]
     )
     by_model = runs.groupby("model", sort=False)
@@ -326,7 +330,8 @@ def seed_table(
         seeds=("seed", "count"),
         **{k: (k, "mean") for k in columns},
         iterations=("iterations", "first"),
-        runs=("run", ", ".join),
+        runs=("run", lambda r: ", ".join(Path(n).name for n in r)),
+        kind=("kind", lambda k: "; ".join(dict.fromkeys(k))),
     )
     if table["seeds"].max() > 1:
         table.insert(2, "AP std", by_model["AP"].std())
