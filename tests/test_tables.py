@@ -126,6 +126,8 @@ def test_mrqm_tables_share_runs_with_the_plateau_ladder_and_each_other():
     cag = {(r.label, s): c for r, s, c in ag.configs("ablation")}  # the α/γ table reuses Table 3's two runs
     for label in (tables.MRQM, tables.MRQM_BOTH):
         assert config_hash(cag[(label, 2)]) == config_hash(c3[(label, 2)])
+    five = tables.mrqm_tables(table3_seeds=5)  # Table 3's extra seeds leave the α/γ table at 3
+    assert (five[0].seeds, five[3].seeds) == (5, 3)
     smoke = tables.mrqm_tables(None)[0].configs("smoke")
     assert all(c.train.max_iters == get_profile("smoke").train.max_iters for _, _, c in smoke)
 

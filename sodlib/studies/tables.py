@@ -295,11 +295,12 @@ def _iah_sweep(
 
 
 def mrqm_tables(
-    iters: int | None = MRQM_ITERS, table3_seeds: int = 3, other_seeds: int = 2
+    iters: int | None = MRQM_ITERS, table3_seeds: int = 3, other_seeds: int = 2, alpha_gamma_seeds: int = 3
 ) -> tuple[Table, ...]:
     """MRQM's Tables 3-5 (``mrqm_table3..5``) with ``train.max_iters=iters`` on every row (None: the
     profile's), plus our rows: the fixed threshold T_b (k = 0), the IAH with the decoder's unbalanced weights,
-    both papers; and ``mrqm_alpha_gamma``: MRQM at paper A's α/γ, and both papers against it."""
+    both papers; and ``mrqm_alpha_gamma``: MRQM at paper A's α/γ, and both papers against it. Seeds per row:
+    ``table3_seeds``, ``other_seeds`` (Tables 4-5) and ``alpha_gamma_seeds``."""
     it = (f"train.max_iters={iters}",) if iters else ()
     table3 = Table(
         "mrqm_table3",
@@ -325,7 +326,7 @@ def mrqm_tables(
             Row(MRQM_TUNED, (*it, *SAE, *IAH, *ST_TUNED)),
             Row(MRQM_BOTH, (*it, *SAE, *IAH, *FULL), vs=MRQM_TUNED),
         ),
-        seeds=table3_seeds,
+        seeds=alpha_gamma_seeds,
     )
     table4 = _iah_sweep("mrqm_table4", "MRQM Table 4 · base IoU threshold T_b (on +IAH)", it, other_seeds,
                         [(f"T_b={tb:.2f}", f"model.iah_tb={tb}", ap)
