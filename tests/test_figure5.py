@@ -10,6 +10,7 @@ import numpy as np
 import pytest
 import torch
 
+from sodlib.hardware import machine_slug
 from sodlib.studies import figure5
 from sodlib.studies.tables import MRQM_ABLATION_TABLES
 from sodlib.training.runs import run_dir
@@ -266,15 +267,11 @@ def test_trained_models_load_weights_and_train_only_what_lacks_them(tmp_path, mo
         assert torch.equal(loaded.state_dict()[name], tensor), name
 
 
-def test_trained_models_read_and_train_in_the_folders_given(tmp_path, monkeypatch, smoke_detector):
+def _train_into(trained_in: list, model, monkeypatch) -> None:
+    """Training replaced by saving ``model``'s weights; each folder trained is appended to ``trained_in``."""
     from sodlib.checkpoints import save_checkpoint
     from sodlib.studies import runner
     from sodlib.training import engine
-
-    model, _ = smoke_detector
-    cfg = figure5.figure5_configs("smoke", seeds=1)["baseline"][0]
-    elsewhere = tmp_path / "machines" / "k" / "runs" / run_dir(cfg).name
-    trained_in = []
 
     def fake_train(cfg, out_dir, data_root=None, progress=True, protocol="coco", need_checkpoint=False):
         trained_in.append(Path(out_dir))
@@ -285,8 +282,41 @@ def test_trained_models_read_and_train_in_the_folders_given(tmp_path, monkeypatc
 
     monkeypatch.setattr(engine, "train", fake_train)
     monkeypatch.setattr(runner, "_prepare_data", lambda cfgs, root: None)
+
+
+def test_trained_models_read_and_train_in_the_folders_given(tmp_path, monkeypatch, smoke_detector):
+    from sodlib.studies import runner
+
+    model, _ = smoke_detector
+    cfg = figure5.figure5_configs("smoke", seeds=1)["baseline"][0]
+    elsewhere = tmp_path / "machines" / machine_slug() / "runs" / run_dir(cfg).name
+    trained_in = []
+    _train_into(trained_in, model, monkeypatch)
     runner.trained_models({"baseline": cfg}, tmp_path, workers=1, folders={"baseline": elsewhere})
     assert trained_in == [elsewhere] and not run_dir(cfg, tmp_path).exists()
+
+
+def test_trained_models_never_train_into_another_kinds_retrain(tmp_path, monkeypatch, smoke_detector, capsys):
+    """A whole retrain on another kind (machines/<kind>/runs/<run>) without weights is left as it is: this
+    machine trains the weights into its own kind's folder, and says where they came from."""
+    from sodlib.studies import runner
+
+    model, _ = smoke_detector
+    cfg = figure5.figure5_configs("smoke", seeds=1)["baseline"][0]
+    name = run_dir(cfg).name
+    other = tmp_path / "machines" / "Other_kind" / "runs" / name
+    other.mkdir(parents=True)
+    (other / "metrics.json").write_text('{"AP": 0.5}')
+    trained_in = []
+    _train_into(trained_in, model, monkeypatch)
+    here = tmp_path / "machines" / machine_slug() / "runs" / name
+    assert runner.weights_folder(other, tmp_path) == here
+    assert runner.weights_folder(run_dir(cfg, tmp_path), tmp_path) == run_dir(cfg, tmp_path)
+    runner.trained_models({"baseline": cfg}, tmp_path, workers=1, folders={"baseline": other})
+    assert trained_in == [here] and sorted(p.name for p in other.iterdir()) == ["metrics.json"]
+    assert f"baseline: {other} was trained on another kind of machine" in capsys.readouterr().out
+    runner.trained_models({"baseline": cfg}, tmp_path, workers=1, folders={"baseline": other})
+    assert trained_in == [here]  # the weights of this kind's retrain are reused
 
 
 def test_seed_table_names_runs_read_from_a_retrain_by_their_path_and_kind(tmp_path, put_run):

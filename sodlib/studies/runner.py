@@ -23,6 +23,7 @@ from pathlib import Path
 import pandas as pd
 
 from sodlib.config import RunConfig
+from sodlib.hardware import machine_slug
 from sodlib.studies.drift import UNRECORDED, machine_folder, run_kind
 from sodlib.studies.tables import METRICS, Table, ablation_config
 from sodlib.training.runs import finished, load_finished_run, read_metrics, run_dir
@@ -311,6 +312,18 @@ def _nan_if_missing(v) -> float:
     return float("nan") if v is None or v < 0 else float(v)
 
 
+def weights_folder(folder: str | os.PathLike, results_dir: str | os.PathLike) -> Path:
+    """Where this machine trains the weights that run ``folder`` lacks: ``folder`` itself, except for a whole
+    retrain on another kind of machine (``machines/<kind>/runs/<run>``), which holds that kind's run and is
+    never overwritten by this one: then this kind's retrain of the same run
+    (``machines/<this kind>/runs/<run>``)."""
+    folder = Path(folder)
+    kinds = folder.parent.parent
+    if folder.parent.name != "runs" or kinds.parent.name != "machines" or kinds.name == machine_slug():
+        return folder
+    return machine_folder(Path(results_dir)) / "runs" / folder.name
+
+
 def trained_models(
     configs: dict[str, RunConfig],
     results_dir: str | os.PathLike,
@@ -321,11 +334,16 @@ def trained_models(
     """label → (detector, RunConfig) from each config's run folder (``folders[label]`` where given, e.g. a
     whole retrain on one kind of machine from :func:`on_one_kind`). Runs cached without their weights (a fresh
     clone keeps only the metrics) are trained again first, ``workers`` at a time (default
-    :func:`default_workers`: two single-thread runs side by side on 2 cores)."""
+    :func:`default_workers`: two single-thread runs side by side on 2 cores), in :func:`weights_folder`: a
+    retrain on another kind of machine gets its weights from this kind's retrain beside it, and says so."""
     from sodlib.inference.predict import load_model
 
     folders = folders or {}
     dirs = {label: Path(folders.get(label) or run_dir(cfg, results_dir)) for label, cfg in configs.items()}
+    for label, d in dirs.items():
+        if not (d / "checkpoints" / "last.pt").exists() and (here := weights_folder(d, results_dir)) != d:
+            print(f"{label}: {d} was trained on another kind of machine; its weights come from {here}")
+            dirs[label] = here
     missing = {
         dirs[label]: cfg
         for label, cfg in configs.items()
