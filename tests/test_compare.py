@@ -236,7 +236,8 @@ def test_a_run_retrained_on_another_kind_of_machine_is_named_with_its_size(repo,
     )  # 0.41, 0.42, 0.44
     assert table["results/runs/r0/provenance.json"][0] == "provenance"
     assert cli.main(["compare", "--results", str(repo / "results")]) == (0 if committed_kind else 1)
-    assert f"2 {expected}" in capsys.readouterr().out
+    out = capsys.readouterr().out
+    assert f"2 {expected}" in out and "1 run(s) retrained on another kind of machine" in out
 
 
 def test_a_revision_never_reaches_git_as_an_option(repo, capsys):

@@ -23,7 +23,9 @@ After ``make reproduce`` (in a fresh clone, or after a refactoring) ``sodlib com
   of machine the file stays ``differs`` with the same detail;
 - ``differs`` / ``deleted`` — a number, figure or file that did not come back: the reproduction failed.
 
-The exit status is 1 when any file ``differs`` or is ``deleted``, else 0.
+The exit status is 1 when any file ``differs`` or is ``deleted``, else 0. When runs were retrained on
+another kind of machine, the summary also counts them: the figures and tables drawn from those runs move with
+them, and compare cannot tell such a move from a regression, so each ``differs`` is read against those runs.
 """
 
 from __future__ import annotations
@@ -270,4 +272,11 @@ def report(table: pd.DataFrame) -> int:
         print(table.to_string(index=False) if len(table) else "no file under results/ changed")
     counts = table["verdict"].value_counts()
     print("; ".join(f"{n} {v}" for v, n in counts.items()) or "identical")
+    details = zip(table["path"], table["detail"])
+    moved = {str(Path(p).parent) for p, d in details if d.startswith("retrained on")}
+    if moved:
+        print(
+            f"{len(moved)} run(s) retrained on another kind of machine: the figures and tables drawn "
+            "from them move with them, so read each `differs` against those runs"
+        )
     return int(bool(table["verdict"].isin(FAIL).any()))
