@@ -162,6 +162,11 @@ def test_stored_share_is_read_and_a_foreign_one_measured_again(tmp_path, monkeyp
     elsewhere.mkdir(parents=True)
     (elsewhere / figure5.SHARE_FILE).write_text(json.dumps({**stored, "share": [[0.5], [1.0]]}))
     assert figure5.run_in_box_share(cfg, tmp_path, 4, folder=elsewhere).tolist() == [[0.5], [1.0]]
+    trained_in = []
+    monkeypatch.setattr(figure5, "train", lambda cfg, d, **kw: trained_in.append(Path(d)) or 1 / 0)
+    with pytest.raises(ZeroDivisionError):  # other images, another kind's retrain: this kind's folder
+        figure5.run_in_box_share(cfg, tmp_path, 8, folder=elsewhere)
+    assert trained_in == [tmp_path / "machines" / machine_slug() / "runs" / d.name]
     (d / figure5.SHARE_FILE).write_text("{not json")
     with pytest.raises(ValueError, match="attention_in_box.json"):
         figure5.run_in_box_share(cfg, tmp_path, 4)

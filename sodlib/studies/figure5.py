@@ -109,11 +109,15 @@ def run_in_box_share(
     """In-box attention share [decoder layers, objects] of the run of ``cfg`` (in ``folder``, default its run
     folder under ``results_dir``) over the first ``num_images`` validation images: read from the run's
     ``attention_in_box.json`` when it was measured on the same images, else measured from the checkpoint (the
-    run is trained first when its weights are missing) and stored."""
+    run is trained first when its weights are missing) and stored, both in
+    :func:`~sodlib.studies.runner.weights_folder` (another kind's whole retrain is never written to)."""
+    from sodlib.studies.runner import weights_folder
+
     d = Path(folder) if folder is not None else run_dir(cfg, results_dir)
     key = {"split": cfg.data.val_split, "images": int(num_images), "data": data_root or ""}
-    stored_path = d / SHARE_FILE
-    if stored_path.exists():
+    for stored_path in dict.fromkeys(f / SHARE_FILE for f in (d, weights_folder(d, results_dir))):
+        if not stored_path.exists():
+            continue
         try:
             stored = json.loads(stored_path.read_text())
         except json.JSONDecodeError as err:
@@ -122,6 +126,8 @@ def run_in_box_share(
             ) from None
         if {k: stored.get(k) for k in key} == key:
             return torch.tensor(stored["share"], dtype=torch.float32)
+    d = weights_folder(d, results_dir)
+    stored_path = d / SHARE_FILE
     train(cfg, d, data_root=data_root, progress=False, need_checkpoint=True)
     model, _ = load_model(d / "checkpoints" / "last.pt", device=cfg.train.device)
     val = build_dataset(cfg.data, cfg.data.val_split, train=False, data_root=data_root)
