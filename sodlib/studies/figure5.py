@@ -110,12 +110,14 @@ def run_in_box_share(
     folder under ``results_dir``) over the first ``num_images`` validation images: read from the run's
     ``attention_in_box.json`` when it was measured on the same images, else measured from the checkpoint (the
     run is trained first when its weights are missing) and stored, both in
-    :func:`~sodlib.studies.runner.weights_folder` (another kind's whole retrain is never written to)."""
+    :func:`~sodlib.studies.runner.weights_folder` (another kind's whole retrain without weights is never
+    written to)."""
     from sodlib.studies.runner import weights_folder
 
     d = Path(folder) if folder is not None else run_dir(cfg, results_dir)
+    here = weights_folder(d, results_dir)
     key = {"split": cfg.data.val_split, "images": int(num_images), "data": data_root or ""}
-    for stored_path in dict.fromkeys(f / SHARE_FILE for f in (d, weights_folder(d, results_dir))):
+    for stored_path in dict.fromkeys((d / SHARE_FILE, here / SHARE_FILE)):
         if not stored_path.exists():
             continue
         try:
@@ -126,13 +128,13 @@ def run_in_box_share(
             ) from None
         if {k: stored.get(k) for k in key} == key:
             return torch.tensor(stored["share"], dtype=torch.float32)
-    d = weights_folder(d, results_dir)
-    stored_path = d / SHARE_FILE
-    train(cfg, d, data_root=data_root, progress=False, need_checkpoint=True)
-    model, _ = load_model(d / "checkpoints" / "last.pt", device=cfg.train.device)
+    train(cfg, here, data_root=data_root, progress=False, need_checkpoint=True)
+    model, _ = load_model(here / "checkpoints" / "last.pt", device=cfg.train.device)
     val = build_dataset(cfg.data, cfg.data.val_split, train=False, data_root=data_root)
     share = in_box_share(model, val, num_images, device=cfg.train.device)
-    atomic_write_json(stored_path, {**key, "share": [[round(float(v), 6) for v in layer] for layer in share]})
+    atomic_write_json(
+        here / SHARE_FILE, {**key, "share": [[round(float(v), 6) for v in layer] for layer in share]}
+    )
     return share
 
 

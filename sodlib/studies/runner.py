@@ -313,13 +313,18 @@ def _nan_if_missing(v) -> float:
 
 
 def weights_folder(folder: str | os.PathLike, results_dir: str | os.PathLike) -> Path:
-    """Where this machine trains the weights that run ``folder`` lacks: ``folder`` itself, except for a whole
-    retrain on another kind of machine (``machines/<kind>/runs/<run>``), which holds that kind's run and is
-    never overwritten by this one: then this kind's retrain of the same run
+    """Where the weights of run ``folder`` are read, or trained when missing: ``folder`` itself, except for a
+    whole retrain on another kind of machine (``machines/<kind>/runs/<run>``) that lacks its weights, which
+    holds that kind's run and is never overwritten by this one: then this kind's retrain of the same run
     (``machines/<this kind>/runs/<run>``)."""
     folder = Path(folder)
     kinds = folder.parent.parent
-    if folder.parent.name != "runs" or kinds.parent.name != "machines" or kinds.name == machine_slug():
+    if (
+        (folder / "checkpoints" / "last.pt").exists()
+        or folder.parent.name != "runs"
+        or kinds.parent.name != "machines"
+        or kinds.name == machine_slug()
+    ):
         return folder
     return machine_folder(Path(results_dir)) / "runs" / folder.name
 
@@ -341,7 +346,7 @@ def trained_models(
     folders = folders or {}
     dirs = {label: Path(folders.get(label) or run_dir(cfg, results_dir)) for label, cfg in configs.items()}
     for label, d in dirs.items():
-        if not (d / "checkpoints" / "last.pt").exists() and (here := weights_folder(d, results_dir)) != d:
+        if (here := weights_folder(d, results_dir)) != d:
             print(f"{label}: {d} was trained on another kind of machine; its weights come from {here}")
             dirs[label] = here
     missing = {
