@@ -328,3 +328,29 @@ def test_decoder_loss_curve_and_figure(tmp_path):
     assert len(fig.axes[0].lines) == 2
     save_figure(fig, tmp_path / "curves.png")
     assert (tmp_path / "curves.png").stat().st_size > 0
+
+
+def test_decoder_loss_curves_read_each_run_where_the_table_read_it(tmp_path):
+    import json
+
+    from sodlib.studies.mrqm_analysis import decoder_loss_curves
+
+    def write_run(folder, vfl):
+        folder.mkdir(parents=True)
+        (folder / "config.json").write_text(
+            json.dumps({"loss": {"weight_vfl": 1.0, "weight_bbox": 5.0, "weight_giou": 2.0}})
+        )
+        pd.DataFrame({"iteration": [10], "loss_vfl": [vfl], "loss_bbox": [0.0], "loss_giou": [0.0]}).to_csv(
+            folder / "log.csv", index=False
+        )
+
+    write_run(tmp_path / "runs" / "aaa", 1.0)
+    write_run(tmp_path / "machines" / "Kind_x" / "runs" / "bbb", 2.0)  # a whole retrain on another kind
+    write_run(tmp_path / "runs" / "bbb", 9.0)  # the committed run the table did not read
+    runs = pd.DataFrame(
+        {"row": ["b", "a", "b"], "run": ["machines/Kind_x/runs/bbb", "aaa", ""]}  # "": not trained yet
+    )
+    curves = decoder_loss_curves(runs, tmp_path, window=1)
+    assert list(curves) == ["b", "a"]  # the table's order
+    assert [c["decoder_loss"].tolist() for c in curves["b"]] == [[2.0]]
+    assert [c["decoder_loss"].tolist() for c in curves["a"]] == [[1.0]]

@@ -36,6 +36,7 @@ from sodlib.box_ops import box_cxcywh_to_xyxy, box_iou
 from sodlib.config import RunConfig
 from sodlib.models.detector import eval_mode
 from sodlib.models.iou_head import READINGS, assign_one_to_many, dynamic_iou_threshold
+from sodlib.studies.runner import run_folder
 
 __all__ = [
     "LOSS_GROUPS",
@@ -185,6 +186,18 @@ def decoder_loss_curve(run: str | os.PathLike, window: int = 10) -> pd.DataFrame
     return pd.DataFrame(
         {"iteration": log["iteration"], "decoder_loss": total.rolling(window, min_periods=1).mean()}
     )
+
+
+def decoder_loss_curves(
+    runs: pd.DataFrame, results_dir: str | os.PathLike, window: int = 10
+) -> dict[str, list[pd.DataFrame]]:
+    """:func:`decoder_loss_curve` of every finished run of a runs frame (``runner.runs_frame``: columns
+    ``row`` and ``run``), per row in the table's order; each run read where the table read it (a whole
+    retrain on another kind of machine lies in ``machines/<kind>/runs/<run>``)."""
+    return {
+        row: [decoder_loss_curve(run_folder(results_dir, r), window) for r in group["run"] if r]
+        for row, group in runs.groupby("row", sort=False)
+    }
 
 
 # ---------------------------------------------------------------- positives of a trained IoU-aware head
