@@ -302,25 +302,31 @@ def test_threshold_readings_and_long_positives():
     )
 
 
-def test_decoder_loss_curve_and_figure(tmp_path):
+def _decoder_run(folder, log: dict):
+    """A run folder with the decoder loss weights vfl 1, bbox 5, giou 2 and ``log`` as its log.csv."""
     import json
 
+    folder.mkdir(parents=True)
+    (folder / "config.json").write_text(
+        json.dumps({"loss": {"weight_vfl": 1.0, "weight_bbox": 5.0, "weight_giou": 2.0}})
+    )
+    pd.DataFrame(log).to_csv(folder / "log.csv", index=False)
+    return folder
+
+
+def test_decoder_loss_curve_and_figure(tmp_path):
     from sodlib.studies.mrqm_analysis import decoder_loss_curve
     from sodlib.studies.mrqm_viz import plot_decoder_losses
 
-    run = tmp_path / "run"
-    run.mkdir()
-    (run / "config.json").write_text(
-        json.dumps({"loss": {"weight_vfl": 1.0, "weight_bbox": 5.0, "weight_giou": 2.0}})
-    )
-    pd.DataFrame(
+    run = _decoder_run(
+        tmp_path / "run",
         {
             "iteration": [10, 20, 30],
             "loss_vfl": [1.0, 0.5, 0.25],
             "loss_bbox": [0.2, 0.1, 0.1],
             "loss_giou": [0.5, 0.5, 0.25],
-        }
-    ).to_csv(run / "log.csv", index=False)
+        },
+    )
     curve = decoder_loss_curve(run, window=2)
     # 1 + 5·0.2 + 2·0.5 = 3; 0.5 + 0.5 + 1 = 2; 0.25 + 0.5 + 0.5 = 1.25; rolling mean over 2
     assert curve["decoder_loss"].tolist() == pytest.approx([3.0, 2.5, 1.625])
@@ -331,18 +337,10 @@ def test_decoder_loss_curve_and_figure(tmp_path):
 
 
 def test_decoder_loss_curves_read_each_run_where_the_table_read_it(tmp_path):
-    import json
-
     from sodlib.studies.mrqm_analysis import decoder_loss_curves
 
     def write_run(folder, vfl):
-        folder.mkdir(parents=True)
-        (folder / "config.json").write_text(
-            json.dumps({"loss": {"weight_vfl": 1.0, "weight_bbox": 5.0, "weight_giou": 2.0}})
-        )
-        pd.DataFrame({"iteration": [10], "loss_vfl": [vfl], "loss_bbox": [0.0], "loss_giou": [0.0]}).to_csv(
-            folder / "log.csv", index=False
-        )
+        _decoder_run(folder, {"iteration": [10], "loss_vfl": [vfl], "loss_bbox": [0.0], "loss_giou": [0.0]})
 
     write_run(tmp_path / "runs" / "aaa", 1.0)
     write_run(tmp_path / "machines" / "Kind_x" / "runs" / "bbb", 2.0)  # a whole retrain on another kind
